@@ -1,5 +1,13 @@
-"""kiln: an inference compiler and runtime for transformer language models."""
+"""kiln: an inference compiler and runtime for transformer language models.
 
+``kiln.compile(model, example_inputs)`` captures a model with ``torch.export``, rewrites
+it with a pipeline of inspectable passes and returns a callable with the model's own
+calling convention. See ``kiln.pipeline`` for the passes, ``kiln.ir`` for the IR.
+"""
+
+from kiln import ops  # noqa: F401  (registers the kiln:: operators)
+from kiln.capture import Capture, capture
+from kiln.compile import CompileConfig, CompiledModel, compile
 from kiln.errors import (
     CapacityError,
     ConfigError,
@@ -9,16 +17,25 @@ from kiln.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from kiln.pass_manager import Pass, PassManager, PassResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CapacityError",
+    "Capture",
+    "CompileConfig",
+    "CompiledModel",
     "ConfigError",
     "ExportError",
     "KilnError",
+    "Pass",
     "PassError",
+    "PassManager",
+    "PassResult",
     "UnsupportedModelError",
     "VerificationError",
     "__version__",
+    "capture",
+    "compile",
 ]

@@ -1,0 +1,213 @@
+"""Capture: a model becomes kiln IR through ``torch.export`` (non-strict).
+
+For language models the token axis is dynamic by default (one symbol ``T`` shared by
+``input_ids``, ``position_ids``, ``attention_mask`` ...), so one capture serves every
+sequence length, decode's single token included. A model that cannot be exported raises
+:class:`kiln.UnsupportedModelError` naming the construct, the user's source line and what
+to try. The caller's model is left as it was (training flags are restored).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from kiln.errors import ConfigError, UnsupportedModelError
+from kiln.ir import SYMBOLS_KEY
+from torch.export import Dim, ExportedProgram
+from torch.fx import GraphModule
+
+#: Inputs whose axis 1 is the token axis when ``dynamic="tokens"`` (the default).
+TOKEN_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids", "labels", "inputs_embeds")
+
+#: The name the dynamic token dimension gets (in shapes printed by ``kiln.ir``).
+TOKEN_DIM = "T"
+
+
+@dataclass
+class Capture:
+    """A captured model: the graph passes rewrite plus what is needed to call it like the model."""
+
+    gm: GraphModule  # the unlifted exported graph; weights are get_attr nodes
+    exported: ExportedProgram  # what torch.export returned (kept for re-export and saving)
+    signature: inspect.Signature  # the model's forward signature, to bind user calls
+    inputs: dict[str, Any]  # captured input name -> example value (tensors and constants)
+    dynamic_shapes: dict[str, Any] = field(default_factory=dict)  # name -> {axis: Dim}
+
+    @property
+    def constants(self) -> dict[str, Any]:
+        """Non-tensor inputs baked into the graph (e.g. ``use_cache=False``)."""
+        return {k: v for k, v in self.inputs.items() if not isinstance(v, torch.Tensor)}
+
+
+def _forward_signature(model: torch.nn.Module) -> inspect.Signature:
+    return inspect.signature(model.forward)
+
+
+def bind_inputs(
+    signature: inspect.Signature, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Bind a call's positional and keyword arguments to parameter names (no defaults filled)."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"inputs do not match the model's forward{signature}: {e}") from e
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        param = signature.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            raise ConfigError(f"kiln cannot capture *{name} arguments; pass inputs by name")
+        else:
+            out[name] = value
+    return out
+
+
+def _is_hf_model(model: torch.nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 2:
+            return value
+    return None
+
+
+def _dynamic_shapes(
+    model: torch.nn.Module, inputs: dict[str, Any], dynamic: bool | str | Mapping[str, Any] | None
+) -> dict[str, Any]:
+    if dynamic is None or dynamic is False:
+        return {}
+    if isinstance(dynamic, Mapping):
+        spec: dict[str, Any] = {}
+        dims: dict[str, Dim] = {}
+        for name, axes in dynamic.items():
+            if name not in inputs:
+                raise ConfigError(f"dynamic names input {name!r}, which is not among the inputs {list(inputs)}")
+            spec[name] = {int(ax): dims.setdefault(dn, Dim(dn)) for ax, dn in axes.items()}
+        return spec
+    if dynamic not in (True, "tokens"):
+        raise ConfigError(f"dynamic must be 'tokens', True, False or a mapping, got {dynamic!r}")
+    tokens = Dim(TOKEN_DIM, max=_max_positions(model))
+    spec = {}
+    for name, value in inputs.items():
+        if name in TOKEN_INPUTS and isinstance(value, torch.Tensor) and value.dim() >= 2:
+            if value.shape[1] < 2:
+                raise ConfigError(
+                    f"example input {name!r} has {value.shape[1]} token(s); capture with at least 2 tokens "
+                    "so the token axis can be dynamic (the captured graph still runs with 1 token)"
+                )
+            spec[name] = {1: tokens}
+    return spec
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The deepest traceback frame in the user's code (not torch, kiln or the stdlib)."""
+    skip = [os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)), os.path.dirname(os.__file__)]
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if not any(frame.filename.startswith(s) for s in skip) and "<" not in frame.filename:
+            found = frame
+    if found is None:
+        return None
+    return f'{found.filename}:{found.lineno}, in {found.name}: "{(found.line or "").strip()}"'
+
+
+def _explain(exc: BaseException) -> tuple[str, str]:
+    """(construct, what to try) for a torch.export failure."""
+    name = type(exc).__name__
+    text = str(exc)
+    if "GuardOnDataDependentSymNode" in name or "data-dependent" in text or "data dependent" in text:
+        return (
+            "data-dependent control flow (a Python branch, int() or .item() on a tensor value)",
+            "replace the branch with torch.where / torch.cond, or move it out of forward()",
+        )
+    if "ConstraintViolation" in name or "specialized" in text or "Constraints violated" in text:
+        return (
+            "a shape that must stay dynamic was specialized to a constant (the code fixes the token count)",
+            "remove size-dependent Python logic, or capture with dynamic=False for one fixed shape",
+        )
+    if "DynamicOutputShape" in name or "UnsupportedOperator" in name:
+        return (
+            f"an operator without a shape function or with a data-dependent output shape ({text.splitlines()[0]})",
+            "avoid ops like nonzero/unique/masked_select in forward(), or register a fake implementation",
+        )
+    return (f"{name}: {text.splitlines()[0] if text else ''}", "simplify the model's forward() around that line")
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Any = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    dynamic: bool | str | Mapping[str, Any] | None = "tokens",
+) -> Capture:
+    """Capture ``model`` with ``torch.export`` (non-strict) into kiln IR.
+
+    Args:
+        model: any ``torch.nn.Module``; kiln's models and Hugging Face causal LMs included.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of named inputs.
+        example_kwargs: further named inputs.
+        dynamic: ``"tokens"`` (default) makes axis 1 of token inputs dynamic; ``False`` keeps
+            every shape static; a mapping ``{"input_ids": {1: "T"}}`` names dynamic axes.
+
+    Hugging Face models get ``use_cache=False`` unless the caller passes it: kiln manages
+    the KV cache itself.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"kiln.capture takes a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    if isinstance(example_inputs, Mapping):
+        kwargs = {**example_inputs, **kwargs}
+        example_inputs = ()
+    signature = _forward_signature(model)
+    inputs = bind_inputs(signature, tuple(example_inputs), kwargs)
+    if _is_hf_model(model) and "use_cache" in signature.parameters and "use_cache" not in inputs:
+        inputs["use_cache"] = False
+    dynamic_shapes = _dynamic_shapes(model, inputs, dynamic)
+
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        exported = torch.export.export(
+            model, (), inputs, dynamic_shapes={k: dynamic_shapes.get(k) for k in inputs} or None, strict=False
+        )
+    except Exception as e:
+        construct, hint = _explain(e)
+        where = _user_frame(e)
+        raise UnsupportedModelError(
+            f"torch.export could not capture {type(model).__name__}: {construct}\n"
+            f"  at {where or 'an unknown location (no frame in your code)'}\n"
+            f"  try: {hint}"
+        ) from e
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+    gm = exported.module()
+    symbols: dict[str, str] = {}
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    for name, axes in dynamic_shapes.items():
+        node = placeholders.get(name)
+        val = node.meta.get("val") if node is not None else None
+        if isinstance(val, torch.Tensor):
+            for axis, dim in axes.items():
+                size = val.shape[axis]
+                if isinstance(size, torch.SymInt):
+                    symbols[str(size.node.expr)] = dim.__name__
+    gm.meta[SYMBOLS_KEY] = symbols
+    return Capture(gm=gm, exported=exported, signature=signature, inputs=inputs, dynamic_shapes=dynamic_shapes)
+
+
+__all__ = ["TOKEN_DIM", "TOKEN_INPUTS", "Capture", "bind_inputs", "capture"]

@@ -1,0 +1,206 @@
+"""``kiln.compile``: capture a model, run the pipeline, lower to a backend.
+
+The result, a :class:`CompiledModel`, is called exactly like the model (same argument
+names, same output structure, Hugging Face ``ModelOutput`` included), and exposes the
+rewritten IR (``.ir``), per-pass statistics (``.stats``) and dumps (``.dump(dir)``).
+The caller's model is never mutated: passes build new tensors, never write old ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from kiln.backends import get_backend
+from kiln.capture import Capture, bind_inputs, capture
+from kiln.errors import ConfigError
+from kiln.ir import SYMBOLS_KEY, node_counts, print_ir
+from kiln.pass_manager import Pass, PassManager, PipelineReport
+from kiln.pipeline import build_pipeline
+from torch.fx import GraphModule
+
+#: ``KILN_DEBUG=1`` turns on verification after every pass (also on in the test suite).
+DEBUG = os.environ.get("KILN_DEBUG", "0") not in ("", "0")
+#: ``KILN_DUMP_DIR=path`` writes IR dumps of every compile there.
+DUMP_DIR = os.environ.get("KILN_DUMP_DIR") or None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileConfig:
+    """How ``kiln.compile`` treats a model. Derive variants with ``dataclasses.replace``."""
+
+    backend: str = "eager"  # where the graph runs: "eager" (reference); more as they land
+    dynamic: bool | str | Mapping[str, Any] | None = "tokens"  # see kiln.capture
+    verify: bool | None = None  # verify the IR after every pass (None: KILN_DEBUG)
+    disable: tuple[str, ...] = ()  # pass names to skip
+    print_ir_after: str | tuple[str, ...] | None = None  # "all", "change" or pass names
+    dump_dir: str | None = None  # write IR dumps here (None: KILN_DUMP_DIR)
+    extra_passes: tuple[Pass, ...] = field(default=(), compare=False)  # appended to the pipeline
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ConfigError(f"backend must be a backend name such as 'eager', got {self.backend!r}")
+        if isinstance(self.disable, str):
+            raise ConfigError(f"disable takes a tuple of pass names, e.g. ({self.disable!r},)")
+        if isinstance(self.print_ir_after, list):
+            object.__setattr__(self, "print_ir_after", tuple(self.print_ir_after))
+        for p in self.extra_passes:
+            if not isinstance(p, Pass):
+                raise ConfigError(f"extra_passes takes kiln Pass instances, got {type(p).__name__}")
+
+    @property
+    def verify_each(self) -> bool:
+        """Whether the pass manager verifies after every pass."""
+        return DEBUG if self.verify is None else self.verify
+
+
+class CompiledModel:
+    """A compiled model: called like the original, with its IR and statistics attached."""
+
+    def __init__(self, captured: Capture, gm: GraphModule, report: PipelineReport, config: CompileConfig) -> None:
+        self.capture = captured
+        self.graph_module = gm
+        self.report = report
+        self.config = config
+        self.nodes_before = len(captured.gm.graph.nodes)
+        self._run = get_backend(config.backend)(gm)
+        self._names = list(captured.inputs)
+
+    # -- calling ------------------------------------------------------------------------
+
+    def _inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        given = bind_inputs(self.capture.signature, args, kwargs)
+        params = self.capture.signature.parameters
+        out: dict[str, Any] = {}
+        for name, example in self.capture.inputs.items():
+            if name in given:
+                value = given.pop(name)
+            elif not isinstance(example, torch.Tensor):
+                value = example
+            else:
+                raise ConfigError(f"missing input {name!r}: the model was compiled with it")
+            if not isinstance(example, torch.Tensor) and value != example:
+                raise ConfigError(
+                    f"input {name}={value!r} differs from the compiled constant {name}={example!r}; "
+                    "recompile with that value in example_inputs"
+                )
+            out[name] = value
+        for name, value in given.items():
+            default = params[name].default if name in params else inspect.Parameter.empty
+            if value is not default and not (value is None and default is None):
+                raise ConfigError(
+                    f"input {name!r} was not part of the compiled call ({self._names}); "
+                    "recompile with it in example_inputs"
+                )
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(**self._inputs(args, kwargs))
+
+    # -- inspection ---------------------------------------------------------------------
+
+    @property
+    def ir(self) -> str:
+        """The printed IR of the compiled graph."""
+        return print_ir(self.graph_module)
+
+    @property
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-pass statistics and timings, keyed by pass name (later runs of a name suffixed)."""
+        out: dict[str, dict[str, float]] = {}
+        for r in self.report.records:
+            if r.skipped:
+                continue
+            key = r.name if r.name not in out else f"{r.name}#{r.index}"
+            out[key] = {**r.stats, "seconds": r.seconds}
+        return out
+
+    def node_counts(self) -> dict[str, int]:
+        """call_function node counts by op name in the compiled graph."""
+        return node_counts(self.graph_module)
+
+    def dump(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``000_input.txt``, one ``{i:03d}_{pass}.txt`` per pass and ``index.html``.
+
+        Re-runs the pipeline on a fresh capture with IR recording on, so the dump shows
+        exactly what each pass did. Returns the directory.
+        """
+        from kiln.dump import write_dump
+
+        if any(r.ir is None for r in self.report.records if not r.skipped) or self.report.input_ir is None:
+            _, report = _run_pipeline(self.capture.exported.module(), self.capture, self.config, record_ir=True)
+        else:
+            report = self.report
+        return write_dump(Path(directory), report)
+
+    def summary(self) -> str:
+        """A plain-text table: pass, changed, statistics, time, node counts."""
+        from kiln.dump import summary_table
+
+        return summary_table(self.report)
+
+    def __repr__(self) -> str:
+        ran = [r.name for r in self.report.records if not r.skipped]
+        return f"CompiledModel(backend={self.config.backend!r}, passes={ran}, nodes={len(self.graph_module.graph.nodes)})"
+
+
+def _run_pipeline(
+    gm: GraphModule,
+    captured: Capture,
+    config: CompileConfig,
+    *,
+    record_ir: bool = False,
+    on_step: Any = None,
+    progress: Any = None,
+) -> tuple[GraphModule, PipelineReport]:
+    gm.meta[SYMBOLS_KEY] = dict(captured.gm.meta.get(SYMBOLS_KEY, {}))
+    manager = PassManager(
+        build_pipeline(config),
+        verify_each=config.verify_each,
+        disable=config.disable,
+        print_ir_after=config.print_ir_after,
+        dump_dir=config.dump_dir or DUMP_DIR,
+        on_step=on_step,
+        progress=progress,
+        record_ir=record_ir,
+    )
+    return manager.run(gm)
+
+
+def compile(  # noqa: A001 - the public name, as torch.compile
+    model: torch.nn.Module,
+    example_inputs: Any = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    config: CompileConfig | None = None,
+    progress: Any = None,
+) -> CompiledModel:
+    """Capture ``model``, run kiln's pipeline on it and lower it to ``config.backend``.
+
+    Args:
+        model: a ``torch.nn.Module`` (kiln's models, Hugging Face causal LMs, your own).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of named inputs.
+            For language models the token axis is dynamic: any sequence length runs later.
+        example_kwargs: further named inputs.
+        config: a :class:`CompileConfig`; defaults to ``CompileConfig()``.
+        progress: optional callback receiving each pass's name as it starts (the CLI's display).
+    """
+    config = config or CompileConfig()
+    get_backend(config.backend)  # fail early on an unknown backend
+    captured = capture(model, example_inputs, example_kwargs, dynamic=config.dynamic)
+    gm = captured.exported.module()
+    gm, report = _run_pipeline(gm, captured, config, progress=progress)
+    return CompiledModel(captured, gm, report, config)
+
+
+def compile_pipeline_names(config: CompileConfig | None = None) -> Sequence[str]:
+    """The names of the passes ``compile`` would run for ``config``."""
+    return [p.name for p in build_pipeline(config or CompileConfig())]
+
+
+__all__ = ["CompileConfig", "CompiledModel", "compile"]
