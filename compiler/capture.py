@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from kiln.errors import ConfigError, UnsupportedModelError
-from kiln.ir import SYMBOLS_KEY
 from torch.export import Dim, ExportedProgram
 from torch.fx import GraphModule
+
+from kiln.errors import ConfigError, UnsupportedModelError
+from kiln.ir import SYMBOLS_KEY
 
 #: Inputs whose axis 1 is the token axis when ``dynamic="tokens"`` (the default).
 TOKEN_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids", "labels", "inputs_embeds")
@@ -110,16 +112,53 @@ def _dynamic_shapes(
     return spec
 
 
-def _user_frame(exc: BaseException) -> str | None:
-    """The deepest traceback frame in the user's code (not torch, kiln or the stdlib)."""
-    skip = [os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)), os.path.dirname(os.__file__)]
-    found = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if not any(frame.filename.startswith(s) for s in skip) and "<" not in frame.filename:
-            found = frame
-    if found is None:
+def _export_dynamic_shapes(
+    signature: inspect.Signature, inputs: dict[str, Any], spec: dict[str, Any]
+) -> dict[str, Any] | None:
+    """torch.export's form of ``spec``: inputs bound to ``**kwargs`` nest under that parameter's name."""
+    if not spec:
         return None
-    return f'{found.filename}:{found.lineno}, in {found.name}: "{(found.line or "").strip()}"'
+    var_kw = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    out: dict[str, Any] = {}
+    for name in inputs:
+        if name in signature.parameters or var_kw is None:
+            out[name] = spec.get(name)
+        else:
+            out.setdefault(var_kw, {})[name] = spec.get(name)
+    return out
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The deepest frame in the user's code (not torch, kiln or the stdlib) that led to ``exc``.
+
+    Looks at the tracebacks of the exception chain, then at the frames torch quotes in its
+    message (``File: path:line in fn, code: ...``), since non-strict export re-raises.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kiln_dirs = tuple(os.path.join(root, d) + os.sep for d in ("compiler", "passes", "backends", "runtime", "kiln"))
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.__file__), *kiln_dirs)
+
+    def is_user(filename: str) -> bool:
+        return not filename.startswith(skip) and "<" not in filename
+
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for e in chain:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if is_user(f.filename)]
+        if frames:
+            f = frames[-1]
+            return f'{f.filename}:{f.lineno}, in {f.name}: "{(f.line or "").strip()}"'
+    for e in chain:
+        quoted = re.findall(r"File: (\S+?):(\d+) in (\w+), code: ([^\n]*)", str(e))
+        quoted += [(f, ln, fn, code) for f, ln, fn, code in re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*([^\n]*)', str(e))]
+        user = [q for q in quoted if is_user(q[0])]
+        if user:
+            f, ln, fn, code = user[-1]
+            return f'{f}:{ln}, in {fn}: "{code.strip()}"'
+    return None
 
 
 def _explain(exc: BaseException) -> tuple[str, str]:
@@ -181,7 +220,7 @@ def capture(
     model.eval()
     try:
         exported = torch.export.export(
-            model, (), inputs, dynamic_shapes={k: dynamic_shapes.get(k) for k in inputs} or None, strict=False
+            model, (), inputs, dynamic_shapes=_export_dynamic_shapes(signature, inputs, dynamic_shapes), strict=False
         )
     except Exception as e:
         construct, hint = _explain(e)

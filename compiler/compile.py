@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx import GraphModule
+
 from kiln.backends import get_backend
 from kiln.capture import Capture, bind_inputs, capture
 from kiln.errors import ConfigError
 from kiln.ir import SYMBOLS_KEY, node_counts, print_ir
 from kiln.pass_manager import Pass, PassManager, PipelineReport
 from kiln.pipeline import build_pipeline
-from torch.fx import GraphModule
 
 #: ``KILN_DEBUG=1`` turns on verification after every pass (also on in the test suite).
 DEBUG = os.environ.get("KILN_DEBUG", "0") not in ("", "0")

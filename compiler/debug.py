@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.fx import GraphModule
+from torch.utils._pytree import tree_leaves
+
 from kiln.capture import capture
 from kiln.compile import CompileConfig, _run_pipeline
 from kiln.pass_manager import PassRecord
-from torch.fx import GraphModule
-from torch.utils._pytree import tree_leaves
 
 
 @dataclass

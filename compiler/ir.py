@@ -19,10 +19,11 @@ from typing import Any
 
 import networkx as nx
 import torch
-from kiln.errors import VerificationError
-from kiln.ops import INVARIANTS, is_kiln_op
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
+
+from kiln.errors import VerificationError
+from kiln.ops import INVARIANTS, is_kiln_op
 
 _DTYPE_NAMES = {
     torch.float32: "f32",

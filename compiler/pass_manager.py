@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from torch.fx import GraphModule, Node
+
 from kiln.errors import KilnError, PassError
 from kiln.ir import PASS_KEY, print_ir, provenance, verify
-from torch.fx import GraphModule, Node
 
 
 @dataclass

@@ -31,9 +31,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.fx import GraphModule, Node
+
 from kiln.ir import infer_meta, op_name
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
-from torch.fx import GraphModule, Node
 
 aten = torch.ops.aten
 

@@ -11,8 +11,9 @@ Establishes: every non-placeholder node except impure ones has at least one user
 
 from __future__ import annotations
 
-from kiln.pass_manager import Pass, PassResult, RewriteError
 from torch.fx import GraphModule, Node
+
+from kiln.pass_manager import Pass, PassResult, RewriteError
 
 
 def _is_impure(node: Node) -> bool:

@@ -1,0 +1,152 @@
+"""The ``kiln`` command line.
+
+    kiln compile MODEL [--dump-dir D] [--print-ir-after all|change|NAMES] [--disable NAMES]
+    kiln ir MODEL [--captured]
+
+MODEL is a Hugging Face-format folder (``config.json`` + ``model.safetensors``) or a preset
+name (``kiln compile --list-presets`` lists them). ``compile`` shows each pass as it runs,
+then a summary table (passes, time, node counts before/after) and the check that the
+compiled model computes what the model computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import kiln
+from kiln.errors import KilnError
+
+
+def _print_spec(value: str | None) -> str | tuple[str, ...] | None:
+    if value is None or value in ("all", "change"):
+        return value
+    return tuple(v for v in value.split(",") if v)
+
+
+def _load(name: str, dtype: str) -> torch.nn.Module:
+    from kiln.models import load_model
+
+    return load_model(name, dtype=getattr(torch, dtype))
+
+
+def _example_ids(model: torch.nn.Module, tokens: int, seed: int = 0) -> torch.Tensor:
+    config = getattr(model, "config", None)
+    vocab = int(getattr(config, "vocab_size", 256))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, tokens), generator=gen).to(device)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="kiln: an inference compiler for transformer LMs")
+    parser.add_argument("--version", action="version", version=f"kiln {kiln.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", nargs="?", help="a Hugging Face-format folder or a preset name")
+        p.add_argument("--tokens", type=int, default=8, help="example sequence length for capture (default 8)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--disable", default="", help="comma-separated pass names to skip")
+        p.add_argument("--list-presets", action="store_true", help="list preset names and exit")
+
+    c = sub.add_parser("compile", help="compile a model and show what each pass did")
+    add_model_args(c)
+    c.add_argument("--dump-dir", help="write {i:03d}_{pass}.txt and index.html here")
+    c.add_argument("--print-ir-after", help="'all', 'change' or comma-separated pass names")
+    c.add_argument("--verify", action="store_true", help="verify the IR after every pass")
+    c.add_argument("--no-check", action="store_true", help="skip comparing compiled and eager outputs")
+
+    i = sub.add_parser("ir", help="print a model's IR after the pipeline (or as captured)")
+    add_model_args(i)
+    i.add_argument("--captured", action="store_true", help="print the captured IR, before any pass")
+    return parser
+
+
+def _list_presets(console: Console) -> int:
+    from kiln.models import PRESETS
+
+    table = Table(title="kiln presets")
+    table.add_column("name")
+    table.add_column("architecture")
+    for name, config in PRESETS.items():
+        table.add_row(name, type(config).__name__.replace("Config", ""))
+    console.print(table)
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace, console: Console) -> int:
+    start = time.perf_counter()
+    with console.status(f"loading {args.model}"):
+        model = _load(args.model, args.dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = _example_ids(model, args.tokens)
+    config = kiln.CompileConfig(
+        dump_dir=args.dump_dir,
+        print_ir_after=_print_spec(args.print_ir_after),
+        disable=tuple(d for d in args.disable.split(",") if d),
+        verify=True if args.verify else None,
+    )
+    with console.status("capturing with torch.export") as status:
+        compiled = kiln.compile(model, (ids,), config=config, progress=lambda name: status.update(f"running pass {name}"))
+    seconds = time.perf_counter() - start
+    table = Table(title=f"kiln compile {args.model}  ({n_params / 1e6:.2f}M parameters, {args.dtype})")
+    for col in ("#", "pass", "changed", "nodes", "ms", "stats"):
+        table.add_column(col, justify="right" if col in ("#", "ms") else "left")
+    for r in compiled.report.records:
+        changed = "skipped" if r.skipped else ("yes" if r.modified else "no")
+        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items()) or "-"
+        table.add_row(str(r.index), r.name, changed, f"{r.nodes_before} -> {r.nodes_after}", f"{r.seconds * 1e3:.1f}", stats)
+    console.print(table)
+    console.print(
+        f"captured {compiled.nodes_before} nodes -> {len(compiled.graph_module.graph.nodes)} after the pipeline; "
+        f"passes {compiled.report.seconds:.2f} s, total {seconds:.2f} s (load + capture + passes)"
+    )
+    if not args.no_check:
+        with torch.no_grad():
+            for tokens in sorted({1, args.tokens, 2 * args.tokens + 3}):
+                x = _example_ids(model, tokens, seed=tokens)
+                err = (compiled(x).float() - model(x).float()).abs().max().item()
+                console.print(f"check: {tokens:3d} tokens, max |compiled - eager| = {err:.3g}")
+    if args.dump_dir:
+        console.print(f"IR dumps: {args.dump_dir}/index.html")
+    return 0
+
+
+def _cmd_ir(args: argparse.Namespace, console: Console) -> int:
+    model = _load(args.model, args.dtype)
+    ids = _example_ids(model, args.tokens)
+    if args.captured:
+        from kiln.ir import print_ir
+
+        sys.stdout.write(print_ir(kiln.capture(model, (ids,)).gm))
+        return 0
+    config = kiln.CompileConfig(disable=tuple(d for d in args.disable.split(",") if d))
+    sys.stdout.write(kiln.compile(model, (ids,), config=config).ir)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kiln`` script; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    try:
+        if args.list_presets:
+            return _list_presets(console)
+        if not args.model:
+            console.print("[red]error:[/] name a model: a Hugging Face-format folder or a preset (--list-presets)")
+            return 2
+        return _cmd_compile(args, console) if args.command == "compile" else _cmd_ir(args, console)
+    except KilnError as e:
+        console.print(f"[red]error:[/] {type(e).__name__}: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+import pytest
+import torch
+from kiln_testing import hf_llama
+
+import kiln
+from kiln.ir import print_ir
+
+
+def test_token_axis_is_dynamic_by_default() -> None:
+    model = hf_llama()
+    cap = kiln.capture(model, {"input_ids": torch.randint(0, 128, (1, 8))})
+    text = print_ir(cap.gm)
+    assert "%input_ids: i64[1, T]" in text
+    assert cap.constants == {"use_cache": False}  # HF models get use_cache=False
+    for tokens in (1, 3, 30):
+        ids = torch.randint(0, 128, (1, tokens))
+        out = cap.gm(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(out, model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_static_capture_keeps_shapes() -> None:
+    cap = kiln.capture(hf_llama(layers=1), {"input_ids": torch.randint(0, 128, (1, 8))}, dynamic=False)
+    assert "%input_ids: i64[1, 8]" in print_ir(cap.gm)
+
+
+def test_named_dynamic_axes() -> None:
+    class Add(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    cap = kiln.capture(Add(), (torch.randn(3, 5),), dynamic={"x": {0: "batch"}})
+    assert "%x: f32[batch, 5]" in print_ir(cap.gm)
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # a Python branch on a tensor value
+            return x * 2
+        return x
+
+
+def test_unexportable_model_gets_typed_error_with_source_line() -> None:
+    with pytest.raises(kiln.UnsupportedModelError) as info:
+        kiln.capture(DataDependent(), (torch.randn(2, 4),), dynamic={"x": {0: "n"}})
+    message = str(info.value)
+    assert "data-dependent" in message
+    assert "test_capture.py" in message and "if x.sum() > 0" in message
+    assert "try:" in message
+
+
+def test_single_token_example_is_rejected_with_advice() -> None:
+    with pytest.raises(kiln.ConfigError, match="at least 2 tokens"):
+        kiln.capture(hf_llama(layers=1), {"input_ids": torch.randint(0, 128, (1, 1))})
+
+
+def test_capture_restores_training_mode() -> None:
+    model = hf_llama(layers=1).train()
+    kiln.capture(model, {"input_ids": torch.randint(0, 128, (1, 4))})
+    assert all(m.training for m in model.modules())
+
+
+def test_bad_inputs_are_config_errors() -> None:
+    with pytest.raises(kiln.ConfigError, match="do not match"):
+        kiln.capture(torch.nn.Linear(2, 2), (torch.randn(2, 2), torch.randn(2, 2)))
+    with pytest.raises(kiln.ConfigError):
+        kiln.capture("not a module", ())  # type: ignore[arg-type]

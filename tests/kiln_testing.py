@@ -1,0 +1,34 @@
+"""Test helpers: small Hugging Face models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+
+def hf_llama(layers: int = 2, kv_heads: int = 2):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def hf_qwen2(layers: int = 2):
+    import transformers
+
+    cfg = transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def hf_gpt2(layers: int = 2):
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+HF_MODELS = {"llama": hf_llama, "qwen2": hf_qwen2, "gpt2": hf_gpt2}
