@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.errors import ConfigError
 from torch.fx import GraphModule
+
+from kiln.errors import ConfigError
 
 Lowering = Callable[[GraphModule], Callable[..., object]]
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.backends import register_backend
 from torch.fx import GraphModule
+
+from kiln.backends import register_backend
 
 
 def lower(gm: GraphModule) -> Callable[..., object]:

@@ -59,6 +59,8 @@ class Pass(ABC):
     def __call__(self, gm: GraphModule) -> PassResult:
         self.requires(gm)
         result = self.call(gm)
+        if result.modified:
+            result.gm.recompile()
         self.ensures(result.gm)
         return result
 
@@ -189,7 +191,6 @@ class PassManager:
                     for node in gm.graph.nodes:
                         if node not in before:
                             node.meta.setdefault(PASS_KEY, p.name)
-                    gm.recompile()
                 if self.verify_each:
                     verify(gm)
             except Exception as e:

@@ -1,0 +1,30 @@
+from kiln.cli import main
+
+
+def test_compile_prints_table_checks_and_dumps(tmp_path, capsys) -> None:
+    dump = tmp_path / "dumps"
+    assert main(["compile", "llama-tiny", "--dump-dir", str(dump), "--tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "canonicalize" in out and "eliminate-dead-code" in out
+    assert "max |compiled - eager| = 0" in out
+    assert (dump / "index.html").exists() and (dump / "000_input.txt").exists()
+
+
+def test_ir_command_prints_ir(capsys) -> None:
+    assert main(["ir", "gpt2-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("graph(%input_ids: i64[1, T]") and "aten.linear(" in out
+    assert main(["ir", "llama-tiny", "--captured"]) == 0
+    captured = capsys.readouterr().out
+    assert captured.startswith("graph(%input_ids: i64[1, T]") and "// weights:" in captured
+
+
+def test_bad_model_is_a_clear_error(capsys) -> None:
+    assert main(["compile", "no-such-model"]) == 1
+    out = capsys.readouterr().out
+    assert "neither a folder nor a preset" in out
+
+
+def test_list_presets(capsys) -> None:
+    assert main(["compile", "--list-presets"]) == 0
+    assert "llama-8b" in capsys.readouterr().out
