@@ -41,6 +41,7 @@ class CompileConfig:
     disable: tuple[str, ...] = ()  # pass names to skip
     print_ir_after: str | tuple[str, ...] | None = None  # "all", "change" or pass names
     dump_dir: str | None = None  # write IR dumps here (None: KILN_DUMP_DIR)
+    kv_cache: bool = False  # rewrite attention to a paged KV cache (the runtime's step graph)
     extra_passes: tuple[Pass, ...] = field(default=(), compare=False)  # appended to the pipeline
 
     def __post_init__(self) -> None:
@@ -101,6 +102,10 @@ class CompiledModel:
         return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.config.kv_cache:  # the step graph takes flat inputs: see kiln.passes.kv_cache
+            if kwargs:
+                raise ConfigError("a kv_cache graph takes positional inputs in layout.input_names order")
+            return self._run(*args)
         return self._run(**self._inputs(args, kwargs))
 
     # -- inspection ---------------------------------------------------------------------

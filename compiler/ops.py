@@ -108,4 +108,115 @@ def _attention_invariant(node: Node) -> str | None:
     return None
 
 
-__all__ = ["INVARIANTS", "attention", "attention_reference", "invariant", "is_kiln_op"]
+# --------------------------------------------------------------------------------------
+# kiln::paged_attention — write new K/V into a block-paged cache, attend over the cache.
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache",))
+def paged_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """Causal attention of a flattened batch of sequences over a block-paged KV cache.
+
+    Layout (vLLM's, Kwon et al. 2023): the token axis of ``q``/``k``/``v`` (1, H, T, D)
+    holds the new tokens of every scheduled sequence back to back; sequence ``i`` owns
+    tokens ``query_start_loc[i]:query_start_loc[i+1]``. ``kv_cache`` (2, num_blocks,
+    block_size, Hkv, D) holds keys ([0]) and values ([1]); token ``t``'s key and value are
+    written at flat slot ``slot_mapping[t]`` (``block * block_size + offset``; negative:
+    skip). Sequence ``i`` then attends over its first ``seq_lens[i]`` cached tokens, found
+    through ``block_tables[i]``, with its queries aligned to the end (causal).
+    """
+    return paged_attention_reference(q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale)
+
+
+def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Reference cache write: ``kv_cache[:, slot]`` <- the token's key and value (slot < 0: skipped)."""
+    _, num_blocks, block_size, hkv, d = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, hkv, d)  # (2, slots, Hkv, D)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    flat[0, slots] = k[0].transpose(0, 1)[keep].to(kv_cache.dtype)  # (T, Hkv, D)
+    flat[1, slots] = v[0].transpose(0, 1)[keep].to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache: Tensor, block_table: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """The first ``length`` cached keys and values of one sequence, as (1, Hkv, length, D)."""
+    block_size = kv_cache.shape[2]
+    n_blocks = (length + block_size - 1) // block_size
+    blocks = block_table[:n_blocks].long()
+    k = kv_cache[0, blocks].flatten(0, 1)[:length]  # (length, Hkv, D)
+    v = kv_cache[1, blocks].flatten(0, 1)[:length]
+    return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+
+
+def paged_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """The plain-torch reference of ``kiln::paged_attention`` (one sequence at a time)."""
+    write_kv_cache(k, v, kv_cache, slot_mapping)
+    out = torch.zeros_like(q)  # (1, Hq, T, D); rows of padding tokens stay zero
+    starts = query_start_loc.tolist()
+    for i, length in enumerate(seq_lens.tolist()):
+        lo, hi = starts[i], starts[i + 1]
+        if hi == lo:
+            continue
+        ks, vs = gather_kv(kv_cache, block_tables[i], length)
+        out[:, :, lo:hi] = attention_reference(q[:, :, lo:hi], ks.to(q.dtype), vs.to(q.dtype), None, True, scale)
+    return out
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    return torch.empty_like(q)
+
+
+@invariant(torch.ops.kiln.paged_attention.default)
+def _paged_attention_invariant(node: Node) -> str | None:
+    q, k, v, cache = (a.meta.get("val") for a in node.args[:4])  # type: ignore[union-attr]
+    if cache is None or cache.dim() != 5 or cache.shape[0] != 2:
+        return "kv_cache must be (2, num_blocks, block_size, Hkv, D)"
+    if k.shape[1] != cache.shape[3] or k.shape[-1] != cache.shape[4]:
+        return f"k (heads {k.shape[1]}, dim {k.shape[-1]}) does not match the cache (heads {cache.shape[3]}, dim {cache.shape[4]})"
+    if isinstance(q.shape[1], int) and q.shape[1] % k.shape[1]:
+        return f"query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}"
+    return None
+
+
+__all__ = [
+    "INVARIANTS",
+    "attention",
+    "attention_reference",
+    "gather_kv",
+    "invariant",
+    "is_kiln_op",
+    "paged_attention",
+    "paged_attention_reference",
+    "write_kv_cache",
+]

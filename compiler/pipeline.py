@@ -21,6 +21,7 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
     from kiln.passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
     from kiln.passes.eliminate_dead_code import EliminateDeadCode
     from kiln.passes.fold_constants import FoldConstants
+    from kiln.passes.fuse_attention import FuseAttention
 
     passes: list[Pass] = [
         # -- Phase 1: cleanup and normal forms. Later fusions match the canonical forms only.
@@ -30,9 +31,14 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         EliminateCommonSubexpressions(),
         EliminateDeadCode(),
         # -- Phase 2: fusion (attention -> kiln::attention, norms, rotary).
+        FuseAttention(), EliminateDeadCode(),
         # -- Phase 3: quantization (Q/DQ insertion, calibration, qlinear lowering).
         # -- Phase 4: runtime (paged KV cache) and parallelism (sharding, pipeline stages).
     ]
+    if config.kv_cache:
+        from kiln.passes.kv_cache import PageKVCache
+
+        passes += [PageKVCache(), EliminateDeadCode()]
     return [*passes, *config.extra_passes]
 
 

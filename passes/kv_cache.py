@@ -1,0 +1,172 @@
+"""kv-cache: turn a batch-1 graph into one step graph over a block-paged KV cache.
+
+After vLLM (Kwon et al. 2023, PagedAttention): every op but attention acts per token, so
+the new tokens of many sequences can share one token axis. This pass makes the graph
+captured with batch 1 and a dynamic token axis serve prefill, decode, chunked prefill,
+prefix-cache hits and any mix of them in one call.
+
+Matches: every ``kiln::attention(q, k, v, None, causal=True, scale)`` (run fuse-attention
+    first); placeholders ``input_ids`` and ``position_ids`` of shape (1, T).
+Rewrites to: ``kiln::paged_attention(q, k, v, kv_cache_i, slot_mapping, block_tables,
+    seq_lens, query_start_loc, scale)``; new graph inputs, in order after the existing ones:
+    ``kv_cache_0 .. kv_cache_{L-1}`` (2, blocks, block_size, Hkv, D), ``slot_mapping`` (T,),
+    ``block_tables`` (S, max_blocks), ``seq_lens`` (S,), ``query_start_loc`` (S+1,) and, with
+    ``gather_logits``, ``logits_indices`` (S,): the LM head then runs only on those rows, so
+    the logits output is (1, S, V) instead of (1, T, V).
+Requires: fused, causal, unmasked attention; ``position_ids`` as a graph input.
+Establishes: no ``kiln::attention`` remains; the module takes flat positional inputs in the
+    order of ``gm.meta["kiln_kv_cache"].input_names``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.graph import CodeGen
+
+from kiln.ir import SYMBOLS_KEY, fake_mode
+from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
+
+ATTENTION = torch.ops.kiln.attention.default
+PAGED = torch.ops.kiln.paged_attention.default
+aten = torch.ops.aten
+
+LAYOUT_KEY = "kiln_kv_cache"
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """What a model runner needs to feed the rewritten graph."""
+
+    num_layers: int  # attention layers, one cache tensor each
+    num_kv_heads: tuple[int, ...]  # per layer
+    head_dim: tuple[int, ...]  # per layer
+    dtype: torch.dtype  # dtype of keys and values as the graph computes them
+    input_names: tuple[str, ...]  # every graph input, in call order
+    gather_logits: bool  # whether the graph takes logits_indices and returns (1, S, V)
+
+
+def _placeholder(gm: GraphModule, name: str, after: Node, val: object) -> Node:
+    with gm.graph.inserting_after(after):
+        node = gm.graph.placeholder(name)
+    node.meta["val"] = val
+    return node
+
+
+class PageKVCache(Pass):
+    """Rewrite fused attention into paged attention over per-layer block caches."""
+
+    name = "kv-cache"
+
+    def __init__(self, gather_logits: bool = True) -> None:
+        self.gather_logits = gather_logits
+
+    def requires(self, gm: GraphModule) -> None:
+        attn = [n for n in gm.graph.nodes if n.target == ATTENTION]
+        if not attn:
+            raise RewriteError("no kiln::attention in the graph: run fuse-attention before kv-cache")
+        for n in attn:
+            mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("mask")
+            causal = n.args[4] if len(n.args) > 4 else n.kwargs.get("causal", False)
+            if mask is not None or not causal:
+                raise RewriteError(
+                    "the paged KV cache needs causal attention without a mask operand; this attention "
+                    f"has causal={causal} and mask={'%' + mask.name if isinstance(mask, Node) else mask}",
+                    n,
+                )
+        names = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+        if not {"input_ids", "position_ids"} <= names:
+            raise RewriteError(
+                f"kv-cache needs graph inputs input_ids and position_ids, got {sorted(names)}: "
+                "capture with position_ids among the example inputs"
+            )
+
+    def call(self, gm: GraphModule) -> PassResult:
+        graph = gm.graph
+        mode = fake_mode(gm)
+        env = mode.shape_env
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        ids = next(n for n in placeholders if n.name == "input_ids")
+        tokens = ids.meta["val"].shape[1]  # the symbolic token count T
+        attn = [n for n in graph.nodes if n.target == ATTENTION]
+        kvals = [n.args[1].meta["val"] for n in attn]  # (1, Hkv, T, D) per layer
+
+        syms = {}
+        for label in ("blocks", "block_size", "S", "max_blocks"):
+            syms[label] = env.create_unbacked_symint() if env is not None else 1
+            gm.meta.setdefault(SYMBOLS_KEY, {})[str(syms[label])] = label
+        last = placeholders[-1]
+        caches = []
+        with mode:
+            for i, k in enumerate(kvals):
+                val = torch.empty(2, syms["blocks"], syms["block_size"], k.shape[1], k.shape[3], dtype=k.dtype, device=k.device)
+                last = _placeholder(gm, f"kv_cache_{i}", last, val)
+                caches.append(last)
+            device = ids.meta["val"].device
+            slot = last = _placeholder(gm, "slot_mapping", last, torch.empty(tokens, dtype=torch.int64, device=device))
+            tables = last = _placeholder(
+                gm, "block_tables", last, torch.empty(syms["S"], syms["max_blocks"], dtype=torch.int32, device=device)
+            )
+            lens = last = _placeholder(gm, "seq_lens", last, torch.empty(syms["S"], dtype=torch.int32, device=device))
+            qsl = last = _placeholder(gm, "query_start_loc", last, torch.empty(syms["S"] + 1, dtype=torch.int32, device=device))
+            if self.gather_logits:
+                indices = last = _placeholder(gm, "logits_indices", last, torch.empty(syms["S"], dtype=torch.int64, device=device))
+
+        for node, cache in zip(attn, caches, strict=True):
+            q, k, v = node.args[:3]
+            scale = node.args[5] if len(node.args) > 5 else node.kwargs.get("scale")
+            with graph.inserting_before(node):
+                paged = graph.call_function(PAGED, (q, k, v, cache, slot, tables, lens, qsl, scale))
+            copy_meta(node, paged)
+            paged.meta["val"] = node.meta["val"]
+            node.replace_all_uses_with(paged)
+            graph.erase_node(node)
+
+        gathered = self._gather_logits(gm, indices, mode) if self.gather_logits else 0
+        graph.set_codegen(CodeGen())  # flat positional inputs and outputs from now on
+        gm._forward_pre_hooks.clear()  # the pytree input check of the captured module no longer applies
+        names = tuple(n.name for n in graph.nodes if n.op == "placeholder")
+        gm.meta[LAYOUT_KEY] = KVCacheLayout(
+            num_layers=len(kvals),
+            num_kv_heads=tuple(int(k.shape[1]) for k in kvals),
+            head_dim=tuple(int(k.shape[3]) for k in kvals),
+            dtype=kvals[0].dtype,
+            input_names=names,
+            gather_logits=self.gather_logits,
+        )
+        return PassResult(gm, True, {"attention_paged": len(kvals), "logits_gathered": gathered})
+
+    def _gather_logits(self, gm: GraphModule, indices: Node, mode: object) -> int:
+        """Select the rows of the hidden states the sampler needs, before the LM head."""
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        leaves = [a for a in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(a, Node)]
+        logits = next((a for a in leaves if isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == 3), None)
+        if logits is None:
+            raise RewriteError("no (1, T, V) logits output to gather rows from")
+        target = logits.args[0] if logits.target == aten.linear.default else logits
+        with gm.graph.inserting_after(target):
+            picked = gm.graph.call_function(aten.index_select.default, (target, 1, indices))
+        copy_meta(target, picked)
+        with mode:  # type: ignore[attr-defined]
+            picked.meta["val"] = torch.ops.aten.index_select.default(target.meta["val"], 1, indices.meta["val"])
+        if target is logits:
+            logits.replace_all_uses_with(picked, delete_user_cb=lambda u: u is not picked)
+        else:
+            logits.replace_input_with(target, picked)
+            with mode:  # type: ignore[attr-defined]
+                args = [a.meta["val"] if isinstance(a, Node) else a for a in logits.args]
+                logits.meta["val"] = logits.target(*args)
+        return 1
+
+
+def layout_of(gm: GraphModule) -> KVCacheLayout:
+    """The KV-cache layout the kv-cache pass recorded on ``gm``."""
+    layout = gm.meta.get(LAYOUT_KEY)
+    if layout is None:
+        raise RewriteError("this graph has no paged KV cache: compile with CompileConfig(kv_cache=True)")
+    return layout
+
+
+__all__ = ["LAYOUT_KEY", "KVCacheLayout", "PageKVCache", "layout_of"]
