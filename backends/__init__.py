@@ -20,7 +20,6 @@ BACKENDS: dict[str, Lowering] = {}
 
 #: backends that are planned but not built yet, with where they come from.
 PLANNED = {
-    "triton": "Triton kernels for CUDA (issues #4 and #6)",
     "onnx": "ONNX Runtime execution (issue #3)",
 }
 
@@ -34,6 +33,11 @@ def get_backend(name: str) -> Lowering:
     """The lowering of backend ``name``; ConfigError naming the available ones otherwise."""
     if name not in BACKENDS:
         from kiln.backends import eager  # noqa: F401  (registers itself)
+    if name == "triton" and name not in BACKENDS:
+        try:
+            from kiln.backends import triton  # noqa: F401  (registers itself)
+        except ImportError as e:
+            raise ConfigError(f"backend 'triton' needs the triton package: pip install 'kiln[gpu]' ({e})") from e
     if name in BACKENDS:
         return BACKENDS[name]
     if name in PLANNED:

@@ -21,6 +21,16 @@ from kiln.pass_manager import Pass, PassManager, PassResult
 
 __version__ = "0.1.0"
 
+if __import__("torch").cuda.is_available():  # Triton kernels become the CUDA implementations of kiln ops
+    try:
+        from kiln.backends.triton import register_cuda_kernels
+
+        register_cuda_kernels()
+    except ImportError:
+        import warnings
+
+        warnings.warn("triton is not installed: kiln ops run their plain-torch reference on CUDA", stacklevel=1)
+
 __all__ = [
     "CapacityError",
     "Capture",

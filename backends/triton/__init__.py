@@ -1,1 +1,62 @@
-"""kiln.triton"""
+"""kiln.backends.triton: Triton kernels, the CUDA implementations of kiln's ops.
+
+``register_cuda_kernels()`` registers each kernel as the CUDA implementation of its
+``kiln::`` op (``torch.library.register_kernel``); the plain-torch reference stays the CPU
+implementation. An op or a case without a kernel raises on CUDA, naming what is missing;
+it never falls back to the reference silently. ``import kiln`` calls this when CUDA is
+available.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.backends import register_backend
+from kiln.errors import ConfigError, KilnError
+
+#: kiln ops with a CUDA kernel; ``backend="triton"`` refuses graphs using any other kiln op.
+KERNELS: set[str] = set()
+_registered = False
+
+
+def register_cuda_kernels() -> None:
+    """Register the Triton kernels for the CUDA dispatch key of kiln's ops (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from kiln.backends.triton.flash_attention import flash_attention
+
+    @torch.library.register_kernel("kiln::attention", "cuda")
+    def _attention_cuda(q, k, v, mask=None, causal=False, scale=None):  # type: ignore[no-untyped-def]
+        if mask is not None:
+            raise KilnError(
+                "kiln::attention with an explicit mask has no CUDA kernel yet; only causal and unmasked "
+                "attention runs on the GPU (fuse-attention proves the masks of common models causal)"
+            )
+        return flash_attention(q, k, v, causal=causal, scale=scale)
+
+    @torch.library.register_kernel("kiln::paged_attention", "cuda")
+    def _paged_attention_cuda(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KilnError("kiln::paged_attention has no CUDA kernel yet (issue #6): the runtime runs on the CPU for now")
+
+    KERNELS.add("kiln.attention")
+    _registered = True
+
+
+def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The triton backend: the graph itself, with every kiln op dispatching to its CUDA kernel."""
+    from kiln.ir import op_name
+    from kiln.ops import is_kiln_op
+
+    if not torch.cuda.is_available():
+        raise ConfigError("backend 'triton' needs a CUDA GPU; use backend='eager' on the CPU")
+    register_cuda_kernels()
+    missing = sorted({op_name(n) for n in gm.graph.nodes if n.op == "call_function" and is_kiln_op(n.target)} - KERNELS)
+    if missing:
+        raise ConfigError(f"backend 'triton' has no CUDA kernel for {missing} yet; use backend='eager'")
+    return gm
+
+
+register_backend("triton", lower)
+
+__all__ = ["KERNELS", "lower", "register_cuda_kernels"]

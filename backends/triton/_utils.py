@@ -1,0 +1,49 @@
+"""Small helpers shared by kiln's Triton kernels: interpreter detection and device checks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_TRUE = {"1", "true", "yes", "on", "y"}
+
+
+def interpret_mode() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton reads the variable when a ``@triton.jit`` decorator runs, i.e. when a kernel
+    module is imported, so a kernel module should call this once at import time, next to
+    its decorators, and keep the answer.
+    """
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def check_triton_device(kernel: str, interpreted: bool, *tensors: torch.Tensor) -> None:
+    """Raise if ``tensors`` are not all on one device that the kernel can run on.
+
+    CUDA tensors always can (compiled, or interpreted with host copies); CPU tensors only
+    when the kernel module was imported with ``TRITON_INTERPRET=1`` (``interpreted``).
+    Anything else is refused with a message saying what to do.
+    """
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(f"{kernel}: all tensors must be on one device, got {names}")
+    (device,) = devices
+    if device.type == "cuda" or (device.type == "cpu" and interpreted):
+        return
+    raise RuntimeError(
+        f"{kernel}: tensors are on {device}, but the Triton kernel needs CUDA tensors, or CPU "
+        "tensors with TRITON_INTERPRET=1 set before the kernel module is imported"
+    )
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
