@@ -18,6 +18,8 @@ from kiln.errors import (
     VerificationError,
 )
 from kiln.pass_manager import Pass, PassManager, PassResult
+from kiln.runtime.engine import LLM
+from kiln.runtime.request import RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
 
@@ -39,10 +41,13 @@ __all__ = [
     "ConfigError",
     "ExportError",
     "KilnError",
+    "LLM",
     "Pass",
     "PassError",
     "PassManager",
     "PassResult",
+    "RequestOutput",
+    "SamplingParams",
     "UnsupportedModelError",
     "VerificationError",
     "__version__",

@@ -13,7 +13,13 @@ Rewrites to: ``kiln::paged_attention(q, k, v, kv_cache_i, slot_mapping, block_ta
     ``block_tables`` (S, max_blocks), ``seq_lens`` (S,), ``query_start_loc`` (S+1,) and, with
     ``gather_logits``, ``logits_indices`` (S,): the LM head then runs only on those rows, so
     the logits output is (1, S, V) instead of (1, T, V).
-Requires: fused, causal, unmasked attention; ``position_ids`` as a graph input.
+    A graph captured without ``position_ids`` (the model computes ``arange(T)`` itself, as
+    Hugging Face models do when none are given) gets a ``position_ids`` input: every
+    remaining integer ``arange`` over the token count is a position source, since the
+    mask code that also used it is gone once attention is fused and proven causal, and it
+    is rebound to ``position_ids[0]``.
+Requires: fused, causal, unmasked attention; ``position_ids`` as a graph input, or positions
+    computed as ``arange(T)``.
 Establishes: no ``kiln::attention`` remains; the module takes flat positional inputs in the
     order of ``gm.meta["kiln_kv_cache"].input_names``.
 """
@@ -77,10 +83,12 @@ class PageKVCache(Pass):
                     n,
                 )
         names = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
-        if not {"input_ids", "position_ids"} <= names:
+        if "input_ids" not in names:
+            raise RewriteError(f"kv-cache needs an input_ids graph input, got {sorted(names)}")
+        if "position_ids" not in names and not _position_sources(gm):
             raise RewriteError(
-                f"kv-cache needs graph inputs input_ids and position_ids, got {sorted(names)}: "
-                "capture with position_ids among the example inputs"
+                f"kv-cache needs a position_ids graph input or positions computed as arange(T); inputs are "
+                f"{sorted(names)}: capture with position_ids among the example inputs"
             )
 
     def call(self, gm: GraphModule) -> PassResult:
@@ -92,6 +100,9 @@ class PageKVCache(Pass):
         tokens = ids.meta["val"].shape[1]  # the symbolic token count T
         attn = [n for n in graph.nodes if n.target == ATTENTION]
         kvals = [n.args[1].meta["val"] for n in attn]  # (1, Hkv, T, D) per layer
+
+        bound = self._bind_positions(gm, ids, mode) if "position_ids" not in {n.name for n in placeholders} else 0
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
         syms = {}
         for label in ("blocks", "block_size", "S", "max_blocks"):
@@ -136,7 +147,22 @@ class PageKVCache(Pass):
             input_names=names,
             gather_logits=self.gather_logits,
         )
-        return PassResult(gm, True, {"attention_paged": len(kvals), "logits_gathered": gathered})
+        return PassResult(gm, True, {"attention_paged": len(kvals), "logits_gathered": gathered, "positions_bound": bound})
+
+    def _bind_positions(self, gm: GraphModule, ids: Node, mode: object) -> int:
+        """Add a ``position_ids`` input and rebind every ``arange(T)`` position source to it."""
+        sources = _position_sources(gm)
+        with mode:  # type: ignore[attr-defined]
+            val = torch.empty_like(ids.meta["val"], dtype=torch.int64)
+        pos = _placeholder(gm, "position_ids", ids, val)
+        with gm.graph.inserting_after(pos):
+            row = gm.graph.call_function(aten.select.int, (pos, 0, 0))  # (T,)
+        with mode:  # type: ignore[attr-defined]
+            row.meta["val"] = val[0]
+        for node in sources:
+            node.replace_all_uses_with(row)
+            gm.graph.erase_node(node)
+        return len(sources)
 
     def _gather_logits(self, gm: GraphModule, indices: Node, mode: object) -> int:
         """Select the rows of the hidden states the sampler needs, before the LM head."""
@@ -159,6 +185,26 @@ class PageKVCache(Pass):
                 args = [a.meta["val"] if isinstance(a, Node) else a for a in logits.args]
                 logits.meta["val"] = logits.target(*args)
         return 1
+
+
+def _position_sources(gm: GraphModule) -> list[Node]:
+    """Integer ``arange(0, T, 1)`` nodes over the token count of ``input_ids``."""
+    ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids"), None)
+    if ids is None or not isinstance(ids.meta.get("val"), torch.Tensor):
+        return []
+    tokens = str(ids.meta["val"].shape[-1])
+    out = []
+    for n in gm.graph.nodes:
+        if n.target not in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+            continue
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.int64 or val.dim() != 1 or str(val.shape[0]) != tokens:
+            continue
+        start = n.args[0] if n.target != aten.arange.default else 0
+        step = n.args[2] if n.target == aten.arange.start_step else 1
+        if start == 0 and step == 1:
+            out.append(n)
+    return out
 
 
 def layout_of(gm: GraphModule) -> KVCacheLayout:

@@ -3,7 +3,7 @@ import torch
 
 import kiln
 from kiln.ir import print_ir
-from kiln.passes.kv_cache import PageKVCache, layout_of
+from kiln.passes.kv_cache import layout_of
 
 BLOCK = 4
 

@@ -1,0 +1,326 @@
+"""The engine: ``kiln.LLM``, the user-facing generation API.
+
+It wires vLLM's split (Kwon et al. 2023) together: the :class:`Scheduler` decides which
+tokens of which requests run each step (continuous batching, chunked prefill, prefix
+caching, preemption), the :class:`ModelRunner` runs kiln's compiled step graph over the
+paged KV cache, the sampler picks tokens, and the engine detokenizes and applies stop
+strings. ``generate`` runs a list of prompts to completion, ``stream`` yields outputs as
+tokens arrive, and ``add_request`` / ``step`` serve a custom loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kiln.errors import ConfigError
+from kiln.runtime.model_runner import ModelRunner, SequenceStep
+from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
+from kiln.runtime.sampler import make_generator, sample
+from kiln.runtime.scheduler import Scheduler, SchedulerConfig
+from kiln.runtime.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from kiln.runtime.stop import find_stop_string
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class _Sequence:
+    """The engine's side of one request: what the runner and the detokenizer need."""
+
+    request: Request  # the scheduler's request (its token lists are the truth)
+    prompt: str | None  # the prompt text, when given as text
+    block_ids: list[int] = field(default_factory=list)  # block table, grown as the scheduler allocates
+    generator: torch.Generator | None = None  # per-request RNG when a seed is given
+    text: str = ""  # detokenized output so far
+
+
+def _default_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    return 256 * 2**20
+
+
+class LLM:
+    """Generate text with a compiled model over a paged KV cache.
+
+    Args:
+        model: a ``torch.nn.Module`` (kiln or Hugging Face causal LM), a Hugging Face-format
+            folder, or a kiln preset name.
+        tokenizer: a ``transformers`` tokenizer or a path; by default the model folder's
+            ``tokenizer.json`` when there is one. Without one, prompts are token-id lists.
+        max_num_seqs: running requests at most.
+        max_num_batched_tokens: the token budget of one step.
+        max_model_len: prompt + output tokens of one request at most (default: the model's
+            context length, capped by the cache).
+        kv_cache_memory: bytes for the KV cache (default: 256 MiB on the CPU, half the free
+            memory on a GPU); or give ``num_blocks``.
+        block_size: tokens per KV block.
+        enable_prefix_caching: reuse the KV of identical prompt prefixes across requests.
+        enable_chunked_prefill: split long prompts across steps.
+        device, dtype: where and in which precision to run a model given by name or path.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | str | os.PathLike[str],
+        *,
+        tokenizer: Any = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 1024,
+        max_model_len: int | None = None,
+        kv_cache_memory: int | None = None,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        source = None
+        if not isinstance(model, torch.nn.Module):
+            from kiln.models import load_model
+
+            source = model
+            model = load_model(str(model), dtype=dtype or torch.float32, device=device)
+        model = model.eval()
+        self.model = model
+        self.tokenizer = self._load_tokenizer(tokenizer, source)
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        if num_blocks is None and kv_cache_memory is None:
+            kv_cache_memory = _default_memory(dev)
+        self.runner = ModelRunner(
+            model, block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory, device=dev
+        )
+        config = getattr(model, "config", None)
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        capacity = self.runner.num_blocks * block_size
+        self.max_model_len = int(max_model_len or min(context, capacity))
+        eos = getattr(config, "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        if eos is None and self.tokenizer is not None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_token_id: int | None = eos
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=self.runner.num_blocks,
+                block_size=block_size,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                enable_chunked_prefill=enable_chunked_prefill,
+                enable_prefix_caching=enable_prefix_caching,
+            )
+        )
+        self._seqs: dict[str, _Sequence] = {}
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "scheduled_tokens": 0}
+
+    @staticmethod
+    def _load_tokenizer(tokenizer: Any, source: object) -> Any:
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+            return tokenizer
+        path = tokenizer or source
+        if path is None or not (Path(str(path)) / "tokenizer.json").exists():
+            if tokenizer is not None:
+                raise ConfigError(f"no tokenizer.json in {path}")
+            return None
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(str(path))
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this LLM has no tokenizer: pass prompts as lists of token ids, or give tokenizer=")
+            return list(self.tokenizer.encode(prompt)), prompt
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        ids = [int(t) for t in prompt]
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if vocab is not None and any(t >= vocab for t in ids):
+            raise ConfigError(f"prompt token ids must be below the vocabulary size {vocab}")
+        return ids, None
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
+                    cache_salt: str | None = None) -> str:
+        """Queue a prompt; returns its request id. Raises (changing nothing) when the request cannot run."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"params must be kiln.SamplingParams, got {type(params).__name__}")
+        ids, text = self._tokenize(prompt)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        request = Request(
+            request_id=rid, prompt_token_ids=ids, sampling_params=params, eos_token_id=self.eos_token_id,
+            cache_salt=cache_salt,
+        )
+        self.scheduler.add_request(request)
+        gen = make_generator(params.seed, self.runner.device) if params.seed is not None else None
+        self._seqs[rid] = _Sequence(request=request, prompt=text, generator=gen)
+        self.stats["prompt_tokens"] += len(ids)
+        return rid
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request; its blocks are freed at once. False if it is unknown or finished."""
+        return self.scheduler.abort_request(request_id)
+
+    def pin_prefix(self, prompt: Prompt, *, cache_salt: str | None = None) -> Any:
+        """Keep the KV of ``prompt`` (e.g. a document many questions follow) cached until released.
+
+        Its full blocks are computed by the first request that starts with it and are never
+        evicted while pinned; returns a handle for :meth:`release`.
+        """
+        ids, _ = self._tokenize(prompt)
+        return self.scheduler.kv_cache_manager.pin_prefix(ids, salt=cache_salt)
+
+    def release(self, handle: Any) -> None:
+        """Release a pin from :meth:`pin_prefix`; its blocks become evictable (still cached)."""
+        self.scheduler.kv_cache_manager.release(handle)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- one step -------------------------------------------------------------------------
+
+    def _run(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        steps: list[SequenceStep] = []
+        wanted: list[tuple[int, _Sequence]] = []
+        for new in so.scheduled_new_reqs:
+            seq = self._seqs[new.request_id]
+            seq.block_ids = list(new.block_ids)
+            steps.append(SequenceStep(list(new.new_token_ids), new.num_computed_tokens, seq.block_ids))
+            if new.sample:
+                wanted.append((len(steps) - 1, seq))
+        for cached in so.scheduled_cached_reqs:
+            seq = self._seqs[cached.request_id]
+            seq.block_ids.extend(cached.new_block_ids)
+            steps.append(SequenceStep(list(cached.new_token_ids), cached.num_computed_tokens, seq.block_ids))
+            if cached.sample:
+                wanted.append((len(steps) - 1, seq))
+        if not steps:
+            return ModelRunnerOutput(sampled_token_ids={})
+        logits = self.runner.execute(steps)  # (S, V)
+        if not wanted:
+            return ModelRunnerOutput(sampled_token_ids={})
+        rows = torch.tensor([i for i, _ in wanted], device=logits.device)
+        seqs = [s for _, s in wanted]
+        out = sample(
+            logits.index_select(0, rows),
+            [s.request.sampling_params for s in seqs],
+            [s.generator for s in seqs],
+            [s.request.output_token_ids for s in seqs],
+            [s.request.prompt_token_ids for s in seqs],
+        )
+        tokens = out.token_ids.tolist()
+        logprobs = None
+        if out.logprobs is not None:
+            entries = out.logprobs.to_dicts([s.request.sampling_params.logprobs for s in seqs])
+            logprobs = {s.request.request_id: [e] for s, e in zip(seqs, entries, strict=True) if e is not None}
+        return ModelRunnerOutput(
+            sampled_token_ids={s.request.request_id: [t] for s, t in zip(seqs, tokens, strict=True)}, logprobs=logprobs
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return an output for every request that changed."""
+        so = self.scheduler.schedule()
+        self.stats["steps"] += 1
+        self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
+        changed = self.scheduler.update_from_output(so, self._run(so))
+        results = []
+        for delta in changed:
+            seq = self._seqs.get(delta.request_id)
+            if seq is None:
+                continue
+            self.stats["generated_tokens"] += len(delta.new_token_ids)
+            self._detokenize(seq, len(delta.new_token_ids))
+            results.append(seq.request.to_output(text=seq.text, prompt=seq.prompt))
+            if seq.request.is_finished:
+                del self._seqs[delta.request_id]
+        return results
+
+    def _detokenize(self, seq: _Sequence, n_new: int) -> None:
+        if self.tokenizer is None:
+            return
+        request = seq.request
+        before = len(seq.text)
+        seq.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        stops = request.sampling_params.stop
+        if stops and not request.is_finished:
+            match = find_stop_string(seq.text, stops, new_text_len=len(seq.text) - before)
+            if match is not None:
+                seq.text = seq.text[: match.index]
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, match.stop)
+        elif stops and request.is_finished:
+            match = find_stop_string(seq.text, stops, new_text_len=len(seq.text) - before)
+            if match is not None:
+                seq.text = seq.text[: match.index]
+
+    # -- whole prompts ---------------------------------------------------------------------
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield a :class:`RequestOutput` snapshot every time one of ``prompts`` gains tokens or finishes."""
+        ids = self._add_all(prompts, params)
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                if out.request_id in pending:
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run ``prompts`` to completion; outputs in prompt order."""
+        ids = self._add_all(prompts, params)
+        final: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req") as bar:
+            for out in self.stream_ids(ids):
+                final[out.request_id] = out
+                bar.update(1)
+        return [final[i] for i in ids]
+
+    def stream_ids(self, ids: Sequence[str]) -> Iterator[RequestOutput]:
+        """Yield each of the queued requests ``ids`` once, when it finishes."""
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                if out.finished and out.request_id in pending:
+                    pending.discard(out.request_id)
+                    yield out
+
+    def _add_all(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
+                 ) -> list[str]:
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if isinstance(params, Sequence):
+            if len(params) != len(prompts):
+                raise ConfigError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+            plist = list(params)
+        else:
+            plist = [params or SamplingParams()] * len(prompts)
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, plist, strict=True):
+                ids.append(self.add_request(prompt, p))
+        except Exception:
+            for rid in ids:  # all or nothing: the engine keeps serving what it had
+                self.abort_request(rid)
+                self._seqs.pop(rid, None)
+            raise
+        return ids
+
+
+__all__ = ["LLM"]

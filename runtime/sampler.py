@@ -1,0 +1,206 @@
+"""Token sampling: pure functions on a batch of logits, one row per request, each with its own params.
+
+The order of filters is Hugging Face's (``generate``'s logits processors and warpers):
+repetition penalty (Keskar et al. 2019, CTRL, as HF applies it), temperature, top-k,
+top-p (Holtzman et al. 2020, nucleus sampling), min-p (Nguyen et al. 2024). Temperature 0
+is greedy: the argmax of the penalized logits.
+
+Random rows draw with the exponential race (the Gumbel-max trick in exponential form, as
+vLLM does): ``argmax(p / q)`` with ``q ~ Exp(1)`` per vocabulary entry picks token ``i``
+with probability ``p_i``. A request with a seed draws its ``q`` from its own
+``torch.Generator``, so its tokens depend on its seed and its logits only, never on
+which other requests share the batch or where its row is.
+
+Logprobs are the model's: ``log_softmax`` of the raw logits, before penalties and filters
+(vLLM v1's default), reported for the sampled token plus the top ``k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kiln.runtime.request import Logprob, SamplingParams, TokenLogprobs
+
+_GREEDY_EPS = 1e-5  # temperatures below this sample greedily (vLLM's threshold)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogprobsTensors:
+    """Logprobs of a batch: the sampled token first, then the top ``k`` (k = the most any row asked)."""
+
+    token_ids: Tensor  # (N, 1 + k) int64: sampled token, then the top-k token ids
+    logprobs: Tensor  # (N, 1 + k) float32: their log-probabilities
+    sampled_ranks: Tensor  # (N,) int64: rank of the sampled token, 1 = most likely
+
+    def to_dicts(self, num_logprobs: Sequence[int | None]) -> list[TokenLogprobs | None]:
+        """Per row, ``{token id: Logprob}`` of the sampled token and that row's top ``num_logprobs[i]``."""
+        ids, lps, ranks = self.token_ids.tolist(), self.logprobs.tolist(), self.sampled_ranks.tolist()
+        out: list[TokenLogprobs | None] = []
+        for i, k in enumerate(num_logprobs):
+            if k is None:
+                out.append(None)
+                continue
+            d = {ids[i][0]: Logprob(lps[i][0], ranks[i])}
+            for j in range(1, min(k, len(ids[i]) - 1) + 1):
+                d.setdefault(ids[i][j], Logprob(lps[i][j], j))
+            out.append(d)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerOutput:
+    """One sampled token per row, and logprobs when any row asked for them."""
+
+    token_ids: Tensor  # (N,) int64 sampled token per request
+    logprobs: LogprobsTensors | None  # None when no row set SamplingParams.logprobs
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The per-request generator for ``SamplingParams.seed``; keep it for the request's whole life."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def apply_repetition_penalty(logits: Tensor, penalties: Tensor, seen: Sequence[Sequence[int]]) -> Tensor:
+    """HF's repetition penalty: for tokens in ``seen[i]``, divide positive logits by it, multiply negative ones.
+
+    ``logits`` (N, V) float, ``penalties`` (N,) float; rows with penalty 1 are unchanged.
+    """
+    n, v = logits.shape
+    width = max((len(s) for s in seen), default=0)
+    if width == 0:
+        return logits
+    ids = torch.full((n, width), v, dtype=torch.long)  # pad with an extra column, sliced off
+    for i, s in enumerate(seen):
+        if len(s):
+            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    mask = torch.zeros((n, v + 1), dtype=torch.bool, device=logits.device)
+    mask.scatter_(1, ids.to(logits.device), True)
+    mask = mask[:, :v]  # (N, V): token seen in prompt or output
+    p = penalties.to(logits.device, logits.dtype)[:, None]
+    penalized = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(mask, penalized, logits)
+
+
+def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None) -> Tensor:
+    """Mask (to -inf) tokens outside each row's top ``top_k[i]`` and outside its nucleus ``top_p[i]``.
+
+    ``top_k`` (N,) int64 with V meaning off; ``top_p`` (N,) float with 1 meaning off. The
+    most likely token always survives.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=False)  # (N, V) ascending
+    v = logits.shape[-1]
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (v - top_k.clamp(1, v)).unsqueeze(1))  # (N, 1) k-th largest
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)  # ascending: mass of this token and every less likely one
+        drop = cum <= (1 - top_p.to(cum.dtype)).unsqueeze(1)
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Mask tokens whose probability is below ``min_p[i]`` times the row's top probability."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.to(probs.dtype).unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def random_sample(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
+    """One token per row with probability ``probs[i]``; row ``i`` draws from ``generators[i]`` when given."""
+    q = torch.empty_like(probs)
+    q.exponential_()  # unseeded rows share the global generator
+    for i, g in enumerate(generators):
+        if g is not None:
+            q[i].exponential_(generator=g)
+    return probs.div(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+
+
+def sample(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+) -> SamplerOutput:
+    """Sample one token per row of ``logits`` (N, V) under each row's ``params``.
+
+    ``generators[i]`` is row i's generator (from :func:`make_generator`) or None to use
+    the global one; a seeded row consumes its generator only when it samples randomly.
+    ``output_token_ids`` / ``prompt_token_ids`` are needed only by rows with a
+    repetition penalty. ``logits`` is not modified.
+    """
+    n, v = logits.shape
+    if len(params) != n:
+        raise ValueError(f"{n} rows of logits but {len(params)} SamplingParams")
+    device = logits.device
+    x = logits.float()  # (N, V); a copy when logits were not float32
+    raw = x
+
+    penalty = [p.repetition_penalty for p in params]
+    if any(r != 1.0 for r in penalty):
+        if output_token_ids is None or prompt_token_ids is None:
+            raise ValueError("repetition_penalty needs prompt_token_ids and output_token_ids")
+        seen = [
+            list(prompt_token_ids[i]) + list(output_token_ids[i]) if penalty[i] != 1.0 else []
+            for i in range(n)
+        ]
+        x = apply_repetition_penalty(x, torch.tensor(penalty), seen)
+
+    greedy = [p.temperature < _GREEDY_EPS for p in params]
+    if all(greedy):
+        tokens = x.argmax(dim=-1)
+    else:
+        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                             device=device)
+        y = x / temps.unsqueeze(1)
+        top_k = [p.top_k if p.top_k > 0 else v for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k < v for k in top_k) or any(q < 1.0 for q in top_p):
+            y = apply_top_k_top_p(
+                y,
+                torch.tensor(top_k, device=device) if any(k < v for k in top_k) else None,
+                torch.tensor(top_p, device=device) if any(q < 1.0 for q in top_p) else None,
+            )
+        if any(p.min_p > 0 for p in params):
+            y = apply_min_p(y, torch.tensor([p.min_p for p in params], device=device))
+        gens = [None if g else (generators[i] if generators is not None else None) for i, g in enumerate(greedy)]
+        sampled = random_sample(y.softmax(dim=-1), gens)
+        tokens = torch.where(torch.tensor(greedy, device=device), x.argmax(dim=-1), sampled)
+
+    return SamplerOutput(token_ids=tokens, logprobs=compute_logprobs(raw, tokens, params))
+
+
+def compute_logprobs(logits: Tensor, tokens: Tensor, params: Sequence[SamplingParams]) -> LogprobsTensors | None:
+    """Logprobs of the sampled ``tokens`` (N,) and the top-k under the raw ``logits`` (N, V)."""
+    ks = [p.logprobs for p in params if p.logprobs is not None]
+    if not ks:
+        return None
+    lp = logits.float().log_softmax(dim=-1)  # (N, V)
+    sampled_lp = lp.gather(1, tokens.unsqueeze(1))  # (N, 1)
+    ranks = (lp > sampled_lp).sum(dim=-1) + 1  # (N,)
+    top_lp, top_ids = lp.topk(min(max(ks), lp.shape[-1]), dim=-1)  # (N, k)
+    return LogprobsTensors(
+        token_ids=torch.cat([tokens.unsqueeze(1), top_ids], dim=1),
+        logprobs=torch.cat([sampled_lp, top_lp], dim=1),
+        sampled_ranks=ranks,
+    )
+
+
+__all__ = [
+    "LogprobsTensors",
+    "SamplerOutput",
+    "apply_min_p",
+    "apply_repetition_penalty",
+    "apply_top_k_top_p",
+    "compute_logprobs",
+    "make_generator",
+    "random_sample",
+    "sample",
+]
