@@ -40,6 +40,8 @@ class _Sequence:
     block_ids: list[int] = field(default_factory=list)  # block table, grown as the scheduler allocates
     generator: torch.Generator | None = None  # per-request RNG when a seed is given
     text: str = ""  # detokenized output so far
+    prefix_offset: int = 0  # incremental detokenization: tokens before this are settled text ...
+    read_offset: int = 0  # ... and text up to this token has been emitted
 
 
 def _default_memory(device: torch.device) -> int:
@@ -243,28 +245,37 @@ class LLM:
             if seq is None:
                 continue
             self.stats["generated_tokens"] += len(delta.new_token_ids)
-            self._detokenize(seq, len(delta.new_token_ids))
+            self._detokenize(seq)
             results.append(seq.request.to_output(text=seq.text, prompt=seq.prompt))
             if seq.request.is_finished:
                 del self._seqs[delta.request_id]
         return results
 
-    def _detokenize(self, seq: _Sequence, n_new: int) -> None:
+    def _detokenize(self, seq: _Sequence) -> None:
+        """Extend ``seq.text`` with the new tokens' text, then apply stop strings.
+
+        Incremental (as HF's streamers and vLLM do): only a window of recent tokens is
+        decoded each step, and text is held back while it ends in an incomplete UTF-8
+        character, so the cost per token stays constant.
+        """
         if self.tokenizer is None:
             return
-        request = seq.request
+        request, ids = seq.request, seq.request.output_token_ids
         before = len(seq.text)
-        seq.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        decode = self.tokenizer.decode
+        prefix = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+        full = decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            seq.text += full[len(prefix) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         stops = request.sampling_params.stop
-        if stops and not request.is_finished:
-            match = find_stop_string(seq.text, stops, new_text_len=len(seq.text) - before)
-            if match is not None:
-                seq.text = seq.text[: match.index]
+        if not stops:
+            return
+        match = find_stop_string(seq.text, stops, new_text_len=len(seq.text) - before)
+        if match is not None:
+            seq.text = seq.text[: match.index]
+            if not request.is_finished:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, match.stop)
-        elif stops and request.is_finished:
-            match = find_stop_string(seq.text, stops, new_text_len=len(seq.text) - before)
-            if match is not None:
-                seq.text = seq.text[: match.index]
 
     # -- whole prompts ---------------------------------------------------------------------
 
