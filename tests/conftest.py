@@ -10,6 +10,10 @@ import pytest
 import torch
 
 
+# The suite runs as 2 xdist workers on 2 cores: one thread each avoids oversubscription.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

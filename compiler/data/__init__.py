@@ -1,0 +1,53 @@
+"""kiln.data: the reference corpus (standard library + pydoc text) and its BPE tokenizer."""
+
+from kiln.data.corpus import (
+    EVAL_FRACTION,
+    EVAL_SPLIT_FILE,
+    Document,
+    Split,
+    build_documents,
+    corpus_text,
+    holdout,
+    load_split,
+    read_eval_split,
+    split_of,
+    write_eval_split,
+)
+from kiln.data.tokenizer import (
+    BOS,
+    BOS_ID,
+    EOS,
+    EOS_ID,
+    PAD,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    encode_documents,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
+
+__all__ = [
+    "BOS",
+    "BOS_ID",
+    "EOS",
+    "EOS_ID",
+    "EVAL_FRACTION",
+    "EVAL_SPLIT_FILE",
+    "PAD",
+    "PAD_ID",
+    "SPECIAL_TOKENS",
+    "Document",
+    "Split",
+    "build_documents",
+    "corpus_text",
+    "encode_documents",
+    "holdout",
+    "load_split",
+    "load_tokenizer",
+    "read_eval_split",
+    "save_tokenizer",
+    "split_of",
+    "train_tokenizer",
+    "write_eval_split",
+]
