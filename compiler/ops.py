@@ -52,7 +52,8 @@ def attention(
     ``k`` and ``v`` may have fewer heads than ``q`` (grouped-query attention): query head
     ``h`` reads kv head ``h // (Hq // Hkv)``. ``causal`` masks key ``j`` for query ``i``
     when ``j > i + Tk - Tq`` (queries aligned to the end of the keys). ``mask`` is additive
-    (float) or boolean (True = attend) and broadcasts to (B, Hq, Tq, Tk).
+    (float) or boolean (True = attend) and broadcasts to (B, Hq, Tq, Tk). A query row that
+    may attend to no key at all outputs zeros.
     """
     return attention_reference(q, k, v, mask, causal, scale)
 
@@ -79,6 +80,8 @@ def attention_reference(
         else:
             scores = scores + mask.float()
     probs = torch.softmax(scores, dim=-1)
+    # a query that may attend to nothing gets output 0 (as SDPA and the flash kernel), not NaN
+    probs = torch.where(scores.amax(dim=-1, keepdim=True) == float("-inf"), 0.0, probs)
     return torch.matmul(probs, vf).to(q.dtype)  # (B, Hq, Tq, D)
 
 

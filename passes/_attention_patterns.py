@@ -10,7 +10,7 @@ coordinates ``i_d`` (``d < 0``, counted from the right, so broadcasting aligns f
 - ``Sel``: ``a if pred else b`` (``where``, ``masked_fill``, ``triu``/``tril``, bool -> number).
 
 Coordinates of size-1 dims are replaced by 0 after every op, so an expression only names
-dims that vary. ``arange``, ``unsqueeze``/``squeeze``/``permute``/``expand``/``reshape``
+dims that vary. Index arithmetic is trusted only in integer dtypes (floats round). ``arange``, ``unsqueeze``/``squeeze``/``permute``/``expand``/``reshape``
 (of unit dims), ``slice``/``select``/``index`` (indices proven in range), ``+ - *``,
 comparisons, logic, casts, ``full``-style constants, ``where``/``masked_fill``,
 ``triu``/``tril``, ``cumsum`` of a constant and ``diff`` of an affine sequence are
@@ -269,6 +269,8 @@ def _unit_dims(shape: tuple[Any, ...]) -> list[int]:
 def lift_constant(t: torch.Tensor) -> Val | None:
     """A constant as a symbolic value, when a concrete check proves its pattern."""
     t = t.detach()
+    if t.device.type == "meta" or t.numel() > 1 << 26:
+        return None
     if t.numel() == 1:
         x = t.item()
         return bool(x) if t.dtype == torch.bool else Lin.of({}, x)
@@ -351,6 +353,8 @@ class MaskAnalyzer:
                 v = subst(v, lambda d: Lin() if d in unit else coord(d) if d >= -len(shape) else None)
                 if out.dtype == torch.bool:
                     v = as_pred(v)
+                elif out.dtype.is_floating_point and _varies(v):
+                    v = None  # float arithmetic on indices rounds (arange + 1e20): only integers are exact
             self.memo[x] = v
         return self.memo[x]
 
@@ -494,12 +498,24 @@ class MaskAnalyzer:
         return Lin.of({}, step)
 
 
+def _varies(v: Val | None) -> bool:
+    """Whether a numeric value depends on coordinates other than through predicates."""
+    if isinstance(v, Lin):
+        return bool(v.coeffs)
+    return isinstance(v, Sel) and (_varies(v.a) or _varies(v.b))
+
+
 def _integral(v: Val | None) -> bool:
     if isinstance(v, Lin):
         return isinstance(v.const, int)
     if isinstance(v, Sel):
         return _integral(v.a) and _integral(v.b)
     return v is not None
+
+
+def _is_bool(x: object) -> bool:
+    val = meta_val(x)
+    return val is not None and val.dtype == torch.bool
 
 
 def _in_range(iv: Lin, shape: tuple[Any, ...], size: object) -> bool:
@@ -539,14 +555,12 @@ def split_mask(an: MaskAnalyzer, root: Node, negated: bool, tq: object, tk: obje
     leaves: list[tuple[Node, bool]] = []
 
     def walk(x: Node, neg: bool) -> None:
-        val = meta_val(x)
-        is_bool = val is not None and val.dtype == torch.bool
-        if x.op == "call_function" and is_bool and x.target == aten.expand.default:
+        if x.op == "call_function" and x.target == aten.expand.default and _is_bool(x):
             walk(x.args[0], neg)  # type: ignore[arg-type]
-        elif x.op == "call_function" and is_bool and x.target in (_ORS if neg else _ANDS) and all(isinstance(y, Node) for y in x.args[:2]):
+        elif x.op == "call_function" and x.target in (_ORS if neg else _ANDS) and all(_is_bool(y) for y in x.args[:2]):
             walk(x.args[0], neg)  # type: ignore[arg-type]
             walk(x.args[1], neg)  # type: ignore[arg-type]
-        elif x.op == "call_function" and is_bool and x.target in _NOTS:
+        elif x.op == "call_function" and x.target in _NOTS and _is_bool(x.args[0]):
             walk(x.args[0], not neg)  # type: ignore[arg-type]
         else:
             leaves.append((x, neg))

@@ -17,7 +17,9 @@ Matches:
 Rewrites to: ``kiln.attention(q, k, v, mask=..., causal=..., scale=...)`` with
     causal   True for SDPA's ``is_causal`` and for masks proven causal for every T (``_attention_patterns``);
     mask     what is not proven: the conjuncts left after dropping the causal one and those True by
-             construction; bool (True = attend) for -inf fills and boolean SDPA masks, additive otherwise;
+             construction; bool (True = attend) for -inf fills and boolean SDPA masks, additive otherwise
+             (with a finite fill the causal part is split off only when nothing else is left, so rows
+             masked entirely keep their uniform weights);
     scale    SDPA's (None: 1/sqrt(D)); decomposed: the product of the scalar factors (1.0 when none).
     The replaced nodes, mask construction included, are erased once nothing else uses them.
 Not matched (a reason per node in ``self.skipped``): dropout (``dropout_p != 0``, training-mode dropout in

@@ -81,3 +81,13 @@ def test_to_networkx_is_a_dag_with_metadata() -> None:
     assert nx.is_directed_acyclic_graph(g)
     linear = next(n for n, d in g.nodes(data=True) if d["target"] == "aten.linear")
     assert g.nodes[linear]["dtype"] == torch.float32 and g.in_degree(linear) == 2
+
+
+def test_attention_reference_gives_zero_for_fully_masked_rows() -> None:
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False  # query 1 may attend to nothing
+    out = torch.ops.kiln.attention(q, k, v, mask, False, None)
+    assert torch.equal(out[:, :, 1], torch.zeros(1, 2, 4))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out[:, :, [0, 2]], want[:, :, [0, 2]])

@@ -71,7 +71,7 @@ def compiled_model(request: pytest.FixtureRequest) -> tuple[str, nn.Module, Comp
 
 def test_models_fuse_every_layer_into_causal_kiln_attention(compiled_model: tuple[str, nn.Module, CompiledModel]) -> None:
     spec, model, compiled = compiled_model
-    layers = len([m for m in model.modules() if isinstance(m, nn.ModuleList)][0])
+    layers = model.config.num_hidden_layers
     ir = compiled.ir
     verify(compiled.graph_module)
     assert fused(compiled)["attention_fused"] == layers
@@ -129,11 +129,11 @@ class Attention(nn.Module):
     """
 
     def __init__(self, gqa: str = "none", mask: Callable[[int], torch.Tensor] | None = None, prescale: bool = False,
-                 softmax_dim: int = -1, fill: float = float("-inf")) -> None:
+                 softmax_dim: int = -1, fill: float = float("-inf"), mask_op: str = "masked_fill") -> None:
         super().__init__()
         self.kv_heads = 4 if gqa == "none" else 2
         self.qkv = nn.Linear(32, 32 + 2 * 8 * self.kv_heads)
-        self.gqa, self.prescale, self.softmax_dim, self.fill = gqa, prescale, softmax_dim, fill
+        self.gqa, self.prescale, self.softmax_dim, self.fill, self.mask_op = gqa, prescale, softmax_dim, fill, mask_op
         self.mask = mask or (lambda t: torch.triu(torch.ones(t, t), 1).bool())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,12 @@ class Attention(nn.Module):
             scores = (q * 8**-0.5) @ k.transpose(-2, -1)
         else:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)  # (B, 4, T, T)
-        scores = scores.masked_fill(self.mask(T), self.fill)
+        if self.mask_op == "masked_fill":
+            scores = scores.masked_fill(self.mask(T), self.fill)
+        elif self.mask_op == "where":
+            scores = torch.where(~self.mask(T), scores, torch.finfo(scores.dtype).min)
+        else:  # an additive float mask built from the boolean one
+            scores = scores + torch.zeros(T, T).masked_fill(self.mask(T), self.fill)
         probs = torch.softmax(scores.float(), dim=self.softmax_dim).to(q.dtype)  # fp32 softmax, cast back
         return (probs @ v).transpose(1, 2).reshape(B, T, 32)
 
@@ -180,6 +185,15 @@ def test_decomposed_attention_with_triu_mask_fuses(gqa: str, prescale: bool) -> 
     check_outputs(model, compiled)
 
 
+@pytest.mark.parametrize("mask_op", ["where", "additive"])
+def test_where_and_additive_masks_are_proven_causal(mask_op: str) -> None:
+    model = Attention(mask_op=mask_op)
+    compiled = compile_tokens(model, torch.randn(1, 6, 32))
+    assert "mask=None, causal=True" in attention_lines(compiled.ir)[0]
+    assert lines(compiled.ir, "aten.where") == lines(compiled.ir, "aten.add") == 0
+    check_outputs(model, compiled)
+
+
 def test_bf16_softmax_casts_are_absorbed() -> None:
     model = Attention("repeat_kv").to(torch.bfloat16)
     captured = capture(model.eval(), (torch.randn(1, 6, 32, dtype=torch.bfloat16),), dynamic={"x": {1: "T"}})
@@ -199,6 +213,11 @@ def _window_mask(t: int) -> torch.Tensor:
     return (j > i) | (j < i - 2)  # causal AND a sliding window of 3
 
 
+def _rounded_mask(t: int) -> torch.Tensor:
+    pos = torch.arange(t).float() + 1e20  # fp32 rounds every position to 1e20: j > i is never true
+    return pos[None, :] > pos[:, None]
+
+
 MASKS = {  # name: (mask builder, proven causal, mask operand kept)
     "triu": (lambda t: torch.triu(torch.ones(t, t), 1).bool(), True, False),
     "arange_gt": (lambda t: torch.arange(t)[None, :] > torch.arange(t)[:, None], True, False),
@@ -206,6 +225,7 @@ MASKS = {  # name: (mask builder, proven causal, mask operand kept)
     "sliding_window": (_window_mask, True, True),
     "offset_by_one": (_offset_mask, False, True),
     "anti_causal": (lambda t: torch.arange(t)[None, :] < torch.arange(t)[:, None], False, True),
+    "float_positions": (_rounded_mask, False, True),
 }
 
 
@@ -258,33 +278,33 @@ class SoftmaxOfLinear(nn.Module):
         return torch.softmax(scores, dim=-1) @ v.transpose(-2, -1)
 
 
-def fuse_directly(model: nn.Module, *inputs: torch.Tensor, dynamic: dict) -> tuple[str, FuseAttention]:
-    """Run canonicalize + fuse-attention with verification; return the IR and the pass (for its reasons)."""
+def fuse_directly(model: nn.Module, *inputs: torch.Tensor, dynamic: dict) -> tuple[str, FuseAttention, Callable]:
+    """Run canonicalize + fuse-attention with verification: the IR, the pass (for its reasons), the graph."""
     gm = capture(model.eval(), inputs, dynamic=dynamic).gm
     fuse = FuseAttention()
     gm, report = PassManager([Canonicalize(), fuse], verify_each=True).run(gm)
     assert report.records[-1].stats["attention_fused"] == 0
-    return print_ir(gm), fuse
+    return print_ir(gm), fuse, gm
 
 
 def test_sdpa_with_dropout_is_not_matched() -> None:
-    ir, fuse = fuse_directly(SDPA(dropout=0.1), torch.randn(1, 6, 32), dynamic={"x": {1: "T"}})
+    ir, fuse, _ = fuse_directly(SDPA(dropout=0.1), torch.randn(1, 6, 32), dynamic={"x": {1: "T"}})
     assert lines(ir, "aten.scaled_dot_product_attention") == 1 and not attention_lines(ir)
     assert "dropout_p=0.1" in fuse.skipped[0][1]
 
 
 @pytest.mark.parametrize("model", [Attention(softmax_dim=-2), SoftmaxOfLinear()], ids=["softmax_over_queries", "softmax_of_linear"])
 def test_softmax_that_is_not_attention_is_not_matched(model: nn.Module) -> None:
-    ir, fuse = fuse_directly(model, torch.randn(1, 6, 32), dynamic={"x": {1: "T"}})
+    ir, fuse, gm = fuse_directly(model, torch.randn(1, 6, 32), dynamic={"x": {1: "T"}})
     assert lines(ir, "aten.softmax") == 1 and not attention_lines(ir)
     assert fuse.skipped, "a reason is recorded"
-    compiled = compile_tokens(model, torch.randn(1, 6, 32))
-    assert fused(compiled)["attention_fused"] == 0
-    check_outputs(model, compiled)
+    for length in LENGTHS:
+        x = torch.randn(1, length, 32)
+        torch.testing.assert_close(gm(x=x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_fill_that_does_not_mask_is_not_matched() -> None:
-    ir, fuse = fuse_directly(Attention(fill=-1e4), torch.randn(1, 6, 32), dynamic={"x": {1: "T"}})
+    ir, fuse, _ = fuse_directly(Attention(fill=-1e4), torch.randn(1, 6, 32), dynamic={"x": {1: "T"}})
     assert lines(ir, "aten.softmax") == 1 and "masking fill" in fuse.skipped[0][1]
 
 
