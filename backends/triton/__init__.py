@@ -25,6 +25,7 @@ def register_cuda_kernels() -> None:
     if _registered:
         return
     from kiln.backends.triton.flash_attention import flash_attention
+    from kiln.backends.triton.paged_attention import paged_attention
 
     @torch.library.register_kernel("kiln::attention", "cuda")
     def _attention_cuda(q, k, v, mask=None, causal=False, scale=None):  # type: ignore[no-untyped-def]
@@ -36,10 +37,16 @@ def register_cuda_kernels() -> None:
         return flash_attention(q, k, v, causal=causal, scale=scale)
 
     @torch.library.register_kernel("kiln::paged_attention", "cuda")
-    def _paged_attention_cuda(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise KilnError("kiln::paged_attention has no CUDA kernel yet (issue #6): the runtime runs on the CPU for now")
+    def _paged_attention_cuda(  # type: ignore[no-untyped-def]
+        q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale=None
+    ):
+        # Writes kv_cache in place (the op declares the mutation); one device-to-host copy per call.
+        return paged_attention(
+            q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale
+        )
 
     KERNELS.add("kiln.attention")
+    KERNELS.add("kiln.paged_attention")
     _registered = True
 
 

@@ -1,0 +1,136 @@
+"""Input validation and launch helpers of the paged-attention kernels (``paged_attention.py``)."""
+
+from __future__ import annotations
+
+import functools
+from typing import NoReturn
+
+import torch
+import triton
+
+from kiln.backends.triton._utils import check_triton_device, interpret_mode
+
+MAX_HEAD_DIM = 256
+DECODE_MAX_SPLITS = 64
+"""Most splits of one sequence's keys (the combine kernel holds (splits, D) fp32 in registers)."""
+DECODE_MIN_SPLIT_KEYS = 256
+"""Fewest keys per split the heuristic chooses: below this the partial outputs cost more than they save."""
+DECODE_PROGRAMS_PER_SM = 4
+"""The heuristic splits until there are about this many decode programs per SM (or keys run short)."""
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRET = interpret_mode()
+
+
+
+
+def _fail(name: str, msg: str) -> NoReturn:
+    raise ValueError(f"{name}: {msg}")
+
+
+def _describe(t: object) -> str:
+    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_cache(name: str, kv_cache: torch.Tensor) -> None:
+    if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        _fail(name, f"kv_cache must be (2, num_blocks, block_size, Hkv, D), got {_describe(kv_cache)}")
+    if kv_cache.dtype not in _SUPPORTED_DTYPES:
+        _fail(name, f"kv_cache dtype {kv_cache.dtype} is not supported; use float16, bfloat16 or float32")
+    if not 1 <= kv_cache.shape[4] <= MAX_HEAD_DIM:
+        _fail(name, f"head dim {kv_cache.shape[4]} is not supported; use 1..{MAX_HEAD_DIM}")
+
+
+def _check_tokens(name: str, label: str, x: torch.Tensor, heads: int | None, d: int) -> None:
+    """``x`` must be (1, H, T, D) of a supported dtype; ``heads`` (when given) and ``d`` must match."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
+        _fail(name, f"{label} must be (1, H, T, D) with the tokens of all sequences on T, got {_describe(x)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        _fail(name, f"{label} dtype {x.dtype} is not supported; use float16, bfloat16 or float32")
+    if x.shape[3] != d:
+        _fail(name, f"{label} head dim {x.shape[3]} does not match the cache's {d}")
+    if heads is not None and x.shape[1] != heads:
+        _fail(name, f"{label} has {x.shape[1]} heads but the cache holds {heads} KV heads")
+
+
+def _check_index(name: str, label: str, x: torch.Tensor, dims: int, size: tuple[int, ...] | None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != dims or x.dtype != torch.int32:
+        _fail(name, f"{label} must be a {dims}-D int32 tensor, got {_describe(x)}")
+    if size is not None and tuple(x.shape[: len(size)]) != size:
+        _fail(name, f"{label} must have leading shape {size} (num_seqs from seq_lens), got {tuple(x.shape)}")
+
+
+def _check_attention_inputs(
+    name: str,
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor | None,
+) -> None:
+    _check_cache(name, kv_cache)
+    _check_tokens(name, "q", q, None, kv_cache.shape[4])
+    hq, hkv = q.shape[1], kv_cache.shape[3]
+    if hkv == 0 or hq % hkv:
+        _fail(
+            name,
+            f"query heads ({hq}) must be a multiple of the cache's KV heads ({hkv}) for grouped-query attention",
+        )
+    _check_index(name, "seq_lens", seq_lens, 1, None)
+    num_seqs = seq_lens.shape[0]
+    _check_index(name, "block_tables", block_tables, 2, (num_seqs,))
+    if query_start_loc is not None:
+        _check_index(name, "query_start_loc", query_start_loc, 1, (num_seqs + 1,))
+    tensors = [q, kv_cache, block_tables, seq_lens] + (
+        [query_start_loc] if query_start_loc is not None else []
+    )
+    check_triton_device(name, _INTERPRET, *tensors)
+
+
+def _check_out(name: str, out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        _fail(name, f"out must match q's shape, dtype and device {tuple(q.shape)} {q.dtype} {q.device}, "
+                    f"got {tuple(out.shape)} {out.dtype} {out.device}")  # fmt: skip
+    return out
+
+
+def _check_count(name: str, label: str, value: object, lo: int, hi: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        _fail(name, f"{label} must be an int in [{lo}, {'inf' if hi is None else hi}], got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    # The interpreter's tl.dot multiplies bfloat16 bit patterns (triton-lang/triton#11584): upcast, exactly.
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
+    return kv_cache.stride()  # type: ignore[return-value]  # (K/V, block, offset, head, dim)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """How many splits of each sequence's keys the decode kernel uses (flash-decoding's heuristic).
+
+    Enough programs (sequences x KV heads x splits) to give every SM about
+    ``DECODE_PROGRAMS_PER_SM`` of them, but no split shorter than ``DECODE_MIN_SPLIT_KEYS``
+    keys and at most ``DECODE_MAX_SPLITS``: a large batch gets 1 split (no combine kernel), a
+    single long sequence on an H100 (132 SMs, 8 KV heads) 64 splits from 16k keys up.
+    """
+    by_occupancy = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(1, num_seqs * num_kv_heads))
+    by_length = triton.cdiv(max(1, max_seq_len), DECODE_MIN_SPLIT_KEYS)
+    return max(1, min(by_occupancy, by_length, DECODE_MAX_SPLITS))
+
+

@@ -1,0 +1,386 @@
+"""The Triton kernels of paged attention and their autotune lists (used by ``paged_attention.py``).
+
+See ``paged_attention.py`` for the layouts and the algorithms (vLLM's PagedAttention,
+Kwon et al. 2023; Flash-Decoding; FlashAttention-2).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kiln.backends.triton._paged_checks import _INTERPRET
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- autotuning
+
+
+def _decode_configs() -> list[triton.Config]:
+    """Key tiles for decode. Memory-bound: the tile size and pipelining depth set the bytes in flight.
+
+    Unmeasured starting points (no GPU sweep yet): ``benchmarks/decode_attention.py`` times them.
+    """
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    tiles = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 4), (64, 8, 4), (32, 4, 2)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in tiles]
+
+
+def _prune_decode_configs(
+    configs: list[triton.Config], named_args: dict, **kwargs: object
+) -> list[triton.Config]:
+    """Drop tiles whose pipelined K/V buffers (stages x 2 x BLOCK_N x D) overflow ~200 KB of shared memory."""
+    if len(configs) <= 1:
+        return configs
+    args = {**named_args, **kwargs}
+    row_bytes = 2 * int(args["HEAD_DIM_PAD"]) * args["Cache"].element_size()  # one key + one value
+    fits = [c for c in configs if c.num_stages * c.kwargs["BLOCK_N"] * row_bytes <= 200 * 1024]
+    return fits or [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_N"])]
+
+
+_PREFILL_FALLBACK_TILE = (64, 32, 4, 2)  # fits shared memory for every head dim and dtype
+
+
+def _prefill_configs() -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N) tiles for prefill, after the dense kernel's H100 sweep plus one short-query tile.
+
+    The interpreter tile has BLOCK_M != BLOCK_N so the causal diagonal spans two key tiles.
+    """
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    tiles = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), _PREFILL_FALLBACK_TILE]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+def _prune_prefill_configs(
+    configs: list[triton.Config], named_args: dict, **kwargs: object
+) -> list[triton.Config]:
+    """Drop tiles that cannot fit shared memory (D = 256) or pad short queries to many rows."""
+    if len(configs) <= 1:
+        return configs
+    args = {**named_args, **kwargs}
+    d_pad, q_bucket = int(args["HEAD_DIM_PAD"]), int(args["Q_BUCKET"])
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if (bm, bn, c.num_warps, c.num_stages) == _PREFILL_FALLBACK_TILE:
+            kept.append(c)
+        elif d_pad >= 256 and (bm > 64 or bn > 32):
+            continue
+        elif bm > max(32, q_bucket):
+            continue
+        else:
+            kept.append(c)
+    return kept
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    K, V, Cache, Slots,
+    stride_kh, stride_kt, stride_kd,
+    stride_vh, stride_vt, stride_vd,
+    stride_cc, stride_cb, stride_cs, stride_ch, stride_cd,
+    num_kv_heads, page_size,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_H heads of token ``t``'s key and value. Grid (T, cdiv(Hkv, BLOCK_H))."""
+    t = tl.program_id(0)
+    slot = tl.load(Slots + t).to(tl.int64)
+    if slot < 0:
+        return
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]  # (BLOCK_H, BLOCK_D)
+    t64 = t.to(tl.int64)
+    k = tl.load(K + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
+    v = tl.load(V + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
+    dst = Cache + (slot // page_size) * stride_cb + (slot % page_size) * stride_cs
+    dst = dst + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd
+    tl.store(dst, k.to(Cache.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_cc, v.to(Cache.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _paged_attn_inner(
+    acc,  # (M, HEAD_DIM_PAD) fp32 running numerator
+    l_i,  # (M,) fp32 running row sum
+    m_i,  # (M,) fp32 running row max (log2 domain, scaled)
+    q,  # (M, HEAD_DIM_PAD) query rows, compute dtype
+    k_base,  # cache pointer at (K, block 0, offset 0, this kv head)
+    v_base,  # same for V
+    table,  # this sequence's row of the block table
+    stride_cb,
+    stride_cs,
+    stride_cd,
+    last_key,  # (M,) int32: row i sees keys j <= last_key[i] (causal only)
+    seq_len,
+    lo,
+    hi,
+    qk_scale,  # softmax scale * log2(e)
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    INPUT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """Stream cached key tiles ``[lo, hi)`` through the online softmax; MASKED for the tail/diagonal."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_key = start_n + offs_n  # (BLOCK_N,) positions in the sequence
+        key_ok = offs_key < seq_len
+        if MASKED:
+            blocks = tl.load(table + offs_key // PAGE_SIZE, mask=key_ok, other=0)
+        else:
+            blocks = tl.load(table + offs_key // PAGE_SIZE)
+        kv_off = blocks.to(tl.int64) * stride_cb + (offs_key % PAGE_SIZE) * stride_cs  # (BLOCK_N,)
+        k_ptrs = k_base + kv_off[None, :] + offs_d[:, None] * stride_cd  # (D, BLOCK_N)
+        v_ptrs = v_base + kv_off[:, None] + offs_d[None, :] * stride_cd  # (BLOCK_N, D)
+        if MASKED:
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+        elif HEAD_DIM == HEAD_DIM_PAD:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        k = k.to(INPUT_DTYPE)  # cache dtype -> q's dtype, as the reference rounds
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # (M, BLOCK_N) fp32
+        if MASKED:
+            visible = key_ok[None, :]
+            if IS_CAUSAL:
+                visible = visible & (offs_key[None, :] <= last_key[:, None])
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            m_shift = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # nothing visible yet: exp2 -> 0, not NaN
+            qk = qk - m_shift[:, None]
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_shift = m_ij
+            qk = qk * qk_scale - m_shift[:, None]
+        p = tl.math.exp2(qk)  # (M, BLOCK_N)
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == HEAD_DIM_PAD:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        v = v.to(INPUT_DTYPE)
+        p = p.to(INPUT_DTYPE)  # P @ V in the input dtype, as on the tensor cores
+        if UPCAST_DOT:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_decode_configs(),
+    key=["KEYS_BUCKET", "HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "WRITE_LSE"],
+    prune_configs_by={"early_config_prune": _prune_decode_configs},
+)
+@triton.jit(do_not_specialize=["num_splits", "KEYS_BUCKET"])
+def _paged_decode_kernel(
+    Q, Cache, BlockTables, SeqLens, QueryStart, Out, Lse,
+    stride_qh, stride_qt, stride_qd,
+    stride_cc, stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_bt,
+    stride_ot, stride_oh, stride_os, stride_od,  # Out: partial (T, Hq, splits, D) or final (T, Hq, 1, D) view
+    stride_lt, stride_lh, stride_ls,
+    group_size, num_splits, qk_scale,
+    KEYS_BUCKET,  # autotune key: next power of two of the keys per split
+    HAS_QUERY_START: tl.constexpr,
+    WRITE_LSE: tl.constexpr,  # several splits: write partial outputs and log-sum-exps
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: every query head of one KV head, over one split of one sequence's keys."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if HAS_QUERY_START:
+        t = tl.load(QueryStart + seq)
+        q_len = tl.load(QueryStart + seq + 1) - t
+    else:
+        t = seq
+        q_len = 1
+    if q_len == 0:
+        return
+    seq_len = tl.load(SeqLens + seq)
+    per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N  # whole tiles per split
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    full_k = (seq_len // BLOCK_N) * BLOCK_N
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    heads = kvh * group_size + offs_g  # (GROUP_PAD,) query heads of this KV group
+    row_ok = (offs_g < group_size)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    t64 = t.to(tl.int64)
+    q = tl.load(
+        Q + t64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=row_ok, other=0.0
+    )
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    k_base = Cache + kvh.to(tl.int64) * stride_ch
+    table = BlockTables + seq.to(tl.int64) * stride_bt
+    # Whole tiles unmasked, then the sequence's ragged last tile (if this split holds it) masked.
+    acc, l_i, m_i = _paged_attn_inner(
+        acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
+        offs_g, seq_len, lo, tl.maximum(lo, tl.minimum(hi, full_k)), qk_scale,
+        False, False, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, Q.dtype.element_ty, DOT_PRECISION, UPCAST_DOT,
+    )  # fmt: skip
+    acc, l_i, m_i = _paged_attn_inner(
+        acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
+        offs_g, seq_len, tl.maximum(lo, full_k), hi, qk_scale,
+        True, False, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, Q.dtype.element_ty, DOT_PRECISION, UPCAST_DOT,
+    )  # fmt: skip
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]  # an empty split (or context) gives 0
+    o_ptrs = (
+        Out + t64 * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :] * stride_od
+    )
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok)
+    if WRITE_LSE:
+        lse = tl.where(
+            l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe)
+        )  # log2 domain; empty split: -inf
+        tl.store(Lse + t64 * stride_lt + heads * stride_lh + split * stride_ls, lse, mask=offs_g < group_size)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _paged_decode_combine_kernel(
+    Partial, Lse, QueryStart, Out,
+    stride_pt, stride_ph, stride_ps, stride_pd,
+    stride_lt, stride_lh, stride_ls,
+    stride_oh, stride_ot, stride_od,
+    num_splits,
+    HAS_QUERY_START: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):  # fmt: skip
+    """One program: one (sequence, query head). out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max)."""
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    if HAS_QUERY_START:
+        t = tl.load(QueryStart + seq)
+        q_len = tl.load(QueryStart + seq + 1) - t
+    else:
+        t = seq
+        q_len = 1
+    if q_len == 0:
+        return
+    t64 = t.to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_ok = offs_s < num_splits
+    lse = tl.load(Lse + t64 * stride_lt + h * stride_lh + offs_s * stride_ls, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
+    w = tl.math.exp2(lse - m)  # (SPLITS_PAD,)
+    denom = tl.sum(w, 0)
+    mask = s_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    p_ptrs = (
+        Partial + t64 * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :] * stride_pd
+    )
+    o = tl.load(p_ptrs, mask=mask, other=0.0)  # (SPLITS_PAD, HEAD_DIM_PAD) fp32
+    out = tl.sum(w[:, None] * o, 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(Out + t64 * stride_ot + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)  # fmt: skip
+
+
+@triton.autotune(
+    configs=_prefill_configs(),
+    key=["Q_BUCKET", "HEAD_DIM_PAD", "PAGE_SIZE"],
+    prune_configs_by={"early_config_prune": _prune_prefill_configs},
+)
+@triton.jit(do_not_specialize=["Q_BUCKET"])
+def _paged_prefill_kernel(
+    Q, Cache, BlockTables, SeqLens, QueryStart, Out,
+    stride_qh, stride_qt, stride_qd,
+    stride_cc, stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_bt,
+    stride_oh, stride_ot, stride_od,
+    group_size, qk_scale,
+    Q_BUCKET,  # autotune key: next power of two of the longest query
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M query rows of one (sequence, query head). Grid (query blocks, S, Hq)."""
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) rows launch first
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(QueryStart + seq)
+    q_len = tl.load(QueryStart + seq + 1) - q_start
+    if start_m * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(SeqLens + seq)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows within the sequence
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = (q_start + offs_m).to(tl.int64)  # token indices
+    q = tl.load(
+        Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=mask, other=0.0
+    )
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    # Causal, end-aligned: row i sees keys j <= i + (seq_len - q_len) (the cached prefix and itself).
+    diag = seq_len - q_len
+    last_key = offs_m + diag
+    full_k = (seq_len // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(seq_len, start_m * BLOCK_M + BLOCK_M + diag)  # past the last row's last key
+    lo_mask = tl.minimum((tl.maximum(start_m * BLOCK_M + diag + 1, 0) // BLOCK_N) * BLOCK_N, full_k)
+    k_base = Cache + (h // group_size).to(tl.int64) * stride_ch
+    table = BlockTables + seq.to(tl.int64) * stride_bt
+    acc, l_i, m_i = _paged_attn_inner(
+        acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
+        last_key, seq_len, 0, lo_mask, qk_scale,
+        False, True, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, Q.dtype.element_ty, DOT_PRECISION, UPCAST_DOT,
+    )  # fmt: skip
+    acc, l_i, m_i = _paged_attn_inner(
+        acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
+        last_key, seq_len, lo_mask, hi, qk_scale,
+        True, True, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, Q.dtype.element_ty, DOT_PRECISION, UPCAST_DOT,
+    )  # fmt: skip
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that see no key output 0
+    tl.store(Out + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=mask)  # fmt: skip
+
+

@@ -1,0 +1,315 @@
+"""Paged attention in Triton: cache writes, split-K decode and varlen prefill over a paged KV cache.
+
+The CUDA implementation of ``kiln::paged_attention`` (vLLM's layout, Kwon et al. 2023,
+"Efficient Memory Management for Large Language Model Serving with PagedAttention"): the new
+tokens of every scheduled sequence lie back to back on the token axis of q/k/v (1, H, T, D);
+``kv_cache`` (2, num_blocks, block_size, Hkv, D) holds keys ([0]) and values ([1]) in
+fixed-size blocks that ``block_tables`` (S, max_blocks) maps to each sequence.
+
+Three kernels, each with a plain-torch reference of the same signature beside it:
+
+- :func:`reshape_and_cache`: writes token ``t``'s key and value at flat slot
+  ``slot_mapping[t]`` (negative: skipped), casting to the cache's dtype.
+- :func:`paged_decode_attention`: one query token per sequence. Split-K "flash-decoding"
+  (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding for long-context inference"; vLLM's
+  PagedAttention V2): the grid is (sequences, KV heads, splits); a program loads each
+  key/value tile of its split once for the whole GQA group (the ``Hq / Hkv`` query heads
+  are the rows of a ``tl.dot``, padded to 16), runs an fp32 online softmax and writes a
+  partial output and its log-sum-exp; a second kernel combines the splits. With one split
+  the first kernel writes the output directly and the second is not launched.
+- :func:`paged_prefill_attention`: several query tokens per sequence (prefill, chunked
+  prefill, speculative verification): FlashAttention-2 (Dao 2023, arXiv:2307.08691) with
+  grid (query blocks, sequences, Hq), keys and values read through the block table, causal
+  with the queries aligned to the end of each sequence's keys (see ``flash_attention.py``).
+
+:func:`paged_attention` writes the cache and dispatches: an all-decode batch goes to the
+decode kernel, anything else to the prefill kernel (which also serves one-token sequences).
+
+Tiles are independent of the cache's block size: each key of a tile finds its block through
+the table, so any block size works (powers of two make the index math shifts). Cache dtype
+may differ from q's: keys and values are cast to q's dtype as they are loaded, as the
+reference does. The contents of the metadata tensors are not validated (that needs a
+device-to-host copy): slots, block ids and offsets must be in range.
+
+On the GPU, 16-bit inputs use the tensor cores (``mma``) and ``cp.async`` pipelined 16-byte
+loads of K/V; fp32 inputs compute exact fp32 dots on the FMA units and spill registers:
+correct, for tests, not fast. The decode tiles and the split heuristic's constants are
+starting points until ``benchmarks/decode_attention.py --sweep-splits`` has run on a GPU.
+
+Tensors on the CPU run only in Triton's interpreter: set ``TRITON_INTERPRET=1`` before this
+module is imported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from kiln.backends.triton import _paged_checks
+from kiln.backends.triton._paged_checks import (
+    DECODE_MAX_SPLITS,
+    DECODE_MIN_SPLIT_KEYS,
+    _cache_strides,
+    _check_attention_inputs,
+    _check_cache,
+    _check_count,
+    _check_out,
+    _check_tokens,
+    _describe,
+    _dot_precision,
+    _fail,
+    _num_sms,
+    _upcast_dot,
+    decode_num_splits,
+)
+from kiln.backends.triton._paged_kernels import (
+    _paged_decode_combine_kernel,
+    _paged_decode_kernel,
+    _paged_prefill_kernel,
+    _reshape_and_cache_kernel,
+)
+from kiln.backends.triton._utils import check_triton_device, next_power_of_2
+from kiln.backends.triton.paged_attention_reference import (
+    paged_attention_reference,
+    paged_decode_attention_reference,
+    paged_prefill_attention_reference,
+    reshape_and_cache_reference,
+)
+
+__all__ = [
+    "DECODE_MAX_SPLITS",
+    "DECODE_MIN_SPLIT_KEYS",
+    "decode_num_splits",
+    "paged_attention",
+    "paged_attention_reference",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "paged_prefill_attention",
+    "paged_prefill_attention_reference",
+    "reshape_and_cache",
+    "reshape_and_cache_reference",
+]
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+
+def reshape_and_cache(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write token ``t``'s key and value (1, Hkv, T, D) into ``kv_cache`` at flat slot ``slot_mapping[t]``.
+
+    ``slot = block * block_size + offset``; a negative slot skips the token (padding). Values
+    are cast to the cache's dtype. ``slot_mapping`` is (T,) int64 (or int32); slots are not
+    range-checked (that would need a device-to-host copy).
+    """
+    name = "reshape_and_cache"
+    _check_cache(name, kv_cache)
+    _, _, page_size, hkv, d = kv_cache.shape
+    _check_tokens(name, "k", k, hkv, d)
+    _check_tokens(name, "v", v, hkv, d)
+    if k.shape != v.shape:
+        _fail(name, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    t = k.shape[2]
+    if (
+        not isinstance(slot_mapping, torch.Tensor)
+        or slot_mapping.dtype not in (torch.int64, torch.int32)
+        or (slot_mapping.shape != (t,))
+    ):
+        _fail(
+            name,
+            f"slot_mapping must be a ({t},) int64 tensor (one slot per token), got {_describe(slot_mapping)}",
+        )
+    check_triton_device(name, _paged_checks._INTERPRET, k, v, kv_cache, slot_mapping)
+    if t == 0 or hkv == 0:
+        return
+    d_pad = next_power_of_2(d)
+    block_h = min(next_power_of_2(hkv), max(1, 2048 // d_pad))  # <= 2048 elements per program
+    _reshape_and_cache_kernel[(t, triton.cdiv(hkv, block_h))](
+        k, v, kv_cache, slot_mapping,
+        k.stride(1), k.stride(2), k.stride(3), v.stride(1), v.stride(2), v.stride(3),
+        *_cache_strides(kv_cache), hkv, page_size,
+        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=d_pad, num_warps=4,
+    )  # fmt: skip
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new query token per sequence over its cached keys (split-K flash-decoding).
+
+    Args:
+        q: (1, Hq, T, D); the query of sequence ``s`` is token ``query_start_loc[s]`` (token
+            ``s`` when ``query_start_loc`` is None, which needs ``T == num_seqs``).
+        kv_cache: (2, num_blocks, block_size, Hkv, D), any supported dtype; ``Hq % Hkv == 0``.
+        block_tables: (S, max_blocks) int32 block ids of each sequence.
+        seq_lens: (S,) int32 cached tokens of each sequence, the new one included (it attends to all).
+        query_start_loc: optional (S + 1,) int32 token offsets; every sequence must own 0 or 1 token.
+        scale: softmax scale; default ``1 / sqrt(D)``.
+        num_splits: splits of each sequence's keys (1..``DECODE_MAX_SPLITS``); default
+            :func:`decode_num_splits` of ``max_seq_len``.
+        max_seq_len: the longest ``seq_lens`` entry, only for the default ``num_splits``; default
+            ``max_blocks * block_size`` (known without a device-to-host copy).
+        out: optional (1, Hq, T, D) buffer of q's dtype. Rows of tokens owned by no sequence are
+            not written.
+
+    Returns:
+        (1, Hq, T, D) in q's dtype. Nothing here copies device data to the host, so a fixed
+        ``num_splits`` makes the call capturable in a CUDA graph.
+    """
+    name = "paged_decode_attention"
+    _check_attention_inputs(name, q, kv_cache, block_tables, seq_lens, query_start_loc)
+    out = _check_out(name, out, q)
+    _, hq, t, d = q.shape
+    _, _, page_size, hkv, _ = kv_cache.shape
+    num_seqs = seq_lens.shape[0]
+    if query_start_loc is None and t != num_seqs:
+        _fail(
+            name, f"without query_start_loc, q must hold one token per sequence: T={t}, num_seqs={num_seqs}"
+        )
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * page_size
+    _check_count(name, "max_seq_len", max_seq_len, 0)
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, hkv, max_seq_len, _num_sms(q.device))
+    _check_count(name, "num_splits", num_splits, 1, DECODE_MAX_SPLITS)
+    if num_seqs == 0 or out.numel() == 0:
+        return out
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    group = hq // hkv
+    d_pad = max(16, next_power_of_2(d))
+    qsl = query_start_loc if query_start_loc is not None else seq_lens  # unused pointer when absent
+    if num_splits == 1:  # write the output directly, no combine
+        part = out[0].transpose(0, 1).unsqueeze(2)  # (T, Hq, 1, D) view
+        lse = part  # unused
+        lse_strides = (0, 0, 0)
+    else:
+        part = torch.empty(t, hq, num_splits, d, dtype=torch.float32, device=q.device)  # (T, Hq, splits, D)
+        lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)  # (T, Hq, splits)
+        lse_strides = lse.stride()
+    keys_bucket = next_power_of_2(max(16, triton.cdiv(max_seq_len, num_splits)))
+    _paged_decode_kernel[(num_seqs, hkv, num_splits)](
+        q, kv_cache, block_tables, seq_lens, qsl, part, lse,
+        q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), block_tables.stride(0),
+        *part.stride(), *lse_strides,
+        group, num_splits, scale * _LOG2E, keys_bucket,
+        HAS_QUERY_START=query_start_loc is not None, WRITE_LSE=num_splits > 1, PAGE_SIZE=page_size,
+        HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, next_power_of_2(group)),
+        DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
+    )  # fmt: skip
+    if num_splits > 1:
+        _paged_decode_combine_kernel[(num_seqs, hq)](
+            part, lse, qsl, out, *part.stride(), *lse.stride(), out.stride(1), out.stride(2), out.stride(3),
+            num_splits, HAS_QUERY_START=query_start_loc is not None, HEAD_DIM=d,
+            HEAD_DIM_PAD=next_power_of_2(d), SPLITS_PAD=next_power_of_2(num_splits), num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached prefix and themselves.
+
+    Sequence ``s`` owns query tokens ``query_start_loc[s]:query_start_loc[s+1]`` of q
+    (1, Hq, T, D), already written to the cache, and attends over its first ``seq_lens[s]``
+    cached keys; query ``i`` of ``n`` sees keys ``j <= i + seq_lens[s] - n``. Any query length
+    works, one included. ``max_query_len`` (the longest query) sizes the grid: a smaller value
+    drops rows. Rows of tokens owned by no sequence are not written. Other arguments as in
+    :func:`paged_decode_attention`.
+    """
+    name = "paged_prefill_attention"
+    _check_attention_inputs(name, q, kv_cache, block_tables, seq_lens, query_start_loc)
+    out = _check_out(name, out, q)
+    _check_count(name, "max_query_len", max_query_len, 0)
+    _, hq, _, d = q.shape
+    _, _, page_size, hkv, _ = kv_cache.shape
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or max_query_len == 0 or out.numel() == 0:
+        return out
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (triton.cdiv(max_query_len, meta["BLOCK_M"]), num_seqs, hq)
+
+    _paged_prefill_kernel[grid](
+        q, kv_cache, block_tables, seq_lens, query_start_loc, out,
+        q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), block_tables.stride(0),
+        out.stride(1), out.stride(2), out.stride(3),
+        hq // hkv, scale * _LOG2E, next_power_of_2(max_query_len),
+        PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
+        DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
+    )  # fmt: skip
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float | None = None,
+    *,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    """``kiln::paged_attention`` on the GPU: :func:`reshape_and_cache`, then decode or prefill attention.
+
+    An all-decode batch (every query length <= 1) runs :func:`paged_decode_attention`, any
+    other batch :func:`paged_prefill_attention`. Without ``max_query_len`` this reads three
+    numbers back from the device in one copy (the longest query, the tokens owned by
+    sequences and the longest sequence), the call's only synchronization; a caller that knows
+    them (a CUDA-graph decode step: ``max_query_len=1`` and every token owned) passes
+    ``max_query_len`` and nothing is copied. Rows of tokens owned by no sequence are zero,
+    as in the reference.
+    """
+    name = "paged_attention"
+    _check_attention_inputs(name, q, kv_cache, block_tables, seq_lens, query_start_loc)
+    if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] != q.shape[2]:
+        _fail(name, f"k must be (1, Hkv, T, D) with q's T={q.shape[2]} tokens, got {_describe(k)}")
+    reshape_and_cache(k, v, kv_cache, slot_mapping)  # validates k, v and slot_mapping before writing
+    t, num_seqs = q.shape[2], seq_lens.shape[0]
+    max_seq_len = None
+    if max_query_len is None:
+        if num_seqs == 0:
+            return torch.zeros_like(q)
+        stats = torch.stack([
+            (query_start_loc[1:] - query_start_loc[:-1]).max(), query_start_loc[-1] - query_start_loc[0], seq_lens.max()
+        ]).tolist()  # fmt: skip  # the one device-to-host copy
+        max_query_len, owned, max_seq_len = (int(x) for x in stats)
+        all_owned = owned == t
+    else:
+        _check_count(name, "max_query_len", max_query_len, 0)
+        all_owned = max_query_len == 1 and t == num_seqs  # the caller's promise for a decode batch
+    out = torch.empty_like(q) if all_owned else torch.zeros_like(q)
+    if max_query_len <= 1:
+        return paged_decode_attention(
+            q, kv_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len=max_seq_len, out=out
+        )
+    return paged_prefill_attention(
+        q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale, out=out
+    )

@@ -1,0 +1,342 @@
+"""Tests for kiln.backends.triton.paged_attention against its plain-torch references.
+
+Without a GPU the kernels run in Triton's interpreter on small CPU tensors (``conftest.py``
+sets ``TRITON_INTERPRET=1`` before the kernel module is imported). Caches and outputs are
+filled with random data or NaN first, so a kernel that reads a wrong block or skips a row
+fails; block tables are random permutations, never contiguous.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+
+from kiln.backends.triton import _paged_checks  # noqa: E402
+from kiln.backends.triton.paged_attention import (  # noqa: E402
+    decode_num_splits,
+    paged_attention,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_prefill_attention,
+    paged_prefill_attention_reference,
+    reshape_and_cache,
+    reshape_and_cache_reference,
+)
+from kiln.ops import paged_attention_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and not _paged_checks._INTERPRET:
+    pytest.skip(
+        "no CUDA, and the kernel module was imported before TRITON_INTERPRET=1", allow_module_level=True
+    )
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
+PAGE = 16
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert not out.isnan().any(), "output holds NaN: some rows were never written"
+    atol, rtol = TOL[out.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@dataclass
+class Batch:
+    """A scheduled batch: new tokens of every sequence on one axis, a random paged cache."""
+
+    q: torch.Tensor  # (1, Hq, T, D)
+    k: torch.Tensor  # (1, Hkv, T, D)
+    v: torch.Tensor
+    kv_cache: torch.Tensor  # (2, num_blocks, PAGE, Hkv, D), random: stale data must never be read
+    slot_mapping: torch.Tensor  # (T,) int64
+    block_tables: torch.Tensor  # (S, max_blocks) int32, random block ids
+    seq_lens: torch.Tensor  # (S,) int32
+    query_start_loc: torch.Tensor  # (S + 1,) int32
+    max_query_len: int
+
+
+def _batch(
+    cached: list[int],
+    new: list[int],
+    hq: int,
+    hkv: int,
+    d: int,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype | None = None,
+    page: int = PAGE,
+    seed: int = 0,
+) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    lens = [c + n for c, n in zip(cached, new, strict=True)]
+    need = [-(-n // page) for n in lens]
+    width = max(need) + 1  # one spare entry per row, pointing at a real block full of random data
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    tables = torch.randint(0, num_blocks, (len(lens), width), generator=gen, dtype=torch.int32)
+    slots, used = [], 0
+    for s, (c, n) in enumerate(zip(cached, new, strict=True)):
+        tables[s, : need[s]] = perm[used : used + need[s]]
+        used += need[s]
+        slots += [int(tables[s, p // page]) * page + p % page for p in range(c, c + n)]
+    t = sum(new)
+    cache = torch.randn(2, num_blocks, page, hkv, d, generator=gen).to(cache_dtype or dtype)
+    starts = torch.tensor([0, *new]).cumsum(0).to(torch.int32)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    return Batch(
+        q=rand(1, hq, t, d),
+        k=rand(1, hkv, t, d),
+        v=rand(1, hkv, t, d),
+        kv_cache=cache.to(DEVICE),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        block_tables=tables.to(DEVICE),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+        query_start_loc=starts.to(DEVICE),
+        max_query_len=max(new),
+    )
+
+
+def _poisoned_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(x, float("nan"))
+
+
+# ----------------------------------------------------------------------------- cache writes
+
+
+@pytest.mark.parametrize(
+    "dtype,cache_dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+    ids=["fp32", "fp32-to-bf16", "bf16"],
+)
+def test_reshape_and_cache_matches_reference(dtype: torch.dtype, cache_dtype: torch.dtype) -> None:
+    b = _batch([20, 0, 5], [7, 13, 1], 4, 2, 64, dtype, cache_dtype, seed=1)
+    slots = b.slot_mapping.clone()
+    slots[[3, 10]] = -1  # padding tokens: skipped
+    k = b.k.transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous (1, Hkv, T, D)
+    cache, ref = b.kv_cache.clone(), b.kv_cache.clone()
+    reshape_and_cache(k, b.v, cache, slots)
+    reshape_and_cache_reference(k, b.v, ref, slots)
+    if _paged_checks._INTERPRET and dtype != cache_dtype:
+        # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even: 1 ulp.
+        torch.testing.assert_close(cache.float(), ref.float(), atol=0.0, rtol=2.0**-7)
+    else:
+        assert torch.equal(cache, ref)  # a cast and a copy: bit-exact
+    assert not torch.equal(cache, b.kv_cache)  # something was written
+    written = cache.view(2, -1, 2, 64)[:, b.slot_mapping[3]]
+    assert torch.equal(written, b.kv_cache.view(2, -1, 2, 64)[:, b.slot_mapping[3]])  # -1: untouched
+
+
+def test_reshape_and_cache_odd_heads_and_dim() -> None:
+    # Hkv = 3 and D = 40: both padded inside the kernel; a non-power-of-two block size of 12.
+    b = _batch([3, 30], [9, 2], 3, 3, 40, torch.float32, page=12, seed=2)
+    cache, ref = b.kv_cache.clone(), b.kv_cache.clone()
+    reshape_and_cache(b.k, b.v, cache, b.slot_mapping)
+    reshape_and_cache_reference(b.k, b.v, ref, b.slot_mapping)
+    assert torch.equal(cache, ref)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _decode_cases() -> list[tuple]:
+    """(Hq, Hkv, D, dtype, num_splits): every head layout, dim and dtype; splits rotated."""
+    heads = [(4, 2), (4, 1), (2, 2)]
+    cases, i = [], 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for d in (16, 64):
+            for hq, hkv in heads:
+                cases.append((hq, hkv, d, dtype, (None, 3, 1)[i % 3]))
+                i += 1
+    return cases
+
+
+def _decode_id(c: tuple) -> str:
+    hq, hkv, d, dtype, splits = c
+    return f"H{hq}x{hkv}-D{d}-{str(dtype)[6:]}-splits{splits or 'auto'}"
+
+
+@pytest.mark.parametrize("case", _decode_cases(), ids=_decode_id)
+def test_decode_matches_reference(case: tuple) -> None:
+    hq, hkv, d, dtype, splits = case
+    b = _batch([0, 16, 39], [1, 1, 1], hq, hkv, d, dtype, seed=zlib.crc32(_decode_id(case).encode()))
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)  # context lengths 1, 17 and 40
+    out = paged_decode_attention(*args, num_splits=splits, out=_poisoned_like(b.q))
+    ref = paged_decode_attention_reference(*args)
+    assert out.shape == b.q.shape and out.dtype == dtype
+    _assert_close(out, ref)
+    # Through query_start_loc too (the op's layout): the same answer.
+    out2 = paged_decode_attention(*args, b.query_start_loc, num_splits=splits, out=_poisoned_like(b.q))
+    _assert_close(out2, ref)
+
+
+def test_decode_many_and_empty_splits_and_scale() -> None:
+    # 4 splits of a 17-key context: 2 tiles, so splits 2 and 3 hold no key; a 40-key context
+    # in 3 tiles over 4 splits. The combine must weight empty splits by zero.
+    b = _batch([16, 39], [1, 1], 4, 2, 16, torch.float32, seed=3)
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
+    for splits in (2, 4, 7):
+        out = paged_decode_attention(*args, scale=0.3, num_splits=splits, out=_poisoned_like(b.q))
+        _assert_close(out, paged_decode_attention_reference(*args, scale=0.3))
+    with pytest.raises(AssertionError):  # the scale is honoured
+        _assert_close(out, paged_decode_attention_reference(*args))
+
+
+def test_decode_cache_dtype_differs_from_q() -> None:
+    b = _batch([5, 33], [1, 1], 4, 2, 64, torch.float32, cache_dtype=torch.bfloat16, seed=4)
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
+    _assert_close(paged_decode_attention(*args, num_splits=2), paged_decode_attention_reference(*args))
+
+
+def test_decode_num_splits_heuristic() -> None:
+    assert decode_num_splits(64, 8, 32768, 132) == 2  # a large batch fills the GPU already
+    assert decode_num_splits(256, 8, 32768, 132) == 1
+    assert decode_num_splits(1, 8, 32768, 132) == 64  # capped
+    assert decode_num_splits(1, 8, 1024, 132) == 4  # no split under DECODE_MIN_SPLIT_KEYS keys
+    assert decode_num_splits(1, 8, 0, 132) == 1
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+MIXED = ([20, 0, 30], [7, 13, 1])  # chunked prefill after a 20-token prefix, a fresh prompt, a decode
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,d,dtype",
+    [
+        (4, 2, 16, torch.float32),
+        (4, 1, 64, torch.float32),
+        (2, 2, 64, torch.bfloat16),
+        (4, 2, 16, torch.bfloat16),
+    ],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
+def test_prefill_matches_reference(hq: int, hkv: int, d: int, dtype: torch.dtype) -> None:
+    b = _batch(*MIXED, hq, hkv, d, dtype, seed=hq * 100 + hkv * 10 + d)
+    write_kv = reshape_and_cache_reference
+    write_kv(b.k, b.v, b.kv_cache, b.slot_mapping)
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
+    out = paged_prefill_attention(*args, out=_poisoned_like(b.q))
+    _assert_close(out, paged_prefill_attention_reference(*args))
+
+
+def test_prefill_long_query_spans_query_blocks() -> None:
+    # 40 new tokens after a 25-token prefix: two query blocks, the diagonal crossing key tiles.
+    b = _batch([25, 3], [40, 2], 2, 1, 16, torch.float32, seed=5)
+    reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping)
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
+    _assert_close(
+        paged_prefill_attention(*args, out=_poisoned_like(b.q)), paged_prefill_attention_reference(*args)
+    )
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["mixed", "decode"])
+def test_paged_attention_matches_op_reference(kind: str, dtype: torch.dtype) -> None:
+    cached, new = MIXED if kind == "mixed" else ([0, 16, 39], [1, 1, 1])
+    b = _batch(cached, new, 4, 2, 64, dtype, seed=6)
+    inputs = (b.q, b.k, b.v)
+    meta = (b.slot_mapping, b.block_tables, b.seq_lens, b.query_start_loc)
+    cache, ref_cache = b.kv_cache.clone(), b.kv_cache.clone()
+    out = paged_attention(*inputs, cache, *meta)
+    ref = paged_attention_reference(*inputs, ref_cache, *meta)
+    assert torch.equal(cache, ref_cache)
+    _assert_close(out, ref)
+    if kind == "decode":  # the sync-free call a CUDA-graph decode step makes
+        _assert_close(paged_attention(*inputs, b.kv_cache.clone(), *meta, max_query_len=1), ref)
+
+
+def test_paged_attention_padding_tokens_are_zero() -> None:
+    # Two trailing padding tokens: slot -1, owned by no sequence (a padded CUDA-graph batch).
+    b = _batch([0, 16], [1, 1], 4, 2, 16, torch.float32, seed=7)
+    q = torch.cat([b.q, torch.randn_like(b.q)], dim=2)  # (1, Hq, 4, D)
+    k, v = torch.cat([b.k, b.k], dim=2), torch.cat([b.v, b.v], dim=2)
+    slots = torch.cat([b.slot_mapping, torch.full_like(b.slot_mapping, -1)])
+    meta = (slots, b.block_tables, b.seq_lens, b.query_start_loc)
+    out = paged_attention(q, k, v, b.kv_cache.clone(), *meta)
+    ref = paged_attention_reference(q, k, v, b.kv_cache.clone(), *meta)
+    assert torch.equal(out[:, :, 2:], torch.zeros_like(out[:, :, 2:]))
+    _assert_close(out, ref)
+
+
+def test_registered_as_the_cuda_kernel_of_the_op() -> None:
+    from kiln.backends.triton import KERNELS, register_cuda_kernels
+
+    register_cuda_kernels()
+    assert "kiln.paged_attention" in KERNELS
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_validation_errors() -> None:
+    b = _batch([3], [2], 4, 2, 16, torch.float32)
+    meta = (b.block_tables, b.seq_lens, b.query_start_loc)
+    with pytest.raises(ValueError, match=r"kv_cache must be \(2, num_blocks"):
+        paged_prefill_attention(b.q, b.kv_cache[0], *meta, 2)
+    with pytest.raises(ValueError, match="multiple of the cache's KV heads"):
+        paged_prefill_attention(b.q[:, :3], b.kv_cache, *meta, 2)
+    with pytest.raises(ValueError, match="head dim 8 does not match"):
+        paged_prefill_attention(b.q[..., :8], b.kv_cache, *meta, 2)
+    with pytest.raises(ValueError, match="seq_lens must be a 1-D int32"):
+        paged_prefill_attention(b.q, b.kv_cache, b.block_tables, b.seq_lens.long(), b.query_start_loc, 2)
+    with pytest.raises(ValueError, match="query_start_loc must have leading shape"):
+        paged_prefill_attention(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc[:1], 2)
+    with pytest.raises(ValueError, match="max_query_len"):
+        paged_prefill_attention(b.q, b.kv_cache, *meta, -1)
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+        paged_prefill_attention(b.q.double(), b.kv_cache, *meta, 2)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_decode_attention(b.q[:, :, :1], b.kv_cache, b.block_tables, b.seq_lens, num_splits=0)
+    with pytest.raises(ValueError, match="one token per sequence"):
+        paged_decode_attention(b.q, b.kv_cache, b.block_tables, b.seq_lens)
+    with pytest.raises(ValueError, match="out must match"):
+        paged_decode_attention(b.q[:, :, :1], b.kv_cache, b.block_tables, b.seq_lens, out=b.q)
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        reshape_and_cache(b.k, b.v, b.kv_cache, b.slot_mapping[:1])
+    with pytest.raises(ValueError, match="k has 4 heads but the cache holds 2"):
+        reshape_and_cache(b.q, b.q, b.kv_cache, b.slot_mapping)
+    cache = b.kv_cache.clone()
+    with pytest.raises(ValueError, match="q and k|k must be"):
+        paged_attention(b.q, b.k[:, :, :1], b.v, cache, b.slot_mapping, *meta)
+    assert torch.equal(cache, b.kv_cache)  # rejected before anything was written
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_paged_checks, "_INTERPRET", False)
+    b = _batch([3], [1], 2, 2, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        paged_decode_attention(b.q.cpu(), b.kv_cache.cpu(), b.block_tables.cpu(), b.seq_lens.cpu())
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: long contexts are too slow for the interpreter")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_cuda_long_contexts(dtype: torch.dtype) -> None:
+    # Llama-3-8B heads; decode at 1..5000 keys with the heuristic's splits, then a mixed prefill.
+    b = _batch([0, 700, 4999, 2047], [1, 1, 1, 1], 32, 8, 128, dtype, seed=8)
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
+    _assert_close(
+        paged_decode_attention(*args, out=_poisoned_like(b.q)), paged_decode_attention_reference(*args)
+    )
+    b = _batch([1000, 0, 300, 4000], [300, 700, 1, 5], 32, 8, 128, dtype, seed=9)
+    reshape_and_cache(b.k, b.v, b.kv_cache, b.slot_mapping)
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
+    _assert_close(
+        paged_prefill_attention(*args, out=_poisoned_like(b.q)), paged_prefill_attention_reference(*args)
+    )
