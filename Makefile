@@ -12,11 +12,12 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,mlir]"
 	touch $@
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/kiln compile llama-tiny --dump-dir demo-dumps
+	$(VENV)/bin/kiln export-onnx llama-tiny -o demo-dumps/llama-tiny.onnx
 
 test: $(VENV)/.installed
 	KILN_DEBUG=1 $(PY) -m pytest -q -n 2 --durations=15 tests

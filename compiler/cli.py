@@ -1,7 +1,8 @@
 """The ``kiln`` command line.
 
     kiln compile MODEL [--dump-dir D] [--print-ir-after all|change|NAMES] [--disable NAMES]
-    kiln ir MODEL [--captured]
+    kiln ir MODEL [--captured] [--mlir torch|linalg|stablehlo|tosa]
+    kiln export-onnx MODEL -o PATH [--kv-cache] [--opset N] [--no-validate]
 
 MODEL is a Hugging Face-format folder (``config.json`` + ``model.safetensors``) or a preset
 name (``kiln compile --list-presets`` lists them). ``compile`` shows each pass as it runs,
@@ -66,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("ir", help="print a model's IR after the pipeline (or as captured)")
     add_model_args(i)
     i.add_argument("--captured", action="store_true", help="print the captured IR, before any pass")
+    i.add_argument("--mlir", choices=["torch", "linalg", "stablehlo", "tosa"], help="print MLIR in this dialect (torch-mlir)")
+
+    e = sub.add_parser("export-onnx", help="write the compiled graph as ONNX, checked in onnxruntime")
+    add_model_args(e)
+    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("--kv-cache", action="store_true", help="the generation decoder (past/present K/V)")
+    e.add_argument("--opset", type=int, help="ONNX opset (default 23)")
+    e.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto")
+    e.add_argument("--no-validate", action="store_true", help="skip onnx.checker and the onnxruntime check")
     return parser
 
 
@@ -128,7 +138,31 @@ def _cmd_ir(args: argparse.Namespace, console: Console) -> int:
         sys.stdout.write(print_ir(kiln.capture(model, (ids,)).gm))
         return 0
     config = kiln.CompileConfig(disable=tuple(d for d in args.disable.split(",") if d))
-    sys.stdout.write(kiln.compile(model, (ids,), config=config).ir)
+    compiled = kiln.compile(model, (ids,), config=config)
+    if args.mlir:
+        from kiln.backends.mlir import to_mlir
+
+        sys.stdout.write(to_mlir(compiled, args.mlir))
+        return 0
+    sys.stdout.write(compiled.ir)
+    return 0
+
+
+def _cmd_export_onnx(args: argparse.Namespace, console: Console) -> int:
+    from kiln.backends.onnx import export_onnx
+
+    model = _load(args.model, args.dtype)
+    config = kiln.CompileConfig(disable=tuple(d for d in args.disable.split(",") if d))
+    with console.status(f"compiling {args.model}") as status:
+        compiled = kiln.compile(model, (_example_ids(model, args.tokens),), config=config)
+        report = export_onnx(
+            compiled, args.output, opset=args.opset, kv_cache=args.kv_cache, validate=not args.no_validate,
+            external_data={"auto": "auto", "yes": True, "no": False}[args.external_data],
+            progress=lambda step: status.update(step),
+        )
+    console.print(report.summary(), highlight=False)
+    if report.checks:
+        console.print(f"checked in onnxruntime against eager: {', '.join(report.checks)}", highlight=False)
     return 0
 
 
@@ -142,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.model:
             console.print("[red]error:[/] name a model: a Hugging Face-format folder or a preset (--list-presets)")
             return 2
-        return _cmd_compile(args, console) if args.command == "compile" else _cmd_ir(args, console)
+        commands = {"compile": _cmd_compile, "ir": _cmd_ir, "export-onnx": _cmd_export_onnx}
+        return commands[args.command](args, console)
     except KilnError as e:
         console.print(f"[red]error:[/] {type(e).__name__}: {e}")
         return 1

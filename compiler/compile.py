@@ -24,6 +24,7 @@ from kiln.errors import ConfigError
 from kiln.ir import SYMBOLS_KEY, node_counts, print_ir
 from kiln.pass_manager import Pass, PassManager, PipelineReport
 from kiln.pipeline import build_pipeline
+from kiln.quantize.config import QuantConfig
 
 #: ``KILN_DEBUG=1`` turns on verification after every pass (also on in the test suite).
 DEBUG = os.environ.get("KILN_DEBUG", "0") not in ("", "0")
@@ -42,6 +43,7 @@ class CompileConfig:
     print_ir_after: str | tuple[str, ...] | None = None  # "all", "change" or pass names
     dump_dir: str | None = None  # write IR dumps here (None: KILN_DUMP_DIR)
     kv_cache: bool = False  # rewrite attention to a paged KV cache (the runtime's step graph)
+    quant: QuantConfig | None = None  # quantize (phase 3: insert-qdq, lower-qdq); see kiln.quantize
     extra_passes: tuple[Pass, ...] = field(default=(), compare=False)  # appended to the pipeline
 
     def __post_init__(self) -> None:
@@ -54,6 +56,8 @@ class CompileConfig:
         for p in self.extra_passes:
             if not isinstance(p, Pass):
                 raise ConfigError(f"extra_passes takes kiln Pass instances, got {type(p).__name__}")
+        if self.quant is not None and not isinstance(self.quant, QuantConfig):
+            raise ConfigError(f"quant takes a kiln.QuantConfig (e.g. QuantConfig.preset('w8a16')), got {self.quant!r}")
 
     @property
     def verify_each(self) -> bool:
@@ -144,6 +148,21 @@ class CompiledModel:
             report = self.report
         return write_dump(Path(directory), report)
 
+    def export_onnx(
+        self, path: str | os.PathLike[str], *, opset: int | None = None, external_data: str | bool = "auto",
+        validate: bool = True, **kwargs: Any,
+    ) -> Any:
+        """Export this compiled graph to ONNX (see :func:`kiln.backends.onnx.export_onnx`); returns the report."""
+        from kiln.backends.onnx import export_onnx
+
+        return export_onnx(self, path, opset=opset, external_data=external_data, validate=validate, **kwargs)
+
+    def to_mlir(self, dialect: str = "torch") -> str:
+        """This compiled graph as MLIR text in ``dialect`` (torch, linalg, stablehlo, tosa) via torch-mlir."""
+        from kiln.backends.mlir import to_mlir
+
+        return to_mlir(self, dialect)
+
     def summary(self) -> str:
         """A plain-text table: pass, changed, statistics, time, node counts."""
         from kiln.dump import summary_table
@@ -198,6 +217,8 @@ def compile(  # noqa: A001 - the public name, as torch.compile
     """
     config = config or CompileConfig()
     get_backend(config.backend)  # fail early on an unknown backend
+    if config.quant is not None:
+        config.quant.check_model(model)  # group sizes, skip patterns, calibration data: fail before capture
     captured = capture(model, example_inputs, example_kwargs, dynamic=config.dynamic)
     gm = captured.exported.module()
     gm, report = _run_pipeline(gm, captured, config, progress=progress)
