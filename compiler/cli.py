@@ -1,7 +1,10 @@
 """The ``kiln`` command line.
 
     kiln compile MODEL [--dump-dir D] [--print-ir-after all|change|NAMES] [--disable NAMES]
-    kiln ir MODEL [--captured] [--mlir torch|linalg|stablehlo|tosa]
+    kiln ir MODEL [--captured] [--mlir DIALECT]
+    kiln export-onnx MODEL -o PATH [--kv-cache]
+    kiln generate MODEL "prompt" [--max-tokens N] [--temperature T] [--stream]
+    kiln eval MODEL [--draft DRAFT] [--mlir torch|linalg|stablehlo|tosa]
     kiln export-onnx MODEL -o PATH [--kv-cache] [--opset N] [--no-validate]
 
 MODEL is a Hugging Face-format folder (``config.json`` + ``model.safetensors``) or a preset
@@ -76,6 +79,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, help="ONNX opset (default 23)")
     e.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto")
     e.add_argument("--no-validate", action="store_true", help="skip onnx.checker and the onnxruntime check")
+
+    g = sub.add_parser("generate", help="generate text with kiln's runtime (paged KV cache, continuous batching)")
+    g.add_argument("model", nargs="?", help="a Hugging Face-format folder with tokenizer.json (or a preset: token ids)")
+    g.add_argument("prompt", nargs="*", help="one or more prompts")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    g.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
+    g.set_defaults(list_presets=False)
+
+    v = sub.add_parser("eval", help="perplexity on the committed eval split (and agreement with a draft)")
+    v.add_argument("model", nargs="?", help="a Hugging Face-format folder with tokenizer.json")
+    v.add_argument("--draft", help="a draft model folder: its perplexity and top-1 agreement with MODEL")
+    v.add_argument("--split", default="eval", choices=["eval", "train"])
+    v.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens only")
+    v.add_argument("--seq-len", type=int, default=512)
+    v.set_defaults(list_presets=False)
     return parser
 
 
@@ -166,6 +189,48 @@ def _cmd_export_onnx(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
+    if not args.prompt:
+        console.print("[red]error:[/] give at least one prompt")
+        return 2
+    with console.status(f"loading and compiling {args.model}"):
+        llm = kiln.LLM(args.model)
+    params = kiln.SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    start = time.perf_counter()
+    if args.stream:
+        shown = 0
+        for out in llm.stream(args.prompt[0], params):
+            text = out.outputs[0].text
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+        sys.stdout.write("\n")
+        outs = [out]
+    else:
+        outs = llm.generate(args.prompt, params)
+        for prompt, out in zip(args.prompt, outs, strict=True):
+            console.rule(repr(prompt)[:60])
+            sys.stdout.write(prompt + out.outputs[0].text + "\n")
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    console.print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s), {llm.stats['steps']} steps")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from kiln.eval import main as eval_main
+
+    argv = [args.model, "--split", args.split, "--seq-len", str(args.seq_len)]
+    if args.draft:
+        argv += ["--draft", args.draft]
+    if args.max_tokens:
+        argv += ["--max-tokens", str(args.max_tokens)]
+    return eval_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kiln`` script; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -176,7 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.model:
             console.print("[red]error:[/] name a model: a Hugging Face-format folder or a preset (--list-presets)")
             return 2
-        commands = {"compile": _cmd_compile, "ir": _cmd_ir, "export-onnx": _cmd_export_onnx}
+        commands = {
+            "compile": _cmd_compile,
+            "ir": _cmd_ir,
+            "export-onnx": _cmd_export_onnx,
+            "generate": _cmd_generate,
+            "eval": _cmd_eval,
+        }
         return commands[args.command](args, console)
     except KilnError as e:
         console.print(f"[red]error:[/] {type(e).__name__}: {e}")

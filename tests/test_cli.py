@@ -28,3 +28,16 @@ def test_bad_model_is_a_clear_error(capsys) -> None:
 def test_list_presets(capsys) -> None:
     assert main(["compile", "--list-presets"]) == 0
     assert "llama-8b" in capsys.readouterr().out
+
+
+def test_generate_streams_text_from_the_shipped_teacher(capsys) -> None:
+    assert main(["generate", "models/kiln-teacher", "def read_config(path):", "--max-tokens", "6", "--stream"]) == 0
+    out = capsys.readouterr().out
+    assert "6 tokens in" in out and "steps" in out
+
+
+def test_eval_reports_perplexity_and_agreement(capsys) -> None:
+    assert main(["eval", "models/kiln-teacher", "--draft", "models/kiln-drafter", "--max-tokens", "1100",
+                 "--seq-len", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "eval perplexity" in out and "top-1 agreement of draft with target" in out
