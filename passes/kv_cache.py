@@ -11,8 +11,9 @@ Rewrites to: ``kiln::paged_attention(q, k, v, kv_cache_i, slot_mapping, block_ta
     seq_lens, query_start_loc, scale)``; new graph inputs, in order after the existing ones:
     ``kv_cache_0 .. kv_cache_{L-1}`` (2, blocks, block_size, Hkv, D), ``slot_mapping`` (T,),
     ``block_tables`` (S, max_blocks), ``seq_lens`` (S,), ``query_start_loc`` (S+1,) and, with
-    ``gather_logits``, ``logits_indices`` (S,): the LM head then runs only on those rows, so
-    the logits output is (1, S, V) instead of (1, T, V).
+    ``gather_logits``, ``logits_indices`` (L,): the LM head then runs only on those rows (one
+    per sequence, or several for speculative verification), so the logits output is (1, L, V)
+    instead of (1, T, V).
     A graph captured without ``position_ids`` (the model computes ``arange(T)`` itself, as
     Hugging Face models do when none are given) gets a ``position_ids`` input: every
     remaining integer ``arange`` over the token count is a position source, since the
@@ -105,7 +106,7 @@ class PageKVCache(Pass):
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
         syms = {}
-        for label in ("blocks", "block_size", "S", "max_blocks"):
+        for label in ("blocks", "block_size", "S", "max_blocks", "L"):
             syms[label] = env.create_unbacked_symint() if env is not None else 1
             gm.meta.setdefault(SYMBOLS_KEY, {})[str(syms[label])] = label
         last = placeholders[-1]
@@ -123,7 +124,7 @@ class PageKVCache(Pass):
             lens = last = _placeholder(gm, "seq_lens", last, torch.empty(syms["S"], dtype=torch.int32, device=device))
             qsl = last = _placeholder(gm, "query_start_loc", last, torch.empty(syms["S"] + 1, dtype=torch.int32, device=device))
             if self.gather_logits:
-                indices = last = _placeholder(gm, "logits_indices", last, torch.empty(syms["S"], dtype=torch.int64, device=device))
+                indices = last = _placeholder(gm, "logits_indices", last, torch.empty(syms["L"], dtype=torch.int64, device=device))
 
         for node, cache in zip(attn, caches, strict=True):
             q, k, v = node.args[:3]

@@ -41,12 +41,14 @@ from kiln.runtime.scheduler_output import (
     SchedulerOutput,
     StepOutput,
 )
+from kiln.runtime.speculative import SpeculativeConfig
 from kiln.runtime.stop import StopMatch, find_stop_string
 
 __all__ = [
     "LLM",
     "ModelRunner",
     "SequenceStep",
+    "SpeculativeConfig",
     "BlockHash",
     "BlockPool",
     "CachedRequestData",

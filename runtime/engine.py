@@ -6,6 +6,11 @@ caching, preemption), the :class:`ModelRunner` runs kiln's compiled step graph o
 paged KV cache, the sampler picks tokens, and the engine detokenizes and applies stop
 strings. ``generate`` runs a list of prompts to completion, ``stream`` yields outputs as
 tokens arrive, and ``add_request`` / ``step`` serve a custom loop.
+
+With ``speculative=SpeculativeConfig(...)`` a drafter proposes tokens after each step for
+the requests that allow it (``SamplingParams.speculative``); the next step verifies them
+with exact rejection sampling (``kiln.runtime.speculative``), inside the same batch as
+requests that do not speculate.
 """
 
 from __future__ import annotations
@@ -23,9 +28,18 @@ from tqdm.auto import tqdm
 from kiln.errors import ConfigError
 from kiln.runtime.model_runner import ModelRunner, SequenceStep
 from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
-from kiln.runtime.sampler import make_generator, sample
+from kiln.runtime.sampler import compute_logprobs, make_generator, sample
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 from kiln.runtime.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from kiln.runtime.speculative import (
+    Drafter,
+    DraftRequest,
+    SpeculationPolicy,
+    SpeculativeConfig,
+    default_draft_cost,
+    make_drafter,
+    verify,
+)
 from kiln.runtime.stop import find_stop_string
 
 Prompt = str | Sequence[int]
@@ -42,6 +56,7 @@ class _Sequence:
     text: str = ""  # detokenized output so far
     prefix_offset: int = 0  # incremental detokenization: tokens before this are settled text ...
     read_offset: int = 0  # ... and text up to this token has been emitted
+    draft_probs: torch.Tensor | None = None  # q of the drafts in request.spec_token_ids (None: point masses)
 
 
 def _default_memory(device: torch.device) -> int:
@@ -69,6 +84,12 @@ class LLM:
         enable_prefix_caching: reuse the KV of identical prompt prefixes across requests.
         enable_chunked_prefill: split long prompts across steps.
         device, dtype: where and in which precision to run a model given by name or path.
+        speculative: speculative decoding (``kiln.runtime.speculative.SpeculativeConfig``):
+            prompt lookup or a draft model; the output distribution is unchanged. ``stats``
+            then also counts ``spec_steps``, ``draft_tokens``, ``accepted_tokens`` and
+            ``spec_rejections`` (verifications that rejected a draft), and derives
+            ``acceptance_rate`` (accepted / drafted), ``alpha`` (per-token acceptance:
+            accepted / (accepted + rejections)) and ``accepted_tokens_per_step``.
     """
 
     def __init__(
@@ -86,7 +107,10 @@ class LLM:
         enable_chunked_prefill: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
+        if speculative is not None and not isinstance(speculative, SpeculativeConfig):
+            raise ConfigError(f"speculative must be a SpeculativeConfig or None, got {type(speculative).__name__}")
         source = None
         if not isinstance(model, torch.nn.Module):
             from kiln.models import load_model
@@ -125,7 +149,20 @@ class LLM:
         )
         self._seqs: dict[str, _Sequence] = {}
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "scheduled_tokens": 0}
+        self.stats: dict[str, float] = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "scheduled_tokens": 0}
+        self.speculative = speculative
+        self.drafter: Drafter | None = None  # proposes drafts when speculative is set
+        self.policy: SpeculationPolicy | None = None  # how many, per request and step
+        if speculative is not None:
+            k = speculative.num_speculative_tokens
+            self.drafter = make_drafter(
+                speculative, block_size=block_size,
+                num_blocks=self.runner.num_blocks + max_num_seqs * -(-k // block_size),
+                vocab_size=getattr(config, "vocab_size", None), device=dev, dtype=dtype,
+            )
+            self.policy = SpeculationPolicy(k, default_draft_cost(speculative, model, self.drafter), speculative.adaptive)
+            self.stats.update(spec_steps=0, draft_tokens=0, accepted_tokens=0, spec_rejections=0,
+                              acceptance_rate=0.0, alpha=0.0, accepted_tokens_per_step=0.0)
 
     @staticmethod
     def _load_tokenizer(tokenizer: Any, source: object) -> Any:
@@ -175,7 +212,14 @@ class LLM:
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request; its blocks are freed at once. False if it is unknown or finished."""
+        self._forget_drafts(request_id)
+        self._seqs.pop(request_id, None)
         return self.scheduler.abort_request(request_id)
+
+    def _forget_drafts(self, request_id: str) -> None:
+        if self.drafter is not None and self.policy is not None:
+            self.drafter.on_finished(request_id)
+            self.policy.forget(request_id)
 
     def pin_prefix(self, prompt: Prompt, *, cache_salt: str | None = None) -> Any:
         """Keep the KV of ``prompt`` (e.g. a document many questions follow) cached until released.
@@ -197,47 +241,132 @@ class LLM:
 
     def _run(self, so: SchedulerOutput) -> ModelRunnerOutput:
         steps: list[SequenceStep] = []
-        wanted: list[tuple[int, _Sequence]] = []
+        wanted: list[tuple[int, _Sequence]] = []  # (first logits row, sequence) of rows to sample
+        spec: list[tuple[int, _Sequence, list[int]]] = []  # (first logits row, sequence, drafts) to verify
+        num_rows = 0
         for new in so.scheduled_new_reqs:
             seq = self._seqs[new.request_id]
             seq.block_ids = list(new.block_ids)
             steps.append(SequenceStep(list(new.new_token_ids), new.num_computed_tokens, seq.block_ids))
             if new.sample:
-                wanted.append((len(steps) - 1, seq))
+                wanted.append((num_rows, seq))
+            num_rows += 1
         for cached in so.scheduled_cached_reqs:
             seq = self._seqs[cached.request_id]
             seq.block_ids.extend(cached.new_block_ids)
-            steps.append(SequenceStep(list(cached.new_token_ids), cached.num_computed_tokens, seq.block_ids))
-            if cached.sample:
-                wanted.append((len(steps) - 1, seq))
+            drafts = so.scheduled_spec_decode_tokens.get(cached.request_id, [])
+            steps.append(SequenceStep(list(cached.new_token_ids), cached.num_computed_tokens, seq.block_ids,
+                                      num_logits=len(drafts) + 1))
+            if drafts:
+                spec.append((num_rows, seq, list(drafts)))
+            elif cached.sample:
+                wanted.append((num_rows, seq))
+            num_rows += len(drafts) + 1
         if not steps:
             return ModelRunnerOutput(sampled_token_ids={})
-        logits = self.runner.execute(steps)  # (S, V)
-        if not wanted:
-            return ModelRunnerOutput(sampled_token_ids={})
-        rows = torch.tensor([i for i, _ in wanted], device=logits.device)
-        seqs = [s for _, s in wanted]
-        out = sample(
-            logits.index_select(0, rows),
-            [s.request.sampling_params for s in seqs],
-            [s.generator for s in seqs],
-            [s.request.output_token_ids for s in seqs],
-            [s.request.prompt_token_ids for s in seqs],
+        logits = self.runner.execute(steps)  # (rows, V): one per sequence, k + 1 per verified draft
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, list] = {}
+        if wanted:
+            rows = torch.tensor([i for i, _ in wanted], device=logits.device)
+            seqs = [s for _, s in wanted]
+            out = sample(
+                logits.index_select(0, rows),
+                [s.request.sampling_params for s in seqs],
+                [s.generator for s in seqs],
+                [s.request.output_token_ids for s in seqs],
+                [s.request.prompt_token_ids for s in seqs],
+            )
+            sampled.update((s.request.request_id, [t]) for s, t in zip(seqs, out.token_ids.tolist(), strict=True))
+            if out.logprobs is not None:
+                entries = out.logprobs.to_dicts([s.request.sampling_params.logprobs for s in seqs])
+                logprobs.update((s.request.request_id, [e]) for s, e in zip(seqs, entries, strict=True) if e is not None)
+        if spec:
+            self._verify(logits, spec, sampled, logprobs)
+        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs or None)
+
+    def _verify(self, logits: torch.Tensor, spec: list[tuple[int, _Sequence, list[int]]],
+                sampled: dict[str, list[int]], logprobs: dict[str, list]) -> None:
+        """Rejection-sample the drafted requests' rows; record what each accepted."""
+        rows = torch.tensor([r + j for r, _, d in spec for j in range(len(d) + 1)], device=logits.device)
+        seqs = [s for _, s, _ in spec]
+        drafts = [d for _, _, d in spec]
+        params = [s.request.sampling_params for s in seqs]
+        rows_logits = logits.index_select(0, rows)
+        penalized = any(p.repetition_penalty != 1.0 for p in params)
+        generated = verify(
+            rows_logits, drafts,
+            [s.draft_probs[: len(d)] if s.draft_probs is not None else None for s, d in zip(seqs, drafts, strict=True)],
+            params, [s.generator for s in seqs], [s.request.all_token_ids for s in seqs] if penalized else None,
         )
-        tokens = out.token_ids.tolist()
-        logprobs = None
-        if out.logprobs is not None:
-            entries = out.logprobs.to_dicts([s.request.sampling_params.logprobs for s in seqs])
-            logprobs = {s.request.request_id: [e] for s, e in zip(seqs, entries, strict=True) if e is not None}
-        return ModelRunnerOutput(
-            sampled_token_ids={s.request.request_id: [t] for s, t in zip(seqs, tokens, strict=True)}, logprobs=logprobs
-        )
+        assert self.policy is not None
+        step = int(self.stats["steps"])
+        for seq, d, tokens in zip(seqs, drafts, generated, strict=True):
+            rid, metrics, accepted = seq.request.request_id, seq.request.metrics, len(tokens) - 1
+            sampled[rid] = tokens
+            seq.draft_probs = None
+            metrics.num_draft_tokens += len(d)
+            metrics.num_accepted_tokens += accepted
+            metrics.num_spec_steps += 1
+            self.stats["spec_steps"] += 1
+            self.stats["draft_tokens"] += len(d)
+            self.stats["accepted_tokens"] += accepted
+            self.stats["spec_rejections"] += accepted < len(d)
+            self.policy.observe(rid, len(d), accepted, step)
+        s = self.stats
+        s["acceptance_rate"] = s["accepted_tokens"] / max(s["draft_tokens"], 1)
+        s["alpha"] = s["accepted_tokens"] / max(s["accepted_tokens"] + s["spec_rejections"], 1)
+        s["accepted_tokens_per_step"] = (s["accepted_tokens"] + s["spec_steps"]) / max(s["spec_steps"], 1)
+        if any(p.logprobs is not None for p in params):  # each token's logprobs come from the row that chose it
+            starts = itertools.accumulate((len(d) + 1 for d in drafts[:-1]), initial=0)  # first rows in rows_logits
+            used = [start + j for start, t in zip(starts, generated, strict=True) for j in range(len(t))]
+            flat_params = [p for p, t in zip(params, generated, strict=True) for _ in t]
+            lp = compute_logprobs(rows_logits.index_select(0, torch.tensor(used, device=logits.device)),
+                                  torch.tensor([x for t in generated for x in t], device=logits.device), flat_params)
+            entries = iter(lp.to_dicts([p.logprobs for p in flat_params]) if lp is not None else [])
+            for seq, p, t in zip(seqs, params, generated, strict=True):
+                got = [next(entries) for _ in t]
+                if p.logprobs is not None:
+                    logprobs[seq.request.request_id] = got
+
+    def _propose(self) -> None:
+        """Ask the drafter for the next step's drafts of every decoding request that may speculate."""
+        cfg = self.speculative
+        if self.drafter is None or self.policy is None or cfg is None:
+            return
+        running = self.scheduler.running
+        if cfg.disable_by_batch_size is not None and len(running) > cfg.disable_by_batch_size:
+            return
+        step = int(self.stats["steps"])
+        batch = []
+        for request in running:
+            if not request.sampling_params.speculative or request.num_computed_tokens != request.num_tokens - 1:
+                continue  # opted out, or still prefilling
+            room = min(request.sampling_params.max_tokens - request.num_output_tokens,
+                       self.max_model_len - request.num_tokens) - 1  # a step yields drafts + 1 tokens
+            k = min(self.policy.num_drafts(request.request_id, step), room)
+            if k > 0:
+                batch.append(DraftRequest(request=request, num_tokens=k,
+                                          generator=self._seqs[request.request_id].generator))
+        if not batch:
+            return
+        for d in batch:
+            self._seqs[d.request.request_id].draft_probs = None
+        for rid, draft in self.drafter.propose(batch).items():
+            seq = self._seqs[rid]
+            seq.request.spec_token_ids = list(draft.token_ids)
+            seq.draft_probs = draft.probs
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every request that changed."""
         so = self.scheduler.schedule()
         self.stats["steps"] += 1
         self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
+        if self.drafter is not None:
+            for rid in so.preempted_req_ids:
+                self.drafter.on_preempted(rid)
+            for rid in so.finished_req_ids:
+                self._forget_drafts(rid)
         changed = self.scheduler.update_from_output(so, self._run(so))
         results = []
         for delta in changed:
@@ -249,6 +378,8 @@ class LLM:
             results.append(seq.request.to_output(text=seq.text, prompt=seq.prompt))
             if seq.request.is_finished:
                 del self._seqs[delta.request_id]
+                self._forget_drafts(delta.request_id)
+        self._propose()
         return results
 
     def _detokenize(self, seq: _Sequence) -> None:

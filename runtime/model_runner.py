@@ -24,6 +24,7 @@ class SequenceStep:
     token_ids: list[int]  # the tokens to compute now, at positions start_position, start_position + 1, ...
     start_position: int  # tokens of this sequence already in the cache (num_computed_tokens)
     block_ids: list[int]  # the sequence's block table: block i holds positions i*block_size ...
+    num_logits: int = 1  # logits wanted for the last num_logits of token_ids (1 <= num_logits <= len(token_ids))
 
 
 def cache_bytes_per_block(layout: KVCacheLayout, block_size: int, dtype: torch.dtype) -> int:
@@ -110,13 +111,15 @@ class ModelRunner:
             end = s.start_position + n
             if n == 0 or end > len(s.block_ids) * bs:
                 raise CapacityError(f"sequence {i}: {end} tokens do not fit its {len(s.block_ids)} blocks of {bs}")
+            if not 1 <= s.num_logits <= n:
+                raise ConfigError(f"sequence {i}: num_logits must be in [1, {n}] (its token count), got {s.num_logits}")
             ids += s.token_ids
             pos += range(s.start_position, end)
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(s.start_position, end)]
             tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
             lens.append(end)
             starts.append(starts[-1] + n)
-            last.append(starts[-1] - 1)
+            last += range(starts[-1] - s.num_logits, starts[-1])
         dev = self.device
         values: dict[str, object] = {
             "input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
@@ -133,7 +136,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(self, steps: list[SequenceStep]) -> torch.Tensor:
-        """Run one step; return the logits of each sequence's last scheduled token, (S, V) fp32."""
+        """Run one step; the logits of each sequence's last ``num_logits`` tokens, in order: (sum num_logits, V) fp32."""
         if not steps:
             raise ConfigError("execute needs at least one sequence")
         out = self.gm(*self.build_inputs(steps))

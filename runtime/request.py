@@ -50,6 +50,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()  # token ids that end generation (besides EOS)
     ignore_eos: bool = False  # keep generating after the EOS token
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus the top k
+    speculative: bool = True  # let the engine's drafter (if any) speculate; the distribution is the same either way
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ConfigError:
@@ -73,6 +74,8 @@ class SamplingParams:
             raise bad("seed", "must be an int or None")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise bad("logprobs", "must be None or an int >= 0 (how many top tokens to return)")
+        if not isinstance(self.speculative, bool):
+            raise bad("speculative", "must be True or False")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "must be a non-empty string or a sequence of non-empty strings")
@@ -145,6 +148,19 @@ class RequestMetrics:
     finished_time: float | None = None  # finished, for any reason
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0  # times evicted and recomputed
+    num_draft_tokens: int = 0  # speculative decoding: draft tokens the target verified
+    num_accepted_tokens: int = 0  # ... of which it accepted
+    num_spec_steps: int = 0  # ... in this many verification steps (each also yields one token of its own)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens (None before any draft was verified)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def accepted_tokens_per_step(self) -> float | None:
+        """Tokens a verification step yielded on average: accepted drafts + 1 (None before one ran)."""
+        return (self.num_accepted_tokens + self.num_spec_steps) / self.num_spec_steps if self.num_spec_steps else None
 
 
 @dataclass(kw_only=True, eq=False)

@@ -70,7 +70,7 @@ def test_ir_after_rewrite() -> None:
     assert text.count("kiln.paged_attention(") == 2 and "kiln.attention(" not in text
     assert layout.input_names[:2] == ("input_ids", "position_ids")
     assert layout.input_names[2:4] == ("kv_cache_0", "kv_cache_1") and layout.num_kv_heads == (2, 2)
-    assert "aten.index_select(" in text and ": f32[1, S, 50]" in text
+    assert "aten.index_select(" in text and ": f32[1, L, 50]" in text
     assert compiled.stats["kv-cache"]["attention_paged"] == 2
 
 

@@ -91,6 +91,7 @@ def test_random_workloads_leak_no_blocks(spec) -> None:
         llm.step()
     manager = llm.scheduler.kv_cache_manager
     assert manager.num_free_blocks == manager.num_blocks
+    assert not llm._seqs  # finished and aborted requests leave no engine state behind
 
 
 _LLM: list[kiln.LLM] = []
