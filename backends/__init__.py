@@ -20,7 +20,8 @@ BACKENDS: dict[str, Lowering] = {}
 
 #: backends that are planned but not built yet, with where they come from.
 PLANNED = {
-    "onnx": "ONNX Runtime execution (issue #3)",
+    "onnx": "running the graph through onnxruntime as a callable; export it with CompiledModel.export_onnx(path) "
+    "and run it with onnxruntime or kiln.backends.onnx.OrtGenerator",
 }
 
 
