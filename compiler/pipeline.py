@@ -35,6 +35,11 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         # -- Phase 3: quantization (Q/DQ insertion, calibration, qlinear lowering).
         # -- Phase 4: runtime (paged KV cache) and parallelism (sharding, pipeline stages).
     ]
+    if config.quant is not None:  # Phase 3: Q/DQ insertion (with calibration and the PTQ method), qlinear lowering
+        from kiln.passes.insert_qdq import InsertQDQ
+        from kiln.passes.lower_qdq import LowerQDQ
+
+        passes += [InsertQDQ(config.quant), LowerQDQ(), EliminateDeadCode()]
     if config.kv_cache:
         from kiln.passes.kv_cache import PageKVCache
 

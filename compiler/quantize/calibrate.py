@@ -137,11 +137,30 @@ def prepared(
         gm.recompile()
 
 
+class _ConstantCachingInterpreter(Interpreter):
+    """An Interpreter that computes each value depending on constants alone once (weight Q/DQ, RoPE tables)."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        super().__init__(gm)
+        self.constants: dict[Node, Any] = {}
+
+    def run_node(self, n: Node) -> Any:
+        if n in self.constants:
+            return self.constants[n]
+        out = super().run_node(n)
+        if n.op == "get_attr" or (
+            n.op == "call_function" and n.all_input_nodes and not n.is_impure()
+            and all(a in self.constants for a in n.all_input_nodes)
+        ):
+            self.constants[n] = out
+        return out
+
+
 @torch.no_grad()
 def run_graph(gm: GraphModule, samples: Sequence[Mapping[str, Tensor]], *, progress: bool = True,
               desc: str = "calibrating") -> int:
     """Run ``gm`` node by node over ``samples``; return how many ran."""
-    interpreter = Interpreter(gm)
+    interpreter = _ConstantCachingInterpreter(gm)
     for sample in tqdm(samples, desc=desc, unit="sample", disable=not progress, leave=False):
         try:
             interpreter.run(*_flat_inputs(gm, sample))

@@ -195,8 +195,8 @@ class GPTQ:
     name = "gptq"
     block_size: int = 128  # columns updated lazily per block
     damp: float = 0.01  # fraction of the Hessian's mean diagonal added to its diagonal
-    act_order: bool = False  # quantize columns by decreasing Hessian diagonal (static groups)
-    sequential: bool = True  # each block's Hessians come from inputs through the already-quantized blocks
+    act_order: bool = True  # quantize columns by decreasing Hessian diagonal (static groups: no run-time cost)
+    sequential: bool = False  # True: each block's Hessians come from inputs through the already-quantized blocks
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or not 0.0 <= self.damp < 1.0:
@@ -209,10 +209,11 @@ class AWQ:
 
     name = "awq"
     grid: int = 20  # candidate exponents alpha = i / grid for s = mean|x|^alpha
+    duo_scaling: bool = True  # s = mean|x|^alpha / mean|w|^(1 - alpha) (AutoAWQ's default) rather than mean|x|^alpha
     clip: bool = True  # also search a per-group clipping of the weight range
     max_shrink: float = 0.5  # clipping tries ranges down to (1 - max_shrink) of the min-max range
     tokens: int = 1024  # calibration tokens kept per layer input for the searches
-    sequential: bool = True  # each block is searched on inputs through the already-quantized blocks
+    sequential: bool = False  # True: each block is searched on inputs through the already-quantized blocks
 
     def __post_init__(self) -> None:
         if self.grid < 1 or not 0.0 <= self.max_shrink < 1.0 or self.tokens < 16:
@@ -348,9 +349,9 @@ class QuantConfig:
     def skips(self, path: str) -> bool:
         """Whether the module at ``path`` stays in full precision.
 
-        A pattern matches a module path when it matches it whole (``fnmatch``: ``*.mlp.*``),
-        names the module or one of its parents (``model.layers.0``), or matches the path's
-        last components (``lm_head``, ``down_proj``, ``mlp.down_proj``).
+        A pattern matches a module path when it matches it whole (``fnmatch``: ``*.mlp.*``) or
+        is a run of its dot-separated components: ``lm_head``, ``down_proj``, ``mlp`` (every
+        MLP linear), ``self_attn.o_proj``, ``model.layers.0`` (that block; not ``layers.10``).
         """
         return any(_matches(path, p) for p in self.skip)
 
@@ -422,15 +423,16 @@ def linear_layers(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def _matches(path: str, pattern: str) -> bool:
-    if fnmatch.fnmatchcase(path, pattern) or path.startswith(pattern + "."):
+    if fnmatch.fnmatchcase(path, pattern):
         return True
-    return path == pattern or path.endswith("." + pattern)
+    parts, want = path.split("."), pattern.split(".")
+    return any(parts[i : i + len(want)] == want for i in range(len(parts) - len(want) + 1))
 
 
 def _abbrev(names: Iterable[str], n: int = 6) -> str:
     names = list(names)
-    shown = ", ".join(names[:n])
-    return f"[{shown}{', ...' if len(names) > n else ''}] ({len(names)} in all)"
+    shown = names if len(names) <= n else [*names[: n - 1], "...", names[-1]]
+    return f"[{', '.join(shown)}] ({len(names)} in all)"
 
 
 PRESETS: dict[str, QuantConfig] = {

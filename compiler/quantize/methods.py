@@ -15,9 +15,10 @@ by ``s``, the weights multiplied by it). The caller's parameters are never writt
   ``H = 2XᵀX`` of the layer's inputs (Cholesky form, lazy block updates of ``block_size``
   columns, damping ``damp · mean(diag H)``, optional act-order with static groups).
 - AWQ — Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
-  Acceleration" (MLSys 2024): scale input channel ``j`` by ``s_j = mean|x_j|^α`` with ``α``
-  searched on a grid to minimize the group's output error, then search a per-group clipping
-  of the weight range that minimizes each layer's output error.
+  Acceleration" (MLSys 2024): scale input channel ``j`` by ``s_j = mean|x_j|^α`` (with AutoAWQ's
+  duo scaling, divided by ``mean|ŵ_j|^(1-α)``, ``ŵ`` the weights relative to their group's
+  max) with ``α`` searched on a grid to minimize the group's output error, then search a
+  per-group clipping of the weight range that minimizes each layer's output error.
 - SmoothQuant — Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization
   for Large Language Models" (ICML 2023): ``s_j = max|x_j|^α / max|w_j|^(1-α)`` (α = 0.5)
   moves activation outliers into the weights so that W8A8 per-token quantization loses little.
@@ -25,15 +26,26 @@ by ``s``, the weights multiplied by it). The caller's parameters are never writt
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 from torch.fx import Node
 
-from kiln.quantize.config import AWQ, GPTQ, RTN, PerAxis, PerGroup, PerTensor, QuantConfig, QuantSpec, SmoothQuant
+from kiln.quantize.config import (
+    AWQ,
+    GPTQ,
+    RTN,
+    PerAxis,
+    PerGroup,
+    PerTensor,
+    QuantConfig,
+    QuantSpec,
+    SmoothQuant,
+)
 from kiln.quantize.observers import StatsObserver, fake_quantize, qparams, weight_qparams
 
 
@@ -129,26 +141,71 @@ def _fq_column(w: Tensor, scale: Tensor, zp: Tensor | None, spec: QuantSpec) -> 
     return (q - zp if zp is not None else q) * scale
 
 
-@torch.no_grad()
-def gptq_quantize(w: Tensor, hessian: Tensor, spec: QuantSpec, method: GPTQ) -> QuantizedWeight:
-    """GPTQ on one weight ``w (N, K)`` with input Hessian ``(K, K)``; returns dequantized values + params."""
-    W = w.detach().float().clone()  # (N, K), our copy
+@dataclass
+class GPTQFactors:
+    """What GPTQ derives from one input Hessian, shared by every linear reading that input."""
+
+    perm: Tensor  # column order (act-order: by decreasing diag H; else identity)
+    hinv: Tensor  # upper Cholesky factor of the damped inverse Hessian, permuted (K, K), fp32
+    dead: Tensor  # input channels that never fired (diag H = 0): their weights are zeroed
+
+
+def gptq_factors(hessian: Tensor, method: GPTQ) -> GPTQFactors:
+    """Permutation, dead channels and ``chol(H⁻¹)ᵀ`` of a Hessian (K, K), with damping."""
     H = hessian.double().clone()
-    n, k = W.shape
+    k = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if method.act_order else torch.arange(k)
+    H = H[perm][:, perm]
+    H += method.damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    hinv = torch.linalg.cholesky(torch.cholesky_solve(torch.eye(k, dtype=H.dtype), L), upper=True)
+    return GPTQFactors(perm, hinv.float(), dead)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small sequential tensor ops on one thread (thread hand-offs dominate them otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def gptq_quantize(
+    w: Tensor, hessian: Tensor | None, spec: QuantSpec, method: GPTQ, factors: GPTQFactors | None = None
+) -> QuantizedWeight:
+    """GPTQ on one weight ``w (N, K)`` with input Hessian ``(K, K)``; returns dequantized values + params."""
+    f = factors if factors is not None else gptq_factors(hessian, method)  # type: ignore[arg-type]
+    W = w.detach().float().clone()  # (N, K), our copy
+    W[:, f.dead] = 0.0
+    n, k = W.shape
     group = spec.granularity.group_size if isinstance(spec.granularity, PerGroup) else None
     if group is None or method.act_order:  # parameters fixed up front (static groups under act-order)
         scale, zp = weight_qparams(W, spec)
     else:  # filled as each group is reached, from the error-updated weights
         scale, zp = torch.empty(n, k // group), (torch.empty(n, k // group) if not spec.symmetric else None)
-    perm = torch.argsort(torch.diag(H), descending=True) if method.act_order else torch.arange(k)
-    order = perm.tolist()
-    W, H = W[:, perm], H[perm][:, perm]
-    H += method.damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    order = f.perm.tolist()
+    W, hinv = W[:, f.perm], f.hinv
     Q = torch.zeros_like(W)
+    with _one_thread():
+        _gptq_columns(W, Q, hinv, order, scale, zp, group, spec, method)
+    Q = Q[:, torch.argsort(f.perm)]
+    if zp is not None:
+        zp = zp.to(spec.storage)
+    return QuantizedWeight(Q, scale, zp)
+
+
+def _gptq_columns(
+    W: Tensor, Q: Tensor, hinv: Tensor, order: list[int], scale: Tensor, zp: Tensor | None, group: int | None,
+    spec: QuantSpec, method: GPTQ,
+) -> None:
+    """GPTQ's loop: round column by column, push the error onto later columns (fills ``Q``, edits ``W``)."""
+    n, k = W.shape
     for i1 in range(0, k, method.block_size):
         i2 = min(i1 + method.block_size, k)
         W1, Q1, E1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1), torch.zeros(n, i2 - i1)
@@ -170,14 +227,10 @@ def gptq_quantize(w: Tensor, hessian: Tensor, spec: QuantSpec, method: GPTQ) -> 
             q = _fq_column(w_i, s_c, z_c, spec)
             Q1[:, i] = q
             err = (w_i - q) / h1[i, i]
-            W1[:, i:].addr_(err, h1[i, i:], alpha=-1.0)
+            W1[:, i:] -= err[:, None] * h1[i, i:][None, :]  # (a broadcast: addr_ on this view is slow)
             E1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
-    Q = Q[:, torch.argsort(perm)]
-    if zp is not None:
-        zp = zp.to(spec.storage)
-    return QuantizedWeight(Q, scale, zp)
 
 
 def _per_row(spec: QuantSpec) -> QuantSpec:
@@ -188,8 +241,9 @@ def _per_row(spec: QuantSpec) -> QuantSpec:
 def gptq(group: Group, config: QuantConfig) -> GroupPlan:
     """GPTQ per linear, with the Hessian of the group's shared input."""
     assert group.stats is not None and config.weights is not None
-    H = group.stats.hessian
-    return GroupPlan([gptq_quantize(s.weight, H, config.weights, config.method) for s in group.sites])  # type: ignore[arg-type]
+    factors = gptq_factors(group.stats.hessian, config.method)  # type: ignore[arg-type]
+    return GroupPlan([gptq_quantize(s.weight, None, config.weights, config.method, factors)  # type: ignore[arg-type]
+                      for s in group.sites])
 
 
 # --------------------------------------------------------------------------------------
@@ -229,6 +283,14 @@ def awq_clip(w: Tensor, x: Tensor, spec: QuantSpec, method: AWQ) -> Tensor | Non
     return ratio.reshape(n_out) if isinstance(g, PerAxis) else ratio
 
 
+def _normalized_weight_mean(w: Tensor, spec: QuantSpec) -> Tensor:
+    """Per input channel, the mean over rows of ``|w|`` relative to its quantization group's max (K,)."""
+    g = spec.granularity
+    size = g.group_size if isinstance(g, PerGroup) else w.shape[1]
+    rows = w.abs().reshape(-1, size)
+    return (rows / (rows.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape).mean(dim=0)
+
+
 @register(AWQ, frozenset({"absmean", "samples"}))
 def awq(group: Group, config: QuantConfig) -> GroupPlan:
     """AWQ: search ``s = mean|x|^α`` (α on a grid) for the group, then per-layer clipping."""
@@ -239,10 +301,14 @@ def awq(group: Group, config: QuantConfig) -> GroupPlan:
     x_mean = group.stats.absmean  # (K,)
     weights = [s.weight.detach().float() for s in group.sites]
     ref = [x @ w.T for w in weights]
+    w_mean = _normalized_weight_mean(torch.cat(weights), spec) if method.duo_scaling else None
     best, best_s, best_alpha = math.inf, torch.ones_like(x_mean), 0.0
     for i in range(method.grid):
         alpha = i / method.grid
-        s = x_mean.pow(alpha).clamp(min=1e-4)
+        s = x_mean.pow(alpha)
+        if w_mean is not None:
+            s = s / (w_mean.pow(1.0 - alpha) + 1e-4)
+        s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         err = sum(((x @ (_fake_quant_weight(w * s, spec) / s).T) - r).pow(2).mean().item() for w, r in zip(weights, ref, strict=True))
         if err < best:
@@ -289,7 +355,9 @@ __all__ = [
     "awq",
     "awq_clip",
     "effective_weight",
+    "GPTQFactors",
     "gptq",
+    "gptq_factors",
     "gptq_quantize",
     "handler_for",
     "register",

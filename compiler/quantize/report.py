@@ -74,15 +74,19 @@ class QuantReport:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [f"quantization: {self.config}"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        return "\n".join(lines + self.summary())
+
+    def summary(self) -> list[str]:
+        """The whole-model lines: memory, logits error, perplexity."""
         mib = 2**20
-        lines.append(f"memory (graph constants): {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB "
-                     f"({self.bytes_after / max(self.bytes_before, 1):.1%})")
+        lines = [f"memory (graph constants): {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB "
+                 f"({self.bytes_after / max(self.bytes_before, 1):.1%})"]
         if self.logits_error is not None:
             lines.append(f"logits relative error: {self.logits_error:.4f}")
         if self.perplexity_increase is not None:
             lines.append(f"perplexity: {self.perplexity_fp:.4f} -> {self.perplexity_q:.4f} "
                          f"({self.perplexity_increase:+.2%}) on {self.eval_tokens:,} tokens")
-        return "\n".join(lines)
+        return lines
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
