@@ -4,7 +4,8 @@
     kiln ir MODEL [--captured] [--mlir DIALECT]
     kiln export-onnx MODEL -o PATH [--kv-cache]
     kiln generate MODEL "prompt" [--max-tokens N] [--temperature T] [--stream]
-    kiln eval MODEL [--draft DRAFT] [--mlir torch|linalg|stablehlo|tosa]
+    kiln eval MODEL [--draft DRAFT]
+    kiln quantize MODEL --preset w4a16-g128 [--method gptq] --report [--mlir torch|linalg|stablehlo|tosa]
     kiln export-onnx MODEL -o PATH [--kv-cache] [--opset N] [--no-validate]
 
 MODEL is a Hugging Face-format folder (``config.json`` + ``model.safetensors``) or a preset
@@ -99,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens only")
     v.add_argument("--seq-len", type=int, default=512)
     v.set_defaults(list_presets=False)
+
+    from kiln.quantize.cli import add_parser as add_quantize_parser
+
+    add_quantize_parser(sub)
     return parser
 
 
@@ -231,6 +236,12 @@ def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
     return eval_main(argv)
 
 
+def _cmd_quantize(args: argparse.Namespace, console: Console) -> int:
+    from kiln.quantize.cli import run
+
+    return run(args, console)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kiln`` script; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -247,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "export-onnx": _cmd_export_onnx,
             "generate": _cmd_generate,
             "eval": _cmd_eval,
+            "quantize": _cmd_quantize,
         }
         return commands[args.command](args, console)
     except KilnError as e:
