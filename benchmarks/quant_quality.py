@@ -46,6 +46,7 @@ VARIANTS = [
     ("w4a16-g128 awq sequential", "w4a16-g128", AWQ(sequential=True), None, "w4a16-g128 rtn"),
     ("w4a16-g128 awq x-only", "w4a16-g128", AWQ(duo_scaling=False), None, "w4a16-g128 rtn"),
     ("w4a16-g128 rtn mse", "w4a16-g128", "rtn-mse", None, None),
+    ("w4a16-g128 gptq mse", "w4a16-g128", "gptq-mse", None, "w4a16-g128 rtn"),
 ]
 
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "models" / "kiln-teacher"))
     parser.add_argument("--eval-tokens", type=int, default=None, help="score only the eval split's first N tokens")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows of --seq-len tokens")
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows of --seq-len tokens")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if only and label not in only:
             continue
         extra = {}
-        if method == "rtn-mse":
-            method, extra = "rtn", {"weights": dataclasses.replace(QuantConfig.preset(preset).weights, observer="mse")}
+        if method in ("rtn-mse", "gptq-mse"):  # the same method with MSE-searched group ranges
+            method, extra = method[:-4], {"weights": dataclasses.replace(QuantConfig.preset(preset).weights, observer="mse")}
         cfg = QuantConfig.preset(preset, method=method, **extra).with_calibration(
             calib, num_samples=args.calib_samples, seq_len=args.seq_len, progress=False)
         start = time.perf_counter()

@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=list(METHODS), help="PTQ method (default: the preset's)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--skip", help="comma-separated module-path patterns kept in full precision (default lm_head)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation window (default 512)")
     p.add_argument("--report", action="store_true", help="per-layer errors, memory and eval-split perplexity")
     p.add_argument("--eval-tokens", type=int, help="score only the eval split's first N tokens")

@@ -246,7 +246,7 @@ class Calibration:
     """Where calibration inputs come from and how many run through the prepared graph."""
 
     data: Any = field(default=None, compare=False, repr=False)  # see kiln.quantize.calibrate.samples_of
-    num_samples: int = 32  # windows (or given samples) run through the graph
+    num_samples: int = 128  # windows (or given samples) run through the graph (GPTQ's paper: 128)
     seq_len: int = 512  # tokens per window when ``data`` is a token stream
     tokenizer: Any = field(default=None, compare=False, repr=False)  # for a kiln.data split name
     progress: bool = True  # tqdm bar while calibrating

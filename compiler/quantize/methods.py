@@ -13,7 +13,9 @@ by ``s``, the weights multiplied by it). The caller's parameters are never writt
   Pre-trained Transformers" (ICLR 2023): quantize one column at a time and spread its
   rounding error over the columns not yet quantized through the inverse Hessian
   ``H = 2XᵀX`` of the layer's inputs (Cholesky form, lazy block updates of ``block_size``
-  columns, damping ``damp · mean(diag H)``, optional act-order with static groups).
+  columns, damping ``damp · mean(diag H)``, act-order with static groups by default). Group
+  ranges follow ``QuantSpec.observer``: min-max, or ``"mse"`` (the reference quantizer's
+  shrink search).
 - AWQ — Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
   Acceleration" (MLSys 2024): scale input channel ``j`` by ``s_j = mean|x_j|^α`` (with AutoAWQ's
   duo scaling, divided by ``mean|ŵ_j|^(1-α)``, ``ŵ`` the weights relative to their group's
