@@ -35,18 +35,18 @@ CONFIGS = [
     ("w8a16 rtn", "w8a16", "rtn", 0.005, None),
     ("w8a8 smoothquant", "w8a8", "smoothquant", 0.015, None),
     ("w4a16-g128 rtn", "w4a16-g128", "rtn", 0.06, None),
-    ("w4a16-g128 gptq", "w4a16-g128", "gptq", None, "w4a16-g128 rtn"),  # act-order, one-shot (the defaults)
+    ("w4a16-g128 gptq", "w4a16-g128", "gptq", None, "w4a16-g128 rtn"),  # defaults: act-order, MSE ranges, one-shot
     ("w4a16-g128 awq", "w4a16-g128", "awq", None, "w4a16-g128 rtn"),
     ("fp8", "fp8", "rtn", None, None),
 ]
 #: Further method settings, run with --variants.
 VARIANTS = [
+    ("w4a16-g128 rtn mse", "w4a16-g128", "rtn-mse", None, None),
+    ("w4a16-g128 gptq min-max", "w4a16-g128", GPTQ(mse=False), None, "w4a16-g128 rtn"),
     ("w4a16-g128 gptq no act-order", "w4a16-g128", GPTQ(act_order=False), None, "w4a16-g128 rtn"),
     ("w4a16-g128 gptq sequential", "w4a16-g128", GPTQ(sequential=True), None, "w4a16-g128 rtn"),
     ("w4a16-g128 awq sequential", "w4a16-g128", AWQ(sequential=True), None, "w4a16-g128 rtn"),
     ("w4a16-g128 awq x-only", "w4a16-g128", AWQ(duo_scaling=False), None, "w4a16-g128 rtn"),
-    ("w4a16-g128 rtn mse", "w4a16-g128", "rtn-mse", None, None),
-    ("w4a16-g128 gptq mse", "w4a16-g128", "gptq-mse", None, "w4a16-g128 rtn"),
 ]
 
 
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if only and label not in only:
             continue
         extra = {}
-        if method in ("rtn-mse", "gptq-mse"):  # the same method with MSE-searched group ranges
-            method, extra = method[:-4], {"weights": dataclasses.replace(QuantConfig.preset(preset).weights, observer="mse")}
+        if method == "rtn-mse":  # round to nearest with MSE-searched group ranges
+            method, extra = "rtn", {"weights": dataclasses.replace(QuantConfig.preset(preset).weights, observer="mse")}
         cfg = QuantConfig.preset(preset, method=method, **extra).with_calibration(
             calib, num_samples=args.calib_samples, seq_len=args.seq_len, progress=False)
         start = time.perf_counter()

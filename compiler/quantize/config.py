@@ -197,6 +197,7 @@ class GPTQ:
     damp: float = 0.01  # fraction of the Hessian's mean diagonal added to its diagonal
     act_order: bool = True  # quantize columns by decreasing Hessian diagonal (static groups: no run-time cost)
     sequential: bool = False  # True: each block's Hessians come from inputs through the already-quantized blocks
+    mse: bool = True  # search each group's range for the least squared rounding error (else the spec's observer)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or not 0.0 <= self.damp < 1.0:

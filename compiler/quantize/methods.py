@@ -14,8 +14,8 @@ by ``s``, the weights multiplied by it). The caller's parameters are never writt
   rounding error over the columns not yet quantized through the inverse Hessian
   ``H = 2XᵀX`` of the layer's inputs (Cholesky form, lazy block updates of ``block_size``
   columns, damping ``damp · mean(diag H)``, act-order with static groups by default). Group
-  ranges follow ``QuantSpec.observer``: min-max, or ``"mse"`` (the reference quantizer's
-  shrink search).
+  ranges are searched for the least squared rounding error by default (``GPTQ(mse=True)``,
+  the reference quantizer's ``mse`` option); ``mse=False`` follows ``QuantSpec.observer``.
 - AWQ — Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
   Acceleration" (MLSys 2024): scale input channel ``j`` by ``s_j = mean|x_j|^α`` (with AutoAWQ's
   duo scaling, divided by ``mean|ŵ_j|^(1-α)``, ``ŵ`` the weights relative to their group's
@@ -183,6 +183,8 @@ def gptq_quantize(
 ) -> QuantizedWeight:
     """GPTQ on one weight ``w (N, K)`` with input Hessian ``(K, K)``; returns dequantized values + params."""
     f = factors if factors is not None else gptq_factors(hessian, method)  # type: ignore[arg-type]
+    if method.mse:
+        spec = replace(spec, observer="mse")
     W = w.detach().float().clone()  # (N, K), our copy
     W[:, f.dead] = 0.0
     n, k = W.shape

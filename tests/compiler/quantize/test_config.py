@@ -36,7 +36,7 @@ def test_presets() -> None:
     assert w8a8.method == SmoothQuant(alpha=0.5) and w8a8.needs_calibration
     fp8 = QuantConfig.preset("fp8")
     assert fp8.weights.storage == torch.float8_e4m3fn and fp8.weights.qrange == (-448, 448)
-    assert QuantConfig.preset("w4a16-g128", method="gptq").method == GPTQ(block_size=128, damp=0.01, act_order=True)
+    assert QuantConfig.preset("w4a16-g128", method="gptq").method == GPTQ(block_size=128, damp=0.01, act_order=True, mse=True)
     assert QuantConfig.preset("w4a16-g128", method="awq").method == AWQ()
     assert not QuantConfig.preset("w4a16-g128").needs_calibration
     with pytest.raises(dataclasses.FrozenInstanceError):
