@@ -20,6 +20,7 @@ from kiln.errors import (
 from kiln.pass_manager import Pass, PassManager, PassResult
 from kiln.runtime.engine import LLM
 from kiln.runtime.request import RequestOutput, SamplingParams
+from kiln.parallel import ParallelConfig
 from kiln.runtime.speculative import SpeculativeConfig
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "Pass",
     "PassError",
     "PassManager",
+    "ParallelConfig",
     "PassResult",
     "RequestOutput",
     "SamplingParams",

@@ -1,0 +1,1 @@
+"""Distillation: knowledge, data and on-policy distillation, and QAT with a teacher."""

@@ -1,0 +1,44 @@
+"""``kiln.ParallelConfig``: how a compiled model is spread over ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Degrees of tensor, pipeline and sequence parallelism.
+
+    The world size a run needs is ``tensor_parallel_size * pipeline_parallel_size``;
+    sequence parallelism splits the token axis inside each tensor-parallel group
+    (Megatron style), context parallelism (ring attention) splits long prefills
+    over ``context_parallel_size`` ranks.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
+    num_microbatches: int | None = None  # pipeline micro-batches; None: one per stage
+    schedule: str = "1f1b"  # "gpipe" | "1f1b"
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"ParallelConfig.{name} must be a positive int, got {v!r}")
+        if self.sequence_parallel and self.tensor_parallel_size == 1:
+            raise ConfigError("sequence_parallel splits tokens inside a tensor-parallel group: set tensor_parallel_size > 1")
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise ConfigError(f"ParallelConfig.schedule must be 'gpipe' or '1f1b', got {self.schedule!r}")
+        if self.num_microbatches is not None and self.num_microbatches < 1:
+            raise ConfigError(f"ParallelConfig.num_microbatches must be positive, got {self.num_microbatches}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
+
+
+__all__ = ["ParallelConfig"]
