@@ -8,11 +8,21 @@ clipping, bf16 autocast on CUDA, random windows from one token stream. Model-agn
 ``.logits``. The loss is pluggable (``loss_fn(model, inputs, targets) -> scalar``), so
 knowledge distillation and quantization-aware training reuse the same loop.
 
+Batches come from a 1-D token stream (:class:`TokenWindows`) or from any
+:class:`BatchSource` (``batch(index)``; ``kiln.distill`` uses teacher-scored and generated
+batches); a tuple batch is passed to ``loss_fn(model, *batch)``, any other object as
+``loss_fn(model, batch)``. Evaluation every ``eval_every`` steps scores the eval tokens'
+perplexity and any ``eval_metrics(model)`` (e.g. top-1 agreement with a teacher).
+
 Checkpoints are a safetensors/JSON pair (``ckpt-00001000.safetensors`` holds the model
-weights, the optimizer's tensors and the RNG states; ``ckpt-00001000.json`` the step, the
-config and the optimizer's scalars): no pickles. Training resumes from the latest one.
-Batches are a pure function of ``(seed, step)``, so a resumed run repeats an uninterrupted
-one exactly (bit for bit on the CPU). A JSON-lines log records every logged step.
+weights, the optimizer's tensors, the RNG states and the batch source's state;
+``ckpt-00001000.json`` the step, the config and the optimizer's scalars): no pickles. Beside
+each, ``ckpt-00001000/`` holds the model alone as a Hugging Face-format folder
+(``config.json`` + ``model.safetensors``, loadable with ``from_pretrained``) when the model
+is a kiln or ``transformers`` causal LM. Training resumes from the latest checkpoint. Batches
+are a pure function of ``(seed, step)`` and the saved state, and the learning rate of the
+step, so a resumed run repeats an uninterrupted one exactly (bit for bit on the CPU). A
+JSON-lines log records every logged step.
 """
 
 from __future__ import annotations
@@ -22,11 +32,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -38,8 +49,11 @@ from tqdm.auto import tqdm
 from kiln.errors import ConfigError
 from kiln.eval import logits_of, mean_nll
 
-#: ``loss_fn(model, inputs (B, T), targets (B, T)) -> scalar loss``.
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``loss_fn(model, inputs (B, T), targets (B, T)) -> scalar loss`` (or ``loss_fn(model, batch)``
+#: for a :class:`BatchSource` whose batches are not tuples).
+LossFn = Callable[..., torch.Tensor]
+#: ``eval_metrics(model) -> {name: value}``, run at every evaluation.
+EvalMetrics = Callable[[nn.Module], Mapping[str, float]]
 CKPT_FORMAT = "kiln-ckpt-v1"
 LOG_NAME = "train_log.jsonl"
 
@@ -69,6 +83,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     compile: bool = False  # torch.compile the forward pass
     progress: bool = True  # tqdm progress bar
+    save_hf: bool | None = None  # each checkpoint's model also as a HF folder ckpt-N/ (None: when the model can)
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_zero: bool = False) -> None:
@@ -133,6 +148,7 @@ class StepInfo:
     eval_loss: float | None  # set on steps where evaluation ran
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    eval_metrics: dict[str, float] | None = None  # eval_metrics' values, on steps where evaluation ran
 
 
 Callback = Callable[[StepInfo], bool | None]
@@ -152,6 +168,22 @@ class TrainResult:
     checkpoint: Path | None  # last checkpoint written
     stopped_early: bool  # a callback stopped training before config.steps
     history: list[dict[str, Any]] = field(default_factory=list)  # this run's log records
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # last evaluation's eval_metrics values
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Where :func:`train` takes its batches from.
+
+    ``batch(index)`` returns micro-batch ``index`` (``step * grad_accum + micro``): a tuple
+    ``(inputs, targets)`` or any object the loss understands, on the training device. It must
+    be a pure function of ``index`` and of the state that ``state_dict()`` (optional: a dict of
+    tensors, restored with ``load_state_dict``) saves into checkpoints, so that a resumed run
+    sees the batches an uninterrupted one would. A batch with a ``num_tokens`` attribute
+    counts that many training tokens (default ``batch_size * seq_len``).
+    """
+
+    def batch(self, index: int) -> Any: ...
 
 
 class TokenWindows:
@@ -183,6 +215,39 @@ def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     """Default loss: mean cross-entropy of the next token, computed in fp32."""
     logits = logits_of(model(inputs))  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def _call_loss(loss_fn: LossFn, model: nn.Module, batch: Any) -> torch.Tensor:
+    if isinstance(batch, tuple):
+        return loss_fn(model, *batch)
+    if loss_fn is next_token_loss:
+        raise ConfigError(f"batches of type {type(batch).__name__} need a loss_fn(model, batch); "
+                          "the default loss takes (inputs, targets) tuples")
+    return loss_fn(model, batch)
+
+
+def can_save_hf(model: nn.Module) -> bool:
+    """Whether :func:`save_hf` can write ``model`` as a Hugging Face-format folder."""
+    from kiln.models import GPT2LMHeadModel, LlamaForCausalLM
+
+    if isinstance(model, LlamaForCausalLM | GPT2LMHeadModel):
+        return True
+    return callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config")
+
+
+def save_hf(model: nn.Module, folder: str | Path) -> Path:
+    """Write ``model`` as a Hugging Face-format folder (``config.json`` + ``model.safetensors``)."""
+    from kiln.models import GPT2LMHeadModel, LlamaForCausalLM, save_pretrained
+
+    folder = Path(folder)
+    if isinstance(model, LlamaForCausalLM | GPT2LMHeadModel):
+        save_pretrained(model, folder)
+    elif can_save_hf(model):
+        model.save_pretrained(str(folder))  # type: ignore[operator]  (transformers: safetensors)
+    else:
+        raise ConfigError(f"{type(model).__name__} cannot be saved as a Hugging Face folder: it is neither a kiln "
+                          "LlamaForCausalLM/GPT2LMHeadModel nor a transformers model; set TrainConfig.save_hf=False")
+    return folder
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -219,9 +284,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def save_checkpoint(
     out_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-    config: TrainConfig, extra: dict[str, Any] | None = None,
+    config: TrainConfig, extra: dict[str, Any] | None = None, source_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``ckpt-{step}.safetensors`` then its ``.json`` (the completion marker)."""
+    """Write ``ckpt-{step}.safetensors`` (and the HF folder ``ckpt-{step}/`` when ``config.save_hf``
+    allows), then its ``.json`` (the completion marker). ``source_state`` is the batch source's state."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -245,6 +311,8 @@ def save_checkpoint(
                 put(f"optim/{idx}/{key}", value)
             else:
                 scalars.setdefault(str(idx), {})[key] = value
+    for key, value in (source_state or {}).items():
+        put(f"source/{key}", value)
     put("rng/cpu", torch.get_rng_state())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -253,6 +321,12 @@ def save_checkpoint(
     tmp = folder / f".{stem}.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": CKPT_FORMAT, "step": str(step)})
     os.replace(tmp, folder / f"{stem}.safetensors")
+    if config.save_hf or (config.save_hf is None and can_save_hf(model)):
+        hf_tmp = folder / f".{stem}.hf.tmp"
+        shutil.rmtree(hf_tmp, ignore_errors=True)
+        save_hf(model, hf_tmp)
+        shutil.rmtree(folder / stem, ignore_errors=True)
+        os.replace(hf_tmp, folder / stem)
     meta = {
         "format": CKPT_FORMAT, "step": step, "config": dataclasses.asdict(config),
         "param_groups": state["param_groups"], "optim_scalars": scalars, **(extra or {}),
@@ -265,10 +339,10 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-    restore_rng: bool = True,
+    restore_rng: bool = True, source: Any = None,
 ) -> dict[str, Any]:
-    """Load a checkpoint (its ``.json`` or ``.safetensors``) into ``model`` and ``optimizer``;
-    return its JSON metadata."""
+    """Load a checkpoint (its ``.json`` or ``.safetensors``) into ``model``, ``optimizer`` and the
+    batch ``source`` (when it has ``load_state_dict``); return its JSON metadata."""
     path = Path(path)
     meta = json.loads(path.with_suffix(".json").read_text())
     if meta.get("format") != CKPT_FORMAT:
@@ -286,6 +360,8 @@ def load_checkpoint(
         for idx, values in meta["optim_scalars"].items():
             state.setdefault(int(idx), {}).update(values)
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if source is not None and callable(getattr(source, "load_state_dict", None)):
+        source.load_state_dict({k.removeprefix("source/"): v for k, v in tensors.items() if k.startswith("source/")})
     if restore_rng:
         torch.set_rng_state(tensors["rng/cpu"].cpu())
         cuda_states = [tensors[k].cpu() for k in sorted(tensors) if k.startswith("rng/cuda/")]
@@ -299,7 +375,7 @@ def load_checkpoint(
 
 def train(
     model: nn.Module,
-    train_tokens: torch.Tensor | np.ndarray,
+    train_tokens: torch.Tensor | np.ndarray | BatchSource,
     config: TrainConfig,
     *,
     eval_tokens: torch.Tensor | np.ndarray | None = None,
@@ -308,12 +384,15 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     resume: bool = True,
     callbacks: Sequence[Callback] = (),
+    eval_metrics: EvalMetrics | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on random windows of ``train_tokens`` (a 1-D token stream).
+    """Train ``model`` in place on random windows of ``train_tokens`` (a 1-D token stream) or on
+    the batches of a :class:`BatchSource`.
 
     Moves ``model`` to ``config``'s device. With ``out_dir``, writes checkpoints and
     ``train_log.jsonl`` there and, when ``resume``, continues from the newest checkpoint.
-    ``eval_tokens`` (1-D) are scored every ``config.eval_every`` steps and at the end.
+    ``eval_tokens`` (1-D) are scored every ``config.eval_every`` steps and at the end, together
+    with ``eval_metrics(model)`` (logged beside the eval loss).
     """
     device = config.resolved_device()
     amp_dtype = config.autocast_dtype(device)
@@ -321,8 +400,15 @@ def train(
     torch.manual_seed(config.seed)
     model.to(device)
     optimizer = make_optimizer(model, config) if optimizer is None else optimizer
-    windows = TokenWindows(train_tokens, seq_len=config.seq_len, batch_size=config.batch_size,
-                           seed=config.seed, device=device)
+    if isinstance(train_tokens, torch.Tensor | np.ndarray):
+        source: Any = TokenWindows(train_tokens, seq_len=config.seq_len, batch_size=config.batch_size,
+                                   seed=config.seed, device=device)
+        n_train_tokens: int | None = source.tokens.numel()
+    elif isinstance(train_tokens, BatchSource):
+        source, n_train_tokens = train_tokens, None
+    else:
+        raise ConfigError(f"train() takes a 1-D token stream or a BatchSource (with batch(index)), "
+                          f"got {type(train_tokens).__name__}")
     eval_stream = None
     if eval_tokens is not None:
         eval_stream = torch.as_tensor(np.asarray(eval_tokens, dtype=np.int64)) \
@@ -333,7 +419,7 @@ def train(
     step, tokens_seen, elapsed_before, resumed_from = 0, 0, 0.0, None
     last_ckpt: Path | None = None
     if out is not None and resume and (ckpt := latest_checkpoint(out)) is not None:
-        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, source=source)
         step = resumed_from = int(meta["step"])
         last_ckpt = ckpt
         tokens_seen, elapsed_before = int(meta.get("tokens_seen", 0)), float(meta.get("elapsed_s", 0.0))
@@ -355,32 +441,48 @@ def train(
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
-    def evaluate() -> float:
-        assert eval_stream is not None
+    def evaluate() -> tuple[float | None, dict[str, float]]:
+        loss = None
         with autocast():
-            return mean_nll(model, eval_stream, seq_len=config.seq_len, batch_size=config.batch_size,
-                            device=device, max_batches=config.eval_batches, progress=False)
+            if eval_stream is not None:
+                loss = mean_nll(model, eval_stream, seq_len=config.seq_len, batch_size=config.batch_size,
+                                device=device, max_batches=config.eval_batches, progress=False)
+            metrics = {k: float(v) for k, v in eval_metrics(model).items()} if eval_metrics is not None else {}
+        return loss, metrics
+
+    def eval_record(at: int, loss: float | None, metrics: dict[str, float]) -> dict[str, Any]:
+        record: dict[str, Any] = {"event": "eval", "step": at}
+        if loss is not None:
+            record.update(eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
+        return {**record, **metrics}
+
+    evaluating = eval_stream is not None or eval_metrics is not None
 
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     log({"event": "start", "step": step, "resumed_from": resumed_from, "params": n_params,
-         "train_tokens": windows.tokens.numel(), "device": str(device),
+         "train_tokens": n_train_tokens, "device": str(device),
          "config": dataclasses.asdict(config)})
 
     start_time = time.perf_counter()
     train_loss: float | None = None
     eval_loss: float | None = None
+    last_metrics: dict[str, float] = {}
+    evaluated = False
     stopped_early = False
     interval_loss = torch.zeros((), device=device)
     interval_steps = 0
-    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+    tokens_per_batch = config.batch_size * config.seq_len
 
     def checkpoint(at: int) -> Path | None:
         if out is None:
             return None
-        path = save_checkpoint(out, model=model, optimizer=optimizer, step=at, config=config, extra={
-            "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - start_time})
+        state = source.state_dict() if callable(getattr(source, "state_dict", None)) else None
+        path = save_checkpoint(out, model=model, optimizer=optimizer, step=at, config=config, source_state=state,
+                               extra={"tokens_seen": tokens_seen,
+                                      "elapsed_s": elapsed_before + time.perf_counter() - start_time})
         for old in list_checkpoints(out)[: -config.keep_checkpoints]:
             old.with_suffix(".safetensors").unlink(missing_ok=True)
+            shutil.rmtree(old.with_suffix(""), ignore_errors=True)
             old.unlink(missing_ok=True)
         log({"event": "checkpoint", "step": at, "path": path.name})
         return path
@@ -395,11 +497,12 @@ def train(
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             for micro in range(config.grad_accum):
-                inputs, targets = windows.batch(step * config.grad_accum + micro)
+                batch = source.batch(step * config.grad_accum + micro)
                 with autocast():
-                    loss = loss_fn(forward_model, inputs, targets)
+                    loss = _call_loss(loss_fn, forward_model, batch)
                 (loss / config.grad_accum).backward()
                 step_loss += loss.detach().float() / config.grad_accum
+                tokens_seen += int(getattr(batch, "num_tokens", tokens_per_batch))
             if not torch.isfinite(step_loss):
                 raise FloatingPointError(
                     f"training loss is {step_loss.item()} at step {step}; lower TrainConfig.lr or check the data")
@@ -411,19 +514,17 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += tokens_per_step
             interval_loss += step_loss
             interval_steps += 1
             bar.update(1)
 
             eval_loss_now: float | None = None
-            if eval_stream is not None and (
-                step == config.steps or (config.eval_every and step % config.eval_every == 0)
-            ):
-                eval_loss_now = eval_loss = evaluate()
+            metrics_now: dict[str, float] | None = None
+            if evaluating and (step == config.steps or (config.eval_every and step % config.eval_every == 0)):
+                eval_loss_now, metrics_now = evaluate()
+                eval_loss, last_metrics, evaluated = eval_loss_now, metrics_now, True
                 model.train()
-                log({"event": "eval", "step": step, "eval_loss": eval_loss,
-                     "eval_ppl": math.exp(min(eval_loss, 50.0))})
+                log(eval_record(step, eval_loss_now, metrics_now))
             if step % config.log_every == 0 or step == config.steps:
                 train_loss = (interval_loss / interval_steps).item()
                 interval_loss.zero_()
@@ -438,7 +539,7 @@ def train(
                 bar.set_postfix(postfix)
             if callbacks:
                 info = StepInfo(step=step, loss=float(step_loss), lr=lr, eval_loss=eval_loss_now,
-                                model=model, optimizer=optimizer)
+                                model=model, optimizer=optimizer, eval_metrics=metrics_now)
                 if any([bool(cb(info)) for cb in callbacks]):
                     stopped_early = step < config.steps
                     break
@@ -446,10 +547,9 @@ def train(
                 last_ckpt = checkpoint(step)
         if interval_steps:
             train_loss = (interval_loss / interval_steps).item()
-        if eval_stream is not None and eval_loss is None:  # resumed at the end, or stopped early
-            eval_loss = evaluate()
-            log({"event": "eval", "step": step, "eval_loss": eval_loss,
-                 "eval_ppl": math.exp(min(eval_loss, 50.0))})
+        if evaluating and not evaluated:  # resumed at the end, or stopped early
+            eval_loss, last_metrics = evaluate()
+            log(eval_record(step, eval_loss, last_metrics))
         if out is not None and (last_ckpt is None or not last_ckpt.stem.endswith(f"{step:08d}")):
             last_ckpt = checkpoint(step)
         elapsed_total = elapsed_before + time.perf_counter() - start_time
@@ -464,12 +564,14 @@ def train(
         step=step, train_loss=train_loss, eval_loss=eval_loss,
         eval_perplexity=None if eval_loss is None else math.exp(min(eval_loss, 50.0)),
         tokens_seen=tokens_seen, elapsed_s=elapsed_total, resumed_from=resumed_from,
-        checkpoint=last_ckpt, stopped_early=stopped_early, history=history,
+        checkpoint=last_ckpt, stopped_early=stopped_early, history=history, eval_metrics=last_metrics,
     )
 
 
 __all__ = [
+    "BatchSource",
     "Callback",
+    "EvalMetrics",
     "LossFn",
     "StepInfo",
     "TokenWindows",
@@ -480,6 +582,8 @@ __all__ = [
     "load_checkpoint",
     "make_optimizer",
     "next_token_loss",
+    "can_save_hf",
     "save_checkpoint",
+    "save_hf",
     "train",
 ]
