@@ -182,9 +182,11 @@ class PageKVCache(Pass):
             logits.replace_all_uses_with(picked, delete_user_cb=lambda u: u is not picked)
         else:
             logits.replace_input_with(target, picked)
+            # (1, L, V): built rather than re-run through linear's fake kernel, whose
+            # decomposition guards on the unbacked L under torch 2.11.
+            old = logits.meta["val"]
             with mode:  # type: ignore[attr-defined]
-                args = [a.meta["val"] if isinstance(a, Node) else a for a in logits.args]
-                logits.meta["val"] = logits.target(*args)
+                logits.meta["val"] = picked.meta["val"].new_empty((*picked.meta["val"].shape[:-1], old.shape[-1]), dtype=old.dtype)
         return 1
 
 
