@@ -22,6 +22,7 @@ from kiln.runtime.engine import LLM
 from kiln.runtime.request import RequestOutput, SamplingParams
 from kiln.parallel import ParallelConfig
 from kiln.runtime.speculative import SpeculativeConfig
+from kiln import distill  # kiln.distill(student, teacher, data, method=...) and its package
 
 __version__ = "0.1.0"
 
@@ -57,4 +58,5 @@ __all__ = [
     "__version__",
     "capture",
     "compile",
+    "distill",
 ]

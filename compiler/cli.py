@@ -6,6 +6,7 @@
     kiln generate MODEL "prompt" [--max-tokens N] [--temperature T] [--stream]
     kiln eval MODEL [--draft DRAFT]
     kiln quantize MODEL --preset w4a16-g128 [--method gptq] --report [--mlir torch|linalg|stablehlo|tosa]
+    kiln distill STUDENT --teacher TEACHER --method hard|kd|data|on-policy|qat --out DIR [--steps N]
     kiln export-onnx MODEL -o PATH [--kv-cache] [--opset N] [--no-validate]
 
 MODEL is a Hugging Face-format folder (``config.json`` + ``model.safetensors``) or a preset
@@ -104,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     from kiln.quantize.cli import add_parser as add_quantize_parser
 
     add_quantize_parser(sub)
+    from kiln.distill.cli import add_parser as add_distill_parser
+
+    add_distill_parser(sub)
     return parser
 
 
@@ -242,6 +246,12 @@ def _cmd_quantize(args: argparse.Namespace, console: Console) -> int:
     return run(args, console)
 
 
+def _cmd_distill(args: argparse.Namespace, console: Console) -> int:
+    from kiln.distill.cli import run
+
+    return run(args, console)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kiln`` script; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -259,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generate": _cmd_generate,
             "eval": _cmd_eval,
             "quantize": _cmd_quantize,
+            "distill": _cmd_distill,
         }
         return commands[args.command](args, console)
     except KilnError as e:
