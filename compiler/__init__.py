@@ -18,6 +18,7 @@ from kiln.errors import (
     VerificationError,
 )
 from kiln.pass_manager import Pass, PassManager, PassResult
+from kiln.quantize import PerAxis, PerGroup, PerTensor, PerToken, QuantConfig, QuantSpec
 from kiln.runtime.engine import LLM
 from kiln.runtime.request import RequestOutput, SamplingParams
 from kiln.parallel import ParallelConfig
@@ -50,6 +51,12 @@ __all__ = [
     "PassManager",
     "ParallelConfig",
     "PassResult",
+    "PerAxis",
+    "PerGroup",
+    "PerTensor",
+    "PerToken",
+    "QuantConfig",
+    "QuantSpec",
     "RequestOutput",
     "SamplingParams",
     "SpeculativeConfig",

@@ -15,10 +15,16 @@ PTQ method), ``lower-qdq`` (Q/DQ + linear -> ``kiln::qlinear_*`` holding packed 
 inspect it, or for export as ONNX QuantizeLinear/DequantizeLinear). ``report.quant_report`` measures
 what it cost: per-layer weight and output errors, memory before/after, perplexity.
 
+Quantization-aware training (:mod:`kiln.quantize.qat`) trains through the same Q/DQ graph::
+
+    qat = kiln.quantize.prepare_qat(model, config, example_inputs)   # trainable nn.Module (kiln.fake_quantize, STE)
+    kiln.train.train(qat, train_tokens, TrainConfig(...), loss_fn=...)  # any loss: distillation included
+    compiled = kiln.quantize.convert_qat(qat)                         # CompiledModel with kiln::qlinear_*
+
 Modules: ``config`` (QuantConfig, QuantSpec, granularities, presets), ``ops`` (the kiln::
 quantization operators and their references), ``observers`` (ranges and scales),
-``calibrate`` (the prepared graph), ``methods`` (RTN, GPTQ, AWQ, SmoothQuant), ``report``,
-``cli`` (``kiln quantize``).
+``calibrate`` (the prepared graph), ``methods`` (RTN, GPTQ, AWQ, SmoothQuant), ``qat``
+(quantization-aware training), ``report``, ``cli`` (``kiln quantize``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from kiln.quantize.config import (
     QuantSpec,
     SmoothQuant,
 )
+from kiln.quantize.qat import QATModel, convert_qat, prepare_qat
 
 
 def quantize(
@@ -97,8 +104,11 @@ __all__ = [
     "PerGroup",
     "PerTensor",
     "PerToken",
+    "QATModel",
     "QuantConfig",
     "QuantSpec",
     "SmoothQuant",
+    "convert_qat",
+    "prepare_qat",
     "quantize",
 ]

@@ -26,7 +26,7 @@ from torch.fx.node import map_arg
 from kiln.ir import PASS_KEY
 from kiln.quantize.ops import QLINEAR_OPS
 
-QUANT_PASSES = ("insert-qdq", "lower-qdq")
+QUANT_PASSES = ("insert-qdq", "lower-qdq", "convert-qat")
 QUANT_META = "kiln_quant"
 
 
