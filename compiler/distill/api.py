@@ -248,11 +248,11 @@ def _prepare_qat(student: nn.Module, spec: QATDistillation, example_inputs: Any,
         raise ConfigError("QAT with a teacher needs kiln.quantize.prepare_qat (issue #7), which this "
                           f"installation lacks: {e}") from e
     quant = QuantConfig.preset(spec.quant) if isinstance(spec.quant, str) else spec.quant
-    if example_inputs is None:
-        vocab = int(getattr(getattr(student, "config", None), "vocab_size", 2))
-        example_inputs = (torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device),)
-    kwargs = {"learn_scales": True} if spec.learn_scales else {}
-    return prepare_qat(student, quant, example_inputs, **kwargs)
+    kwargs: dict[str, Any] = {"learn_scales": spec.learn_scales}
+    if example_inputs is not None:
+        kwargs["example_inputs"] = example_inputs
+    qat = prepare_qat(student, quant, **kwargs)
+    return qat.to(device)
 
 
 __all__ = ["DistillResult", "TeacherAgreement", "distill"]

@@ -88,6 +88,8 @@ def log_prob_pair(student_logits: Tensor, teacher: Teacher, temperature: float =
             raise ConfigError(f"teacher top-k shape {tuple(idx.shape)} does not match student logits "
                               f"{tuple(student_logits.shape)}")
         q_top = log_q.gather(-1, idx)  # (..., k)
+        if idx.shape[-1] == log_q.shape[-1]:  # k = V: the whole vocabulary, no rest bucket
+            return q_top, teacher.logprobs.float()
         q_rest = log_q.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)  # (..., 1)
         p_top = teacher.logprobs.float()
         p_rest = torch.log((1.0 - p_top.exp().sum(-1, keepdim=True)).clamp_min(TAIL_FLOOR))

@@ -1,0 +1,387 @@
+"""Distillation of a drafter-sized student from kiln's shipped teacher (issue #9's figures), on the CPU.
+
+Every method trains the same student shape (``models/kiln-drafter``'s config: 4 layers of 128,
+1.84M parameters) for the same number of optimizer steps on the same ``batch x seq_len`` token
+positions (equal student compute), then is scored on the whole held-out eval split (windows of
+512 tokens, fp32): perplexity, and top-1 agreement with ``models/kiln-teacher``.
+
+Two protocols:
+
+- ``scratch``: from one random initialization. Target: knowledge distillation closes at least
+  half of the perplexity gap between the hard-label student and the teacher.
+- ``finetune``: from the shipped drafter. The drafters are then measured in speculative
+  decoding (``kiln.LLM(teacher, speculative=SpeculativeConfig(method="draft_model", ...))``,
+  greedy, k = 4 fixed, eval-split prompts as in ``benchmarks/speculative.py``). Target: the
+  on-policy-distilled drafter accepts more than the shipped one. ``--save-drafter`` writes it
+  (bf16, with tokenizer and model card) to ``models/kiln-drafter-distilled``.
+
+Methods: ``hard`` (next-token CE), ``kd`` (forward KL to the teacher's top-k cache), ``data``
+(CE on teacher-written continuations, generated once with ``kiln.LLM`` and shared by both
+protocols), ``on_policy`` (GKD: half of the batches sampled by the student with ``kiln.LLM``,
+forward KL on every token). ``--qat`` adds W4 (w4a16-g128) QAT of the teacher against its
+full-precision self versus W4 post-training quantization (RTN, GPTQ).
+
+Every run checkpoints in ``--work`` and its result is kept in ``WORK/results.json``: rerunning
+the command resumes an interrupted run and skips finished ones.
+
+    python benchmarks/distill.py                     # the full benchmark (about 1.5 h on 2 busy cores)
+    python benchmarks/distill.py --quick             # minutes: tiny budgets, a slice of the eval split
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import kiln
+from kiln.distill import (
+    DataDistillation,
+    DistillConfig,
+    KnowledgeDistillation,
+    LossConfig,
+    OnPolicyDistillation,
+    QATDistillation,
+)
+from kiln.distill.generate import generate_data
+from kiln.eval import iter_windows, logits_of, resolve_tokens
+from kiln.models import from_config, load_model, read_config, save_pretrained
+from kiln.train import TokenWindows, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER, DRAFTER = ROOT / "models" / "kiln-teacher", ROOT / "models" / "kiln-drafter"
+OUT_DRAFTER = ROOT / "models" / "kiln-drafter-distilled"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# ------------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """Perplexity and top-1 agreement with the teacher on fixed eval windows (teacher pass cached)."""
+
+    def __init__(self, teacher: torch.nn.Module, tokens: torch.Tensor, work: Path, seq_len: int = 512,
+                 batch_size: int = 8) -> None:
+        self.windows = list(iter_windows(tokens, seq_len=seq_len, batch_size=batch_size))
+        path = work / f"teacher_eval_{tokens.numel()}.safetensors"
+        if path.is_file():
+            saved = load_file(str(path))
+            self.teacher_top1 = [saved[f"top1/{i}"] for i in range(len(self.windows))]
+            self.teacher_ppl = float(saved["ppl"])
+        else:
+            self.teacher_top1 = []
+            self.teacher_ppl = self._score(teacher, top1=self.teacher_top1)[0]
+            save_file({"ppl": torch.tensor(self.teacher_ppl, dtype=torch.float64),
+                       **{f"top1/{i}": t for i, t in enumerate(self.teacher_top1)}}, str(path))
+
+    @torch.no_grad()
+    def _score(self, model: torch.nn.Module, top1: list[torch.Tensor] | None = None) -> tuple[float, float]:
+        model.eval()
+        nll, count, same = 0.0, 0, 0
+        for i, (x, y) in enumerate(self.windows):
+            logits = logits_of(model(x)).float()  # (B, T, V)
+            nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+            if top1 is not None:
+                top1.append(logits.argmax(-1))
+            else:
+                same += int((logits.argmax(-1) == self.teacher_top1[i]).sum())
+        return math.exp(nll / count), same / count
+
+    def score(self, model: torch.nn.Module) -> dict[str, float]:
+        start = time.perf_counter()
+        ppl, agree = self._score(model)
+        return {"perplexity": ppl, "agreement": agree, "eval_s": round(time.perf_counter() - start, 1)}
+
+
+def acceptance(teacher_dir: Path, drafter: Path, prompts: list[list[int]], max_tokens: int, k: int) -> dict[str, float]:
+    """Greedy speculative decoding of ``prompts`` by the teacher with ``drafter``: acceptance figures."""
+    spec = kiln.SpeculativeConfig(method="draft_model", draft_model=str(drafter), num_speculative_tokens=k,
+                                  adaptive=False, disable_by_batch_size=None)
+    llm = kiln.LLM(str(teacher_dir), speculative=spec, device="cpu", dtype=torch.float32,
+                   enable_prefix_caching=False, max_num_batched_tokens=4096)
+    params = kiln.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    s = llm.stats
+    return {"alpha": s["accepted_tokens"] / max(s["accepted_tokens"] + s["spec_rejections"], 1),
+            "accepted_per_drafted": s["accepted_tokens"] / max(s["draft_tokens"], 1),
+            "tokens_per_verify_step": (s["accepted_tokens"] + s["spec_steps"]) / max(s["spec_steps"], 1),
+            "spec_s": round(time.perf_counter() - start, 1)}
+
+
+# ------------------------------------------------------------------------------- runs
+
+
+def method_config(name: str, args: argparse.Namespace, cache_dir: Path) -> Any:
+    fkl = LossConfig(divergence="forward_kl", temperature=1.0)
+    if name == "hard":
+        return KnowledgeDistillation(loss=LossConfig(hard_label_weight=1.0))
+    if name == "kd":
+        return KnowledgeDistillation(loss=fkl, top_k=args.top_k, cache_dir=str(cache_dir))
+    if name == "data":
+        return DataDistillation(prompt_tokens=args.data_prompt_tokens, num_prompts=args.num_prompts, samples_per_prompt=2,
+                                temperature=args.data_temperature, top_p=0.95)
+    if name == "on_policy":
+        return OnPolicyDistillation(loss=fkl, lmbda=args.lmbda, prompt_tokens=args.prompt_tokens, temperature=1.0)
+    raise SystemExit(f"unknown method {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=str(ROOT / ".kiln-distill-bench"), help="checkpoints, caches, results-*.json")
+    p.add_argument("--tag", default="main", help="this process's results file: WORK/results-TAG.json")
+    p.add_argument("--protocols", default="scratch,finetune", help="'' for none")
+    p.add_argument("--methods", default="hard,kd,data,on_policy")
+    p.add_argument("--prepare", action="store_true", help="only the shared inputs: the methods' teacher top-k "
+                   "cache / teacher data, and (unless --methods names neither) nothing else")
+    p.add_argument("--reference", action="store_true", help="score the teacher and the shipped drafter")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--lmbda", type=float, default=0.5)
+    p.add_argument("--prompt-tokens", type=int, default=96, help="on-policy prompt length (the student writes the rest)")
+    p.add_argument("--data-prompt-tokens", type=int, default=64, help="data: prompt length (the teacher writes the rest)")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--data-temperature", type=float, default=0.8)
+    p.add_argument("--eval-tokens", type=int, default=None, help="score the first N eval tokens (default: all)")
+    p.add_argument("--acceptance", action="store_true", help="speculative acceptance of the finetuned drafters")
+    p.add_argument("--spec-prompts", type=int, default=16)
+    p.add_argument("--spec-tokens", type=int, default=48)
+    p.add_argument("--qat", action="store_true", help="W4 QAT with a teacher vs W4 PTQ (teacher-sized)")
+    p.add_argument("--qat-steps", type=int, default=100)
+    p.add_argument("--save-drafter", action="store_true", help=f"write the on-policy finetuned drafter to {OUT_DRAFTER}")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run of every path)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.num_prompts, args.eval_tokens, args.spec_prompts, args.spec_tokens = 6, 16, 8192, 2, 16
+        args.qat_steps, args.work = 4, args.work + "-quick"
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = work / f"results-{args.tag}.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    def record(key: str, value: dict[str, Any]) -> None:
+        results[key] = value
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"{key}: {json.dumps(value)}", flush=True)
+
+    print(f"kiln distill benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} thread(s); steps {args.steps} x {args.batch_size} x {args.seq_len}", flush=True)
+    teacher = load_model(str(TEACHER), dtype=torch.float32).eval()
+    tok_path = work / "tokens.safetensors"
+    if tok_path.is_file():
+        saved = load_file(str(tok_path))
+        train_tokens, eval_tokens = saved["train"], saved["eval"]
+    else:
+        train_tokens, eval_tokens = resolve_tokens("train", TEACHER), resolve_tokens("eval", TEACHER)
+        save_file({"train": train_tokens, "eval": eval_tokens}, str(tok_path))
+    if args.eval_tokens:
+        eval_tokens = eval_tokens[: args.eval_tokens]
+    print(f"train {train_tokens.numel():,} tokens, eval {eval_tokens.numel():,} tokens", flush=True)
+    protocols_names = [x.strip() for x in args.protocols.split(",") if x.strip()]
+    scorer = Scorer(teacher, eval_tokens, work) if (args.reference or protocols_names or args.qat) else None
+    if args.reference and scorer is not None:
+        record("teacher", {"perplexity": scorer.teacher_ppl, "agreement": 1.0})
+        record("shipped_drafter", scorer.score(load_model(str(DRAFTER), dtype=torch.float32)))
+
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=3e-3, min_lr=3e-4,
+                     warmup_steps=max(1, args.steps // 10), weight_decay=0.1, eval_every=max(1, args.steps // 4),
+                     eval_batches=2, ckpt_every=max(1, args.steps // 4), log_every=max(1, args.steps // 20), seed=1234,
+                     device="cpu", progress=not args.no_progress)
+    protocols = {
+        "scratch": tc,
+        "finetune": dataclasses.replace(tc, lr=3e-4, min_lr=3e-5, warmup_steps=max(1, args.steps // 20)),
+    }
+    drafter_config = read_config(DRAFTER)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cache_dir = work / f"teacher_topk_{args.top_k}"
+    data_file = work / "teacher_data.safetensors"
+    if args.prepare and "kd" in methods:  # the teacher's top-k over the training windows, shared by both protocols
+        windows = TokenWindows(train_tokens, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed)
+        from kiln.distill import TopKCache
+        from kiln.distill.cache import tensor_digest
+
+        cache = TopKCache(cache_dir, teacher=teacher, batch_fn=windows.batch, k=args.top_k, temperature=1.0,
+                          key={"data": tensor_digest(train_tokens), "seed": tc.seed, "batch_size": tc.batch_size,
+                               "seq_len": tc.seq_len, "autocast": "None"}, progress=not args.no_progress)
+        start = time.perf_counter()
+        cache.fill(args.steps * tc.grad_accum)
+        record("teacher_topk", {"batches": cache.computed_batches, "bytes": cache.nbytes(),
+                                "seconds": round(time.perf_counter() - start, 1)})
+    if "data" in methods and not data_file.is_file():  # generated once, shared by both protocols
+        spec = method_config("data", args, cache_dir)
+        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + 17)
+        starts = torch.randint(0, train_tokens.numel() - spec.prompt_tokens, (spec.num_prompts,), generator=g)
+        prompts = train_tokens[starts[:, None] + torch.arange(spec.prompt_tokens)]
+        data = generate_data(teacher, prompts, length=tc.seq_len + 1, config=spec, seed=tc.seed, device="cpu",
+                             eos_token_id=1, progress=not args.no_progress)
+        data.save(data_file)
+        record("teacher_data", data.stats)
+    if args.prepare:
+        protocols_names = []
+
+    for protocol in protocols_names:
+        assert scorer is not None
+        for name in methods:
+            key = f"{protocol}/{name}"
+            if key in results:
+                continue
+            run_dir = work / protocol / name
+            if name == "data":
+                run_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy(data_file, run_dir / "distill_data.safetensors")
+            if protocol == "scratch":
+                student = from_config(drafter_config, seed=tc.seed)
+            else:
+                student = load_model(str(DRAFTER), dtype=torch.float32)
+            cfg = DistillConfig(train=protocols[protocol], agreement=True)
+            print(f"--- {key}", flush=True)
+            result = kiln.distill(student, teacher, train_tokens, method=method_config(name, args, cache_dir),
+                                  config=cfg, eval_data=eval_tokens[: 2 * tc.batch_size * tc.seq_len + 1],
+                                  out_dir=run_dir)
+            row = {"steps": result.train.step, "tokens": result.train.tokens_seen,
+                   "train_s": round(result.train.elapsed_s, 1), **scorer.score(result.student),
+                   **{k: v for k, v in result.stats.items() if k not in ("data", "train_seconds")}}
+            record(key, row)
+
+    if args.save_drafter and (work / "finetune" / "on_policy" / "model").is_dir():
+        all_results = merged_results(work)
+        save_drafter(work / "finetune" / "on_policy" / "model", all_results, args)
+    if args.acceptance:
+        import importlib.util
+
+        spec_file = importlib.util.spec_from_file_location("kiln_bench_speculative", ROOT / "benchmarks" / "speculative.py")
+        assert spec_file is not None and spec_file.loader is not None
+        speculative = importlib.util.module_from_spec(spec_file)
+        spec_file.loader.exec_module(speculative)
+        prompts = speculative.eval_prompts(kiln.LLM(str(TEACHER), device="cpu", num_blocks=8).tokenizer, args.spec_prompts)
+        drafters = {"shipped_drafter": DRAFTER}
+        for name in methods:
+            if (work / "finetune" / name / "model").is_dir():
+                drafters[f"finetune/{name}"] = work / "finetune" / name / "model"
+        if (OUT_DRAFTER / "model.safetensors").is_file():
+            drafters["kiln-drafter-distilled"] = OUT_DRAFTER
+        for key, folder in drafters.items():
+            if f"acceptance/{key}" not in results:
+                record(f"acceptance/{key}", acceptance(TEACHER, folder, prompts, args.spec_tokens, 4))
+
+    if args.qat:
+        assert scorer is not None
+        run_qat(teacher, train_tokens, eval_tokens, scorer, work, args, results, record)
+    print_tables(merged_results(work), args)
+    return 0
+
+
+def merged_results(work: Path) -> dict[str, Any]:
+    """Every process's results (``WORK/results-*.json``), merged."""
+    merged: dict[str, Any] = {}
+    for path in sorted(work.glob("results-*.json")):
+        merged.update(json.loads(path.read_text()))
+    return merged
+
+
+def save_drafter(folder: Path, results: dict[str, Any], args: argparse.Namespace) -> None:
+    """The on-policy finetuned drafter as a bf16 HF folder with tokenizer, training log and model card."""
+    model = load_model(str(folder), dtype=torch.float32).to(torch.bfloat16)
+    OUT_DRAFTER.mkdir(parents=True, exist_ok=True)
+    save_pretrained(model, OUT_DRAFTER)
+    for name in TOKENIZER_FILES:
+        shutil.copy(TEACHER / name, OUT_DRAFTER / name)
+    log = folder.parent / "train_log.jsonl"
+    if log.is_file():
+        shutil.copy(log, OUT_DRAFTER / "train_log.jsonl")
+    r = results.get("finetune/on_policy", {})
+    (OUT_DRAFTER / "README.md").write_text(
+        "# kiln-drafter-distilled\n\n"
+        "`models/kiln-drafter` (1.84M parameters, same shape) fine-tuned by on-policy distillation from "
+        "`models/kiln-teacher` with `kiln.distill(..., method=OnPolicyDistillation(lmbda="
+        f"{args.lmbda}, prompt_tokens={args.prompt_tokens}, loss=forward KL))`: {args.steps} steps x "
+        f"{args.batch_size} x {args.seq_len} tokens on the CPU; half of the batches sampled by the student "
+        "with `kiln.LLM`, the teacher scoring every token.\n\n"
+        f"Eval-split perplexity (fp32 weights before the bf16 cast): {r.get('perplexity', float('nan')):.3f}; "
+        f"top-1 agreement with the teacher: {r.get('agreement', float('nan')):.4f}.\n\n"
+        "Reproduce: `python benchmarks/distill.py --save-drafter` (see benchmarks/RESULTS.md). "
+        "Speedup on a GPU: `python benchmarks/speculative.py --drafter models/kiln-drafter-distilled`.\n")
+
+
+def run_qat(teacher: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch.Tensor, scorer: Scorer,
+            work: Path, args: argparse.Namespace, results: dict[str, Any], record: Any) -> None:
+    """W4 (w4a16-g128): PTQ (RTN, GPTQ) of the teacher vs QAT of the teacher distilled from its fp32 self."""
+    from kiln.quantize import QuantConfig
+    from kiln.quantize.calibrate import calibration_tokens
+    from kiln.quantize.report import as_module
+
+    samples = 32 if not args.quick else 2
+    calib = calibration_tokens(str(TEACHER), samples * 512, split="train")
+    ids = calib[:16].reshape(2, 8)
+    dynamic = {"input_ids": {0: "B", 1: "T"}}
+    for method in ("rtn", "gptq"):
+        if f"qat/ptq-{method}" not in results:
+            start = time.perf_counter()
+            cfg = QuantConfig.preset("w4a16-g128", method=method).with_calibration(
+                calib, num_samples=samples, seq_len=512, progress=False)
+            compiled = kiln.compile(teacher, (ids,), config=kiln.CompileConfig(quant=cfg, dynamic=dynamic))
+            record(f"qat/ptq-{method}", {**scorer.score(as_module(compiled)),
+                                         "quantize_s": round(time.perf_counter() - start, 1)})
+    if "qat/qat-kd" not in results:
+        tc = TrainConfig(steps=args.qat_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=5e-5,
+                         min_lr=5e-6, warmup_steps=max(1, args.qat_steps // 10), weight_decay=0.0, eval_every=0,
+                         ckpt_every=max(1, args.qat_steps // 4), log_every=max(1, args.qat_steps // 20), seed=1234,
+                         device="cpu", progress=not args.no_progress, save_hf=False)
+        result = kiln.distill(copy.deepcopy(teacher), teacher, train_tokens, config=DistillConfig(train=tc, agreement=False),
+                              method=QATDistillation(quant="w4a16-g128", loss=LossConfig(divergence="forward_kl")),
+                              out_dir=work / "qat" / "w4a16-g128")
+        record("qat/qat-kd", {**scorer.score(as_module(result.converted)), "steps": result.train.step,
+                              "train_s": round(result.train.elapsed_s, 1)})
+
+
+def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
+    t = results.get("teacher", {}).get("perplexity")
+    print("\n| protocol | method | steps x batch x seq | perplexity | top-1 agreement | gap closed vs hard | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for key in ("teacher", "shipped_drafter"):
+        if key in results:
+            r = results[key]
+            print(f"| - | {key} | - | {r['perplexity']:.3f} | {r['agreement']:.4f} | - | - |")
+    for protocol in ("scratch", "finetune"):
+        hard = results.get(f"{protocol}/hard", {}).get("perplexity")
+        for name in ("hard", "kd", "data", "on_policy"):
+            r = results.get(f"{protocol}/{name}")
+            if r is None:
+                continue
+            closed = "-" if hard is None or t is None or name == "hard" else f"{(hard - r['perplexity']) / (hard - t):.2f}"
+            print(f"| {protocol} | {name} | {r['steps']} x {args.batch_size} x {args.seq_len} | {r['perplexity']:.3f} | "
+                  f"{r['agreement']:.4f} | {closed} | {r['train_s']} |")
+    acc = {k.removeprefix("acceptance/"): v for k, v in results.items() if k.startswith("acceptance/")}
+    if acc:
+        print("\n| drafter | alpha (per token) | accepted / drafted | tokens per verify step |")
+        print("| --- | --- | --- | --- |")
+        for k, v in acc.items():
+            print(f"| {k} | {v['alpha']:.3f} | {v['accepted_per_drafted']:.3f} | {v['tokens_per_verify_step']:.2f} |")
+    qat = {k.removeprefix("qat/"): v for k, v in results.items() if k.startswith("qat/")}
+    if qat:
+        print("\n| W4 (w4a16-g128) teacher | perplexity | top-1 agreement with fp32 teacher |")
+        print("| --- | --- | --- |")
+        for k, v in qat.items():
+            print(f"| {k} | {v['perplexity']:.3f} | {v['agreement']:.4f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
