@@ -90,6 +90,14 @@ class LLM:
             ``spec_rejections`` (verifications that rejected a draft), and derives
             ``acceptance_rate`` (accepted / drafted), ``alpha`` (per-token acceptance:
             accepted / (accepted + rejections)) and ``accepted_tokens_per_step``.
+        cuda_graphs: replay CUDA graphs for the steps, captured at start-up for buckets of
+            sequences (1, 2, 4, ... ``max_num_seqs``) and tokens (16, 32, ...
+            ``max_num_batched_tokens``) (``kiln.runtime.cuda_graphs``); default: on when the
+            model runs on a GPU.
+        enforce_eager: launch every step op by op (no CUDA graphs, no ``torch_compile``).
+        torch_compile: fuse the decode graph's pointwise operations with ``torch.compile``
+            (inductor) before capturing it; costs a compile at start-up (tens of seconds for
+            a 1B model), needs ``cuda_graphs``.
     """
 
     def __init__(
@@ -108,6 +116,9 @@ class LLM:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         speculative: SpeculativeConfig | None = None,
+        cuda_graphs: bool | None = None,
+        enforce_eager: bool = False,
+        torch_compile: bool = False,
     ) -> None:
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
             raise ConfigError(f"speculative must be a SpeculativeConfig or None, got {type(speculative).__name__}")
@@ -121,6 +132,13 @@ class LLM:
         self.model = model
         self.tokenizer = self._load_tokenizer(tokenizer, source)
         dev = torch.device(device) if device is not None else next(model.parameters()).device
+        if enforce_eager and (cuda_graphs or torch_compile):
+            raise ConfigError("enforce_eager=True runs without CUDA graphs and torch_compile; do not ask for them too")
+        if cuda_graphs and dev.type != "cuda":
+            raise ConfigError(f"cuda_graphs=True needs a CUDA device; the model runs on {dev}")
+        use_graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
+        if torch_compile and not use_graphs:
+            raise ConfigError("torch_compile=True compiles the CUDA-graph decode step: it needs cuda_graphs on a GPU")
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = _default_memory(dev)
         self.runner = ModelRunner(
@@ -136,6 +154,12 @@ class LLM:
         if eos is None and self.tokenizer is not None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_token_id: int | None = eos
+        self.cuda_graphs = use_graphs and not enforce_eager  # whether pure-decode steps replay CUDA graphs
+        if self.cuda_graphs:
+            self.runner.enable_cuda_graphs(
+                max_num_seqs=max_num_seqs, max_model_len=self.max_model_len, max_num_tokens=max_num_batched_tokens,
+                torch_compile=torch_compile,
+            )  # fmt: skip
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=self.runner.num_blocks,
@@ -268,10 +292,12 @@ class LLM:
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, list] = {}
         if wanted:
-            rows = torch.tensor([i for i, _ in wanted], device=logits.device)
             seqs = [s for _, s in wanted]
+            picked = logits
+            if len(wanted) < logits.shape[0] or wanted[-1][0] != len(wanted) - 1:  # not simply every row in order
+                picked = logits.index_select(0, torch.tensor([i for i, _ in wanted], device=logits.device))
             out = sample(
-                logits.index_select(0, rows),
+                picked,
                 [s.request.sampling_params for s in seqs],
                 [s.generator for s in seqs],
                 [s.request.output_token_ids for s in seqs],
@@ -359,6 +385,10 @@ class LLM:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every request that changed."""
+        return self._step(snapshots=True)
+
+    def _step(self, *, snapshots: bool) -> list[RequestOutput]:
+        """One step; outputs of every changed request (``snapshots``) or of the finished ones only."""
         so = self.scheduler.schedule()
         self.stats["steps"] += 1
         self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
@@ -375,7 +405,8 @@ class LLM:
                 continue
             self.stats["generated_tokens"] += len(delta.new_token_ids)
             self._detokenize(seq)
-            results.append(seq.request.to_output(text=seq.text, prompt=seq.prompt))
+            if snapshots or seq.request.is_finished:
+                results.append(seq.request.to_output(text=seq.text, prompt=seq.prompt))
             if seq.request.is_finished:
                 del self._seqs[delta.request_id]
                 self._forget_drafts(delta.request_id)
@@ -437,8 +468,8 @@ class LLM:
         """Yield each of the queued requests ``ids`` once, when it finishes."""
         pending = set(ids)
         while pending:
-            for out in self.step():
-                if out.finished and out.request_id in pending:
+            for out in self._step(snapshots=False):
+                if out.request_id in pending:
                     pending.discard(out.request_id)
                     yield out
 

@@ -4,6 +4,11 @@ It owns the compiled step graph (``kiln.compile(..., CompileConfig(kv_cache=True
 the per-layer block caches, turns a list of :class:`SequenceStep` (what the scheduler
 decided, in plain Python) into the graph's flat inputs, runs it, and returns one row of
 logits per sequence. It never decides anything: scheduling lives in ``kiln.runtime.scheduler``.
+
+The graph runs in its launch-ready form (``kiln.runtime.cuda_graphs.specialize_attention``:
+the host tells attention the longest query, so no step synchronizes inside the graph), its
+integer inputs reach the device in one copy, and after :meth:`ModelRunner.enable_cuda_graphs`
+steps replay CUDA graphs captured per bucket of batch and token counts.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kiln.errors import CapacityError, ConfigError
 from kiln.passes.kv_cache import KVCacheLayout, layout_of
+from kiln.runtime.cuda_graphs import MAX_QUERY_LEN, StepGraphs, specialize_attention, stage
 
 
 @dataclass
@@ -81,11 +88,15 @@ class ModelRunner:
             num_blocks = self.blocks_for_memory(self.layout, block_size, dtype, int(kv_cache_memory))  # type: ignore[arg-type]
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks  # one more block than the scheduler knows: written by graph padding rows
         self.caches = [
-            torch.zeros(2, num_blocks, block_size, h, d, dtype=dtype, device=self.device)
+            torch.zeros(2, num_blocks + 1, block_size, h, d, dtype=dtype, device=self.device)
             for h, d in zip(self.layout.num_kv_heads, self.layout.head_dim, strict=True)
         ]
         self.constants = dict(self.compiled.capture.constants)  # e.g. use_cache=False for HF models
+        self.step_gm = specialize_attention(self.gm)  # the graph the runner calls: max_query_len as last input
+        self.input_names = (*self.layout.input_names, MAX_QUERY_LEN)
+        self.graphs: StepGraphs | None = None  # static-buffer (CUDA-graph) steps, see enable_cuda_graphs
 
     @staticmethod
     def blocks_for_memory(model_layout: KVCacheLayout, block_size: int, dtype: torch.dtype, memory_bytes: int) -> int:
@@ -95,17 +106,24 @@ class ModelRunner:
             raise CapacityError(f"kv_cache_memory={memory_bytes} bytes holds no block of {block_size} tokens")
         return int(n)
 
+    def state_inputs(self) -> dict[str, object]:
+        """The inputs that are not step metadata: the block caches and the model's constants."""
+        return {**{f"kv_cache_{i}": c for i, c in enumerate(self.caches)}, **self.constants}
+
     def build_inputs(self, steps: list[SequenceStep]) -> list[object]:
-        """The graph's flat inputs for ``steps``, in ``layout.input_names`` order."""
+        """The step graph's flat inputs for ``steps``, in ``input_names`` order (one host-to-device copy)."""
         bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        lens: list[int] = []
-        last: list[int] = []
+        num_tokens = sum(len(s.token_ids) for s in steps)
+        num_logits = sum(s.num_logits for s in steps)
         width = max(len(s.block_ids) for s in steps)
-        tables = torch.zeros(len(steps), width, dtype=torch.int32)
+        ids = np.empty(num_tokens, dtype=np.int64)
+        pos = np.empty(num_tokens, dtype=np.int64)
+        slots = np.empty(num_tokens, dtype=np.int64)
+        last = np.empty(num_logits, dtype=np.int64)
+        tables = np.zeros((len(steps), width), dtype=np.int32)
+        lens = np.empty(len(steps), dtype=np.int32)
+        starts = np.zeros(len(steps) + 1, dtype=np.int32)
+        t = r = 0
         for i, s in enumerate(steps):
             n = len(s.token_ids)
             end = s.start_position + n
@@ -113,36 +131,70 @@ class ModelRunner:
                 raise CapacityError(f"sequence {i}: {end} tokens do not fit its {len(s.block_ids)} blocks of {bs}")
             if not 1 <= s.num_logits <= n:
                 raise ConfigError(f"sequence {i}: num_logits must be in [1, {n}] (its token count), got {s.num_logits}")
-            ids += s.token_ids
-            pos += range(s.start_position, end)
-            slots += [s.block_ids[p // bs] * bs + p % bs for p in range(s.start_position, end)]
-            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
-            lens.append(end)
-            starts.append(starts[-1] + n)
-            last += range(starts[-1] - s.num_logits, starts[-1])
-        dev = self.device
-        values: dict[str, object] = {
-            "input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
-            "position_ids": torch.tensor([pos], dtype=torch.long, device=dev),
-            "slot_mapping": torch.tensor(slots, dtype=torch.long, device=dev),
-            "block_tables": tables.to(dev),
-            "seq_lens": torch.tensor(lens, dtype=torch.int32, device=dev),
-            "query_start_loc": torch.tensor(starts, dtype=torch.int32, device=dev),
-            "logits_indices": torch.tensor(last, dtype=torch.long, device=dev),
-            **{f"kv_cache_{i}": c for i, c in enumerate(self.caches)},
-            **self.constants,
-        }
-        return [values[name] for name in self.layout.input_names]
+            blocks = np.asarray(s.block_ids, dtype=np.int64)
+            p = np.arange(s.start_position, end)
+            ids[t : t + n] = s.token_ids
+            pos[t : t + n] = p
+            slots[t : t + n] = blocks[p // bs] * bs + p % bs
+            tables[i, : len(blocks)] = blocks
+            lens[i] = end
+            t += n
+            starts[i + 1] = t
+            last[r : r + s.num_logits] = np.arange(t - s.num_logits, t)
+            r += s.num_logits
+        dev = stage(
+            {"input_ids": ids.reshape(1, -1), "position_ids": pos.reshape(1, -1), "slot_mapping": slots,
+             "block_tables": tables, "seq_lens": lens, "query_start_loc": starts, "logits_indices": last},
+            self.device,
+        )  # fmt: skip
+        values = {**dev, **self.state_inputs(), MAX_QUERY_LEN: max(len(s.token_ids) for s in steps)}
+        return [values[name] for name in self.input_names]
+
+    def enable_cuda_graphs(
+        self,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        max_num_tokens: int | None = None,
+        capture: bool | None = None,
+        torch_compile: bool = False,
+        capture_now: bool = True,
+    ) -> StepGraphs:
+        """Run steps on static padded buffers, replaying a CUDA graph per bucket (see ``cuda_graphs``).
+
+        Pure-decode steps of up to ``max_num_seqs`` sequences always; with ``max_num_tokens``
+        also mixed steps (prefill chunks, prefix hits) of up to that many tokens. Steps that
+        fit no bucket run op by op. ``capture`` (default: on a CUDA device) records the
+        graphs, all of them now when ``capture_now``, else each at its first use;
+        ``capture=False`` runs the same padded static inputs without a graph.
+        ``torch_compile`` first fuses the decode graph's pointwise operations with
+        ``torch.compile`` (inductor); attention stays kiln's kernel.
+        """
+        if not self.layout.gather_logits:
+            raise ConfigError("step graphs need a step graph that gathers logits (PageKVCache(gather_logits=True))")
+        capture = self.device.type == "cuda" if capture is None else capture
+        decode = torch.compile(self.step_gm, fullgraph=True) if torch_compile else self.step_gm
+        self.graphs = StepGraphs(
+            decode, self.step_gm, self.input_names, self.state_inputs(),
+            max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
+            max_blocks=-(-max_model_len // self.block_size), block_size=self.block_size,
+            scratch_block=self.scratch_block, num_blocks=self.num_blocks, device=self.device, capture=capture,
+        )  # fmt: skip
+        if capture and capture_now:
+            self.graphs.capture_all()
+        return self.graphs
 
     @torch.no_grad()
     def execute(self, steps: list[SequenceStep]) -> torch.Tensor:
         """Run one step; the logits of each sequence's last ``num_logits`` tokens, in order: (sum num_logits, V) fp32."""
         if not steps:
             raise ConfigError("execute needs at least one sequence")
-        out = self.gm(*self.build_inputs(steps))
-        logits = out[0] if isinstance(out, (list, tuple)) else out
         if not self.layout.gather_logits:
             raise ConfigError("the step graph must gather logits (PageKVCache(gather_logits=True))")
+        if self.graphs is not None and self.graphs.supports(steps):
+            return self.graphs.run(steps).float()  # (S, V)
+        out = self.step_gm(*self.build_inputs(steps))
+        logits = out[0] if isinstance(out, (list, tuple)) else out
         return logits[0].float()  # (S, V)
 
 
