@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from kiln.backends import get_backend
 from kiln.capture import Capture, bind_inputs, capture
 from kiln.errors import ConfigError
 from kiln.ir import SYMBOLS_KEY, node_counts, print_ir
+from kiln.parallel.config import ParallelConfig
 from kiln.pass_manager import Pass, PassManager, PipelineReport
 from kiln.pipeline import build_pipeline
 from kiln.quantize.config import QuantConfig
@@ -45,6 +46,8 @@ class CompileConfig:
     kv_cache: bool = False  # rewrite attention to a paged KV cache (the runtime's step graph)
     quant: QuantConfig | None = None  # quantize (phase 3: insert-qdq, lower-qdq); see kiln.quantize
     extra_passes: tuple[Pass, ...] = field(default=(), compare=False)  # appended to the pipeline
+    parallel: ParallelConfig | None = None  # shard over ranks (phase 4: shard-tensor-parallel, sequence-parallel)
+    rank: int | None = None  # which rank's shard to build under `parallel` (None: torch.distributed's rank)
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or not self.backend:
@@ -58,6 +61,8 @@ class CompileConfig:
                 raise ConfigError(f"extra_passes takes kiln Pass instances, got {type(p).__name__}")
         if self.quant is not None and not isinstance(self.quant, QuantConfig):
             raise ConfigError(f"quant takes a kiln.QuantConfig (e.g. QuantConfig.preset('w8a16')), got {self.quant!r}")
+        if self.parallel is not None:
+            _check_parallel(self)
 
     @property
     def verify_each(self) -> bool:
@@ -184,12 +189,15 @@ def _run_pipeline(
     progress: Any = None,
 ) -> tuple[GraphModule, PipelineReport]:
     gm.meta[SYMBOLS_KEY] = dict(captured.gm.meta.get(SYMBOLS_KEY, {}))
+    dump_dir = config.dump_dir or DUMP_DIR
+    if dump_dir and config.parallel is not None and config.parallel.world_size > 1:
+        dump_dir = str(Path(dump_dir) / f"rank{config.rank}")  # one dump per rank's shard
     manager = PassManager(
         build_pipeline(config),
         verify_each=config.verify_each,
         disable=config.disable,
         print_ir_after=config.print_ir_after,
-        dump_dir=config.dump_dir or DUMP_DIR,
+        dump_dir=dump_dir,
         on_step=on_step,
         progress=progress,
         record_ir=record_ir,
@@ -204,7 +212,8 @@ def compile(  # noqa: A001 - the public name, as torch.compile
     *,
     config: CompileConfig | None = None,
     progress: Any = None,
-) -> CompiledModel:
+    parallel: ParallelConfig | None = None,
+) -> CompiledModel | Any:
     """Capture ``model``, run kiln's pipeline on it and lower it to ``config.backend``.
 
     Args:
@@ -214,8 +223,26 @@ def compile(  # noqa: A001 - the public name, as torch.compile
         example_kwargs: further named inputs.
         config: a :class:`CompileConfig`; defaults to ``CompileConfig()``.
         progress: optional callback receiving each pass's name as it starts (the CLI's display).
+        parallel: a :class:`kiln.ParallelConfig` (same as ``config.parallel``). In a process of a
+            ``torch.distributed`` group (``torchrun``, :func:`kiln.parallel.launch`) the result is
+            this rank's shard (``config.rank`` picks another for inspection); in a single process,
+            a :class:`kiln.parallel.worker.ParallelCompiledModel` whose spawned ranks hold the shards.
     """
     config = config or CompileConfig()
+    if parallel is not None:
+        config = replace(config, parallel=parallel)
+    if config.parallel is not None and config.parallel.world_size > 1 and config.rank is None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            from kiln.parallel.worker import ParallelCompiledModel
+
+            return ParallelCompiledModel(model, example_inputs, example_kwargs, config)
+        if dist.get_world_size() != config.parallel.world_size:
+            raise ConfigError(
+                f"the process group has {dist.get_world_size()} ranks, {config.parallel} needs {config.parallel.world_size}"
+            )
+        config = replace(config, rank=dist.get_rank())
     get_backend(config.backend)  # fail early on an unknown backend
     if config.quant is not None:
         config.quant.check_model(model)  # group sizes, skip patterns, calibration data: fail before capture
@@ -223,6 +250,20 @@ def compile(  # noqa: A001 - the public name, as torch.compile
     gm = captured.exported.module()
     gm, report = _run_pipeline(gm, captured, config, progress=progress)
     return CompiledModel(captured, gm, report, config)
+
+
+def _check_parallel(config: CompileConfig) -> None:
+    par = config.parallel
+    if not isinstance(par, ParallelConfig):
+        raise ConfigError(f"parallel takes a kiln.ParallelConfig, got {par!r}")
+    if config.rank is not None and not 0 <= config.rank < par.world_size:
+        raise ConfigError(f"rank must be in [0, {par.world_size}) for {par}, got {config.rank}")
+    quant = config.quant
+    if par.tensor_parallel_size > 1 and quant is not None and (
+        getattr(quant, "weights", None) is not None or getattr(quant, "activations", None) is not None
+    ):
+        raise ConfigError("quantized weights or activations under tensor parallelism are not implemented yet; "
+                          "quantize a single-device compile, or shard without quant")
 
 
 def compile_pipeline_names(config: CompileConfig | None = None) -> Sequence[str]:

@@ -1,0 +1,125 @@
+"""Every rank's shard in one process: for inspection, single-device simulation and benchmarks.
+
+:func:`compile_shards` captures a model once and builds each rank's shard (``CompileConfig(rank=r)``)
+without a process group. :func:`run_lockstep` runs the shards side by side, node by node, doing
+each collective's arithmetic across the ranks' values in this process (a sum for all-reduce,
+a concatenation for all-gather), so a sharded compile can be checked on one device.
+:func:`strip_collectives` replaces the collectives with local stand-ins of the right shape, so
+a shard's own compute can be timed alone (``benchmarks/parallel_shards.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from kiln.capture import Capture, capture
+from kiln.errors import ConfigError
+from kiln.parallel.tp_collectives import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT
+
+aten = torch.ops.aten
+
+
+def compile_shards(model: torch.nn.Module | Capture, example_inputs: Any = (), example_kwargs: Mapping[str, Any] | None = None,
+                   *, config: Any, ranks: Sequence[int] | None = None) -> list[Any]:  # fmt: skip
+    """``[CompiledModel of rank r]`` for ``config.parallel``: one capture, one pipeline run per rank.
+
+    ``model`` may be a :class:`kiln.Capture` (from :func:`kiln.capture`) to reuse a capture.
+    The shards' collectives need a process group to run; :func:`run_lockstep` runs them without.
+    """
+    from kiln.compile import CompiledModel, _run_pipeline
+
+    if config.parallel is None:
+        raise ConfigError("compile_shards needs CompileConfig(parallel=ParallelConfig(...))")
+    captured = model if isinstance(model, Capture) else capture(model, example_inputs, example_kwargs, dynamic=config.dynamic)
+    out = []
+    for r in range(config.parallel.world_size) if ranks is None else ranks:
+        rank_config = dataclasses.replace(config, rank=r)
+        gm, report = _run_pipeline(captured.exported.module(), captured, rank_config)
+        out.append(CompiledModel(captured, gm, report, rank_config))
+    return out
+
+
+def _collective(target: object, values: list[Any], args: list[tuple[Any, ...]]) -> list[Any]:
+    world = len(values)
+    if target == ALL_REDUCE:
+        total = torch.stack(values).sum(0)
+        return [total.clone() for _ in range(world)]
+    if target == ALL_GATHER:
+        return [torch.cat(values, 0) for _ in range(world)]
+    if target == REDUCE_SCATTER:
+        return list(torch.stack(values).sum(0).chunk(world, 0))
+    return values  # wait_tensor
+
+
+def run_lockstep(gms: Sequence[GraphModule], inputs: Sequence[Any]) -> list[Any]:
+    """Run rank graphs ``gms`` (one per rank, same structure) on the same flat ``inputs``; each rank's outputs."""
+    graphs = [list(gm.graph.nodes) for gm in gms]
+    if len({len(g) for g in graphs}) != 1:
+        raise ConfigError("the shards' graphs differ in structure; run_lockstep needs one compile per rank")
+    envs: list[dict[Node, Any]] = [{} for _ in gms]
+    placeholders = iter(range(len(inputs)))
+    outputs: list[Any] = []
+    for column in zip(*graphs, strict=True):
+        first = column[0]
+        if first.op == "placeholder":
+            value = inputs[next(placeholders)]
+            for env, n in zip(envs, column, strict=True):
+                env[n] = value
+        elif first.op == "get_attr":
+            for env, n, gm in zip(envs, column, gms, strict=True):
+                obj: Any = gm
+                for part in str(n.target).split("."):
+                    obj = getattr(obj, part)
+                env[n] = obj
+        elif first.op == "call_function":
+            args = [torch.fx.node.map_arg(n.args, lambda a, e=env: e[a]) for env, n in zip(envs, column, strict=True)]
+            kwargs = [torch.fx.node.map_arg(n.kwargs, lambda a, e=env: e[a]) for env, n in zip(envs, column, strict=True)]
+            if first.target in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, WAIT):
+                results = _collective(first.target, [a[0] for a in args], args)
+            else:
+                results = [n.target(*a, **k) for n, a, k in zip(column, args, kwargs, strict=True)]  # type: ignore[operator]
+            for env, n, res in zip(envs, column, results, strict=True):
+                env[n] = res
+        elif first.op == "output":
+            outputs = [torch.fx.node.map_arg(n.args[0], lambda a, e=env: e[a]) for env, n in zip(envs, column, strict=True)]
+        else:
+            raise ConfigError(f"run_lockstep cannot run {first.op} nodes")
+    return outputs
+
+
+def strip_collectives(gm: GraphModule) -> int:
+    """Replace every collective by a local stand-in of its output's shape (for timing a shard's compute alone).
+
+    all-reduce and wait: the input itself; reduce-scatter: the input's first rows; all-gather:
+    an uninitialized tensor of the gathered size. The graph then computes garbage where values
+    crossed ranks, at the cost of its own compute. Returns how many collectives were replaced.
+    """
+    count = 0
+    for n in list(gm.graph.nodes):
+        if n.target not in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, WAIT):
+            continue
+        x = n.args[0]
+        if n.target in (ALL_REDUCE, WAIT):
+            n.replace_all_uses_with(x)
+        else:
+            size = n.meta["val"].shape[0]
+            with gm.graph.inserting_before(n):
+                if n.target == REDUCE_SCATTER:
+                    local = gm.graph.call_function(aten.slice.Tensor, (x, 0, 0, size))
+                else:
+                    shape = [size, *(gm.graph.call_function(aten.sym_size.int, (x, d)) for d in range(1, n.meta["val"].dim()))]
+                    local = gm.graph.call_function(aten.new_empty.default, (x, shape))
+            local.meta["val"] = n.meta["val"]
+            n.replace_all_uses_with(local)
+        gm.graph.erase_node(n)
+        count += n.target != WAIT
+    gm.recompile()
+    return count
+
+
+__all__ = ["compile_shards", "run_lockstep", "strip_collectives"]
