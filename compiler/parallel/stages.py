@@ -1,0 +1,527 @@
+"""Pipeline stages: the cost model, the live-value analysis and the per-stage graphs.
+
+Pipeline parallelism (GPipe, Huang et al. 2019, arXiv:1811.06965; PipeDream's 1F1B,
+Narayanan et al. 2019) gives each rank a contiguous slice of the model. Here a slice is a
+contiguous range of the *work nodes* of kiln's IR in graph (topological) order:
+
+- **user inputs** (placeholders) are given to every stage, as vLLM broadcasts the step's
+  metadata to all pipeline ranks; a stage's graph takes only the inputs it reads;
+- **replicable nodes** (pure, computed from user inputs and buffers only, or from weights
+  only: RoPE tables, masks, ``sym_size``) are recomputed by every stage that needs them
+  instead of being sent;
+- **work nodes** (everything else) are partitioned; a value defined in one stage and used
+  in a later one crosses every cut in between and is sent from stage to stage (relayed).
+
+:func:`analyze` prices every work node with a roofline :class:`CostModel` (FLOPs from the
+shapes in ``node.meta["val"]``, bytes of activations and weights read and written) and
+measures the bytes live across every possible cut; :func:`build_stages` turns a list of
+cuts into one :class:`StageGraph` per stage, a plain ``GraphModule`` whose inputs are the
+user inputs it reads followed by the values it receives, and whose outputs are the values
+it sends (the last stage: the model's outputs). Shapes of received values are symbolic
+(``(1, T, 64)``); :meth:`PipelinePlan.bindings` gives the symbols their values from the
+user inputs, so a receiver allocates its buffers without a shape message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import sympy
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
+from torch.utils import _pytree as pytree
+
+from kiln.errors import ConfigError
+from kiln.ir import SYMBOLS_KEY, dtype_name, fake_mode, op_name, print_ir, to_networkx
+
+aten = torch.ops.aten
+
+#: ``node.meta`` key: the pipeline stage a work node belongs to (replicable nodes: absent).
+STAGE_KEY = "pipeline_stage"
+#: ``GraphModule.meta`` key holding the :class:`PipelinePlan` after split-pipeline-stages.
+PLAN_KEY = "kiln_pipeline"
+
+#: Ops that only reinterpret memory: no FLOPs, no traffic.
+_VIEWS = {
+    "aten.view",
+    "aten.reshape",
+    "aten.permute",
+    "aten.transpose.int",
+    "aten.t",
+    "aten.unsqueeze",
+    "aten.squeeze.dim",
+    "aten.squeeze",
+    "aten.expand",
+    "aten.slice.Tensor",
+    "aten.select.int",
+    "aten.alias",
+    "aten.detach",
+    "getitem",
+    "aten.sym_size.int",
+    "aten._unsafe_view",
+    "aten.chunk",
+    "aten.split.Tensor",
+    "aten.unbind.int",
+}
+_MATMULS = {"aten.mm", "aten.bmm", "aten.matmul", "aten.addmm", "aten.baddbmm"}
+_ATTENTION = {"kiln.attention", "kiln.paged_attention", "kiln.ring_attention"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostModel:
+    """A roofline: a node takes ``max(flops / peak_flops, bytes / memory_bandwidth)`` seconds.
+
+    Symbolic sizes are priced at ``sizes[name]`` (``tokens`` sets ``T``, the token axis);
+    sizes not given take the value of the example the graph was captured with. Defaults
+    are one H100 SXM (dense bf16 989 TFLOP/s, HBM3 3.35 TB/s, NVLink 450 GB/s each way).
+    """
+
+    tokens: int | None = None  # value of the token axis T when pricing (None: the capture's example length)
+    sizes: Mapping[str, int] = field(default_factory=dict)  # other named symbolic sizes, e.g. {"S": 8}
+    peak_flops: float = 989e12  # FLOP/s
+    memory_bandwidth: float = 3.35e12  # bytes/s
+    link_bandwidth: float = 450e9  # bytes/s between neighbouring stages (prices cut traffic in reports)
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
+            raise ConfigError(f"CostModel.tokens must be a positive int, got {self.tokens!r}")
+        for name in ("peak_flops", "memory_bandwidth", "link_bandwidth"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"CostModel.{name} must be > 0, got {getattr(self, name)!r}")
+
+    def seconds(self, flops: float, nbytes: float) -> float:
+        """Roofline time of one node."""
+        return max(flops / self.peak_flops, nbytes / self.memory_bandwidth)
+
+
+# --------------------------------------------------------------------------------------
+# Symbolic sizes
+# --------------------------------------------------------------------------------------
+
+SizeExpr = int | sympy.Expr  # a dimension: a number, or an expression in the graph's size symbols
+
+
+def size_expr(size: Any) -> SizeExpr:
+    """A tensor dimension as an int or a sympy expression (``s70``, ``2*s70``)."""
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+
+
+def evaluate(expr: SizeExpr, bindings: Mapping[sympy.Symbol, int]) -> int:
+    """The value of a size under ``bindings``; ConfigError naming an unbound symbol."""
+    if isinstance(expr, int):
+        return expr
+    value = sympy.sympify(expr.xreplace({k: sympy.Integer(v) for k, v in bindings.items()}))
+    if value.free_symbols:
+        raise ConfigError(
+            f"size {expr} depends on {sorted(map(str, value.free_symbols))}, which no input binds"
+        )
+    return int(value)
+
+
+def _hints(gm: GraphModule, cost: CostModel) -> dict[sympy.Symbol, int]:
+    """The value the cost model prices every size symbol of ``gm`` at."""
+    env = getattr(fake_mode(gm), "shape_env", None)
+    table = (getattr(env, "backed_var_to_val", None) or env.var_to_val) if env is not None else {}
+    by_name = {str(s): int(v) for s, v in table.items()}
+    wanted = {**cost.sizes, **({"T": cost.tokens} if cost.tokens is not None else {})}
+    for sym_name, dim_name in gm.meta.get(SYMBOLS_KEY, {}).items():
+        if dim_name in wanted:
+            by_name[sym_name] = int(wanted[dim_name])
+    out: dict[sympy.Symbol, int] = {}
+    for node in gm.graph.nodes:
+        for v in pytree.tree_leaves(node.meta.get("val")):
+            dims = v.shape if isinstance(v, torch.Tensor) else [v] if isinstance(v, torch.SymInt) else []
+            for d in dims:
+                if isinstance(d, torch.SymInt):
+                    for sym in d.node.expr.free_symbols:
+                        out[sym] = by_name.get(str(sym), 1)  # unbacked sizes without a value: priced at 1
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Analysis: classify nodes, price work nodes, measure live bytes across cuts
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeCost:
+    """What one node costs under the cost model."""
+
+    flops: float  # floating-point operations
+    nbytes: float  # bytes read and written (activations and weights)
+    seconds: float  # roofline time
+
+
+@dataclass
+class Analysis:
+    """The pipeline view of a graph: which nodes are partitioned, what each costs, what is live where."""
+
+    gm: GraphModule
+    cost_model: CostModel
+    work: list[Node]  # partitioned nodes, in graph order
+    replicable: set[Node]  # recomputed by every stage that needs them
+    params: set[str]  # get_attr targets that are parameters (weights), not buffers
+    costs: dict[Node, NodeCost]  # every call_function node
+    crossing: list[list[Node]]  # crossing[c]: work values defined before work index c and used at or after it
+    cut_bytes: list[float]  # bytes of crossing[c] under the cost model's sizes
+    valid: list[bool]  # valid[c]: every crossing value is a tensor (a cut may go there)
+    graph: nx.DiGraph  # the networkx view the live ranges were read from
+
+    @property
+    def prefix_seconds(self) -> list[float]:
+        """prefix[i] = cost of work[:i] in seconds."""
+        out = [0.0]
+        for n in self.work:
+            out.append(out[-1] + self.costs[n].seconds)
+        return out
+
+
+def _is_param(gm: GraphModule, target: str) -> bool:
+    return target in dict(gm.named_parameters(remove_duplicate=False))
+
+
+def _node_cost(node: Node, hints: Mapping[sympy.Symbol, int], cost: CostModel) -> NodeCost:
+    def numel(val: Any) -> int:
+        if isinstance(val, torch.Tensor):
+            return math.prod(evaluate(size_expr(d), hints) for d in val.shape)
+        return 0
+
+    def nbytes(val: Any) -> int:
+        return numel(val) * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+    name = op_name(node)
+    out = node.meta.get("val")
+    if name in _VIEWS or node.op != "call_function":
+        return NodeCost(0.0, 0.0, 0.0)
+    ins = [a.meta.get("val") for a in node.all_input_nodes]
+    moved = sum(nbytes(v) for v in ins) + sum(nbytes(v) for v in pytree.tree_leaves(out))
+    if name == "aten.linear" or name in _MATMULS or "linear" in name:
+        k = (
+            evaluate(size_expr(ins[0].shape[-1]), hints)
+            if isinstance(ins[0], torch.Tensor) and ins[0].dim()
+            else 1
+        )
+        flops = 2.0 * numel(out) * k
+    elif name in _ATTENTION:
+        q, k = ins[0], ins[1]
+        b, h, tq, d = (evaluate(size_expr(s), hints) for s in q.shape)
+        tk = evaluate(size_expr(k.shape[2]), hints) if name == "kiln.attention" else tq
+        causal = name != "kiln.attention" or bool(
+            node.kwargs.get("causal", node.args[4] if len(node.args) > 4 else False)
+        )
+        flops = 4.0 * b * h * tq * tk * d * (0.5 if causal else 1.0)
+    else:
+        flops = float(max([numel(out), *(numel(v) for v in ins)]))
+    return NodeCost(flops, float(moved), cost.seconds(flops, moved))
+
+
+def _depends_on(node: Node, kinds: dict[Node, set[str]]) -> set[str]:
+    out: set[str] = set()
+    for a in node.all_input_nodes:
+        out |= kinds[a]
+    return out
+
+
+def analyze(gm: GraphModule, cost_model: CostModel | None = None) -> Analysis:
+    """Classify, price and measure ``gm`` for pipeline partitioning (see the module docstring)."""
+    cost = cost_model or CostModel()
+    hints = _hints(gm, cost)
+    params = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and _is_param(gm, str(n.target))}
+    # What each node depends on: "input" (user data), "param" (weights), "work" (a partitioned node).
+    kinds: dict[Node, set[str]] = {}
+    work: list[Node] = []
+    replicable: set[Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            kinds[n] = {"input"}
+        elif n.op == "get_attr":
+            kinds[n] = {"param"} if str(n.target) in params else set()
+        elif n.op == "output":
+            continue
+        else:
+            deps = _depends_on(n, kinds)
+            pure = n.op == "call_function" and not n.is_impure()
+            if pure and "work" not in deps and not {"input", "param"} <= deps:
+                replicable.add(n)
+                kinds[n] = deps
+            else:
+                work.append(n)
+                kinds[n] = {"work"}
+    g = to_networkx(gm)
+    index = {n.name: i for i, n in enumerate(work)}
+    output = gm.graph.output_node()
+    n_work = len(work)
+    live = [0.0] * (n_work + 2)
+    bad = [0] * (n_work + 2)
+    crossing: list[list[Node]] = [[] for _ in range(n_work + 1)]
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for i, n in enumerate(work):
+        users = list(g.successors(n.name))
+        last = max((index.get(u, n_work if u == output.name else -1) for u in users), default=i)
+        if last <= i:
+            continue
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            b = math.prod(evaluate(size_expr(d), hints) for d in val.shape) * val.element_size()
+        else:
+            b = 0
+        live[i + 1] += b
+        live[last + 1] -= b
+        if not isinstance(val, torch.Tensor):
+            bad[i + 1] += 1
+            bad[last + 1] -= 1
+        for c in range(i + 1, min(last, n_work - 1) + 1):
+            crossing[c].append(by_name[n.name])
+    cut_bytes, valid, acc, acc_bad = [], [], 0.0, 0
+    for c in range(n_work + 1):
+        acc += live[c]
+        acc_bad += bad[c]
+        cut_bytes.append(acc)
+        valid.append(acc_bad == 0 and 0 < c < n_work)
+    costs = {n: _node_cost(n, hints, cost) for n in gm.graph.nodes if n.op == "call_function"}
+    return Analysis(gm, cost, work, replicable, params, costs, crossing, cut_bytes, valid, g)
+
+
+# --------------------------------------------------------------------------------------
+# Stage graphs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoundaryValue:
+    """A value sent from one stage to the next."""
+
+    name: str  # the defining node's name in the original graph (and the placeholder's name in the receiver)
+    shape: tuple[SizeExpr, ...]  # symbolic shape; evaluate with PipelinePlan.bindings
+    dtype: torch.dtype
+
+    def concrete_shape(self, bindings: Mapping[sympy.Symbol, int]) -> tuple[int, ...]:
+        """The shape for one call, given the size symbols' values."""
+        return tuple(evaluate(d, bindings) for d in self.shape)
+
+    def __str__(self) -> str:
+        return f"%{self.name}: {dtype_name(self.dtype)}[{', '.join(map(str, self.shape))}]"
+
+
+@dataclass
+class StageCost:
+    """One stage's price under the cost model."""
+
+    seconds: float  # roofline compute time (work nodes plus the replicated nodes it recomputes)
+    flops: float  # floating-point operations
+    param_bytes: int  # bytes of the weights it holds
+    recv_bytes: float  # bytes it receives per call
+    send_bytes: float  # bytes it sends per call
+    num_nodes: int  # work nodes it runs
+
+
+@dataclass
+class StageGraph:
+    """One pipeline stage: a graph over (user inputs it reads, values it receives) -> (values it sends | outputs)."""
+
+    index: int  # 0 .. num_stages - 1
+    gm: GraphModule  # the stage's computation (plain GraphModule, flat positional inputs and outputs)
+    user_inputs: tuple[str, ...]  # original input names the stage reads, in its placeholder order
+    recv: tuple[BoundaryValue, ...]  # received from stage index - 1, after the user inputs
+    send: tuple[BoundaryValue, ...]  # sent to stage index + 1 (the first outputs)
+    num_outputs: int  # model outputs returned after the sent values (last stage only)
+    cost: StageCost  # its price under the cost model
+
+    def __call__(self, inputs: Mapping[str, Any], received: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        """Run the stage: returns (values to send, model outputs)."""
+        out = self.gm(*[inputs[n] for n in self.user_inputs], *received)
+        out = list(out)
+        return out[: len(self.send)], out[len(self.send) :]
+
+    def ir(self) -> str:
+        """The stage's IR, headed by what it receives and sends."""
+        head = [
+            f"// stage {self.index}: {self.cost.num_nodes} work nodes, {self.cost.seconds * 1e6:.1f} us modelled"
+        ]
+        head += [f"// recv from stage {self.index - 1}: {v}" for v in self.recv]
+        head += [f"// send to stage {self.index + 1}: {v}" for v in self.send]
+        return "\n".join(head) + "\n" + print_ir(self.gm, title=f"stage{self.index}")
+
+
+@dataclass
+class PipelinePlan:
+    """A graph split into stages, with its inputs' names and output structure."""
+
+    stages: list[StageGraph]  # one per pipeline rank
+    input_names: tuple[str, ...]  # the original graph's inputs, in order
+    input_shapes: dict[str, tuple[SizeExpr, ...]]  # symbolic shapes of tensor inputs (to bind size symbols)
+    out_spec: Any  # pytree spec of the model's outputs over the last stage's flat outputs (None: flat)
+    cuts: tuple[int, ...]  # work-node indices where stages begin (stage s >= 1 starts at cuts[s - 1])
+    cost_model: CostModel  # what priced it
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def bindings(self, inputs: Mapping[str, Any]) -> dict[sympy.Symbol, int]:
+        """Values of the size symbols, read from one call's tensor inputs (absent or None inputs skipped)."""
+        out: dict[sympy.Symbol, int] = {}
+        for name, shape in self.input_shapes.items():
+            value = inputs.get(name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.dim() != len(shape):
+                raise ConfigError(
+                    f"input {name!r} has rank {value.dim()}, the graph was captured with rank {len(shape)}"
+                )
+            for expr, actual in zip(shape, value.shape, strict=True):
+                if isinstance(expr, sympy.Symbol):
+                    out[expr] = int(actual)
+                elif isinstance(expr, int) and expr != actual:
+                    raise ConfigError(
+                        f"input {name!r} has shape {tuple(value.shape)}; the graph needs size {expr} there"
+                    )
+        return out
+
+    def outputs(self, flat: Sequence[Any]) -> Any:
+        """The model's output structure from the last stage's flat outputs."""
+        return list(flat) if self.out_spec is None else pytree.tree_unflatten(list(flat), self.out_spec)
+
+    def report(self) -> str:
+        """A table of per-stage costs, weights and traffic, with the imbalance."""
+        rows = ["stage  nodes  modelled_us      GFLOP  params_MiB  recv_KiB  send_KiB"]
+        for s in self.stages:
+            c = s.cost
+            rows.append(
+                f"{s.index:5d}  {c.num_nodes:5d}  {c.seconds * 1e6:11.2f}  {c.flops / 1e9:9.4f}  "
+                f"{c.param_bytes / 2**20:10.3f}  {c.recv_bytes / 2**10:8.1f}  {c.send_bytes / 2**10:8.1f}"
+            )
+        rows.append(
+            f"imbalance (max / min - 1): {imbalance([s.cost.seconds for s in self.stages]) * 100:.2f}%"
+        )
+        return "\n".join(rows)
+
+
+def imbalance(costs: Sequence[float]) -> float:
+    """``max / min - 1`` of stage costs (0 is perfectly balanced)."""
+    return max(costs) / min(costs) - 1.0 if min(costs) > 0 else math.inf
+
+
+def _boundary(node: Node) -> BoundaryValue:
+    val = node.meta["val"]
+    return BoundaryValue(node.name, tuple(size_expr(d) for d in val.shape), val.dtype)
+
+
+def _closure(roots: Sequence[Node], replicable: set[Node]) -> set[Node]:
+    """The replicable nodes, get_attrs and placeholders the roots read (transitively through replicable nodes)."""
+    seen: set[Node] = set()
+    stack = [a for r in roots for a in r.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in seen or not (n in replicable or n.op in ("get_attr", "placeholder")):
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _copy_stage(
+    gm: GraphModule,
+    needed: set[Node],
+    recv: Sequence[Node],
+    send: Sequence[Node],
+    out_leaves: Sequence[Any] | None,
+) -> tuple[GraphModule, list[str]]:
+    """A GraphModule of the ``needed`` nodes: (user inputs read, received values) -> (sent values, outputs)."""
+    g = Graph()
+    env: dict[Node, Node] = {}
+    user_inputs = []
+    for ph in gm.graph.nodes:
+        if ph.op == "placeholder" and ph in needed:
+            env[ph] = g.placeholder(ph.name)
+            env[ph].meta = dict(ph.meta)
+            user_inputs.append(ph.name)
+    for v in recv:
+        env[v] = g.placeholder(v.name)
+        env[v].meta = dict(v.meta)
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "output") and n in needed and n not in env:
+            env[n] = g.node_copy(n, env.__getitem__)
+    outs = [map_arg(x, env.__getitem__) for x in out_leaves] if out_leaves is not None else []
+    g.output(tuple([env[v] for v in send] + outs))
+    stage_gm = GraphModule(gm, g)
+    stage_gm.meta[SYMBOLS_KEY] = dict(gm.meta.get(SYMBOLS_KEY, {}))
+    return stage_gm, user_inputs
+
+
+def build_stages(an: Analysis, cuts: Sequence[int]) -> PipelinePlan:
+    """One :class:`StageGraph` per stage; stage ``s`` runs ``work[bounds[s]:bounds[s + 1]]``."""
+    gm = an.gm
+    bounds = [0, *cuts, len(an.work)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = gm.graph.output_node()
+    out_leaves, _ = pytree.tree_flatten(output.args[0])
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    weights = dict(gm.named_parameters(remove_duplicate=False))
+    stages = []
+    for s in range(len(bounds) - 1):
+        mine = an.work[bounds[s] : bounds[s + 1]]
+        last = s == len(bounds) - 2
+        recv = an.crossing[bounds[s]] if s > 0 else []
+        send = an.crossing[bounds[s + 1]] if not last else []
+        needed = _closure(mine + ([output] if last else []), an.replicable) | set(mine)
+        stage_gm, user_inputs = _copy_stage(gm, needed, recv, send, out_leaves if last else None)
+        for n in mine:
+            n.meta[STAGE_KEY] = s
+        held = {str(n.target) for n in needed if n.op == "get_attr" and str(n.target) in an.params}
+        computed = [n for n in needed if n.op == "call_function"]
+        cost = StageCost(
+            seconds=sum(an.costs[n].seconds for n in computed),
+            flops=sum(an.costs[n].flops for n in computed),
+            param_bytes=sum(t.numel() * t.element_size() for k, t in weights.items() if k in held),
+            recv_bytes=an.cut_bytes[bounds[s]] if s > 0 else 0.0,
+            send_bytes=an.cut_bytes[bounds[s + 1]] if not last else 0.0,
+            num_nodes=len(mine),
+        )
+        stages.append(
+            StageGraph(
+                s,
+                stage_gm,
+                tuple(user_inputs),
+                tuple(map(_boundary, recv)),
+                tuple(map(_boundary, send)),
+                len(out_leaves) if last else 0,
+                cost,
+            )
+        )
+    shapes = {
+        ph.name: tuple(size_expr(d) for d in ph.meta["val"].shape)
+        for ph in placeholders
+        if isinstance(ph.meta.get("val"), torch.Tensor)
+    }
+    return PipelinePlan(
+        stages,
+        tuple(ph.name for ph in placeholders),
+        shapes,
+        info.out_spec if info is not None else None,
+        tuple(cuts),
+        an.cost_model,
+    )
+
+
+__all__ = [
+    "PLAN_KEY",
+    "STAGE_KEY",
+    "Analysis",
+    "BoundaryValue",
+    "CostModel",
+    "NodeCost",
+    "PipelinePlan",
+    "StageCost",
+    "StageGraph",
+    "analyze",
+    "build_stages",
+    "evaluate",
+    "imbalance",
+    "size_expr",
+]
