@@ -217,14 +217,19 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return [*out, max_num_seqs]
 
 
-def token_buckets(max_num_tokens: int, smallest: int = 16) -> list[int]:
-    """Token counts with a mixed-step graph: powers of two from ``smallest``, and ``max_num_tokens``."""
+def token_buckets(max_num_tokens: int, smallest: int = 16, step: int = 256) -> list[int]:
+    """Token counts with a mixed-step graph: powers of two from ``smallest`` up to ``step``, then
+    multiples of ``step`` (padding wastes at most ``step`` tokens of a long step), and ``max_num_tokens``."""
     if max_num_tokens < 1:
         raise ConfigError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
     out, t = [], smallest
-    while t < max_num_tokens:
+    while t < min(max_num_tokens, step):
         out.append(t)
         t *= 2
+    t = step
+    while t < max_num_tokens:
+        out.append(t)
+        t += step
     return [*out, max_num_tokens]
 
 

@@ -33,6 +33,7 @@ def test_batch_buckets_are_powers_of_two_capped_by_max_num_seqs() -> None:
     with pytest.raises(kiln.ConfigError):
         batch_buckets(0)
     assert token_buckets(100) == [16, 32, 64, 100] and token_buckets(16) == [16] and token_buckets(8) == [8]
+    assert token_buckets(1000) == [16, 32, 64, 128, 256, 512, 768, 1000]
 
 
 def test_staging_packs_mixed_dtypes_into_aligned_views() -> None:
