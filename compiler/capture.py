@@ -9,7 +9,6 @@ to try. The caller's model is left as it was (training flags are restored).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import re
@@ -184,22 +183,6 @@ def _explain(exc: BaseException) -> tuple[str, str]:
     return (f"{name}: {text.splitlines()[0] if text else ''}", "simplify the model's forward() around that line")
 
 
-def _sdpa_backend_for_capture(inputs: Mapping[str, object]) -> contextlib.AbstractContextManager[None]:
-    """Keep CUDA's SDPA backend choice from adding shape guards while tracing.
-
-    On CUDA, choosing between the flash, efficient and math backends inspects strides, and
-    for fp32 (no flash) torch 2.11 turns that into guards that specialize the token count.
-    Which backend the trace would have used is irrelevant: fuse-attention replaces SDPA
-    with ``kiln::attention`` either way. On the CPU nothing changes.
-    """
-    tensors = [v for v in torch.utils._pytree.tree_leaves(dict(inputs)) if isinstance(v, torch.Tensor)]
-    if not any(t.is_cuda for t in tensors):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 def capture(
     model: torch.nn.Module,
     example_inputs: Any = (),
@@ -236,10 +219,9 @@ def capture(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with _sdpa_backend_for_capture(inputs):
-            exported = torch.export.export(
-                model, (), inputs, dynamic_shapes=_export_dynamic_shapes(signature, inputs, dynamic_shapes), strict=False
-            )
+        exported = torch.export.export(
+            model, (), inputs, dynamic_shapes=_export_dynamic_shapes(signature, inputs, dynamic_shapes), strict=False
+        )
     except Exception as e:
         construct, hint = _explain(e)
         where = _user_frame(e)
