@@ -11,6 +11,7 @@ is written to ``OUT_DIR/model`` (with the teacher's tokenizer files when it has 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import shutil
@@ -123,7 +124,8 @@ def distill(
 
     Args:
         student, teacher: modules (``forward(input_ids) -> logits``), HF-format folders or presets;
-            they must share the vocabulary. The teacher is frozen and put in eval mode.
+            they must share the vocabulary. The teacher is frozen and put in eval mode. For QAT the
+            student may be the teacher itself (a quantized deployment of the teacher).
         data: the training token stream (1-D) or a split name (``"train"``) with a tokenizer.
         method: ``"hard"``, ``"kd"``, ``"data"``, ``"on_policy"``, ``"qat"`` or a method config
             (:class:`KnowledgeDistillation`, :class:`DataDistillation`, :class:`OnPolicyDistillation`,
@@ -143,6 +145,11 @@ def distill(
         tokenizer = Path(teacher)
     teacher_dir = Path(teacher) if isinstance(teacher, str | Path) else None
     student_m, teacher_m = _load(student, "student"), _load(teacher, "teacher")
+    if student_m is teacher_m:
+        if not isinstance(spec, QATDistillation):
+            raise ConfigError("student and teacher are the same module; pass a copy as the student "
+                              "(only QAT distills a model from its own full-precision self)")
+        student_m = copy.deepcopy(teacher_m)  # prepare_qat copies it again; the teacher stays untouched
     device = tc.resolved_device()
     teacher_m.to(device).eval().requires_grad_(False)
     student_m.to(device)

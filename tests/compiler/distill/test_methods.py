@@ -297,6 +297,8 @@ def test_resume_continues_identically(
 def test_config_errors(
     make_student: Callable[..., nn.Module], teacher: nn.Module, tokens: torch.Tensor
 ) -> None:
+    with pytest.raises(ConfigError, match="same module"):
+        distill(teacher, teacher, tokens, method="kd", config=CFG)
     with pytest.raises(ConfigError, match="unknown distillation method"):
         distill(make_student(), teacher, tokens, method="magic")
     with pytest.raises(ConfigError, match="hard_label_weight"):

@@ -39,7 +39,7 @@ def test_qat_with_teacher_lowers_its_loss_and_converts(
     )
     before = copy.deepcopy(teacher.state_dict())
     result = distill(
-        copy.deepcopy(teacher),
+        teacher,  # the student is the teacher itself: a W4 deployment of it
         teacher,
         tokens,
         method=QATDistillation(quant=quant, loss=LossConfig(divergence="forward_kl")),
