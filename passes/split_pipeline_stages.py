@@ -26,7 +26,7 @@ Establishes: the stage assignment is contiguous in graph order and every edge of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -104,11 +104,16 @@ def split_pipeline_stages(
     cost_model: CostModel | None = None,
     balance_tolerance: float = 0.02,
     max_cut_factor: float = 2.0,
+    measured: Mapping[str, float] | None = None,
 ) -> PipelinePlan:
-    """Partition ``gm`` into ``num_stages`` stages (see the module docstring); returns the plan."""
+    """Partition ``gm`` into ``num_stages`` stages (see the module docstring); returns the plan.
+
+    ``measured`` (op name -> seconds, from ``kiln.parallel.stages_cost.profile_costs``)
+    balances on measured times instead of the cost model's roofline.
+    """
     if not isinstance(num_stages, int) or num_stages < 1:
         raise ConfigError(f"num_stages must be a positive int, got {num_stages!r}")
-    an = analyze(gm, cost_model)
+    an = analyze(gm, cost_model, measured=measured)
     cuts = partition(an, num_stages, balance_tolerance=balance_tolerance, max_cut_factor=max_cut_factor)
     return build_stages(an, cuts)
 

@@ -8,6 +8,13 @@
   torch.distributed, ``kiln.LLM(tensor_parallel_size=)``).
 - :func:`compile_shards` builds every rank's shard in one process; :func:`run_lockstep` runs
   them there, doing the collectives' arithmetic itself (checks on a single device).
+- Pipeline parallelism: :func:`split_pipeline_stages` partitions a graph into a
+  :class:`PipelinePlan` of stage graphs (cost model in ``kiln.parallel.stages_cost``);
+  :class:`PipelineExecutor` runs one stage per rank under GPipe / 1F1B
+  (``kiln.parallel.schedule``) or interleaves decode steps (:func:`generate_interleaved`).
+- Context parallelism: ``ContextParallelAttention`` rewrites attention into ring attention
+  (``kiln::ring_attention``) and :class:`ContextParallelRunner` splits a long prefill's tokens
+  over the ranks (zigzag).
 """
 
 from typing import Any
@@ -24,6 +31,17 @@ _LAZY = {
     "ParallelCompiledModel": "kiln.parallel.worker",
     "ParallelModelRunner": "kiln.parallel.worker",
     "WorkerGroup": "kiln.parallel.worker",
+    "split_pipeline_stages": "kiln.passes.split_pipeline_stages",
+    "PipelinePlan": "kiln.parallel.stages",
+    "CostModel": "kiln.parallel.stages_cost",
+    "PipelineExecutor": "kiln.parallel.pipeline",
+    "VirtualClock": "kiln.parallel.pipeline",
+    "GPipe": "kiln.parallel.schedule",
+    "OneFOneB": "kiln.parallel.schedule",
+    "InterleavedDecode": "kiln.parallel.schedule",
+    "generate_interleaved": "kiln.parallel.pipeline_decode",
+    "ContextParallelAttention": "kiln.parallel.ring_attention_pass",
+    "ContextParallelRunner": "kiln.parallel.ring_attention_pass",
 }
 
 

@@ -19,7 +19,8 @@ CPU tensors (activations on a GPU are staged through host memory), NCCL GPU tens
 Timing: each rank records (action, start, end) of its computations. With a
 :class:`VirtualClock` (``kiln``'s design for measuring a schedule when ranks share one
 device), a rank computes only while holding a file lock, so its compute time is its
-uncontended time, and it keeps a virtual clock: a computation starts at
+uncontended time (on a CPU shared with other work, optionally its thread's CPU time), and it
+keeps a virtual clock: a computation starts at
 ``max(clock, arrival of its inputs)``, an arrival is the sender's virtual send time plus
 ``bytes / link_bandwidth + latency``; send times travel with the messages. The timeline
 is then the one p dedicated devices would show for the same durations and dependencies.
@@ -50,6 +51,7 @@ class VirtualClock:
     lock_path: str  # file locked while computing, shared by all ranks of the device
     link_bandwidth: float = 450e9  # bytes/s of the modelled link between neighbouring stages
     latency: float = 5e-6  # seconds per message on the modelled link
+    cpu_time: bool = False  # time computations by this thread's CPU time (CPU ranks with one thread each)
     now: float = 0.0  # this rank's virtual time
 
     def arrival(self, sent_at: float, nbytes: int) -> float:
@@ -146,10 +148,11 @@ class PipelineExecutor:
             fcntl.flock(self._lock, fcntl.LOCK_EX)
             try:
                 self._sync()
-                t0 = time.perf_counter()
+                timer = time.thread_time if self.clock.cpu_time else time.perf_counter
+                t0 = timer()
                 out = fn()
                 self._sync()
-                took = time.perf_counter() - t0
+                took = timer() - t0
             finally:
                 fcntl.flock(self._lock, fcntl.LOCK_UN)
             start = max(self.clock.now, ready)

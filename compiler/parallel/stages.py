@@ -24,9 +24,10 @@ user inputs, so a receiver allocates its buffers without a shape message.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -37,7 +38,16 @@ from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
 from kiln.errors import ConfigError
-from kiln.ir import SYMBOLS_KEY, dtype_name, fake_mode, op_name, print_ir, to_networkx
+from kiln.ir import SYMBOLS_KEY, dtype_name, print_ir, to_networkx
+from kiln.parallel.stages_cost import (
+    CostModel,
+    NodeCost,
+    SizeExpr,
+    evaluate,
+    node_cost,
+    price_hints,
+    size_expr,
+)
 
 aten = torch.ops.aten
 
@@ -46,115 +56,9 @@ STAGE_KEY = "pipeline_stage"
 #: ``GraphModule.meta`` key holding the :class:`PipelinePlan` after split-pipeline-stages.
 PLAN_KEY = "kiln_pipeline"
 
-#: Ops that only reinterpret memory: no FLOPs, no traffic.
-_VIEWS = {
-    "aten.view",
-    "aten.reshape",
-    "aten.permute",
-    "aten.transpose.int",
-    "aten.t",
-    "aten.unsqueeze",
-    "aten.squeeze.dim",
-    "aten.squeeze",
-    "aten.expand",
-    "aten.slice.Tensor",
-    "aten.select.int",
-    "aten.alias",
-    "aten.detach",
-    "getitem",
-    "aten.sym_size.int",
-    "aten._unsafe_view",
-    "aten.chunk",
-    "aten.split.Tensor",
-    "aten.unbind.int",
-}
-_MATMULS = {"aten.mm", "aten.bmm", "aten.matmul", "aten.addmm", "aten.baddbmm"}
-_ATTENTION = {"kiln.attention", "kiln.paged_attention", "kiln.ring_attention"}
-
-
-@dataclass(frozen=True, kw_only=True)
-class CostModel:
-    """A roofline: a node takes ``max(flops / peak_flops, bytes / memory_bandwidth)`` seconds.
-
-    Symbolic sizes are priced at ``sizes[name]`` (``tokens`` sets ``T``, the token axis);
-    sizes not given take the value of the example the graph was captured with. Defaults
-    are one H100 SXM (dense bf16 989 TFLOP/s, HBM3 3.35 TB/s, NVLink 450 GB/s each way).
-    """
-
-    tokens: int | None = None  # value of the token axis T when pricing (None: the capture's example length)
-    sizes: Mapping[str, int] = field(default_factory=dict)  # other named symbolic sizes, e.g. {"S": 8}
-    peak_flops: float = 989e12  # FLOP/s
-    memory_bandwidth: float = 3.35e12  # bytes/s
-    link_bandwidth: float = 450e9  # bytes/s between neighbouring stages (prices cut traffic in reports)
-
-    def __post_init__(self) -> None:
-        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
-            raise ConfigError(f"CostModel.tokens must be a positive int, got {self.tokens!r}")
-        for name in ("peak_flops", "memory_bandwidth", "link_bandwidth"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"CostModel.{name} must be > 0, got {getattr(self, name)!r}")
-
-    def seconds(self, flops: float, nbytes: float) -> float:
-        """Roofline time of one node."""
-        return max(flops / self.peak_flops, nbytes / self.memory_bandwidth)
-
-
-# --------------------------------------------------------------------------------------
-# Symbolic sizes
-# --------------------------------------------------------------------------------------
-
-SizeExpr = int | sympy.Expr  # a dimension: a number, or an expression in the graph's size symbols
-
-
-def size_expr(size: Any) -> SizeExpr:
-    """A tensor dimension as an int or a sympy expression (``s70``, ``2*s70``)."""
-    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
-
-
-def evaluate(expr: SizeExpr, bindings: Mapping[sympy.Symbol, int]) -> int:
-    """The value of a size under ``bindings``; ConfigError naming an unbound symbol."""
-    if isinstance(expr, int):
-        return expr
-    value = sympy.sympify(expr.xreplace({k: sympy.Integer(v) for k, v in bindings.items()}))
-    if value.free_symbols:
-        raise ConfigError(
-            f"size {expr} depends on {sorted(map(str, value.free_symbols))}, which no input binds"
-        )
-    return int(value)
-
-
-def _hints(gm: GraphModule, cost: CostModel) -> dict[sympy.Symbol, int]:
-    """The value the cost model prices every size symbol of ``gm`` at."""
-    env = getattr(fake_mode(gm), "shape_env", None)
-    table = (getattr(env, "backed_var_to_val", None) or env.var_to_val) if env is not None else {}
-    by_name = {str(s): int(v) for s, v in table.items()}
-    wanted = {**cost.sizes, **({"T": cost.tokens} if cost.tokens is not None else {})}
-    for sym_name, dim_name in gm.meta.get(SYMBOLS_KEY, {}).items():
-        if dim_name in wanted:
-            by_name[sym_name] = int(wanted[dim_name])
-    out: dict[sympy.Symbol, int] = {}
-    for node in gm.graph.nodes:
-        for v in pytree.tree_leaves(node.meta.get("val")):
-            dims = v.shape if isinstance(v, torch.Tensor) else [v] if isinstance(v, torch.SymInt) else []
-            for d in dims:
-                if isinstance(d, torch.SymInt):
-                    for sym in d.node.expr.free_symbols:
-                        out[sym] = by_name.get(str(sym), 1)  # unbacked sizes without a value: priced at 1
-    return out
-
-
 # --------------------------------------------------------------------------------------
 # Analysis: classify nodes, price work nodes, measure live bytes across cuts
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class NodeCost:
-    """What one node costs under the cost model."""
-
-    flops: float  # floating-point operations
-    nbytes: float  # bytes read and written (activations and weights)
-    seconds: float  # roofline time
 
 
 @dataclass
@@ -185,41 +89,6 @@ def _is_param(gm: GraphModule, target: str) -> bool:
     return target in dict(gm.named_parameters(remove_duplicate=False))
 
 
-def _node_cost(node: Node, hints: Mapping[sympy.Symbol, int], cost: CostModel) -> NodeCost:
-    def numel(val: Any) -> int:
-        if isinstance(val, torch.Tensor):
-            return math.prod(evaluate(size_expr(d), hints) for d in val.shape)
-        return 0
-
-    def nbytes(val: Any) -> int:
-        return numel(val) * val.element_size() if isinstance(val, torch.Tensor) else 0
-
-    name = op_name(node)
-    out = node.meta.get("val")
-    if name in _VIEWS or node.op != "call_function":
-        return NodeCost(0.0, 0.0, 0.0)
-    ins = [a.meta.get("val") for a in node.all_input_nodes]
-    moved = sum(nbytes(v) for v in ins) + sum(nbytes(v) for v in pytree.tree_leaves(out))
-    if name == "aten.linear" or name in _MATMULS or "linear" in name:
-        k = (
-            evaluate(size_expr(ins[0].shape[-1]), hints)
-            if isinstance(ins[0], torch.Tensor) and ins[0].dim()
-            else 1
-        )
-        flops = 2.0 * numel(out) * k
-    elif name in _ATTENTION:
-        q, k = ins[0], ins[1]
-        b, h, tq, d = (evaluate(size_expr(s), hints) for s in q.shape)
-        tk = evaluate(size_expr(k.shape[2]), hints) if name == "kiln.attention" else tq
-        causal = name != "kiln.attention" or bool(
-            node.kwargs.get("causal", node.args[4] if len(node.args) > 4 else False)
-        )
-        flops = 4.0 * b * h * tq * tk * d * (0.5 if causal else 1.0)
-    else:
-        flops = float(max([numel(out), *(numel(v) for v in ins)]))
-    return NodeCost(flops, float(moved), cost.seconds(flops, moved))
-
-
 def _depends_on(node: Node, kinds: dict[Node, set[str]]) -> set[str]:
     out: set[str] = set()
     for a in node.all_input_nodes:
@@ -227,10 +96,16 @@ def _depends_on(node: Node, kinds: dict[Node, set[str]]) -> set[str]:
     return out
 
 
-def analyze(gm: GraphModule, cost_model: CostModel | None = None) -> Analysis:
-    """Classify, price and measure ``gm`` for pipeline partitioning (see the module docstring)."""
+def analyze(
+    gm: GraphModule, cost_model: CostModel | None = None, *, measured: Mapping[str, float] | None = None
+) -> Analysis:
+    """Classify, price and measure ``gm`` for pipeline partitioning (see the module docstring).
+
+    ``measured`` (node name -> seconds, from :func:`kiln.parallel.stages_cost.profile_costs`)
+    replaces the roofline time of the ops it names.
+    """
     cost = cost_model or CostModel()
-    hints = _hints(gm, cost)
+    hints = price_hints(gm, cost)
     params = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and _is_param(gm, str(n.target))}
     # What each node depends on: "input" (user data), "param" (weights), "work" (a partitioned node).
     kinds: dict[Node, set[str]] = {}
@@ -283,7 +158,10 @@ def analyze(gm: GraphModule, cost_model: CostModel | None = None) -> Analysis:
         acc_bad += bad[c]
         cut_bytes.append(acc)
         valid.append(acc_bad == 0 and 0 < c < n_work)
-    costs = {n: _node_cost(n, hints, cost) for n in gm.graph.nodes if n.op == "call_function"}
+    costs = {n: node_cost(n, hints, cost) for n in gm.graph.nodes if n.op == "call_function"}
+    for n, c in costs.items():
+        if measured is not None and n.name in measured:
+            c.seconds = float(measured[n.name])
     return Analysis(gm, cost, work, replicable, params, costs, crossing, cut_bytes, valid, g)
 
 
@@ -382,6 +260,12 @@ class PipelinePlan:
                         f"input {name!r} has shape {tuple(value.shape)}; the graph needs size {expr} there"
                     )
         return out
+
+    def for_rank(self, index: int) -> PipelinePlan:
+        """This plan with only stage ``index``'s graph kept (the others' weights freed; boundaries kept)."""
+        empty = GraphModule(torch.nn.Module(), Graph())
+        stages = [s if s.index == index else dataclasses.replace(s, gm=empty) for s in self.stages]
+        return dataclasses.replace(self, stages=stages)
 
     def outputs(self, flat: Sequence[Any]) -> Any:
         """The model's output structure from the last stage's flat outputs."""

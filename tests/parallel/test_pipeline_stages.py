@@ -119,3 +119,17 @@ def test_missing_input_size_is_reported(llama4: kiln.CompiledModel) -> None:
     plan = split_pipeline_stages(llama4.graph_module, 2)
     with pytest.raises(kiln.ConfigError, match="no input binds"):
         plan.stages[1].recv[0].concrete_shape({})
+
+
+def test_measured_op_times_drive_the_partition(llama4: kiln.CompiledModel) -> None:
+    from kiln.parallel.stages_cost import profile_costs
+
+    gm = llama4.graph_module
+    measured = profile_costs(gm, [torch.randint(0, 128, (1, 16)), torch.arange(16)[None]], repeats=1)
+    assert set(measured) == {n.name for n in gm.graph.nodes if n.op == "call_function"}
+    even = split_pipeline_stages(gm, 2, measured=measured)
+    # pretend the LM head takes as long as everything else: the last stage shrinks to the head alone
+    head = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)][-1]
+    skewed = split_pipeline_stages(gm, 2, measured={**measured, head.name: sum(measured.values())})
+    assert skewed.stages[1].cost.num_nodes < even.stages[1].cost.num_nodes / 4
+    assert 'weight "lm_head.weight"' in skewed.stages[1].ir() and "model.layers.3." not in skewed.stages[1].ir()
