@@ -19,6 +19,19 @@ timing.
 
     .venv/bin/python benchmarks/onnx_cpu.py                       # llama-small, 128 / 512
     .venv/bin/python benchmarks/onnx_cpu.py --preset llama-tiny --repeat 50
+
+``--speculative`` measures speculative decoding on the ONNX path instead (issue #8): the
+shipped teacher (``models/kiln-teacher``) exported as a KV-cache decoder and driven by
+``OrtGenerator``, with prompt lookup on input-grounded prompts (eval-split Python code
+repeated in the prompt) and with the shipped drafter (``models/kiln-drafter``, its own
+exported decoder) on eval-split prompts, greedy, batch 1. Per workload: ms per generated
+token without and with speculation (alternating prompt by prompt), the speedup, alpha =
+accepted / (accepted + rejections), accepted / drafted, tokens per verification step, the
+measured draft cost c (one drafter decode step over one teacher decode step in ONNX Runtime),
+Leviathan et al.'s ideal speedup and the fraction of it reached, and how many outputs were
+token-identical to the non-speculative ones (all must be).
+
+    .venv/bin/python benchmarks/onnx_cpu.py --speculative [--quick] [--k 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -85,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--out-dir", help="where the artifacts go (default: a temporary folder)")
+    ap.add_argument("--speculative", action="store_true", help="speculative decoding with the shipped models instead")
+    ap.add_argument("--k", type=int, default=4, help="--speculative: draft tokens per step")
+    ap.add_argument("--prompts", type=int, default=12, help="--speculative: prompts per workload")
+    ap.add_argument("--max-tokens", type=int, default=96, help="--speculative: tokens generated per prompt")
+    ap.add_argument("--quick", action="store_true", help="--speculative: 3 prompts of 32 tokens")
     args = ap.parse_args(argv)
+    if args.speculative:
+        return speculative_main(args)
 
     import onnxruntime as ort
 
@@ -180,6 +200,103 @@ def main(argv: list[str] | None = None) -> int:
     print("`vs torch` = torch eager time / this time (above 1: faster than torch eager). Torch and ONNX Runtime")
     print("runs alternate, so both see the same machine load; `min` is the least disturbed run.")
     return 0
+
+
+def speculative_main(args: argparse.Namespace) -> int:
+    """``--speculative``: OrtGenerator with prompt lookup and the shipped drafter vs plain decoding."""
+    import onnxruntime as ort
+    import transformers
+
+    import kiln
+    from kiln.backends.onnx import OrtGenerator, export_onnx
+    from kiln.models import load_model
+    from kiln.runtime.speculative import SpeculativeConfig, expected_speedup
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/speculative.py: the GPU figures' prompts
+    from speculative import eval_prompts, grounded_prompts
+
+    if args.quick:
+        args.prompts, args.max_tokens = 3, 32
+    root = Path(__file__).resolve().parents[1]
+    teacher_dir, drafter_dir = root / "models" / "kiln-teacher", root / "models" / "kiln-drafter"
+    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="kiln-onnx-spec-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    paths = {}
+    for name, folder in (("teacher", teacher_dir), ("drafter", drafter_dir)):
+        model = load_model(str(folder), dtype=torch.float32).eval()
+        compiled = kiln.compile(model, (torch.randint(0, model.config.vocab_size, (1, 8)),))
+        paths[name] = export_onnx(compiled, out_dir / f"kiln-{name}-kv.onnx", kv_cache=True).path
+    export_s = time.perf_counter() - t0
+    target = OrtGenerator(paths["teacher"], threads=args.threads)
+    drafter = OrtGenerator(paths["drafter"], threads=args.threads)
+    tok = transformers.AutoTokenizer.from_pretrained(str(teacher_dir))
+    room = 512 - args.max_tokens - args.k - 1  # the teacher's context is 512 positions
+    workloads = {
+        "ngram": (grounded_prompts(tok, args.prompts, room), SpeculativeConfig(
+            method="ngram", num_speculative_tokens=args.k, adaptive=False)),
+        "draft": (eval_prompts(tok, args.prompts), SpeculativeConfig(
+            method="draft_model", draft_model=drafter, num_speculative_tokens=args.k, adaptive=False)),
+    }
+
+    def step_ms(gen: OrtGenerator, position: int = 96, repeat: int = 31) -> float:
+        _, past = gen.step(np.full((1, position), 5, np.int64), gen.empty_cache(1))
+        times = []
+        for i in range(repeat + 3):
+            start = time.perf_counter()
+            gen.step(np.array([[7]], np.int64), past)
+            if i >= 3:
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    c = step_ms(drafter) / step_ms(target)
+    rows = []
+    for name, (prompts, config) in workloads.items():
+        base_s = spec_s = 0.0
+        tokens = identical = 0
+        totals = dict.fromkeys(("spec_steps", "draft_tokens", "accepted_tokens", "spec_rejections", "target_calls"), 0.0)
+        target.generate(torch.tensor([prompts[0]]), 8)  # warm-up, untimed
+        target.generate(torch.tensor([prompts[0]]), 8, speculative=config)
+        for prompt in tqdm(prompts, desc=name, leave=False, file=sys.stderr):
+            ids = torch.tensor([prompt])
+            start = time.perf_counter()
+            plain = target.generate(ids, args.max_tokens)
+            base_s += time.perf_counter() - start
+            start = time.perf_counter()
+            spec = target.generate(ids, args.max_tokens, speculative=config)
+            spec_s += time.perf_counter() - start
+            identical += bool(torch.equal(plain, spec))
+            tokens += args.max_tokens
+            for key in totals:
+                totals[key] += target.stats[key]
+        alpha = totals["accepted_tokens"] / max(totals["accepted_tokens"] + totals["spec_rejections"], 1)
+        cost = c if name == "draft" else 0.0
+        ideal = expected_speedup(alpha, args.k, cost) if alpha < 1 else (args.k + 1) / (args.k * cost + 1)
+        speedup = base_s / spec_s
+        rows.append((name, len(prompts), tokens, 1e3 * base_s / tokens, 1e3 * spec_s / tokens, speedup, alpha,
+                     totals["accepted_tokens"] / max(totals["draft_tokens"], 1),
+                     (totals["accepted_tokens"] + totals["spec_steps"]) / max(totals["spec_steps"], 1),
+                     cost, ideal, speedup / ideal, identical))
+
+    print("# Speculative decoding on ONNX Runtime (CPU): kiln-teacher with prompt lookup and with kiln-drafter")
+    print()
+    print(f"- command: `{' '.join([os.path.relpath(sys.executable), *sys.argv])}`")
+    print(f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; {args.threads} ONNX Runtime thread(s); greedy, batch 1, "
+          f"k = {args.k} (fixed), {args.max_tokens} tokens per prompt; load average at the end "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"- torch {torch.__version__}, onnxruntime {ort.__version__}, kiln {kiln.__version__}, "
+          f"Python {platform.python_version()}; compile + export (validated) of both models {export_s:.1f} s")
+    print()
+    print("| workload | prompts | tokens | ms/token plain | ms/token spec | speedup | alpha | accepted/drafted | "
+          "tokens/verify step | c | ideal | of ideal | identical |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f}x | {r[6]:.3f} | {r[7]:.3f} | "
+              f"{r[8]:.2f} | {r[9]:.3f} | {r[10]:.2f}x | {r[11]:.2f} | {r[12]}/{r[1]} |")
+    print()
+    print("c = median ONNX Runtime decode step (position 96) of the drafter over the teacher's; 0 for prompt lookup.")
+    return 0 if all(r[12] == r[1] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
     kiln eval MODEL [--draft DRAFT]
     kiln quantize MODEL --preset w4a16-g128 [--method gptq] --report [--mlir torch|linalg|stablehlo|tosa]
     kiln distill STUDENT --teacher TEACHER --method hard|kd|data|on-policy|qat --out DIR [--steps N]
-    kiln export-onnx MODEL -o PATH [--kv-cache] [--opset N] [--no-validate]
+    kiln export-onnx MODEL -o PATH [--kv-cache] [--opset N] [--no-validate] [--quant PRESET]
 
 MODEL is a Hugging Face-format folder (``config.json`` + ``model.safetensors``) or a preset
 name (``kiln compile --list-presets`` lists them). ``compile`` shows each pass as it runs,
@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, help="ONNX opset (default 23)")
     e.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto")
     e.add_argument("--no-validate", action="store_true", help="skip onnx.checker and the onnxruntime check")
+    e.add_argument("--quant", help="quantize first with this preset (w8a16, w4a16-g128, w8a8, fp8): "
+                   "QuantizeLinear/DequantizeLinear, MatMulNBits for int4")
 
     g = sub.add_parser("generate", help="generate text with kiln's runtime (paged KV cache, continuous batching)")
     g.add_argument("model", nargs="?", help="a Hugging Face-format folder with tokenizer.json (or a preset: token ids)")
@@ -184,7 +186,12 @@ def _cmd_export_onnx(args: argparse.Namespace, console: Console) -> int:
     from kiln.backends.onnx import export_onnx
 
     model = _load(args.model, args.dtype)
-    config = kiln.CompileConfig(disable=tuple(d for d in args.disable.split(",") if d))
+    quant = None
+    if args.quant:
+        from kiln.backends.onnx.quant_translations import cli_quant_config
+
+        quant = cli_quant_config(args.model, model, args.quant)
+    config = kiln.CompileConfig(disable=tuple(d for d in args.disable.split(",") if d), quant=quant)
     with console.status(f"compiling {args.model}") as status:
         compiled = kiln.compile(model, (_example_ids(model, args.tokens),), config=config)
         report = export_onnx(

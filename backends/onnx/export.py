@@ -8,7 +8,10 @@ is what ships. The artifact is written beside the destination and renamed into p
 after ``onnx.checker`` and an ONNX Runtime run against eager agree (:mod:`.validate`), so a
 failed export never leaves a half-written file. With ``kv_cache=True`` the graph first goes
 through the contiguous-cache rewrite (:mod:`.kv_cache`), giving the decoder that
-:class:`kiln.backends.onnx.OrtGenerator` drives.
+:class:`kiln.backends.onnx.OrtGenerator` drives. A quantized graph (``CompileConfig(quant=...)``,
+Q/DQ or lowered form) exports through :mod:`.quant_translations`: ``QuantizeLinear`` /
+``DequantizeLinear`` with ``axis`` / ``block_size`` (opset >= 21), ``MatMulInteger`` for W8A8 and
+``com.microsoft::MatMulNBits`` for int4 weights, validated against kiln's own quantized reference.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from kiln.backends.onnx.prepare import (
     past_feed,
     prepare_graph,
 )
+from kiln.backends.onnx.quant_translations import check_quantized, quant_tolerance
 from kiln.backends.onnx.translations import DEFAULT_OPSET, translation_table
 from kiln.backends.onnx.validate import Validation, max_tokens, validate_artifact
 from kiln.errors import ExportError
@@ -273,6 +277,7 @@ def export_onnx(
 
     step("preparing the graph")
     gm, layout, token_inputs, dynamic_batch = _graph_for_export(compiled, kv_cache, dynamic_batch, step)
+    check_quantized(gm, opset, validate)
     layers = sum(n.op == "call_function" and n.target is torch.ops.kiln.attention.default for n in gm.graph.nodes)
     step("re-exporting the compiled graph (torch.export)")
     ep, dynamic_batch = _reexport(compiled, gm, layout, token_inputs, dynamic_batch)
@@ -310,7 +315,8 @@ def export_onnx(
             else:  # a static token axis: the captured length only
                 lens = [tokens]
             batches = (1, 2) if dynamic_batch else (int(compiled.capture.inputs[token_inputs[0]].shape[0]),)
-            checked = validate_artifact(compiled, tmp, in_names, token_inputs, layout, batches, lens)
+            checked = validate_artifact(compiled, tmp, in_names, token_inputs, layout, batches, lens,
+                                        tolerance=quant_tolerance(gm))
         for p in data_files:  # weights first, the model last: the .onnx never points at missing data
             os.replace(p, dest.parent / p.name)
         os.replace(tmp, dest)

@@ -20,7 +20,9 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
 
+from kiln.backends.onnx import quant_translations as _quant_translations  # noqa: F401  (registers them)
 from kiln.backends.onnx.kv_cache import CacheLayout, add_kv_cache
+from kiln.backends.onnx.matmul_nbits import lower_int4_for_onnx
 from kiln.backends.onnx.translations import TRANSLATIONS
 from kiln.errors import ExportError
 from kiln.ir import SYMBOLS_KEY, op_name, provenance
@@ -182,10 +184,13 @@ def generalize_batch(gm: GraphModule, feeds: dict[str, torch.Tensor], example_ba
 def prepare_graph(compiled: CompiledModel, kv_cache: bool) -> tuple[GraphModule, CacheLayout | None]:
     """The graph that gets exported: a flat copy of the compiled graph, with past/present K/V if asked.
 
-    It runs in torch as it is (the eager side of ``benchmarks/onnx_cpu.py``); the batch stays
-    the captured one until :func:`generalize_batch`.
+    int4 linears (``kiln::qlinear_w4a16``) become ``kiln::matmul_nbits``, ONNX Runtime's
+    ``MatMulNBits`` (:func:`~kiln.backends.onnx.matmul_nbits.lower_int4_for_onnx`). It runs in
+    torch as it is (the eager side of ``benchmarks/onnx_cpu.py``); the batch stays the captured
+    one until :func:`generalize_batch`.
     """
     gm = flat_copy(compiled.graph_module, compiled.capture.constants)
+    lower_int4_for_onnx(gm)
     check_translations(gm)
     missing = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name not in compiled.capture.inputs]
     if missing:
