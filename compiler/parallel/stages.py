@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,8 +183,16 @@ class BoundaryValue:
         """The shape for one call, given the size symbols' values."""
         return tuple(evaluate(d, bindings) for d in self.shape)
 
+    def text(self, names: Mapping[str, str] | None = None) -> str:
+        """``%add_11: f32[1, T, 32]``, size symbols printed by their dimension names when given."""
+        names = names or {}
+        dims = [
+            re.sub(r"\b[su]\d+\b", lambda m: names.get(m.group(0), m.group(0)), str(d)) for d in self.shape
+        ]
+        return f"%{self.name}: {dtype_name(self.dtype)}[{', '.join(dims)}]"
+
     def __str__(self) -> str:
-        return f"%{self.name}: {dtype_name(self.dtype)}[{', '.join(map(str, self.shape))}]"
+        return self.text()
 
 
 @dataclass
@@ -218,11 +227,10 @@ class StageGraph:
 
     def ir(self) -> str:
         """The stage's IR, headed by what it receives and sends."""
-        head = [
-            f"// stage {self.index}: {self.cost.num_nodes} work nodes, {self.cost.seconds * 1e6:.1f} us modelled"
-        ]
-        head += [f"// recv from stage {self.index - 1}: {v}" for v in self.recv]
-        head += [f"// send to stage {self.index + 1}: {v}" for v in self.send]
+        names = self.gm.meta.get(SYMBOLS_KEY, {})
+        head = [f"// stage {self.index}: {self.cost.num_nodes} work nodes, {self.cost.seconds * 1e6:.1f} us"]
+        head += [f"// recv from stage {self.index - 1}: {v.text(names)}" for v in self.recv]
+        head += [f"// send to stage {self.index + 1}: {v.text(names)}" for v in self.send]
         return "\n".join(head) + "\n" + print_ir(self.gm, title=f"stage{self.index}")
 
 
