@@ -1,9 +1,11 @@
 """Data distillation: the teacher writes training text with kiln's engine, filtered for quality.
 
 Prompts are windows of the training stream. The teacher continues each with ``kiln.LLM``
-(continuous batching over a paged KV cache) ``samples_per_prompt`` times with different seeds,
-in rounds: the first round computes every prompt's KV, later rounds find the prompt's full
-blocks in the prefix cache and compute only the new tokens. Continuations are then filtered
+(continuous batching over a paged KV cache) ``samples_per_prompt`` times with different seeds.
+Prompts go in chunks of ``max_num_seqs``, each chunk in rounds: the first round computes the
+prompts' KV, later rounds find the prompts' full blocks in the prefix cache and compute only
+the new tokens. (One round over every prompt, then the next, would cycle through more blocks
+than the cache holds, and LRU eviction would drop each prompt's blocks before their reuse.) Continuations are then filtered
 (sequence-level knowledge distillation, Kim and Rush, EMNLP 2016; filtering generated data by
 the teacher's likelihood and by duplication as in e.g. Gunasekar et al., "Textbooks Are All You
 Need", 2023, and Lee et al., "Deduplicating Training Data Makes Language Models Better", ACL 2022):
@@ -28,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from kiln.distill.config import DataDistillation
 from kiln.errors import ConfigError
@@ -88,7 +91,7 @@ def generate_data(
         raise ConfigError(f"prompts of {plen} tokens leave no room in sequences of {length}")
     start = time.perf_counter()
     blocks_per_seq = -(-length // 16)
-    num_blocks = num * (plen // 16) + config.max_num_seqs * (blocks_per_seq + 1)
+    num_blocks = 2 * config.max_num_seqs * (blocks_per_seq + 1)  # a chunk running, and the previous one's cache
     with torch.random.fork_rng():
         llm = LLM(teacher, num_blocks=num_blocks, block_size=16, max_num_seqs=config.max_num_seqs,
                   max_num_batched_tokens=max(2048, config.max_num_seqs * 8), enable_prefix_caching=True,
@@ -96,15 +99,22 @@ def generate_data(
     prompt_lists = prompts.tolist()
     outs: list[tuple[int, list[int], float]] = []  # (prompt row, continuation, mean logprob)
     scheduled_before = llm.stats["scheduled_tokens"]
-    for round_ in range(config.samples_per_prompt):  # round r > 0 reuses the cached prompt blocks of round 0
-        params = [SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=new, logprobs=0,
-                                 seed=(seed * 1_000_003 + round_ * 100_003 + i) % (2**31),
-                                 ignore_eos=eos_token_id is None)
-                  for i in range(num)]
-        results = llm.generate(prompt_lists, params, use_tqdm=progress)
-        for i, r in enumerate(results):
-            ids = list(r.outputs[0].token_ids)[:new]
-            outs.append((i, ids, _mean_logprob(ids, r.outputs[0].logprobs)))
+    chunk = config.max_num_seqs
+    bar = tqdm(total=num * config.samples_per_prompt, desc="teacher generates", unit="seq", disable=not progress)
+    for first in range(0, num, chunk):  # a chunk's later rounds reuse its prompts' blocks before they can be evicted
+        rows = range(first, min(first + chunk, num))
+        for round_ in range(config.samples_per_prompt):
+            params = [SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=new, logprobs=0,
+                                     seed=(seed * 1_000_003 + round_ * 100_003 + i) % (2**31),
+                                     ignore_eos=eos_token_id is None)
+                      for i in rows]
+            results = llm.generate([prompt_lists[i] for i in rows], params, use_tqdm=False)
+            for i, r in zip(rows, results, strict=True):
+                ids = list(r.outputs[0].token_ids)[:new]
+                outs.append((i, ids, _mean_logprob(ids, r.outputs[0].logprobs)))
+            bar.update(len(rows))
+    bar.close()
+    outs.sort(key=lambda o: o[0])  # prompt order, then round: independent of the chunking
     generated = sum(len(ids) for _, ids, _ in outs)
     computed_prompt = llm.stats["scheduled_tokens"] - scheduled_before - (generated - len(outs))
     stats: dict[str, Any] = {"generated": len(outs), "generated_tokens": generated,

@@ -175,7 +175,7 @@ def test_data_distillation_generates_filters_and_trains(
     make_student: Callable[..., nn.Module], teacher: nn.Module, tokens: torch.Tensor, tmp_path: Path
 ) -> None:
     spec = DataDistillation(
-        num_prompts=6, samples_per_prompt=2, prompt_tokens=20, temperature=1.0, top_p=1.0, max_num_seqs=8
+        num_prompts=6, samples_per_prompt=2, prompt_tokens=20, temperature=1.0, top_p=1.0, max_num_seqs=4
     )
     prompts = tokens[:120].view(6, 20)
     data = generate_data(teacher, prompts, length=29, config=spec, seed=0, progress=False)
@@ -183,7 +183,7 @@ def test_data_distillation_generates_filters_and_trains(
     assert data.stats["kept"] + sum(v for k, v in data.stats.items() if k.startswith("dropped_")) == 12
     assert (
         data.stats["prompt_tokens_from_prefix_cache"] == 6 * 16
-    )  # round 2 reused each prompt's full block (16 of 20)
+    )  # each chunk's round 2 reused its prompts' full block (16 of 20)
     for row, seq in enumerate(data.sequences):
         assert any(torch.equal(seq[:20], p) for p in prompts)
         assert data.trained[row, 20:].all() and not data.trained[row, :20].any()
@@ -197,12 +197,13 @@ def test_data_distillation_generates_filters_and_trains(
         teacher,
         prompts,
         length=29,
-        config=dataclasses.replace(spec, keep_fraction=0.5),
+        config=dataclasses.replace(spec, keep_fraction=0.5, max_num_seqs=8),
         seed=0,
         progress=False,
     )
     assert half.stats["kept"] == (data.stats["kept"] + 1) // 2
-    assert half.mean_logprob.min() >= data.mean_logprob.median() - 1e-6
+    best = data.mean_logprob.argsort(descending=True)[: half.stats["kept"]].sort().values
+    assert torch.equal(half.sequences, data.sequences[best])  # seeded samples: the same whatever the chunking
     assert distinct_ngram_ratio([5, 6, 7, 8] * 6) < 0.25 < distinct_ngram_ratio(list(range(20)))
     path = data.save(tmp_path / "d.safetensors")
     loaded = GeneratedData.load(path)
