@@ -150,7 +150,8 @@ class SequenceParallel(Pass):
         x = ar.args[0]
         d = self._token_dim(x)  # type: ignore[arg-type]
         emit = self._emitter(wait, ar)
-        rs = emit.reduce_scatter(self._pad(emit, x, d), d, "sequence")  # type: ignore[arg-type]
+        with emit.unit():
+            rs = emit.reduce_scatter(self._pad(emit, x, d), d, "sequence")  # type: ignore[arg-type]
         self.full[rs] = wait.meta["val"]
         wait.replace_all_uses_with(rs)
         self.gm.graph.erase_node(wait)
@@ -164,7 +165,8 @@ class SequenceParallel(Pass):
         if n not in self._gathered:
             d = self.local[n]
             emit = self._emitter(n, n)
-            out = emit(aten.slice.Tensor, emit.all_gather(n, d, "sequence"), d, 0, self.t)
+            with emit.unit():
+                out = emit(aten.slice.Tensor, emit.all_gather(n, d, "sequence"), d, 0, self.t)
             out.meta["val"] = self.full[n]  # exactly the value's shape before the pass
             self._gathered[n] = out
             self.stats["all_gathers"] += 1

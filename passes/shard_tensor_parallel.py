@@ -294,10 +294,11 @@ class ShardTensorParallel(Pass):
         head.meta[ROLE_KEY] = "lm_head"
         infer_meta(head)
         emit = Emitter(gm, head, head, self.world, self._group())
-        out = emit.all_gather(head, -1, "lm_head")
-        if padded != vocab:
-            out = emit(aten.slice.Tensor, out, val(head).dim() - 1, 0, vocab)  # type: ignore[union-attr]
-            stats["vocab_padding"] += padded - vocab
+        with emit.unit():
+            out = emit.all_gather(head, -1, "lm_head")
+            if padded != vocab:
+                out = emit(aten.slice.Tensor, out, val(head).dim() - 1, 0, vocab)  # type: ignore[union-attr]
+                stats["vocab_padding"] += padded - vocab
         made = set(emit.created)
         for node in made:
             node.meta[ROLE_KEY] = "lm_head_gather"  # per-row nodes select-logits-before-gather moves rows through

@@ -7,11 +7,15 @@ is the Python face of the same ops). The process group is named by its ``group_n
 (``"0"`` for the default world group of ``torch.distributed.init_process_group``).
 
 The gather and scatter collectives work along dim 0; :class:`Emitter` moves another dim to
-the front (permute + contiguous copy) and back.
+the front (permute + contiguous, which copies only when the layout changes: not for the token
+axis of a batch-1 (1, T, H) activation) and back.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,6 +28,10 @@ C10D = torch.ops._c10d_functional
 aten = torch.ops.aten
 #: Meta key on collective nodes a parallel pass created: what they are for ("row", "embedding", "lm_head" ...).
 ROLE_KEY = "kiln_parallel"
+#: Meta key grouping the nodes of one communication (the collective, its wait, and the layout
+#: moves and padding around it): ``strip_collectives`` replaces a unit as a whole.
+UNIT_KEY = "kiln_collective_unit"
+_UNITS = itertools.count()
 ALL_REDUCE = C10D.all_reduce.default
 ALL_GATHER = C10D.all_gather_into_tensor.default
 REDUCE_SCATTER = C10D.reduce_scatter_tensor.default
@@ -45,21 +53,37 @@ class Emitter:
     def __init__(self, gm: GraphModule, after: Node, like: Node, world: int, group: str) -> None:
         self.gm, self.cursor, self.like, self.world, self.group = gm, after, like, world, group
         self.created: list[Node] = []  # every node emitted, in order
+        self._unit: int | None = None
 
     def __call__(self, target: Any, *args: Any, **kwargs: Any) -> Node:
         with self.gm.graph.inserting_after(self.cursor):
             node = self.gm.graph.call_function(target, args, kwargs)
         copy_meta(self.like, node)
         infer_meta(node)
+        if self._unit is not None:
+            node.meta[UNIT_KEY] = self._unit
         self.cursor = node
         self.created.append(node)
         return node
 
+    @contextmanager
+    def unit(self) -> Iterator[None]:
+        """Tag the nodes emitted inside as one communication (nested calls join the outer unit)."""
+        if self._unit is not None:
+            yield
+            return
+        self._unit = next(_UNITS)
+        try:
+            yield
+        finally:
+            self._unit = None
+
     def all_reduce(self, x: Node, role: str) -> Node:
         """``sum over ranks of x``: (all_reduce, wait)."""
-        ar = self(ALL_REDUCE, x, "sum", self.group)
-        ar.meta[ROLE_KEY] = role
-        return self(WAIT, ar)
+        with self.unit():
+            ar = self(ALL_REDUCE, x, "sum", self.group)
+            ar.meta[ROLE_KEY] = role
+            return self(WAIT, ar)
 
     def _to_front(self, x: Node, dim: int) -> tuple[Node, list[int] | None]:
         rank = x.meta["val"].dim()
@@ -68,7 +92,7 @@ class Emitter:
             return x, None
         perm = [dim, *(i for i in range(rank) if i != dim)]
         moved = self(aten.permute.default, x, perm)
-        return self(aten.clone.default, moved, memory_format=torch.contiguous_format), perm
+        return self(aten.contiguous.default, moved), perm  # a copy only when the move changed the layout
 
     def _back(self, x: Node, perm: list[int] | None) -> Node:
         if perm is None:
@@ -78,17 +102,19 @@ class Emitter:
 
     def all_gather(self, x: Node, dim: int, role: str) -> Node:
         """The ranks' ``x`` concatenated along ``dim`` in rank order."""
-        y, perm = self._to_front(x, dim)
-        ag = self(ALL_GATHER, y, self.world, self.group)
-        ag.meta[ROLE_KEY] = role
-        return self._back(self(WAIT, ag), perm)
+        with self.unit():
+            y, perm = self._to_front(x, dim)
+            ag = self(ALL_GATHER, y, self.world, self.group)
+            ag.meta[ROLE_KEY] = role
+            return self._back(self(WAIT, ag), perm)
 
     def reduce_scatter(self, x: Node, dim: int, role: str) -> Node:
         """Rank r's chunk (along ``dim``) of the sum over ranks of ``x``."""
-        y, perm = self._to_front(x, dim)
-        rs = self(REDUCE_SCATTER, y, "sum", self.world, self.group)
-        rs.meta[ROLE_KEY] = role
-        return self._back(self(WAIT, rs), perm)
+        with self.unit():
+            y, perm = self._to_front(x, dim)
+            rs = self(REDUCE_SCATTER, y, "sum", self.world, self.group)
+            rs.meta[ROLE_KEY] = role
+            return self._back(self(WAIT, rs), perm)
 
 
 def collective_counts(gm: GraphModule) -> dict[str, int]:
@@ -101,5 +127,5 @@ def collective_counts(gm: GraphModule) -> dict[str, int]:
     return out
 
 
-__all__ = ["ALL_GATHER", "ALL_REDUCE", "REDUCE_SCATTER", "ROLE_KEY", "WAIT", "Emitter", "collective_counts",
+__all__ = ["ALL_GATHER", "ALL_REDUCE", "REDUCE_SCATTER", "ROLE_KEY", "UNIT_KEY", "WAIT", "Emitter", "collective_counts",
            "default_group_name"]  # fmt: skip

@@ -11,6 +11,7 @@ a shard's own compute can be timed alone (``benchmarks/parallel_shards.py``).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.capture import Capture, capture
 from kiln.errors import ConfigError
-from kiln.parallel.tp_collectives import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT
+from kiln.parallel.tp_collectives import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, UNIT_KEY, WAIT
 
 aten = torch.ops.aten
 
@@ -56,20 +57,25 @@ def _collective(target: object, values: list[Any], args: list[tuple[Any, ...]]) 
     return values  # wait_tensor
 
 
-def run_lockstep(gms: Sequence[GraphModule], inputs: Sequence[Any]) -> list[Any]:
-    """Run rank graphs ``gms`` (one per rank, same structure) on the same flat ``inputs``; each rank's outputs."""
+def run_lockstep(gms: Sequence[GraphModule], inputs: Sequence[Any], *, per_rank: bool = False) -> list[Any]:
+    """Run rank graphs ``gms`` (one per rank, same structure) on flat ``inputs``; each rank's outputs.
+
+    Every rank reads the same ``inputs``, or with ``per_rank`` rank r reads ``inputs[r]`` (e.g. its
+    own KV caches, which a paged step graph writes).
+    """
     graphs = [list(gm.graph.nodes) for gm in gms]
     if len({len(g) for g in graphs}) != 1:
         raise ConfigError("the shards' graphs differ in structure; run_lockstep needs one compile per rank")
     envs: list[dict[Node, Any]] = [{} for _ in gms]
-    placeholders = iter(range(len(inputs)))
+    rank_inputs = list(inputs) if per_rank else [inputs] * len(gms)
+    placeholders = iter(range(len(rank_inputs[0])))
     outputs: list[Any] = []
     for column in zip(*graphs, strict=True):
         first = column[0]
         if first.op == "placeholder":
-            value = inputs[next(placeholders)]
-            for env, n in zip(envs, column, strict=True):
-                env[n] = value
+            i = next(placeholders)
+            for env, n, ins in zip(envs, column, rank_inputs, strict=True):
+                env[n] = ins[i]
         elif first.op == "get_attr":
             for env, n, gm in zip(envs, column, gms, strict=True):
                 obj: Any = gm
@@ -93,33 +99,56 @@ def run_lockstep(gms: Sequence[GraphModule], inputs: Sequence[Any]) -> list[Any]
 
 
 def strip_collectives(gm: GraphModule) -> int:
-    """Replace every collective by a local stand-in of its output's shape (for timing a shard's compute alone).
+    """Replace every communication by a local stand-in of its result's shape (to time a shard's compute alone).
 
-    all-reduce and wait: the input itself; reduce-scatter: the input's first rows; all-gather:
-    an uninitialized tensor of the gathered size. The graph then computes garbage where values
-    crossed ranks, at the cost of its own compute. Returns how many collectives were replaced.
+    A communication is a collective with its wait and the layout moves and token padding around
+    it (nodes tagged with one ``UNIT_KEY``). all-reduce: its input; reduce-scatter: the first
+    rows of its input (a view); all-gather: an uninitialized tensor of the gathered shape. The
+    graph then computes garbage where values crossed ranks, at the cost of its own compute.
+    Returns how many communications were replaced.
     """
-    count = 0
-    for n in list(gm.graph.nodes):
-        if n.target not in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, WAIT):
-            continue
-        x = n.args[0]
-        if n.target in (ALL_REDUCE, WAIT):
-            n.replace_all_uses_with(x)
-        else:
-            size = n.meta["val"].shape[0]
-            with gm.graph.inserting_before(n):
-                if n.target == REDUCE_SCATTER:
-                    local = gm.graph.call_function(aten.slice.Tensor, (x, 0, 0, size))
-                else:
-                    shape = [size, *(gm.graph.call_function(aten.sym_size.int, (x, d)) for d in range(1, n.meta["val"].dim()))]
-                    local = gm.graph.call_function(aten.new_empty.default, (x, shape))
-            local.meta["val"] = n.meta["val"]
-            n.replace_all_uses_with(local)
-        gm.graph.erase_node(n)
-        count += n.target != WAIT
+    units: dict[int, list[Node]] = {}
+    for n in gm.graph.nodes:
+        if UNIT_KEY in n.meta:
+            units.setdefault(n.meta[UNIT_KEY], []).append(n)
+    tokens: Node | None = None
+    for nodes in units.values():
+        inside = set(nodes)
+        kind = next(n.target for n in nodes if n.target in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER))
+        x = next(a for n in nodes for a in n.all_input_nodes if a not in inside and isinstance(a.meta.get("val"), torch.Tensor))
+        (out,) = [n for n in nodes if any(u not in inside for u in n.users)]
+        xv, ov = x.meta["val"], out.meta["val"]
+        with gm.graph.inserting_before(nodes[0]):
+            if kind == ALL_REDUCE:
+                local = x
+            elif kind == REDUCE_SCATTER:  # the token axis shrinks to ceil(T / w): take the first rows
+                d = next(i for i, (a, b) in enumerate(zip(xv.shape, ov.shape, strict=True)) if str(a) != str(b))
+                world = next(n.args[2] for n in nodes if n.target == REDUCE_SCATTER)
+                size = gm.graph.call_function(aten.sym_size.int, (x, d))
+                rows = gm.graph.call_function(operator.floordiv, (gm.graph.call_function(operator.add, (size, world - 1)), world))
+                local = gm.graph.call_function(aten.slice.Tensor, (x, d, 0, rows))
+            else:
+                shape: list[Any] = []
+                for s in ov.shape:
+                    same = [i for i, t in enumerate(xv.shape) if str(t) == str(s)] if not isinstance(s, int) else []
+                    if isinstance(s, int):
+                        shape.append(s)
+                    elif same:
+                        shape.append(gm.graph.call_function(aten.sym_size.int, (x, same[0])))
+                    else:  # the full token count
+                        if tokens is None:
+                            inputs = [p for p in gm.graph.nodes if p.op == "placeholder"]
+                            ids = next(p for p in inputs if p.name == "input_ids")
+                            with gm.graph.inserting_after(inputs[-1]):
+                                tokens = gm.graph.call_function(aten.sym_size.int, (ids, ids.meta["val"].dim() - 1))
+                        shape.append(tokens)
+                local = gm.graph.call_function(aten.new_empty.default, (x, shape))
+        out.replace_all_uses_with(local)
+        for n in reversed(nodes):
+            if not n.users:
+                gm.graph.erase_node(n)
     gm.recompile()
-    return count
+    return len(units)
 
 
 __all__ = ["compile_shards", "run_lockstep", "strip_collectives"]
