@@ -25,8 +25,10 @@ import math
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.fx import Node
 
 from kiln.errors import ConfigError
+from kiln.ops import invariant
 
 NEG_INF = float("-inf")
 
@@ -152,6 +154,20 @@ def _ring_attention_fake(
     group_name: str = "",
 ) -> Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@invariant(torch.ops.kiln.ring_attention.default)
+def _ring_attention_invariant(node: Node) -> str | None:
+    q, k, v, pos = (a.meta.get("val") for a in node.args[:4])  # type: ignore[union-attr]
+    if any(t is None for t in (q, k, v, pos)):
+        return "q, k, v and positions need shape metadata"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q, k, v must be rank 4 (B, H, T, D), got ranks {q.dim()}, {k.dim()}, {v.dim()}"
+    if isinstance(q.shape[1], int) and isinstance(k.shape[1], int) and q.shape[1] % k.shape[1]:
+        return f"query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}"
+    if pos.dim() != 1:
+        return f"positions must be one per local token, (T,), got rank {pos.dim()}"
+    return None
 
 
 # --------------------------------------------------------------------------------------
