@@ -61,9 +61,10 @@ class _Rank:
                     kv_cache_memory: int | None, config: Any, kv_cache_dtype: Any) -> tuple[int, Any]:  # fmt: skip
         from kiln.runtime.model_runner import ModelRunner
 
+        quant = {} if kv_cache_dtype in (None, "auto") else {"kv_cache_dtype": kv_cache_dtype}
         self.runner = ModelRunner(model.to(self.device), block_size=block_size, num_blocks=num_blocks,
                                   kv_cache_memory=kv_cache_memory, device=self.device, compile_config=config,
-                                  kv_cache_dtype=kv_cache_dtype)  # fmt: skip
+                                  **quant)  # fmt: skip
         return self.runner.num_blocks, self.runner.layout
 
     def execute(self, steps: Any) -> torch.Tensor | None:
