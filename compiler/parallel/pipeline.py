@@ -24,6 +24,14 @@ keeps a virtual clock: a computation starts at
 ``max(clock, arrival of its inputs)``, an arrival is the sender's virtual send time plus
 ``bytes / link_bandwidth + latency``; send times travel with the messages. The timeline
 is then the one p dedicated devices would show for the same durations and dependencies.
+
+Example (``torchrun --nproc-per-node 2 script.py``; every rank compiles and splits alike)::
+
+    rank, world = kiln.parallel.init_distributed()
+    compiled = kiln.compile(model, {"input_ids": ids, "position_ids": pos})
+    plan = kiln.parallel.split_pipeline_stages(compiled.graph_module, world).for_rank(rank)
+    outputs, stats = PipelineExecutor(plan, device=f"cuda:{rank}").run(microbatches, "1f1b")
+    # outputs: the model's outputs per micro-batch on the last rank, None on the others
 """
 
 from __future__ import annotations
