@@ -140,47 +140,67 @@ class StagingBuffer:
     """Integer arrays packed into one pinned host buffer, copied to the device in one transfer.
 
     ``fields`` maps a name to ``(dtype, shape)``; each field gets a numpy view of the host
-    buffer (:attr:`host`) and a tensor view of the device buffer (:attr:`device`), at the
-    same 8-byte aligned offset. :meth:`upload` copies the first ``nbytes`` (default: all).
-    On the CPU the device views are the host memory itself and nothing is copied.
+    buffer (:attr:`host`) and a tensor view of the device buffer (:attr:`device_views`), at
+    the same 8-byte aligned offset. :meth:`upload` copies the first ``nbytes`` (default:
+    all). Two host buffers alternate (:meth:`next_host`), so the host can fill the next
+    step while the last upload waits in the stream behind the running step. On the CPU the
+    device views are the host memory itself and nothing is copied.
     """
 
     def __init__(self, fields: dict[str, tuple[torch.dtype, tuple[int, ...]]], device: torch.device) -> None:
         self.device = device
         self.offsets: dict[str, int] = {}
+        sizes: dict[str, int] = {}
         end = 0
         for name, (dtype, shape) in fields.items():
             self.offsets[name] = end
-            size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-            end += -(-size // 8) * 8
+            sizes[name] = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            end += -(-sizes[name] // 8) * 8
         self.nbytes = max(end, 8)
         on_gpu = device.type == "cuda"
-        self._host = torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=on_gpu)
-        self._dev = torch.zeros(self.nbytes, dtype=torch.uint8, device=device) if on_gpu else self._host
-        self.host: dict[str, np.ndarray] = {}
-        self.device_views: dict[str, Tensor] = {}
-        raw = self._host.numpy()
-        for name, (dtype, shape) in fields.items():
-            off = self.offsets[name]
-            n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-            self.host[name] = raw[off : off + n].view(_NUMPY[dtype]).reshape(shape)
-            self.device_views[name] = self._dev[off : off + n].view(dtype).view(shape)
-        self._copied: torch.cuda.Event | None = None
+        hosts = [torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2 if on_gpu else 1)]
+        self._dev = torch.zeros(self.nbytes, dtype=torch.uint8, device=device) if on_gpu else hosts[0]
+        self._hosts = hosts
+        self._views: list[dict[str, np.ndarray]] = []
+        for h in hosts:
+            raw = h.numpy()
+            self._views.append({
+                name: raw[self.offsets[name] : self.offsets[name] + sizes[name]].view(_NUMPY[dtype]).reshape(shape)
+                for name, (dtype, shape) in fields.items()
+            })  # fmt: skip
+        self.device_views: dict[str, Tensor] = {
+            name: self._dev[self.offsets[name] : self.offsets[name] + sizes[name]].view(dtype).view(shape)
+            for name, (dtype, shape) in fields.items()
+        }
+        self._current = 0
+        self._copied: list[torch.cuda.Event | None] = [None] * len(hosts)
 
-    def wait_host(self) -> None:
-        """Block until the last upload has read the host buffer (call before refilling it)."""
-        if self._copied is not None:
-            self._copied.synchronize()
-            self._copied = None
+    @property
+    def host(self) -> dict[str, np.ndarray]:
+        """Numpy views of the current host buffer."""
+        return self._views[self._current]
+
+    def next_host(self) -> dict[str, np.ndarray]:
+        """Switch to the other host buffer, once its last upload has read it; returns its views.
+
+        Its contents are those of two fills ago: rewrite every field a step reads.
+        """
+        self._current = (self._current + 1) % len(self._hosts)
+        event = self._copied[self._current]
+        if event is not None:
+            event.synchronize()
+            self._copied[self._current] = None
+        return self.host
 
     def upload(self, nbytes: int | None = None) -> None:
-        """Copy the host buffer's first ``nbytes`` to the device (asynchronously, on the current stream)."""
-        if self._dev is self._host:
+        """Copy the current host buffer's first ``nbytes`` to the device (asynchronously, on the current stream)."""
+        if self._dev is self._hosts[0]:
             return
         n = self.nbytes if nbytes is None else nbytes
-        self._dev[:n].copy_(self._host[:n], non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._dev[:n].copy_(self._hosts[self._current][:n], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[self._current] = event
 
 
 _NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.uint8: np.uint8, torch.float32: np.float32}
@@ -316,6 +336,8 @@ class StepGraphs:
                 "logits_indices": (torch.int64, (n,)),
                 "seq_lens": (torch.int32, (n,)),
                 "query_start_loc": (torch.int32, (n + 1,)),
+                "feed_src": (torch.int64, (n,)),  # rows of the last step's tokens ...
+                "feed_dst": (torch.int64, (t,)),  # ... that become these input tokens (see run)
                 "block_tables": (torch.int32, (n, max_blocks)),  # last: a step uploads only its rows
             },
             device,
@@ -325,6 +347,7 @@ class StepGraphs:
         self._graphs: dict[tuple[bool, Key], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
         self._logits: Tensor | None = None  # (max_num_seqs, V): the graphs' logits
+        self._num_fed = 0  # tokens of the filled step fed from the last step's output
 
     # -- buckets -------------------------------------------------------------------------------
 
@@ -377,8 +400,12 @@ class StepGraphs:
             raise ConfigError(f"the step graphs have inputs they cannot fill: {missing}")
         return [views[name] for name in self.input_names]
 
-    def fill(self, steps: Sequence[StepLike]) -> tuple[bool, Key]:
-        """Write ``steps`` (padded to their bucket) into the static inputs and upload them; returns the bucket."""
+    def fill(self, steps: Sequence[StepLike], sources: Sequence[int] | None = None) -> tuple[bool, Key]:
+        """Write ``steps`` (padded to their bucket) into the static inputs and upload them; returns the bucket.
+
+        ``sources[i] >= 0`` marks sequence ``i``'s first token as fed from row ``sources[i]``
+        of the last step's tokens (see :meth:`run`).
+        """
         key = self.key_for(steps)
         if key is None:
             raise ConfigError(
@@ -386,12 +413,20 @@ class StepGraphs:
                 f"(at most {self.max_seqs} sequences, {self.max_tokens} tokens, {self.max_blocks} blocks each, "
                 "one row of logits each)"
             )
-        self.buffer.wait_host()
+        h = self.buffer.next_host()
         decode, (t, s) = key
         if decode:
             self._fill_decode(steps, s)
         else:
             self._fill_mixed(steps, t, s)
+        self._num_fed = 0
+        if sources is not None:
+            starts = h["query_start_loc"]
+            for i, src in enumerate(sources):
+                if src >= 0:
+                    h["feed_src"][self._num_fed] = src
+                    h["feed_dst"][self._num_fed] = starts[i]
+                    self._num_fed += 1
         self.buffer.upload(self._table_offset + s * self.max_blocks * 4)
         return key
 
@@ -451,9 +486,17 @@ class StepGraphs:
     # -- running -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, steps: Sequence[StepLike]) -> Tensor:
-        """Logits (len(steps), V) of one step, in the model's dtype (a view: read it before the next run)."""
-        key = self.fill(steps)
+    def run(self, steps: Sequence[StepLike], feed: tuple[Tensor, Sequence[int]] | None = None) -> Tensor:
+        """Logits (len(steps), V) of one step, in the model's dtype (a view: read it before the next run).
+
+        ``feed = (tokens, sources)``: sequence ``i``'s first input token is ``tokens[sources[i]]``
+        where ``sources[i] >= 0``, copied on the device (a token sampled by the last step that
+        the host has not seen yet: asynchronous scheduling).
+        """
+        key = self.fill(steps, feed[1] if feed is not None else None)
+        if self._num_fed:
+            d, k = self.buffer.device_views, self._num_fed
+            d["input_ids"][0].index_copy_(0, d["feed_dst"][:k], feed[0].index_select(0, d["feed_src"][:k]))  # type: ignore[index]
         if not self.capture:
             return _logits(self._step(key)(*self._inputs(key)))[: len(steps)]
         if key not in self._graphs:
@@ -478,7 +521,7 @@ class StepGraphs:
         keys = [k for k in self.keys if not (decode_only and not k[0])]
         for key in sorted(keys, key=lambda k: (k[1][0], k[1][1], k[0]), reverse=True):
             if key not in self._graphs:
-                self.buffer.wait_host()
+                self.buffer.next_host()
                 self._fill_warmup(key)
                 decode, (t, s) = key
                 self.buffer.upload(self._table_offset + s * self.max_blocks * 4)

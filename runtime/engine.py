@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from kiln.errors import ConfigError
 from kiln.runtime.model_runner import ModelRunner, SequenceStep
 from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
-from kiln.runtime.sampler import compute_logprobs, make_generator, sample
-from kiln.runtime.scheduler import Scheduler, SchedulerConfig
-from kiln.runtime.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from kiln.runtime.sampler import compute_logprobs, make_generator, sample, to_device
+from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
+from kiln.runtime.scheduler_output import ModelRunnerOutput, PendingOutput, SchedulerOutput
 from kiln.runtime.speculative import (
     Drafter,
     DraftRequest,
@@ -98,6 +98,11 @@ class LLM:
         torch_compile: fuse the decode graph's pointwise operations with ``torch.compile``
             (inductor) before capturing it; costs a compile at start-up (tens of seconds for
             a 1B model), needs ``cuda_graphs``.
+        async_scheduling: schedule and launch each step before the last one's tokens reach
+            the host (they feed the next step on the device), so the host's work overlaps
+            the device's; outputs arrive one step later. Default: on a GPU without
+            ``speculative``. Steps run synchronously while a request asks for logprobs or a
+            repetition penalty (both need every token on the host).
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class LLM:
         cuda_graphs: bool | None = None,
         enforce_eager: bool = False,
         torch_compile: bool = False,
+        async_scheduling: bool | None = None,
     ) -> None:
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
             raise ConfigError(f"speculative must be a SpeculativeConfig or None, got {type(speculative).__name__}")
@@ -139,6 +145,8 @@ class LLM:
         use_graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         if torch_compile and not use_graphs:
             raise ConfigError("torch_compile=True compiles the CUDA-graph decode step: it needs cuda_graphs on a GPU")
+        if async_scheduling and speculative is not None:
+            raise ConfigError("async_scheduling does not combine with speculative decoding yet; leave it unset")
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = _default_memory(dev)
         self.runner = ModelRunner(
@@ -154,6 +162,14 @@ class LLM:
         if eos is None and self.tokenizer is not None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_token_id: int | None = eos
+        feeds = isinstance(self.runner, ModelRunner)  # its steps can take tokens from the device
+        if async_scheduling and not feeds:
+            raise ConfigError(f"async_scheduling needs a runner that feeds tokens on the device, not {type(self.runner).__name__}")
+        #: whether steps are scheduled before the previous step's tokens reach the host
+        self.async_scheduling = (dev.type == "cuda" and speculative is None and feeds) if async_scheduling is None \
+            else bool(async_scheduling)  # fmt: skip
+        self._inflight: PendingOutput | None = None  # the launched step whose tokens have not been applied
+        self._sync_ids: set[str] = set()  # requests whose sampling needs every token on the host
         self.cuda_graphs = use_graphs and not enforce_eager  # whether pure-decode steps replay CUDA graphs
         if self.cuda_graphs:
             self.runner.enable_cuda_graphs(
@@ -231,6 +247,8 @@ class LLM:
         self.scheduler.add_request(request)
         gen = make_generator(params.seed, self.runner.device) if params.seed is not None else None
         self._seqs[rid] = _Sequence(request=request, prompt=text, generator=gen)
+        if params.logprobs is not None or params.repetition_penalty != 1.0:
+            self._sync_ids.add(rid)
         self.stats["prompt_tokens"] += len(ids)
         return rid
 
@@ -238,6 +256,7 @@ class LLM:
         """Cancel a request; its blocks are freed at once. False if it is unknown or finished."""
         self._forget_drafts(request_id)
         self._seqs.pop(request_id, None)
+        self._sync_ids.discard(request_id)
         return self.scheduler.abort_request(request_id)
 
     def _forget_drafts(self, request_id: str) -> None:
@@ -263,7 +282,9 @@ class LLM:
 
     # -- one step -------------------------------------------------------------------------
 
-    def _run(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def _steps(self, so: SchedulerOutput) -> tuple[list[SequenceStep], list[tuple[int, _Sequence]],
+                                                   list[tuple[int, _Sequence, list[int]]]]:
+        """The runner's steps for ``so``; the rows to sample and the rows (with drafts) to verify."""
         steps: list[SequenceStep] = []
         wanted: list[tuple[int, _Sequence]] = []  # (first logits row, sequence) of rows to sample
         spec: list[tuple[int, _Sequence, list[int]]] = []  # (first logits row, sequence, drafts) to verify
@@ -286,6 +307,40 @@ class LLM:
             elif cached.sample:
                 wanted.append((num_rows, seq))
             num_rows += len(drafts) + 1
+        return steps, wanted, spec
+
+    @staticmethod
+    def _picked(logits: torch.Tensor, wanted: list[tuple[int, _Sequence]]) -> torch.Tensor:
+        """The rows of ``logits`` to sample."""
+        if len(wanted) < logits.shape[0] or wanted[-1][0] != len(wanted) - 1:  # not simply every row in order
+            return logits.index_select(0, to_device([i for i, _ in wanted], logits.device))
+        return logits
+
+    def _launch(self, so: SchedulerOutput, prev: PendingOutput | None) -> PendingOutput:
+        """Run and sample ``so`` without waiting for the device; pending tokens come from ``prev`` on the device."""
+        steps, wanted, spec = self._steps(so)
+        if spec:
+            raise RuntimeError("asynchronous steps do not verify drafts")
+        feed = None
+        rids = [d.request_id for d in (*so.scheduled_new_reqs, *so.scheduled_cached_reqs)]
+        sources = [-1] * len(steps)
+        for i, (rid, step) in enumerate(zip(rids, steps, strict=True)):
+            if step.token_ids[0] == PLACEHOLDER:
+                if prev is None or rid not in prev.rows:
+                    raise RuntimeError(f"request {rid!r} has a pending token that no step in flight sampled")
+                sources[i] = prev.rows[rid]
+        if prev is not None and any(src >= 0 for src in sources):
+            feed = (prev.tokens, sources)
+        logits = self.runner.execute(steps, feed)  # (rows, V)
+        seqs = [s for _, s in wanted]
+        if not seqs:
+            return PendingOutput(so, {}, torch.empty(0, dtype=torch.long, device=logits.device))
+        out = sample(self._picked(logits, wanted), [s.request.sampling_params for s in seqs],
+                     [s.generator for s in seqs])  # fmt: skip
+        return PendingOutput(so, {s.request.request_id: k for k, s in enumerate(seqs)}, out.token_ids)
+
+    def _run(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        steps, wanted, spec = self._steps(so)
         if not steps:
             return ModelRunnerOutput(sampled_token_ids={})
         logits = self.runner.execute(steps)  # (rows, V): one per sequence, k + 1 per verified draft
@@ -293,9 +348,7 @@ class LLM:
         logprobs: dict[str, list] = {}
         if wanted:
             seqs = [s for _, s in wanted]
-            picked = logits
-            if len(wanted) < logits.shape[0] or wanted[-1][0] != len(wanted) - 1:  # not simply every row in order
-                picked = logits.index_select(0, torch.tensor([i for i, _ in wanted], device=logits.device))
+            picked = self._picked(logits, wanted)
             out = sample(
                 picked,
                 [s.request.sampling_params for s in seqs],
@@ -389,15 +442,22 @@ class LLM:
 
     def _step(self, *, snapshots: bool) -> list[RequestOutput]:
         """One step; outputs of every changed request (``snapshots``) or of the finished ones only."""
-        so = self.scheduler.schedule()
-        self.stats["steps"] += 1
-        self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
-        if self.drafter is not None:
-            for rid in so.preempted_req_ids:
-                self.drafter.on_preempted(rid)
-            for rid in so.finished_req_ids:
-                self._forget_drafts(rid)
-        changed = self.scheduler.update_from_output(so, self._run(so))
+        if self.async_scheduling and not self._sync_ids:
+            changed = self._async_step()
+        else:
+            changed = []
+            if self._inflight is not None:  # drain: apply the launched step before running in lockstep
+                prev, self._inflight = self._inflight, None
+                changed += self.scheduler.update_from_output(prev.scheduler_output, prev.result())
+            so = self.scheduler.schedule()
+            self.stats["steps"] += 1
+            self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
+            if self.drafter is not None:
+                for rid in so.preempted_req_ids:
+                    self.drafter.on_preempted(rid)
+                for rid in so.finished_req_ids:
+                    self._forget_drafts(rid)
+            changed += self.scheduler.update_from_output(so, self._run(so))
         results = []
         for delta in changed:
             seq = self._seqs.get(delta.request_id)
@@ -409,9 +469,26 @@ class LLM:
                 results.append(seq.request.to_output(text=seq.text, prompt=seq.prompt))
             if seq.request.is_finished:
                 del self._seqs[delta.request_id]
+                self._sync_ids.discard(delta.request_id)
                 self._forget_drafts(delta.request_id)
         self._propose()
         return results
+
+    def _async_step(self) -> list:
+        """Schedule and launch a step, then apply the previous one's tokens while it runs."""
+        so = self.scheduler.schedule()
+        self.stats["steps"] += 1
+        self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
+        prev, self._inflight = self._inflight, None
+        if so.total_num_scheduled_tokens:
+            self._inflight = self._launch(so, prev)
+            self.scheduler.mark_pending(so)
+        changed = []
+        if prev is not None:
+            changed += self.scheduler.update_from_output(prev.scheduler_output, prev.result())
+        if self._inflight is None:  # nothing launched: apply the empty step now (it may report aborts)
+            changed += self.scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={}))
+        return changed
 
     def _detokenize(self, seq: _Sequence) -> None:
         """Extend ``seq.text`` with the new tokens' text, then apply stop strings.

@@ -110,8 +110,13 @@ class ModelRunner:
         """The inputs that are not step metadata: the block caches and the model's constants."""
         return {**{f"kv_cache_{i}": c for i, c in enumerate(self.caches)}, **self.constants}
 
-    def build_inputs(self, steps: list[SequenceStep]) -> list[object]:
-        """The step graph's flat inputs for ``steps``, in ``input_names`` order (one host-to-device copy)."""
+    def build_inputs(
+        self, steps: list[SequenceStep], feed: tuple[torch.Tensor, list[int]] | None = None
+    ) -> list[object]:
+        """The step graph's flat inputs for ``steps``, in ``input_names`` order (one host-to-device copy).
+
+        ``feed``: see :meth:`execute`.
+        """
         bs = self.block_size
         num_tokens = sum(len(s.token_ids) for s in steps)
         num_logits = sum(s.num_logits for s in steps)
@@ -142,11 +147,15 @@ class ModelRunner:
             starts[i + 1] = t
             last[r : r + s.num_logits] = np.arange(t - s.num_logits, t)
             r += s.num_logits
-        dev = stage(
-            {"input_ids": ids.reshape(1, -1), "position_ids": pos.reshape(1, -1), "slot_mapping": slots,
-             "block_tables": tables, "seq_lens": lens, "query_start_loc": starts, "logits_indices": last},
-            self.device,
-        )  # fmt: skip
+        arrays = {"input_ids": ids.reshape(1, -1), "position_ids": pos.reshape(1, -1), "slot_mapping": slots,
+                  "block_tables": tables, "seq_lens": lens, "query_start_loc": starts, "logits_indices": last}
+        fed = [(src, int(starts[i])) for i, src in enumerate(feed[1]) if src >= 0] if feed is not None else []
+        if fed:
+            arrays["feed_src"] = np.array([f[0] for f in fed], dtype=np.int64)
+            arrays["feed_dst"] = np.array([f[1] for f in fed], dtype=np.int64)
+        dev = stage(arrays, self.device)  # fmt: skip
+        if fed:  # tokens the last step sampled on the device
+            dev["input_ids"][0].index_copy_(0, dev["feed_dst"], feed[0].index_select(0, dev["feed_src"]))  # type: ignore[index]
         values = {**dev, **self.state_inputs(), MAX_QUERY_LEN: max(len(s.token_ids) for s in steps)}
         return [values[name] for name in self.input_names]
 
@@ -185,15 +194,20 @@ class ModelRunner:
         return self.graphs
 
     @torch.no_grad()
-    def execute(self, steps: list[SequenceStep]) -> torch.Tensor:
-        """Run one step; the logits of each sequence's last ``num_logits`` tokens, in order: (sum num_logits, V) fp32."""
+    def execute(self, steps: list[SequenceStep], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
+        """Run one step; the logits of each sequence's last ``num_logits`` tokens, in order: (sum num_logits, V) fp32.
+
+        ``feed = (tokens, sources)`` takes sequence ``i``'s first token from ``tokens[sources[i]]``
+        (a device tensor, e.g. the last step's samples) where ``sources[i] >= 0``: the host
+        need not know it (asynchronous scheduling). Nothing here waits for the device.
+        """
         if not steps:
             raise ConfigError("execute needs at least one sequence")
         if not self.layout.gather_logits:
             raise ConfigError("the step graph must gather logits (PageKVCache(gather_logits=True))")
         if self.graphs is not None and self.graphs.supports(steps):
-            return self.graphs.run(steps).float()  # (S, V)
-        out = self.step_gm(*self.build_inputs(steps))
+            return self.graphs.run(steps, feed).float()  # (S, V)
+        out = self.step_gm(*self.build_inputs(steps, feed))
         logits = out[0] if isinstance(out, (list, tuple)) else out
         return logits[0].float()  # (S, V)
 

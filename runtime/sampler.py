@@ -59,6 +59,18 @@ class SamplerOutput:
     logprobs: LogprobsTensors | None  # None when no row set SamplingParams.logprobs
 
 
+def to_device(values: Sequence[object], device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.tensor(values)`` on ``device`` through pinned memory: no wait for the device's queued work.
+
+    (A copy from pageable memory makes the host wait until the stream is idle, which would
+    undo asynchronous scheduling.)
+    """
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The per-request generator for ``SamplingParams.seed``; keep it for the request's whole life."""
     return torch.Generator(device=device).manual_seed(seed)
@@ -157,22 +169,21 @@ def sample(
     if all(greedy):
         tokens = x.argmax(dim=-1)
     else:
-        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
-                             device=device)
+        temps = to_device([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device)
         y = x / temps.unsqueeze(1)
         top_k = [p.top_k if p.top_k > 0 else v for p in params]
         top_p = [p.top_p for p in params]
         if any(k < v for k in top_k) or any(q < 1.0 for q in top_p):
             y = apply_top_k_top_p(
                 y,
-                torch.tensor(top_k, device=device) if any(k < v for k in top_k) else None,
-                torch.tensor(top_p, device=device) if any(q < 1.0 for q in top_p) else None,
+                to_device(top_k, device) if any(k < v for k in top_k) else None,
+                to_device(top_p, device) if any(q < 1.0 for q in top_p) else None,
             )
         if any(p.min_p > 0 for p in params):
-            y = apply_min_p(y, torch.tensor([p.min_p for p in params], device=device))
+            y = apply_min_p(y, to_device([p.min_p for p in params], device))
         gens = [None if g else (generators[i] if generators is not None else None) for i, g in enumerate(greedy)]
         sampled = random_sample(y.softmax(dim=-1), gens)
-        tokens = torch.where(torch.tensor(greedy, device=device), x.argmax(dim=-1), sampled)
+        tokens = torch.where(to_device(greedy, device), x.argmax(dim=-1), sampled)
 
     return SamplerOutput(token_ids=tokens, logprobs=compute_logprobs(raw, tokens, params))
 
@@ -203,4 +214,5 @@ __all__ = [
     "make_generator",
     "random_sample",
     "sample",
+    "to_device",
 ]

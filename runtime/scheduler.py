@@ -21,6 +21,13 @@ drafts, checks max_tokens / EOS / stop token ids, publishes newly computed full 
 the prefix cache, frees finished requests. Stop *strings* need text, so the engine checks
 them (``kiln.runtime.stop``) and calls :meth:`Scheduler.finish_request`.
 
+Asynchronous scheduling (vLLM v1's ``async_scheduling``): after :meth:`Scheduler.mark_pending`
+the tokens a step samples count as *pending*, known to exist but not yet to the host, so
+the next step can be scheduled (and launched) before this one's output is applied. A
+pending token enters the next step as :data:`PLACEHOLDER`, which the runner fills from the
+device; a request whose pending tokens reach ``max_tokens`` is not scheduled again, and
+one that turns out to have stopped (EOS) has its extra step's output ignored.
+
 The scheduler never touches tensors; see ``scheduler_output`` for what the runner gets.
 """
 
@@ -41,6 +48,9 @@ from kiln.runtime.scheduler_output import (
     SchedulerOutput,
     StepOutput,
 )
+
+#: The token id standing for a pending token (sampled on the device, not yet on the host).
+PLACEHOLDER = -1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +97,7 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order; the last is preempted first
         self._finished_ids: set[str] = set()  # finished since the last schedule(), for the runner
         self._pending_outputs: list[StepOutput] = []  # finished inside schedule(), reported next update
+        self.num_pending: dict[str, int] = {}  # request id -> sampled tokens not yet applied (mark_pending)
 
     # -- requests in and out ----------------------------------------------------------------
 
@@ -148,6 +159,7 @@ class Scheduler:
         request.spec_token_ids = []
         request.metrics.finished_time = time.monotonic()
         self.kv_cache_manager.free(request)
+        self.num_pending.pop(request.request_id, None)
         del self.requests[request.request_id]
         self._finished_ids.add(request.request_id)
 
@@ -176,8 +188,15 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            drafts = self._drafts(request)
-            n = request.num_tokens + len(drafts) - request.num_computed_tokens
+            drafts = self._drafts(request) if request.spec_token_ids else []
+            pending = self.num_pending.get(request.request_id, 0)
+            if pending and (
+                request.num_output_tokens + pending >= request.sampling_params.max_tokens
+                or request.num_tokens + pending >= cfg.max_model_len
+            ):
+                i += 1  # its pending tokens finish it
+                continue
+            n = request.num_tokens + pending + len(drafts) - request.num_computed_tokens
             if cfg.long_prefill_token_threshold:
                 n = min(n, cfg.long_prefill_token_threshold)
             n = min(n, budget)
@@ -193,7 +212,7 @@ class Scheduler:
             if blocks is None:
                 break
             new_block_ids[request.request_id] = [b.block_id for b in blocks]
-            num_drafts = n - (request.num_tokens - request.num_computed_tokens)
+            num_drafts = n - (request.num_tokens + pending - request.num_computed_tokens)
             if num_drafts > 0:
                 spec[request.request_id] = drafts[:num_drafts]
             scheduled_running.append(request)
@@ -251,12 +270,15 @@ class Scheduler:
         for r in scheduled_running:
             rid, n, start = r.request_id, num_scheduled[r.request_id], r.num_computed_tokens
             drafts = spec.get(rid, [])
+            tokens = r.token_slice(start, start + n - len(drafts))
+            if len(tokens) < n - len(drafts):  # pending tokens: the runner takes them from the device
+                tokens += [PLACEHOLDER] * (n - len(drafts) - len(tokens))
             cached_data.append(CachedRequestData(
                 request_id=rid,
                 new_block_ids=new_block_ids[rid],
                 num_computed_tokens=start,
-                new_token_ids=r.token_slice(start, start + n - len(drafts)) + drafts,
-                sample=start + n >= r.num_tokens,
+                new_token_ids=tokens + drafts,
+                sample=start + n >= r.num_tokens + self.num_pending.get(rid, 0),
             ))
         for r in scheduled_running + scheduled_new:
             r.num_computed_tokens += num_scheduled[r.request_id]
@@ -281,6 +303,18 @@ class Scheduler:
         )
         return request.spec_token_ids[: max(room - 1, 0)]
 
+    def mark_pending(self, scheduler_output: SchedulerOutput) -> None:
+        """Count the tokens ``scheduler_output``'s step samples as pending until its ``update_from_output``.
+
+        Call it right after :meth:`schedule` to schedule the next step before applying this
+        one's output (asynchronous scheduling). Not for steps with draft tokens.
+        """
+        if scheduler_output.scheduled_spec_decode_tokens:
+            raise ConfigError("asynchronous scheduling does not take steps with draft tokens")
+        for d in (*scheduler_output.scheduled_new_reqs, *scheduler_output.scheduled_cached_reqs):
+            if d.sample:
+                self.num_pending[d.request_id] = self.num_pending.get(d.request_id, 0) + 1
+
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_output: ModelRunnerOutput | Mapping[str, Sequence[int]]
     ) -> list[StepOutput]:
@@ -302,10 +336,19 @@ class Scheduler:
                 )
         outputs, self._pending_outputs = self._pending_outputs, []
         finished_any = False
+        sampling = {
+            d.request_id for d in (*scheduler_output.scheduled_new_reqs, *scheduler_output.scheduled_cached_reqs)
+            if d.sample
+        }  # fmt: skip
         for rid in scheduler_output.num_scheduled_tokens:
+            if rid in sampling and rid in self.num_pending:  # its pending token arrives
+                self.num_pending[rid] -= 1
+                if not self.num_pending[rid]:
+                    del self.num_pending[rid]
             request = self.requests.get(rid)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            if request is None or request.is_finished:
                 continue  # finished or aborted since it was scheduled
+            # (a PREEMPTED request was preempted while this step's token was in flight: it keeps the token)
             generated = list(sampled.get(rid, ()))
             drafts = scheduler_output.scheduled_spec_decode_tokens.get(rid, ())
             if drafts:  # give back the rejected drafts: generated = accepted drafts + 1
@@ -313,7 +356,7 @@ class Scheduler:
             new_ids: list[int] = []
             new_lps = [] if request.sampling_params.logprobs is not None else None
             status = None
-            if request.num_computed_tokens >= request.num_tokens:  # not a prefill chunk short of the end
+            if rid in sampling:  # the step reached the request's last token: not a prefill chunk short of it
                 lps = logprobs.get(rid) if logprobs is not None else None
                 for j, token in enumerate(generated):
                     self._append(request, token, lps[j] if lps is not None else None)
@@ -325,6 +368,8 @@ class Scheduler:
                         break
             self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
             if status is not None:
+                if request.status is RequestStatus.PREEMPTED:  # preempted while its token was in flight
+                    self.waiting.remove(request)
                 self._finish(request, status, request.stop_reason)
                 finished_any = True
             if new_ids or status is not None:

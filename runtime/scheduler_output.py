@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.runtime.request import FinishReason, SamplingParams, TokenLogprobs
 
@@ -49,7 +50,8 @@ class CachedRequestData:
     request_id: str  # the request's id
     new_block_ids: list[int]  # blocks appended to its block table this step (often empty)
     num_computed_tokens: int  # tokens already in the cache: the position of new_token_ids[0]
-    new_token_ids: list[int]  # this step's inputs: the next prompt chunk, or the last sampled token + drafts
+    new_token_ids: list[int]  # this step's inputs: the next prompt chunk, or the last sampled token + drafts;
+    # with asynchronous scheduling the last token may still be pending (scheduler.PLACEHOLDER)
     sample: bool  # True when this step reaches the last known token: sample from its logits
 
 
@@ -83,6 +85,37 @@ class ModelRunnerOutput:
     logprobs: Mapping[str, Sequence[TokenLogprobs]] | None = None  # id -> one entry per sampled token
 
 
+class PendingOutput:
+    """A step's sampled tokens still on the device (asynchronous scheduling): a ModelRunnerOutput to come.
+
+    ``tokens`` (N,) holds one sampled token per row; ``rows`` maps each sampling request to
+    its row. A non-blocking copy to pinned host memory starts at once; :meth:`result` waits
+    for it. The next step may read ``tokens`` on the device before that (the runner's feed).
+    """
+
+    def __init__(self, scheduler_output: SchedulerOutput, rows: Mapping[str, int], tokens: Any) -> None:
+        import torch
+
+        self.scheduler_output = scheduler_output  # the step that sampled them
+        self.rows = dict(rows)  # request id -> row of tokens
+        self.tokens = tokens  # (N,) int64 on the device
+        self._event = None
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tokens
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for the tokens; the step's ModelRunnerOutput."""
+        if self._event is not None:
+            self._event.synchronize()
+        values = self._host.tolist()
+        return ModelRunnerOutput(sampled_token_ids={rid: [values[r]] for rid, r in self.rows.items()})
+
+
 @dataclass(frozen=True, kw_only=True)
 class StepOutput:
     """What one step did to one request: new tokens and, at the end, why it finished."""
@@ -99,4 +132,4 @@ class StepOutput:
         return self.finish_reason is not None
 
 
-__all__ = ["CachedRequestData", "ModelRunnerOutput", "NewRequestData", "SchedulerOutput", "StepOutput"]
+__all__ = ["CachedRequestData", "ModelRunnerOutput", "NewRequestData", "PendingOutput", "SchedulerOutput", "StepOutput"]

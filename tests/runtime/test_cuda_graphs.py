@@ -178,7 +178,7 @@ def test_engine_with_static_step_buffers_generates_the_same_tokens(name: str) ->
                                            capture=False)
     used: list = []
     fill = graphs.fill
-    graphs.fill = lambda steps: used.append(fill(steps)) or used[-1]  # type: ignore[method-assign]
+    graphs.fill = lambda steps, sources=None: used.append(fill(steps, sources)) or used[-1]  # type: ignore[method-assign]
     calls = []
     step_gm = llm.runner.step_gm
     llm.runner.step_gm = lambda *a: calls.append(1) or step_gm(*a)  # the op-by-op path
