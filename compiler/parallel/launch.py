@@ -4,9 +4,13 @@ NCCL on GPUs, Gloo on CPUs. Under ``torchrun`` every process runs the same scrip
 (SPMD) and calls :func:`init_distributed`; from one Python process, :func:`launch` runs a
 function on ``world_size`` spawned ranks and returns what each returned.
 
+Every rank must call the compiled shard with the same inputs (seed the random generators
+alike): the collectives combine the ranks' slices of one computation.
+
 Example (``torchrun --nproc-per-node 2 script.py``)::
 
     rank, world = kiln.parallel.init_distributed()
+    torch.manual_seed(0)
     compiled = kiln.compile(model, ids, parallel=kiln.ParallelConfig(tensor_parallel_size=world))
     logits = compiled(ids)  # every rank computes the same logits, each with its shard of the weights
 """

@@ -63,7 +63,7 @@ def _rank_outputs(rank: int) -> dict[str, float]:
             ids = torch.randint(0, 100, (1, t))
             got, want = compiled(input_ids=ids), model(input_ids=ids)
             got, want = (x if isinstance(x, torch.Tensor) else x.logits for x in (got, want))
-            out[f"{name}/T={t}"] = float((got - want).norm() / want.norm())
+            out[f"{name}/T={t}"] = float((got - want).detach().norm() / want.detach().norm())
     return out
 
 
