@@ -4,8 +4,9 @@ For Llama-3.2-1B- and Llama-3.1-8B-shaped models (kiln presets ``llama-1b`` / ``
 random bf16 weights drawn directly on the GPU) one greedy request of a ``--prompt-len``
 token prompt decodes ``--new-tokens`` tokens through:
 
-- kiln ``LLM`` op by op (``enforce_eager``), with CUDA graphs for the decode steps, and with
-  CUDA graphs over the decode graph fused by ``torch.compile`` (inductor);
+- kiln ``LLM`` (asynchronous scheduling) op by op (``enforce_eager``), with CUDA graphs for
+  the decode steps, and with CUDA graphs over the decode graph fused by ``torch.compile``
+  (inductor);
 - transformers ``LlamaForCausalLM`` (same shapes, the very same weight tensors) ``generate``
   eager (dynamic cache), and ``generate`` with a static cache, which transformers compiles
   with ``torch.compile(mode="reduce-overhead")`` for the decode steps.
@@ -169,7 +170,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     hf = hf_twin(model)
     max_len = args.prompt_len + args.new_tokens + 16
     llm = kiln.LLM(model, max_num_seqs=1, max_model_len=max_len, enable_prefix_caching=False,
-                   kv_cache_memory=args.kv_cache_mib * 2**20, enforce_eager=True)  # fmt: skip
+                   kv_cache_memory=args.kv_cache_mib * 2**20, enforce_eager=True, async_scheduling=True)  # fmt: skip
 
     # correctness: kiln's prefill logits against transformers'
     with torch.no_grad():
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--kv-cache-mib", type=int, default=512)
+    p.add_argument("--kv-cache-mib", type=int, default=256)
     p.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS)
     p.add_argument("--quick", action="store_true", help="CPU smoke run: llama-tiny, fp32, short prompt")
     args = p.parse_args(argv)

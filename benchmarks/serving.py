@@ -18,7 +18,7 @@ Llama-3.1-8B shapes to the prefix-caching one):
    Then the same with a distinct document per request (zero hits): caching on may cost at
    most 2% of p50 TTFT.
 
-Both engines run with CUDA graphs (the default on a GPU).
+kiln runs with CUDA graphs and asynchronous scheduling (the defaults on a GPU).
 
     python benchmarks/serving.py             # H100 (~3-4 min)
     python benchmarks/serving.py --quick     # CPU smoke run on llama-tiny (fp32)
@@ -59,7 +59,7 @@ def kiln_batching(model: torch.nn.Module, prompts: list[list[int]], outs: list[i
                   device: torch.device) -> dict:
     """All requests through one LLM; output tokens/s and checks."""
     t0 = time.perf_counter()
-    llm = kiln.LLM(model, max_num_seqs=args.batch, max_num_batched_tokens=args.budget,
+    llm = kiln.LLM(model, max_num_seqs=args.batch, max_num_batched_tokens=args.budget, async_scheduling=True,
                    max_model_len=args.prompt_max + args.output_max + 16, kv_cache_memory=args.kv_cache_mib * 2**20)
     init_s = time.perf_counter() - t0
     params = [kiln.SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in outs]
@@ -131,7 +131,7 @@ def prefix_caching(name: str, args: argparse.Namespace, device: torch.device, dt
         return torch.randint(0, vocab, (k,), generator=g).tolist()
 
     kw = dict(max_num_seqs=4, max_num_batched_tokens=args.prefix_budget, max_model_len=doc_len + q_len + 16,
-              kv_cache_memory=args.prefix_kv_cache_mib * 2**20)  # fmt: skip
+              kv_cache_memory=args.prefix_kv_cache_mib * 2**20, async_scheduling=True)  # fmt: skip
     on = kiln.LLM(model, enable_prefix_caching=True, **kw)
     off = kiln.LLM(model, enable_prefix_caching=False, **kw)
     doc = rand(doc_len)
