@@ -40,10 +40,28 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         from kiln.passes.lower_qdq import LowerQDQ
 
         passes += [InsertQDQ(config.quant), LowerQDQ(), EliminateDeadCode()]
+    par = config.parallel
+    if par is not None and par.tensor_parallel_size > 1:  # Phase 4: shard for this rank, before the KV cache
+        from kiln.passes.shard_tensor_parallel import ShardTensorParallel
+
+        if par.pipeline_parallel_size > 1 or par.context_parallel_size > 1:
+            from kiln.errors import ConfigError
+
+            raise ConfigError("tensor parallelism combined with pipeline or context parallelism is not implemented yet")
+        tp, rank = par.tensor_parallel_size, config.rank or 0
+        passes += [ShardTensorParallel(tp, rank), EliminateDeadCode()]
+        if par.sequence_parallel:
+            from kiln.passes.sequence_parallel import SequenceParallel
+
+            passes += [SequenceParallel(tp, rank), EliminateDeadCode()]
     if config.kv_cache:
         from kiln.passes.kv_cache import PageKVCache
 
         passes += [PageKVCache(), EliminateDeadCode()]
+        if par is not None and par.tensor_parallel_size > 1:
+            from kiln.passes.shard_tensor_parallel import SelectLogitsBeforeGather
+
+            passes += [SelectLogitsBeforeGather(), EliminateDeadCode()]
     return [*passes, *config.extra_passes]
 
 

@@ -103,6 +103,9 @@ class LLM:
             the device's; outputs arrive one step later. Default: on a GPU without
             ``speculative``. Steps run synchronously while a request asks for logprobs or a
             repetition penalty (both need every token on the host).
+        tensor_parallel_size: shard the model over this many ranks (``kiln.parallel.worker``:
+            one process per rank, NCCL on GPUs, Gloo on CPUs); each rank keeps the KV cache of
+            its own heads, ``kv_cache_memory`` is per rank. Scheduling and sampling stay here.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class LLM:
         enforce_eager: bool = False,
         torch_compile: bool = False,
         async_scheduling: bool | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
             raise ConfigError(f"speculative must be a SpeculativeConfig or None, got {type(speculative).__name__}")
@@ -142,16 +146,28 @@ class LLM:
             raise ConfigError("enforce_eager=True runs without CUDA graphs and torch_compile; do not ask for them too")
         if cuda_graphs and dev.type != "cuda":
             raise ConfigError(f"cuda_graphs=True needs a CUDA device; the model runs on {dev}")
-        use_graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
+        if cuda_graphs and tensor_parallel_size > 1:
+            raise ConfigError("CUDA graphs under tensor parallelism are not implemented yet: leave cuda_graphs unset")
+        use_graphs = (dev.type == "cuda" and tensor_parallel_size == 1) if cuda_graphs is None else bool(cuda_graphs)
         if torch_compile and not use_graphs:
             raise ConfigError("torch_compile=True compiles the CUDA-graph decode step: it needs cuda_graphs on a GPU")
         if async_scheduling and speculative is not None:
             raise ConfigError("async_scheduling does not combine with speculative decoding yet; leave it unset")
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = _default_memory(dev)
-        self.runner = ModelRunner(
-            model, block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory, device=dev
-        )
+        if tensor_parallel_size > 1:  # one process per rank, each with its shard and its heads' cache
+            from kiln.parallel.worker import ParallelModelRunner
+
+            self.runner = ParallelModelRunner(
+                model, tensor_parallel_size=tensor_parallel_size, block_size=block_size, num_blocks=num_blocks,
+                kv_cache_memory=kv_cache_memory, device=dev,
+            )  # fmt: skip
+        else:
+            self.runner = ModelRunner(
+                model, block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory, device=dev
+            )
         config = getattr(model, "config", None)
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
         capacity = self.runner.num_blocks * block_size

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ import torch
 from kiln.errors import CapacityError, ConfigError
 from kiln.passes.kv_cache import KVCacheLayout, layout_of
 from kiln.runtime.cuda_graphs import MAX_QUERY_LEN, StepGraphs, specialize_attention, stage
+
+if TYPE_CHECKING:
+    import kiln
 
 
 @dataclass
@@ -69,9 +73,18 @@ class ModelRunner:
         kv_cache_memory: int | None = None,
         device: torch.device | str | None = None,
         cache_dtype: torch.dtype | None = None,
+        compile_config: kiln.CompileConfig | None = None,
     ) -> None:
-        """Compile ``model``'s step graph and allocate ``num_blocks`` blocks (or as many as fit ``kv_cache_memory`` bytes)."""
+        """Compile ``model``'s step graph and allocate ``num_blocks`` blocks (or as many as fit ``kv_cache_memory`` bytes).
+
+        ``compile_config`` (with ``kv_cache=True``) replaces the default step-graph compile, e.g.
+        to build one rank's tensor-parallel shard (``kiln.parallel.worker``).
+        """
         import kiln
+
+        step_config = compile_config or kiln.CompileConfig(kv_cache=True)
+        if not step_config.kv_cache:
+            raise ConfigError("the model runner's compile_config needs kv_cache=True")
 
         if block_size <= 0 or (num_blocks is not None and num_blocks <= 0):
             raise ConfigError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
@@ -80,7 +93,7 @@ class ModelRunner:
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0)) or 2
-        self.compiled = kiln.compile(model, _example_call(model, vocab, self.device), config=kiln.CompileConfig(kv_cache=True))
+        self.compiled = kiln.compile(model, _example_call(model, vocab, self.device), config=step_config)
         self.gm = self.compiled.graph_module
         self.layout = layout_of(self.gm)
         dtype = cache_dtype or self.layout.dtype
