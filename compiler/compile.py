@@ -231,7 +231,13 @@ def compile(  # noqa: A001 - the public name, as torch.compile
     config = config or CompileConfig()
     if parallel is not None:
         config = replace(config, parallel=parallel)
-    if config.parallel is not None and config.parallel.world_size > 1 and config.rank is None:
+    par = config.parallel
+    if par is not None and (par.pipeline_parallel_size > 1 or par.context_parallel_size > 1):
+        raise ConfigError(
+            "kiln.compile(parallel=) builds tensor- and sequence-parallel shards; pipeline and context parallelism "
+            "are not compiled by kiln.compile yet (see kiln.parallel.pipeline and kiln.parallel.ring_attention)"
+        )
+    if par is not None and par.world_size > 1 and config.rank is None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
