@@ -13,7 +13,7 @@ token prompt decodes ``--new-tokens`` tokens through:
 
 Time per output token is measured the same way for every system: the wall time of a
 ``generate`` of N tokens minus that of N/2 tokens, over N/2 (each the median of
-``--repeats`` runs after a warm-up run), so prefill and per-call setup cancel out.
+``--repeats`` runs after a warm-up run of N), so prefill and per-call setup cancel out.
 
 The roofline: each decoded token must read every weight the step uses (the LM head in
 full, one row of an untied embedding) and the KV cache of its context (here the mean
@@ -143,7 +143,11 @@ def timed(fn: Callable[[int], list[int]], n: int, repeats: int, device: torch.de
 
 
 def measure(fn: Callable[[int], list[int]], args: argparse.Namespace, device: torch.device) -> Result:
-    """ms per output token: (t(N) - t(N/2)) / (N/2), after one warm-up run of N."""
+    """ms per output token: (t(N) - t(N/2)) / (N/2), after one warm-up run of N.
+
+    The warm-up is the longest run: transformers sizes its static cache to the longest
+    request so far, and a longer one would recompile inside the timed runs.
+    """
     n, half = args.new_tokens, args.new_tokens // 2
     fn(n)  # warm-up: compilation, graph recording, autotuning
     t_long, tokens = timed(fn, n, args.repeats, device)
@@ -238,6 +242,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
             if system in ("kiln-graphs", "kiln-compile"):
                 check_decode_step(system)
             r = measure(fn, args, device)
+            if system == "hf-compile" and getattr(hf, "_compiled_call", None) is None:
+                raise RuntimeError("transformers did not compile its forward: the baseline would be eager")
         except Exception as e:  # a failing system is reported in the table, not hidden
             traceback.print_exc()
             r = Result(system=system, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
