@@ -95,6 +95,15 @@ def _set_attr(gm: nn.Module, target: str, value: Tensor, *, parameter: bool) -> 
         owner.register_buffer(leaf, value)
 
 
+def _weight_attr(x: object) -> Node | None:
+    """The ``get_attr`` a quantized value reads when it is a constant weight (directly or transposed)."""
+    if isinstance(x, Node) and x.op == "get_attr":
+        return x
+    if isinstance(x, Node) and x.target == aten.permute.default and isinstance(x.args[0], Node):
+        return x.args[0] if x.args[0].op == "get_attr" else None
+    return None
+
+
 def _qdq_pairs(gm: GraphModule) -> list[tuple[Node, Node]]:
     """``(quantize, dequantize)`` pairs where the dequantize reads the quantize's codes with the same parameters."""
     pairs = []
@@ -172,7 +181,7 @@ class PrepareQAT(Pass):
                 scale.replace_input_with(scale.args[0], det)  # type: ignore[arg-type]
                 stats["dynamic_scales_detached"] += 1
             elif self.learn_scales and isinstance(scale, Node) and scale.op == "get_attr":
-                numel_x = x.meta["val"].numel() if isinstance(x, Node) and x.op == "get_attr" else None  # type: ignore[union-attr]
+                numel_x = x.meta["val"].numel() if _weight_attr(x) is not None else None  # type: ignore[union-attr]
                 if numel_x is not None:  # static scales of constant weights (activations: not learned)
                     if scale not in learned:
                         learned[scale] = self._scale_param(gm, scale, numel_x, int(qmax), q)  # type: ignore[arg-type]
@@ -191,8 +200,8 @@ class PrepareQAT(Pass):
             gm.graph.erase_node(dq)
             gm.graph.erase_node(q)
             stats["fake_quantized"] += 1
-            if isinstance(x, Node) and x.op == "get_attr":
-                target = str(x.target)
+            if (attr := _weight_attr(x)) is not None:
+                target = str(attr.target)
                 value = _attr(gm, target)
                 if not isinstance(value, nn.Parameter):
                     _set_attr(gm, target, value.detach().clone(), parameter=True)
@@ -231,8 +240,9 @@ class ConvertQAT(Pass):
         return node
 
     def call(self, gm: GraphModule) -> PassResult:
-        for name, p in list(gm.named_parameters()):  # the trained values become constants
-            _set_attr(gm, name, p.detach().clone(), parameter=False)
+        constants: dict[int, Tensor] = {}  # the trained values become constants (tied ones stay tied)
+        for name, p in list(gm.named_parameters(remove_duplicate=False)):
+            _set_attr(gm, name, constants.setdefault(id(p), p.detach().clone()), parameter=False)
         stats = {"fake_quantize_converted": 0, "scales_materialized": 0}
         fqs = [n for n in gm.graph.nodes if n.target == torch.ops.kiln.fake_quantize.default]
         if not fqs:
@@ -266,7 +276,7 @@ class ConvertQAT(Pass):
             gm.graph.erase_node(fq)
             stats["fake_quantize_converted"] += 1
         for node in list(gm.graph.nodes):  # learned-scale parameters, detaches of dynamic scales
-            if node.target == aten.detach.default:
+            if node.target == aten.detach.default and node.meta.get(PASS_KEY) == PrepareQAT.name:
                 node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
         gm.graph.eliminate_dead_code()
         for name in [n for n, _ in gm.named_buffers() if n.startswith("_qat_") and "." not in n]:
