@@ -5,7 +5,7 @@ the per-layer block caches, turns a list of :class:`SequenceStep` (what the sche
 decided, in plain Python) into the graph's flat inputs, runs it, and returns one row of
 logits per sequence. It never decides anything: scheduling lives in ``kiln.runtime.scheduler``.
 
-The graph runs in its launch-ready form (``kiln.runtime.cuda_graphs.specialize_attention``:
+The graph runs in its launch-ready form (``kiln.runtime.step_inputs.specialize_attention``:
 the host tells attention the longest query, so no step synchronizes inside the graph), its
 integer inputs reach the device in one copy, and after :meth:`ModelRunner.enable_cuda_graphs`
 steps replay CUDA graphs captured per bucket of batch and token counts.
@@ -22,7 +22,8 @@ import torch
 
 from kiln.errors import CapacityError, ConfigError
 from kiln.passes.kv_cache import KVCacheLayout, layout_of
-from kiln.runtime.cuda_graphs import MAX_QUERY_LEN, StepGraphs, specialize_attention, stage
+from kiln.runtime.cuda_graphs import StepGraphs
+from kiln.runtime.step_inputs import MAX_QUERY_LEN, specialize_attention, stage
 
 if TYPE_CHECKING:
     import kiln
