@@ -32,6 +32,15 @@ Leviathan et al.'s ideal speedup and the fraction of it reached, and how many ou
 token-identical to the non-speculative ones (all must be).
 
     .venv/bin/python benchmarks/onnx_cpu.py --speculative [--quick] [--k 4] [--threads 1]
+
+``--quant`` exports the shipped teacher quantized with each preset (issue #7): the lowered graph
+(MatMulNBits for int4, MatMulInteger for W8A8, DequantizeLinear for int8/fp8 weights) next to
+the fp32 artifact, and reports per preset the artifact size, the ONNX Runtime ops the
+quantized linears became, the max relative error of ONNX Runtime's logits against kiln's own
+quantized reference, perplexity on eval-split windows from both, and the median ONNX Runtime
+prefill time.
+
+    .venv/bin/python benchmarks/onnx_cpu.py --quant [--quick] [--threads 1]
 """
 
 from __future__ import annotations
@@ -102,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4, help="--speculative: draft tokens per step")
     ap.add_argument("--prompts", type=int, default=12, help="--speculative: prompts per workload")
     ap.add_argument("--max-tokens", type=int, default=96, help="--speculative: tokens generated per prompt")
-    ap.add_argument("--quick", action="store_true", help="--speculative: 3 prompts of 32 tokens")
+    ap.add_argument("--quick", action="store_true", help="--speculative / --quant: a short run")
+    ap.add_argument("--quant", action="store_true", help="quantized exports of the shipped teacher instead")
     args = ap.parse_args(argv)
     if args.speculative:
         return speculative_main(args)
+    if args.quant:
+        return quant_main(args)
 
     import onnxruntime as ort
 
@@ -297,6 +309,121 @@ def speculative_main(args: argparse.Namespace) -> int:
     print()
     print("c = median ONNX Runtime decode step (position 96) of the drafter over the teacher's; 0 for prompt lookup.")
     return 0 if all(r[12] == r[1] for r in rows) else 1
+
+
+def perturbed_error(compiled: object, rows: torch.Tensor) -> float:
+    """Max relative change of the compiled model's logits when its norm weights are scaled by 1 + 1e-7 noise.
+
+    How far last-bit float differences move a graph: for one that quantizes activations at run time
+    they flip values sitting on a code boundary to the neighbouring code.
+    """
+    gm = compiled.graph_module  # type: ignore[attr-defined]
+    saved = [(t, t.clone()) for name, t in [*gm.named_parameters(), *gm.named_buffers()]
+             if t.is_floating_point() and t.dim() == 1 and "norm" in name]
+
+    def logits() -> list[torch.Tensor]:
+        outs = [compiled(r[None]) for r in rows]  # type: ignore[operator]
+        return [o.logits if hasattr(o, "logits") else o for o in outs]
+
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        base = logits()
+        for t, _ in saved:
+            t.mul_(1 + 1e-7 * torch.randn(t.shape, generator=noise))
+        moved = logits()
+        for t, v in saved:
+            t.copy_(v)
+    return max(float((m - b).abs().max() / b.abs().max()) for m, b in zip(moved, base, strict=True))
+
+
+def quant_main(args: argparse.Namespace) -> int:
+    """``--quant``: the shipped teacher per quantization preset, ONNX Runtime against kiln's quantized reference."""
+    import dataclasses
+
+    import onnxruntime as ort
+    import transformers
+
+    import kiln
+    from kiln.backends.onnx import export_onnx
+    from kiln.backends.onnx.validate import op_counts, ort_session
+    from kiln.eval import resolve_tokens
+    from kiln.models import load_model
+    from kiln.quantize import QuantConfig
+    from kiln.quantize.calibrate import calibration_tokens
+
+    windows, seq_len = (4, 128) if args.quick else (16, 256)
+    root = Path(__file__).resolve().parents[1]
+    teacher_dir = root / "models" / "kiln-teacher"
+    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="kiln-onnx-quant-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    model = load_model(str(teacher_dir), dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(teacher_dir))
+    stream = resolve_tokens("eval", tok)
+    start = stream.numel() // 3
+    batch = stream[start : start + windows * (seq_len + 1)].reshape(windows, seq_len + 1)
+    calib = calibration_tokens(teacher_dir, 64 * 256, split="train")
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for preset in tqdm(["fp32", "w8a16", "w4a16-g128", "w8a8", "fp8"], desc="presets", file=sys.stderr):
+        quant = None
+        if preset != "fp32":
+            quant = QuantConfig.preset(preset)
+            if quant.needs_calibration:
+                quant = quant.with_calibration(calib, num_samples=64, seq_len=256)
+            quant = dataclasses.replace(quant, calibration=dataclasses.replace(quant.calibration, progress=False))
+        compiled = kiln.compile(model, (ids,), config=kiln.CompileConfig(quant=quant))
+        t0 = time.perf_counter()
+        report = export_onnx(compiled, out_dir / f"teacher-{preset}.onnx")
+        export_s = time.perf_counter() - t0
+        session = ort_session(report.path, threads=args.threads)
+        nll_ort = nll_kiln = 0.0
+        worst = 0.0
+        for row in batch:
+            x, y = row[None, :-1], row[1:]
+            with torch.no_grad():
+                want = compiled(x)
+            want = want.logits if hasattr(want, "logits") else want
+            (got,) = session.run(None, {"input_ids": x.numpy()})
+            worst = max(worst, float(np.abs(got - want.numpy()).max() / want.abs().max()))
+            nll_ort += float(torch.nn.functional.cross_entropy(torch.from_numpy(got[0]), y))
+            nll_kiln += float(torch.nn.functional.cross_entropy(want[0].float(), y))
+        sensitivity = perturbed_error(compiled, batch[:4, :-1])
+        feed = {"input_ids": batch[:1, :-1].numpy()}
+        times = []
+        for i in range(3 + (5 if args.quick else 20)):
+            t1 = time.perf_counter()
+            session.run(None, feed)
+            if i >= 3:
+                times.append((time.perf_counter() - t1) * 1e3)
+        ops = op_counts(report.path)
+        shown = {k: v for k, v in ops.items() if k in ("com.microsoft.MatMulNBits", "MatMulInteger", "DequantizeLinear",
+                                                       "QuantizeLinear", "MatMul")}
+        rows.append((preset, (report.model_bytes + report.data_bytes) / 2**20, shown, report.max_rel_error, worst,
+                     float(np.exp(nll_kiln / windows)), float(np.exp(nll_ort / windows)), statistics.median(times),
+                     export_s, sensitivity))
+
+    print("# Quantized ONNX exports of kiln-teacher: ONNX Runtime against kiln's quantized reference (CPU)")
+    print()
+    print(f"- command: `{' '.join([os.path.relpath(sys.executable), *sys.argv])}`")
+    print(f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; {args.threads} thread(s); load average at the end "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"- torch {torch.__version__}, onnxruntime {ort.__version__}, kiln {kiln.__version__}, "
+          f"Python {platform.python_version()}; opset 23; calibration (w8a8 SmoothQuant): 64 x 256 train-split tokens")
+    print(f"- perplexity: {windows} eval-split windows of {seq_len} tokens; prefill time: one {seq_len}-token window")
+    print()
+    print("| preset | artifact MiB | quantized linears became | export check max rel err | max rel err (eval windows) "
+          "| kiln vs kiln, 1e-7 perturbed | ppl kiln | ppl ONNX Runtime | prefill ms (median) | export s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ops = ", ".join(f"{k.removeprefix('com.microsoft.')} {v}" for k, v in r[2].items())
+        print(f"| {r[0]} | {r[1]:.1f} | {ops} | {r[3]:.1e} | {r[4]:.1e} | {r[9]:.1e} | {r[5]:.3f} | {r[6]:.3f} | "
+              f"{r[7]:.1f} | {r[8]:.0f} |")
+    print()
+    print("The lm_head stays in float (the presets skip it); max rel err = max |ORT - kiln| / max |kiln| of the logits.")
+    print("`kiln vs kiln, 1e-7 perturbed`: the same measure between kiln's reference and itself with its norm weights")
+    print("scaled by 1 + 1e-7 noise: what last-bit float differences alone do (run-time activation codes flip).")
+    return 0
 
 
 if __name__ == "__main__":

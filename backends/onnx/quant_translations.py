@@ -403,8 +403,10 @@ def check_quantized(gm: torch.fx.GraphModule, opset: int, validate: bool) -> Non
 #: Relative error (max |ort - kiln| / max |kiln|) allowed when activations are quantized at run time:
 #: a value within rounding error of a code boundary may land on the neighbouring code (one step
 #: of the format) when the two sides' float arithmetic differs in the last bit, and that step
-#: travels through the remaining layers.
-ACTIVATION_TOLERANCE = {torch.int8: 2e-2, torch.float8_e4m3fn: 1e-1}
+#: travels through the remaining layers. kiln's own reference moves as much: on kiln-teacher,
+#: perturbing its norm weights by 1e-7 (relative) moves its logits by 1.3e-2 (w8a8) and 3e-2
+#: (fp8), and ONNX Runtime differs from it by 1.2e-2 and 4.3e-2 (benchmarks/RESULTS.md).
+ACTIVATION_TOLERANCE = {torch.int8: 5e-2, torch.float8_e4m3fn: 1.5e-1}
 
 
 def quant_tolerance(gm: torch.fx.GraphModule) -> float | None:

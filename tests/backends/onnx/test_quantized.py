@@ -150,6 +150,18 @@ def test_int4_groups_become_matmul_nbits_blocks_or_blocked_dequantize(
         assert sorted(_attrs(n)["block_size"] for n in nodes if n.op_type == "DequantizeLinear") == [24, 24]
 
 
+def test_int4_without_matmul_nbits_in_onnxruntime_takes_dequantize_linear(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("kiln.backends.onnx.matmul_nbits.ort_runs_matmul_nbits", lambda: False)
+    compiled = _quantized("w4a16-g128", "lowered", weights=QuantSpec(dtype="int4", granularity=PerGroup(32)))
+    report = export_onnx(compiled, tmp_path / "q.onnx")
+    assert report.max_rel_error is not None and report.max_rel_error <= 1e-4
+    dq = [n for n in _nodes(report.path) if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 and all(_attrs(n)["block_size"] == 32 for n in dq)
+    assert not any(n.op_type == "MatMulNBits" for n in _nodes(report.path))
+
+
 def test_int4_export_reads_whatever_layout_kiln_packs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

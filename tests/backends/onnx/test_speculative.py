@@ -177,15 +177,23 @@ def test_sampled_speculation_keeps_the_target_distribution(models: dict) -> None
     assert chi_square_p(torch.bincount(out[:, 0], minlength=V), p1) > 1e-3
     assert chi_square_p(torch.bincount(out[:, 1], minlength=V), second) > 1e-3
     assert chi_square_p(torch.bincount(out[:, 2], minlength=V), third) > 1e-3
-    # prompt lookup with sampling: a point-mass drafter, accepted with probability p(x)
+    # prompt lookup with other filters: a point-mass drafter (here token 0, p = 0.34), accepted with probability p(x)
+    grounded = [3, 7, 7, 0, 1, 3, 3, 7, 7]
     lookup = ort_gen.generate(
-        torch.tensor([prompt * 2] * n), 2, speculative=SpeculativeConfig(method="ngram"), seed=1, **kw
-    )[:, 2 * len(prompt) :]
-    assert ort_gen.stats["draft_tokens"] > 0
+        torch.tensor([grounded] * n),
+        2,
+        speculative=SpeculativeConfig(method="ngram"),
+        seed=1,
+        do_sample=True,
+        temperature=1.3,
+        top_k=5,
+    )[:, len(grounded) :]
+    assert ort_gen.stats["draft_tokens"] == n and 0.2 < ort_gen.stats["acceptance_rate"] < 0.5
+    params = kiln.SamplingParams(temperature=1.3, top_k=5)
     with torch.no_grad():
-        q1 = processed_probs(target(input_ids=torch.tensor([prompt * 2])).logits[:, -1], [params])[0]
+        q1 = processed_probs(target(input_ids=torch.tensor([grounded])).logits[:, -1], [params])[0]
         q2 = processed_probs(
-            target(input_ids=torch.tensor([prompt * 2 + [a] for a in range(V)])).logits[:, -1], [params] * V
+            target(input_ids=torch.tensor([grounded + [a] for a in range(V)])).logits[:, -1], [params] * V
         )
     assert chi_square_p(torch.bincount(lookup[:, 0], minlength=V), q1) > 1e-3
     assert chi_square_p(torch.bincount(lookup[:, 1], minlength=V), q1 @ q2) > 1e-3
