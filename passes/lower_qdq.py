@@ -17,8 +17,8 @@ Rewrites to (the weight codes are computed once, here, and stored; ``W`` is drop
     anything else                  any                       ``kiln.dequantize(w_codes, ...)`` + ``aten.linear``
     ============================== ========================= =========================================
 
-    Packed int4 stores unsigned codes ``u = q - qmin`` two per byte along K (low nibble first,
-    ONNX MatMulNBits' layout) with unsigned zero points ``zp - qmin`` (``None``: 8).
+    Packed int4 stores unsigned codes ``u = q - qmin`` two per byte along K (8 codes per 32-bit
+    word, see ``kiln.quantize.ops.pack_int4``) with unsigned zero points ``zp - qmin`` (``None``: 8).
 Requires: ``insert-qdq`` has run (the Q/DQ form); constants are real tensors.
 Establishes: no ``kiln.quantize`` of a constant remains; every lowered linear reads integer (or
     e4m3) codes; the float weights only they read are deleted from the module, so the graph's

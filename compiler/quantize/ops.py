@@ -17,8 +17,8 @@ qlinear_w8a16  int8 (N, K), scale (), (N,),      the model's float dtype
                (N, K//g)
 qlinear_w4a16  uint8 (N, K//2): two unsigned      the model's float dtype
                int4 codes per byte along K
-               (low nibble first, as ONNX
-               MatMulNBits), scale/zero (N, K//g)
+               (see :func:`pack_int4`),
+               scale/zero (N, K//g)
 qlinear_w8a8   int8 (N, K), scale () or (N,)      int8 codes with per-token (..., 1) or
                                                   per-tensor () scale
 qlinear_fp8    e4m3 (N, K), scale () or (N,)      e4m3 codes + scale, or float (weight-only)
@@ -83,15 +83,43 @@ def dequantize_reference(
     return (qs * s).reshape(q.shape).to(out_dtype)
 
 
+def _int4_blocks(k: int) -> tuple[int, int]:
+    """``(K of the whole 8-code words, codes in the last partial block)`` for ``k`` codes."""
+    return k - k % 8, k % 8
+
+
 def pack_int4(u: Tensor) -> Tensor:
-    """Unsigned 4-bit codes ``u`` (..., K) in [0, 15] -> bytes (..., K // 2), low nibble first."""
+    """Unsigned 4-bit codes ``u`` (..., K) in [0, 15], K even -> bytes (..., K // 2).
+
+    K is cut into blocks of 8 codes, one little-endian 32-bit word each: byte ``i`` of block ``j``
+    holds code ``8j + i`` in its low nibble and code ``8j + 4 + i`` in its high nibble (a last
+    block of ``L < 8`` codes: byte ``i`` holds codes ``i`` and ``L/2 + i``). With this order one
+    ``and`` of a word gives codes ``8j .. 8j+3`` and one shift-and gives ``8j+4 .. 8j+7``, each
+    already next to its K neighbour, which is what the GPU kernels dequantize two at a time.
+    ONNX MatMulNBits stores ``(2i, 2i+1)`` per byte instead: repack through :func:`unpack_int4`.
+    """
     u = u.to(torch.uint8)
-    return (u[..., 0::2] & 0xF) | (u[..., 1::2] << 4)
+    k = u.shape[-1]
+    if k % 2:
+        raise ValueError(f"int4 codes pack two per byte: K must be even, got {k}")
+    full, tail = _int4_blocks(k)
+    blocks = u[..., :full].reshape(*u.shape[:-1], full // 8, 2, 4)  # (..., words, lo/hi, byte)
+    parts = [((blocks[..., 0, :] & 0xF) | (blocks[..., 1, :] << 4)).flatten(-2)]
+    if tail:
+        t = u[..., full:].reshape(*u.shape[:-1], 2, tail // 2)
+        parts.append((t[..., 0, :] & 0xF) | (t[..., 1, :] << 4))
+    return torch.cat(parts, dim=-1)
 
 
 def unpack_int4(p: Tensor) -> Tensor:
     """Bytes (..., K // 2) -> unsigned 4-bit codes (..., K) as uint8 (inverse of :func:`pack_int4`)."""
-    return torch.stack((p & 0xF, p >> 4), dim=-1).flatten(-2)
+    full, tail = _int4_blocks(2 * p.shape[-1])
+    words = p[..., : full // 2].reshape(*p.shape[:-1], full // 8, 4)
+    parts = [torch.stack((words & 0xF, words >> 4), dim=-2).flatten(-3)]  # (..., words, lo/hi, byte)
+    if tail:
+        t = p[..., full // 2 :]
+        parts.append(torch.cat((t & 0xF, t >> 4), dim=-1))
+    return torch.cat(parts, dim=-1)
 
 
 def _weight_axis(w_scale: Tensor, group_size: int | None) -> int | None:

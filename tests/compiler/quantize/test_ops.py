@@ -83,11 +83,17 @@ def test_asymmetric_ranges_keep_zero_exact() -> None:
     assert torch.equal(zero, torch.zeros(8, 32))
 
 
-def test_pack_int4_round_trips_low_nibble_first() -> None:
-    u = torch.randint(0, 16, (6, 40), dtype=torch.uint8)
+@pytest.mark.parametrize("k", [40, 46, 6])
+def test_pack_int4_round_trips_eight_codes_per_word(k: int) -> None:
+    u = torch.randint(0, 16, (6, k), dtype=torch.uint8)
     p = pack_int4(u)
-    assert p.shape == (6, 20) and p.dtype == torch.uint8
-    assert int(p[0, 0]) == int(u[0, 0]) | (int(u[0, 1]) << 4)
+    assert p.shape == (6, k // 2) and p.dtype == torch.uint8
+    if k >= 8:
+        assert int(p[0, 1]) == int(u[0, 1]) | (int(u[0, 5]) << 4)  # byte i of a word: codes i and 4 + i
+    tail = k % 8
+    if tail:  # a last partial block of L codes: byte i holds codes i and L/2 + i
+        first = k - tail
+        assert int(p[0, first // 2]) == int(u[0, first]) | (int(u[0, first + tail // 2]) << 4)
     assert torch.equal(unpack_int4(p), u)
 
 
