@@ -47,6 +47,9 @@ def register_cuda_kernels() -> None:
 
     KERNELS.add("kiln.attention")
     KERNELS.add("kiln.paged_attention")
+    from kiln.backends.triton.quant_gemm import register_quant_kernels
+
+    KERNELS.update(register_quant_kernels())  # kiln::qlinear_*, dynamic_scale, quantize, dequantize
     _registered = True
 
 
