@@ -148,12 +148,12 @@ def lower_int4_for_onnx(gm: GraphModule, *, use_matmul_nbits: bool | None = None
     (:func:`ort_runs_matmul_nbits`); False always takes the ``DequantizeLinear`` form.
     Returns counts: ``matmul_nbits`` and ``dequantize_linear`` rewrites.
     """
-    if use_matmul_nbits is None:
-        use_matmul_nbits = ort_runs_matmul_nbits()
     stats = {"matmul_nbits": 0, "dequantize_linear": 0}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.kiln.qlinear_w4a16.default:
             continue
+        if use_matmul_nbits is None:  # asked once, and only of a graph with int4 linears
+            use_matmul_nbits = ort_runs_matmul_nbits()
         x, w_node, s_node, z_node, group, bias = node.args
         w, scale, zp = _attr(gm, w_node), _attr(gm, s_node), _attr(gm, z_node)
         assert w is not None and scale is not None
