@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -473,23 +474,37 @@ def main() -> int:
     )
     t_all = time.perf_counter()
     shapes = [(4096, 4096), (4096, 14336), (14336, 4096)]
-    print("\n== decode GEMMs: bf16 cuBLAS vs quantized (time: median, L2 flushed) ==", flush=True)
-    rows = gemm_rows(bench, [(64, 48)] if args.quick else shapes, [1, 16], prefill=False)
-    print_table(rows)
+
+    def section(title: str, run: Callable[[], list]) -> list:
+        """Run one part; an exception is reported (and fails the run) without losing the other parts."""
+        print(f"\n== {title} ==", flush=True)
+        t0 = time.perf_counter()
+        try:
+            out = run()
+        except Exception:  # noqa: BLE001 - printed in full and counted as a failure
+            traceback.print_exc()
+            bench.failures.append(f"{title}: raised (traceback above)")
+            return []
+        print(f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        return out
+
+    def gemms(shape_list: list[tuple[int, int]], ms: list[int], prefill: bool) -> list[Row]:
+        rows = gemm_rows(bench, shape_list, ms, prefill)
+        print_table(rows)
+        return rows
+
+    rows = section("decode GEMMs: bf16 cuBLAS vs quantized (time: median, L2 flushed)",
+                   lambda: gemms([(64, 48)] if args.quick else shapes, [1, 16], False))  # fmt: skip
     prefill: list[Row] = []
     if not args.skip_prefill:
-        print("\n== prefill GEMMs: bf16 cuBLAS vs fp8 (torch._scaled_mm) and w8a8 ==", flush=True)
-        prefill = gemm_rows(
-            bench, [(128, 32)] if args.quick else shapes, [32] if args.quick else [4096, 8192], prefill=True
-        )
-        print_table(prefill)
+        prefill = section("prefill GEMMs: bf16 cuBLAS vs fp8 (torch._scaled_mm) and w8a8",
+                          lambda: gemms([(128, 32)] if args.quick else shapes, [32] if args.quick else [4096, 8192],
+                                        True))  # fmt: skip
     e2e: list[tuple[str, float]] = []
     if not args.skip_e2e:
-        print(
-            f"\n== batch-1 decode of {'llama-tiny' if args.quick else 'llama-8b'} through kiln's runtime ==",
-            flush=True,
+        e2e = section(
+            f"batch-1 decode of {args.model_name} through kiln's runtime", lambda: decode_e2e(bench, args)
         )
-        e2e = decode_e2e(bench, args)
     print(f"\n== summary ({time.perf_counter() - t_all:.0f}s) ==")
     if args.quick:
         print("(CPU smoke run: the Triton interpreter's timings say nothing about speed)")
