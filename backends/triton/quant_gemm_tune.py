@@ -45,19 +45,14 @@ def m_bucket(m: int) -> int:
 
 
 # (BLOCK_N, storage bytes per row per step, num_warps, num_stages) of the GEMV (M <= 2)
-GEMV_TILES = [(16, 256, 4, 3), (32, 128, 4, 4), (8, 256, 2, 4)]
+GEMV_TILES = [(16, 256, 4, 3), (32, 128, 4, 4)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the weight-only tensor-core GEMM. For decode,
 # BLOCK_M = 16 (one MMA row tile) and narrow N tiles: N = 4096 makes 128-256 programs for 132 SMs,
 # deep pipelines keep enough weight bytes in flight. BLOCK_K shrinks to divide the group size.
-WO_MM_DECODE = [(16, 16, 256, 4, 6), (16, 32, 128, 4, 6), (16, 32, 256, 4, 4), (16, 64, 128, 4, 4)]
+WO_MM_DECODE = [(16, 16, 256, 4, 6), (16, 32, 128, 4, 6), (16, 64, 128, 4, 4)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): wide N tiles (fewer instructions per
 # weight: each x fragment serves more MMAs) made numerous again by splitting K (atomic adds).
-WO_MM_DECODE_SPLIT = [
-    (16, 128, 128, 4, 4, 4),
-    (16, 64, 128, 4, 4, 2),
-    (16, 128, 128, 8, 4, 2),
-    (16, 64, 128, 4, 5, 4),
-]
+WO_MM_DECODE_SPLIT = [(16, 128, 128, 4, 4, 4), (16, 64, 128, 4, 4, 2), (16, 128, 128, 8, 4, 2)]
 WO_MM_SMALL = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 5), (16, 128, 64, 4, 4)]
 WO_MM_MEDIUM = [(32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3)]
 WO_MM_LARGE = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3)]
