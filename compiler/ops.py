@@ -115,8 +115,79 @@ def _attention_invariant(node: Node) -> str | None:
 # kiln::paged_attention — write new K/V into a block-paged cache, attend over the cache.
 # --------------------------------------------------------------------------------------
 
+#: Quantized KV-cache storage dtypes and the largest code each holds (symmetric: codes in [-qmax, qmax]).
+KV_CACHE_QMAX: dict[torch.dtype, float] = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
-@torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache",))
+
+def is_quantized_cache(kv_cache: Tensor) -> bool:
+    """Whether ``kv_cache`` holds quantized codes (int8 or fp8 e4m3) that need ``kv_scales``."""
+    return kv_cache.dtype in KV_CACHE_QMAX
+
+
+def check_kv_scales(kv_cache: Tensor, kv_scales: Tensor | None) -> str:
+    """The scale granularity of a (cache, scales) pair: ``"none"``, ``"tensor"`` or ``"token"``.
+
+    - float cache: no scales (``kv_scales`` None);
+    - ``"tensor"``: ``kv_scales`` (2,) fp32, one static scale for the keys and one for the
+      values of the layer (vLLM's per-tensor ``k_scale`` / ``v_scale``);
+    - ``"token"``: ``kv_scales`` (2, num_blocks, block_size, Hkv) fp32, one scale per cached
+      (token, KV head), written with the codes (the cache's layout without the head dim).
+
+    Raises ValueError saying what is wrong otherwise.
+    """
+    if not is_quantized_cache(kv_cache):
+        if kv_scales is not None:
+            raise ValueError(f"kv_scales are only for an int8 or fp8 cache; this cache is {kv_cache.dtype}")
+        return "none"
+    if kv_scales is None:
+        raise ValueError(
+            f"a {kv_cache.dtype} cache needs kv_scales: (2,) per-tensor or (2, blocks, block_size, Hkv) per-token"
+        )
+    if kv_scales.dtype != torch.float32:
+        raise ValueError(f"kv_scales must be float32, got {kv_scales.dtype}")
+    if tuple(kv_scales.shape) == (2,):
+        return "tensor"
+    if tuple(kv_scales.shape) == tuple(kv_cache.shape[:4]):
+        return "token"
+    raise ValueError(
+        f"kv_scales {tuple(kv_scales.shape)} fit neither (2,) (per tensor) nor {tuple(kv_cache.shape[:4])} "
+        "(per token and KV head) for this cache"
+    )
+
+
+def quantize_kv(x: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric quantization of rows ``x`` (..., D) to ``dtype`` codes; returns ``(codes, scale)``.
+
+    ``scale`` None: one scale per row, ``amax(|row|) / qmax`` (shape ``x.shape[:-1]``; an
+    all-zero row gets scale 0 and codes 0). Otherwise ``scale`` (a static scalar tensor) is
+    used, and values beyond its range saturate. int8 rounds half away from zero; fp8 e4m3
+    rounds to nearest even (a cast). The Triton cache-write kernel does the same fp32 ops.
+    """
+    qmax = KV_CACHE_QMAX[dtype]
+    xf = x.float()
+    if scale is None:
+        scale = xf.abs().amax(dim=-1) / qmax
+        s = scale.unsqueeze(-1)
+    else:
+        s = scale.float()
+    y = (xf / torch.where(s == 0, torch.ones_like(s), s)).clamp(-qmax, qmax)
+    if dtype == torch.int8:
+        y = torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5))
+    return y.to(dtype), scale
+
+
+def _as_bytes(x: Tensor) -> Tensor:
+    """fp8 tensors viewed as uint8 for indexing (CUDA index kernels do not all take fp8); others as they are."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+
+
+def dequantize_kv(codes: Tensor, scale: Tensor) -> Tensor:
+    """fp32 values of ``codes`` (..., D): ``codes * scale`` (scale per row (...), or a scalar)."""
+    s = scale if scale.dim() == 0 else scale.unsqueeze(-1)
+    return codes.float() * s
+
+
+@torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache", "kv_scales"))
 def paged_attention(
     q: Tensor,
     k: Tensor,
@@ -127,6 +198,7 @@ def paged_attention(
     seq_lens: Tensor,
     query_start_loc: Tensor,
     scale: float | None = None,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of a flattened batch of sequences over a block-paged KV cache.
 
@@ -137,28 +209,62 @@ def paged_attention(
     written at flat slot ``slot_mapping[t]`` (``block * block_size + offset``; negative:
     skip). Sequence ``i`` then attends over its first ``seq_lens[i]`` cached tokens, found
     through ``block_tables[i]``, with its queries aligned to the end (causal).
+
+    Quantized cache (int8 or fp8 e4m3 ``kv_cache``): keys and values are quantized as they
+    are written and dequantized as they are read, with ``kv_scales`` (see
+    :func:`check_kv_scales`): static per-tensor scales are read, per-token scales are written
+    beside the codes (so the op mutates ``kv_scales`` too).
     """
-    return paged_attention_reference(q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale)
+    return paged_attention_reference(
+        q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale, kv_scales
+    )
 
 
-def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Reference cache write: ``kv_cache[:, slot]`` <- the token's key and value (slot < 0: skipped)."""
+def write_kv_cache(
+    k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor, kv_scales: Tensor | None = None
+) -> None:
+    """Reference cache write: ``kv_cache[:, slot]`` <- the token's key and value (slot < 0: skipped).
+
+    A float cache stores the values cast to its dtype; a quantized one stores
+    :func:`quantize_kv` codes (and, per token, their scales in ``kv_scales``).
+    """
+    mode = check_kv_scales(kv_cache, kv_scales)
     _, num_blocks, block_size, hkv, d = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, hkv, d)  # (2, slots, Hkv, D)
+    flat = _as_bytes(kv_cache.view(2, num_blocks * block_size, hkv, d))  # (2, slots, Hkv, D)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    flat[0, slots] = k[0].transpose(0, 1)[keep].to(kv_cache.dtype)  # (T, Hkv, D)
-    flat[1, slots] = v[0].transpose(0, 1)[keep].to(kv_cache.dtype)
+    for c, x in enumerate((k, v)):
+        rows = x[0].transpose(0, 1)[keep]  # (T, Hkv, D)
+        if mode == "none":
+            flat[c, slots] = rows.to(kv_cache.dtype)
+        elif mode == "tensor":
+            flat[c, slots] = _as_bytes(quantize_kv(rows, kv_cache.dtype, kv_scales[c])[0])  # type: ignore[index]
+        else:
+            codes, s = quantize_kv(rows, kv_cache.dtype)  # s: (T, Hkv)
+            flat[c, slots] = _as_bytes(codes)
+            kv_scales.view(2, num_blocks * block_size, hkv)[c, slots] = s  # type: ignore[union-attr]
 
 
-def gather_kv(kv_cache: Tensor, block_table: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """The first ``length`` cached keys and values of one sequence, as (1, Hkv, length, D)."""
+def gather_kv(
+    kv_cache: Tensor, block_table: Tensor, length: int, kv_scales: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The first ``length`` cached keys and values of one sequence, as (1, Hkv, length, D).
+
+    A float cache gives its own dtype; a quantized cache gives the dequantized fp32 values.
+    """
+    mode = check_kv_scales(kv_cache, kv_scales)
     block_size = kv_cache.shape[2]
     n_blocks = (length + block_size - 1) // block_size
     blocks = block_table[:n_blocks].long()
-    k = kv_cache[0, blocks].flatten(0, 1)[:length]  # (length, Hkv, D)
-    v = kv_cache[1, blocks].flatten(0, 1)[:length]
-    return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    out = []
+    for c in (0, 1):
+        x = _as_bytes(kv_cache)[c, blocks].flatten(0, 1)[:length].view(kv_cache.dtype)  # (length, Hkv, D)
+        if mode == "tensor":
+            x = dequantize_kv(x, kv_scales[c])  # type: ignore[index]
+        elif mode == "token":
+            x = dequantize_kv(x, kv_scales[c, blocks].flatten(0, 1)[:length])  # type: ignore[index]
+        out.append(x.transpose(0, 1).unsqueeze(0))
+    return out[0], out[1]
 
 
 def paged_attention_reference(
@@ -171,17 +277,25 @@ def paged_attention_reference(
     seq_lens: Tensor,
     query_start_loc: Tensor,
     scale: float | None = None,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
-    """The plain-torch reference of ``kiln::paged_attention`` (one sequence at a time)."""
-    write_kv_cache(k, v, kv_cache, slot_mapping)
+    """The plain-torch reference of ``kiln::paged_attention`` (one sequence at a time).
+
+    A float cache is read in q's dtype; a quantized cache is dequantized to fp32 (the kernels
+    multiply exact codes by the scales in fp32). Attention itself runs in fp32.
+    """
+    write_kv_cache(k, v, kv_cache, slot_mapping, kv_scales)
+    quantized = is_quantized_cache(kv_cache)
     out = torch.zeros_like(q)  # (1, Hq, T, D); rows of padding tokens stay zero
     starts = query_start_loc.tolist()
     for i, length in enumerate(seq_lens.tolist()):
         lo, hi = starts[i], starts[i + 1]
         if hi == lo:
             continue
-        ks, vs = gather_kv(kv_cache, block_tables[i], length)
-        out[:, :, lo:hi] = attention_reference(q[:, :, lo:hi], ks.to(q.dtype), vs.to(q.dtype), None, True, scale)
+        ks, vs = gather_kv(kv_cache, block_tables[i], length, kv_scales)
+        if not quantized:
+            ks, vs = ks.to(q.dtype), vs.to(q.dtype)
+        out[:, :, lo:hi] = attention_reference(q[:, :, lo:hi], ks, vs, None, True, scale)
     return out
 
 
@@ -196,6 +310,7 @@ def _paged_attention_fake(
     seq_lens: Tensor,
     query_start_loc: Tensor,
     scale: float | None = None,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     return torch.empty_like(q)
 
@@ -209,6 +324,22 @@ def _paged_attention_invariant(node: Node) -> str | None:
         return f"k (heads {k.shape[1]}, dim {k.shape[-1]}) does not match the cache (heads {cache.shape[3]}, dim {cache.shape[4]})"
     if isinstance(q.shape[1], int) and q.shape[1] % k.shape[1]:
         return f"query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}"
+    scales = node.args[9] if len(node.args) > 9 else node.kwargs.get("kv_scales")
+    scales_val = scales.meta.get("val") if isinstance(scales, Node) else None
+    if scales is not None and scales_val is None:
+        return "kv_scales needs shape metadata"
+    if scales_val is not None and not is_quantized_cache(cache):
+        return f"kv_scales are only for an int8 or fp8 cache; this cache is {cache.dtype}"
+    if is_quantized_cache(cache):
+        if scales_val is None:
+            return f"a {cache.dtype} cache needs kv_scales"
+        if scales_val.dtype != torch.float32:
+            return f"kv_scales must be float32, got {scales_val.dtype}"
+        shape = tuple(scales_val.shape)
+        if shape != (2,) and (
+            len(shape) != 4 or any(str(a) != str(b) for a, b in zip(shape, cache.shape[:4], strict=True))
+        ):
+            return f"kv_scales {shape} fit neither (2,) nor the cache's (2, blocks, block_size, Hkv) {tuple(cache.shape[:4])}"
     return None
 
 
@@ -216,10 +347,15 @@ __all__ = [
     "INVARIANTS",
     "attention",
     "attention_reference",
+    "check_kv_scales",
+    "dequantize_kv",
     "gather_kv",
     "invariant",
     "is_kiln_op",
+    "is_quantized_cache",
+    "KV_CACHE_QMAX",
     "paged_attention",
     "paged_attention_reference",
+    "quantize_kv",
     "write_kv_cache",
 ]

@@ -35,11 +35,13 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         # -- Phase 3: quantization (Q/DQ insertion, calibration, qlinear lowering).
         # -- Phase 4: runtime (paged KV cache) and parallelism (sharding, pipeline stages).
     ]
-    if config.quant is not None:  # Phase 3: Q/DQ insertion (with calibration and the PTQ method), qlinear lowering
+    quant = config.quant
+    if quant is not None and (quant.weights is not None or quant.activations is not None):
+        # Phase 3: Q/DQ insertion (with calibration and the PTQ method), qlinear lowering
         from kiln.passes.insert_qdq import InsertQDQ
         from kiln.passes.lower_qdq import LowerQDQ
 
-        passes += [InsertQDQ(config.quant), LowerQDQ(), EliminateDeadCode()]
+        passes += [InsertQDQ(quant), LowerQDQ(), EliminateDeadCode()]
     par = config.parallel
     if par is not None and par.tensor_parallel_size > 1:  # Phase 4: shard for this rank, before the KV cache
         from kiln.passes.shard_tensor_parallel import ShardTensorParallel
@@ -54,14 +56,23 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
             from kiln.passes.sequence_parallel import SequenceParallel
 
             passes += [SequenceParallel(tp, rank), EliminateDeadCode()]
-    if config.kv_cache:
+    kv_quant = quant.kv_cache if quant is not None else None
+    if config.kv_cache:  # Phase 4: the paged KV cache, quantized by QuantConfig.kv_cache (int8 / fp8)
         from kiln.passes.kv_cache import PageKVCache
 
-        passes += [PageKVCache(), EliminateDeadCode()]
+        calibration = quant.calibration if quant is not None else None
+        passes += [PageKVCache(kv_quant=kv_quant, calibration=calibration), EliminateDeadCode()]
         if par is not None and par.tensor_parallel_size > 1:
             from kiln.passes.shard_tensor_parallel import SelectLogitsBeforeGather
 
             passes += [SelectLogitsBeforeGather(), EliminateDeadCode()]
+    elif kv_quant is not None:
+        from kiln.errors import ConfigError
+
+        raise ConfigError(
+            "QuantConfig.kv_cache quantizes the paged KV cache: compile with CompileConfig(kv_cache=True, ...) "
+            "(kiln.LLM does), or leave kv_cache=None"
+        )
     return [*passes, *config.extra_passes]
 
 

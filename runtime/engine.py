@@ -103,6 +103,10 @@ class LLM:
             the device's; outputs arrive one step later. Default: on a GPU without
             ``speculative``. Steps run synchronously while a request asks for logprobs or a
             repetition penalty (both need every token on the host).
+        kv_cache_dtype: ``"auto"`` (the model's dtype), ``"int8"`` (a scale per token and KV
+            head), ``"fp8"`` (e4m3, static per-layer k/v scales of 1.0, as vLLM without
+            checkpoint scales) or a ``kiln.QuantSpec``; see ``kiln.passes.kv_cache``. A quantized
+            cache holds about 2x (bf16 model) or 4x (fp32) the blocks in ``kv_cache_memory``.
         tensor_parallel_size: shard the model over this many ranks (``kiln.parallel.worker``:
             one process per rank, NCCL on GPUs, Gloo on CPUs); each rank keeps the KV cache of
             its own heads, ``kv_cache_memory`` is per rank. Scheduling and sampling stay here.
@@ -128,6 +132,7 @@ class LLM:
         enforce_eager: bool = False,
         torch_compile: bool = False,
         async_scheduling: bool | None = None,
+        kv_cache_dtype: str | Any = "auto",
         tensor_parallel_size: int = 1,
     ) -> None:
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
@@ -162,12 +167,13 @@ class LLM:
 
             self.runner = ParallelModelRunner(
                 model, tensor_parallel_size=tensor_parallel_size, block_size=block_size, num_blocks=num_blocks,
-                kv_cache_memory=kv_cache_memory, device=dev,
+                kv_cache_memory=kv_cache_memory, device=dev, kv_cache_dtype=kv_cache_dtype,
             )  # fmt: skip
         else:
             self.runner = ModelRunner(
-                model, block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory, device=dev
-            )
+                model, block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory, device=dev,
+                kv_cache_dtype=kv_cache_dtype,
+            )  # fmt: skip
         config = getattr(model, "config", None)
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
         capacity = self.runner.num_blocks * block_size

@@ -40,7 +40,9 @@ class SequenceStep:
 
 
 def cache_bytes_per_block(layout: KVCacheLayout, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers (keys and values)."""
+    """Bytes one block takes across all layers (keys and values; an int8 / fp8 cache: codes and scales)."""
+    if layout.kv_quant is not None:
+        return layout.bytes_per_block(block_size)
     elem = torch.empty((), dtype=dtype).element_size()
     return sum(2 * block_size * h * d * elem for h, d in zip(layout.num_kv_heads, layout.head_dim, strict=True))
 
@@ -62,6 +64,23 @@ def _example_call(model: torch.nn.Module, vocab: int, device: torch.device) -> d
     return {"input_ids": ids}
 
 
+def _with_kv_cache_dtype(config: kiln.CompileConfig, kv_cache_dtype: object) -> kiln.CompileConfig:
+    """``config`` whose QuantConfig quantizes the KV cache as ``kv_cache_dtype`` says (None: unchanged)."""
+    import dataclasses
+
+    import kiln
+    from kiln.passes.kv_cache import kv_cache_spec
+
+    spec = kv_cache_spec(kv_cache_dtype)  # type: ignore[arg-type]
+    if spec is None:
+        return config
+    quant = config.quant
+    if quant is not None and quant.kv_cache is not None and quant.kv_cache != spec:
+        raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} conflicts with QuantConfig.kv_cache={quant.kv_cache!r}")
+    quant = kiln.QuantConfig(weights=None, kv_cache=spec) if quant is None else dataclasses.replace(quant, kv_cache=spec)
+    return dataclasses.replace(config, quant=quant)
+
+
 class ModelRunner:
     """Runs the paged step graph of a model over its block caches."""
 
@@ -75,18 +94,21 @@ class ModelRunner:
         device: torch.device | str | None = None,
         cache_dtype: torch.dtype | None = None,
         compile_config: kiln.CompileConfig | None = None,
+        kv_cache_dtype: str | kiln.QuantSpec | None = None,
     ) -> None:
         """Compile ``model``'s step graph and allocate ``num_blocks`` blocks (or as many as fit ``kv_cache_memory`` bytes).
 
         ``compile_config`` (with ``kv_cache=True``) replaces the default step-graph compile, e.g.
         to build one rank's tensor-parallel shard (``kiln.parallel.worker``).
+        ``kv_cache_dtype`` (``"int8"``, ``"fp8"`` or a QuantSpec, see ``kiln.passes.kv_cache``)
+        quantizes the cache (``QuantConfig.kv_cache`` of the step graph's compile).
         """
         import kiln
 
         step_config = compile_config or kiln.CompileConfig(kv_cache=True)
+        step_config = _with_kv_cache_dtype(step_config, kv_cache_dtype)
         if not step_config.kv_cache:
             raise ConfigError("the model runner's compile_config needs kv_cache=True")
-
         if block_size <= 0 or (num_blocks is not None and num_blocks <= 0):
             raise ConfigError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
         if (num_blocks is None) == (kv_cache_memory is None):
@@ -97,7 +119,9 @@ class ModelRunner:
         self.compiled = kiln.compile(model, _example_call(model, vocab, self.device), config=step_config)
         self.gm = self.compiled.graph_module
         self.layout = layout_of(self.gm)
-        dtype = cache_dtype or self.layout.dtype
+        dtype = cache_dtype or self.layout.storage_dtype
+        if self.layout.kv_quant is not None and dtype != self.layout.storage_dtype:
+            raise ConfigError(f"cache_dtype={cache_dtype} conflicts with the quantized cache's {self.layout.storage_dtype}")
         if num_blocks is None:
             num_blocks = self.blocks_for_memory(self.layout, block_size, dtype, int(kv_cache_memory))  # type: ignore[arg-type]
         self.block_size = block_size
@@ -107,6 +131,10 @@ class ModelRunner:
             torch.zeros(2, num_blocks + 1, block_size, h, d, dtype=dtype, device=self.device)
             for h, d in zip(self.layout.num_kv_heads, self.layout.head_dim, strict=True)
         ]
+        self.kv_scales = [  # per-token scales of an int8 / fp8 cache, beside the codes
+            torch.zeros(2, num_blocks + 1, block_size, h, dtype=torch.float32, device=self.device)
+            for h in self.layout.num_kv_heads
+        ] if self.layout.per_token_scales else []  # fmt: skip
         self.constants = dict(self.compiled.capture.constants)  # e.g. use_cache=False for HF models
         self.step_gm = specialize_attention(self.gm)  # the graph the runner calls: max_query_len as last input
         self.input_names = (*self.layout.input_names, MAX_QUERY_LEN)
@@ -122,7 +150,8 @@ class ModelRunner:
 
     def state_inputs(self) -> dict[str, object]:
         """The inputs that are not step metadata: the block caches and the model's constants."""
-        return {**{f"kv_cache_{i}": c for i, c in enumerate(self.caches)}, **self.constants}
+        scales = {f"kv_scales_{i}": s for i, s in enumerate(self.kv_scales)}
+        return {**{f"kv_cache_{i}": c for i, c in enumerate(self.caches)}, **scales, **self.constants}
 
     def build_inputs(
         self, steps: list[SequenceStep], feed: tuple[torch.Tensor, list[int]] | None = None

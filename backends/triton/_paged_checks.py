@@ -9,6 +9,7 @@ import torch
 import triton
 
 from kiln.backends.triton._utils import check_triton_device, interpret_mode
+from kiln.ops import KV_CACHE_QMAX, check_kv_scales
 
 MAX_HEAD_DIM = 256
 DECODE_MAX_SPLITS = 64
@@ -18,9 +19,10 @@ DECODE_MIN_SPLIT_KEYS = 256
 DECODE_PROGRAMS_PER_SM = 4
 """The heuristic splits until there are about this many decode programs per SM (or keys run short)."""
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_QUANTIZED_CACHE_DTYPES = tuple(KV_CACHE_QMAX)  # int8, float8_e4m3fn: codes with kv_scales
 _INTERPRET = interpret_mode()
-
-
+SCALE_MODES = {"none": 0, "tensor": 1, "token": 2}
+"""The kernels' ``SCALE_MODE`` constexpr for each :func:`kiln.ops.check_kv_scales` granularity."""
 
 
 def _fail(name: str, msg: str) -> NoReturn:
@@ -34,10 +36,39 @@ def _describe(t: object) -> str:
 def _check_cache(name: str, kv_cache: torch.Tensor) -> None:
     if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         _fail(name, f"kv_cache must be (2, num_blocks, block_size, Hkv, D), got {_describe(kv_cache)}")
-    if kv_cache.dtype not in _SUPPORTED_DTYPES:
-        _fail(name, f"kv_cache dtype {kv_cache.dtype} is not supported; use float16, bfloat16 or float32")
+    if kv_cache.dtype not in _SUPPORTED_DTYPES + _QUANTIZED_CACHE_DTYPES:
+        _fail(
+            name,
+            f"kv_cache dtype {kv_cache.dtype} is not supported; use float16, bfloat16, float32, "
+            "int8 or float8_e4m3fn (the last two with kv_scales)",
+        )
     if not 1 <= kv_cache.shape[4] <= MAX_HEAD_DIM:
         _fail(name, f"head dim {kv_cache.shape[4]} is not supported; use 1..{MAX_HEAD_DIM}")
+
+
+def _check_scales(name: str, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> int:
+    """The ``SCALE_MODE`` of (cache, scales): 0 float cache, 1 static per-tensor, 2 per (token, KV head)."""
+    if kv_scales is not None and not isinstance(kv_scales, torch.Tensor):
+        _fail(name, f"kv_scales must be a tensor or None, got {_describe(kv_scales)}")
+    try:
+        mode = check_kv_scales(kv_cache, kv_scales)
+    except ValueError as e:
+        _fail(name, str(e))
+    if kv_cache.dtype == torch.float8_e4m3fn and kv_cache.device.type == "cuda":
+        if torch.cuda.get_device_capability(kv_cache.device) < (8, 9):
+            _fail(name, "an fp8 e4m3 KV cache needs compute capability 8.9 or newer (Ada, Hopper); use int8")
+    if kv_scales is not None:
+        check_triton_device(name, _INTERPRET, kv_cache, kv_scales)
+    return SCALE_MODES[mode]
+
+
+def _scale_args(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> tuple:
+    """Scale pointer and its (K/V, block, offset, head) strides for a kernel (the cache, unused, when absent)."""
+    if kv_scales is None:
+        return (kv_cache, 0, 0, 0, 0)
+    if kv_scales.dim() == 1:  # (2,): per tensor
+        return (kv_scales, kv_scales.stride(0), 0, 0, 0)
+    return (kv_scales, *kv_scales.stride())
 
 
 def _check_tokens(name: str, label: str, x: torch.Tensor, heads: int | None, d: int) -> None:
@@ -66,7 +97,9 @@ def _check_attention_inputs(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor | None,
-) -> None:
+    kv_scales: torch.Tensor | None = None,
+) -> int:
+    """Validate the attention inputs; return the ``SCALE_MODE`` of the cache (see :func:`_check_scales`)."""
     _check_cache(name, kv_cache)
     _check_tokens(name, "q", q, None, kv_cache.shape[4])
     hq, hkv = q.shape[1], kv_cache.shape[3]
@@ -84,6 +117,7 @@ def _check_attention_inputs(
         [query_start_loc] if query_start_loc is not None else []
     )
     check_triton_device(name, _INTERPRET, *tensors)
+    return _check_scales(name, kv_cache, kv_scales)
 
 
 def _check_out(name: str, out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
@@ -132,5 +166,3 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     by_occupancy = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(1, num_seqs * num_kv_heads))
     by_length = triton.cdiv(max(1, max_seq_len), DECODE_MIN_SPLIT_KEYS)
     return max(1, min(by_occupancy, by_length, DECODE_MAX_SPLITS))
-
-

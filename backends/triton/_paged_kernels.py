@@ -80,15 +80,63 @@ def _prune_prefill_configs(
 
 
 @triton.jit
+def _round_to_e4m3(y):
+    """fp32 ``y`` (|y| <= 448) rounded to the nearest fp8 e4m3 value, ties to even, still in fp32.
+
+    Done by hand so that the cast after it is exact: Triton's interpreter drops the carry when
+    a cast rounds up into the next binade (31.6 -> 16, not 32). Same result as the GPU's
+    ``cvt.rn.satfinite`` and torch's cast.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6) - 3  # exponent of y's e4m3 ulp (subnormals: 2^-9)
+    ulp = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    t = tl.abs(y) * inv  # exact: a power of two; t < 16
+    t = (t + 8388608.0) - 8388608.0  # round half to even at 2^23
+    return tl.where(bits < 0, -t, t) * ulp  # the sign bit, so -0.001 -> -0 as the cast gives
+
+
+@triton.jit
+def _quantize_tile(x, s, QMAX: tl.constexpr, INT_CODES: tl.constexpr, CODE_TY: tl.constexpr):
+    """Codes of fp32 ``x`` for scales ``s`` (broadcasting): the fp32 ops of ``kiln.ops.quantize_kv``."""
+    y = tl.math.div_rn(x, tl.where(s == 0.0, 1.0, s))  # IEEE division, as torch: bit-exact codes
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)  # static scales saturate
+    if INT_CODES:
+        codes = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5)).to(CODE_TY)  # half away from zero
+    else:
+        codes = _round_to_e4m3(y).to(CODE_TY)  # fp8 e4m3: nearest even; the cast is exact
+    return codes
+
+
+@triton.jit
+def _codes_to(x, DOT_TY: tl.constexpr, INT_CODES: tl.constexpr):
+    """Cache values ``x`` in the dot's dtype. int8 codes into fp16 by bits (FasterTransformer's trick:
+    ``0x6480 + x`` is the fp16 ``1152 + x``) to spare the quarter-rate int-to-float conversions."""
+    if INT_CODES:
+        if DOT_TY == tl.float16:
+            bits = (x.to(tl.int32) + 0x6480).to(tl.int16)
+            y = bits.to(tl.float16, bitcast=True) - 1152.0
+        else:
+            y = x.to(tl.float32).to(DOT_TY)  # through fp32: the interpreter mis-converts int8 -> bf16
+    else:
+        y = x.to(DOT_TY)  # fp8 e4m3 -> fp16: one hardware cvt per two values
+    return y
+
+
+@triton.jit
 def _reshape_and_cache_kernel(
-    K, V, Cache, Slots,
+    K, V, Cache, Slots, Scales,
     stride_kh, stride_kt, stride_kd,
     stride_vh, stride_vt, stride_vd,
     stride_cc, stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_sc, stride_sb, stride_ss, stride_sh,
     num_kv_heads, page_size,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SCALE_MODE: tl.constexpr,  # 0 float cache; 1 static per-tensor scales; 2 per-(token, head) scales, written here
+    QMAX: tl.constexpr,  # largest code: 127 (int8), 448 (fp8 e4m3)
+    INT_CODES: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_H heads of token ``t``'s key and value. Grid (T, cdiv(Hkv, BLOCK_H))."""
     t = tl.program_id(0)
@@ -97,14 +145,35 @@ def _reshape_and_cache_kernel(
         return
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]  # (BLOCK_H, BLOCK_D)
+    h_ok = offs_h < num_kv_heads
+    mask = h_ok[:, None] & (offs_d < HEAD_DIM)[None, :]  # (BLOCK_H, BLOCK_D)
     t64 = t.to(tl.int64)
-    k = tl.load(K + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
-    v = tl.load(V + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
+    k_ptrs = K + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd
+    v_ptrs = V + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd
+    k = tl.load(k_ptrs, mask=mask, other=0.0)  # masked lanes 0: they never win the amax
+    v = tl.load(v_ptrs, mask=mask, other=0.0)
     dst = Cache + (slot // page_size) * stride_cb + (slot % page_size) * stride_cs
     dst = dst + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd
-    tl.store(dst, k.to(Cache.dtype.element_ty), mask=mask)
-    tl.store(dst + stride_cc, v.to(Cache.dtype.element_ty), mask=mask)
+    code_ty = Cache.dtype.element_ty
+    if SCALE_MODE == 0:
+        tl.store(dst, k.to(code_ty), mask=mask)
+        tl.store(dst + stride_cc, v.to(code_ty), mask=mask)
+    elif SCALE_MODE == 1:
+        k_s = tl.load(Scales)
+        v_s = tl.load(Scales + stride_sc)
+        tl.store(dst, _quantize_tile(k.to(tl.float32), k_s, QMAX, INT_CODES, code_ty), mask=mask)
+        tl.store(dst + stride_cc, _quantize_tile(v.to(tl.float32), v_s, QMAX, INT_CODES, code_ty), mask=mask)
+    else:
+        kf = k.to(tl.float32)
+        vf = v.to(tl.float32)
+        qmax = tl.full([BLOCK_H], QMAX, tl.float32)
+        k_s = tl.math.div_rn(tl.max(tl.abs(kf), 1), qmax)  # (BLOCK_H,) amax / qmax
+        v_s = tl.math.div_rn(tl.max(tl.abs(vf), 1), qmax)
+        tl.store(dst, _quantize_tile(kf, k_s[:, None], QMAX, INT_CODES, code_ty), mask=mask)
+        tl.store(dst + stride_cc, _quantize_tile(vf, v_s[:, None], QMAX, INT_CODES, code_ty), mask=mask)
+        s_dst = Scales + (slot // page_size) * stride_sb + (slot % page_size) * stride_ss + offs_h * stride_sh
+        tl.store(s_dst, k_s, mask=h_ok)
+        tl.store(s_dst + stride_sc, v_s, mask=h_ok)
 
 
 @triton.jit
@@ -119,6 +188,10 @@ def _paged_attn_inner(
     stride_cb,
     stride_cs,
     stride_cd,
+    s_base,  # per-token scales at (K, block 0, offset 0, this kv head) (PER_TOKEN only)
+    stride_sc,
+    stride_sb,
+    stride_ss,
     last_key,  # (M,) int32: row i sees keys j <= last_key[i] (causal only)
     seq_len,
     lo,
@@ -130,11 +203,18 @@ def _paged_attn_inner(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
-    INPUT_DTYPE: tl.constexpr,
+    INPUT_DTYPE: tl.constexpr,  # the dtype of the dots' operands
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    PER_TOKEN: tl.constexpr,  # codes with one scale per (token, KV head) (SCALE_MODE 2)
+    INT_CODES: tl.constexpr,  # int8 codes (see _codes_to)
 ):
-    """Stream cached key tiles ``[lo, hi)`` through the online softmax; MASKED for the tail/diagonal."""
+    """Stream cached key tiles ``[lo, hi)`` through the online softmax; MASKED for the tail/diagonal.
+
+    Quantized codes convert exactly to the input dtype (int8 and e4m3 values are all bf16 /
+    fp16 numbers); per-token scales multiply the score columns (keys) and the probabilities
+    (values) in fp32, never the D-wide tiles. Static scales are folded in by the caller.
+    """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < HEAD_DIM
@@ -147,6 +227,15 @@ def _paged_attn_inner(
         else:
             blocks = tl.load(table + offs_key // PAGE_SIZE)
         kv_off = blocks.to(tl.int64) * stride_cb + (offs_key % PAGE_SIZE) * stride_cs  # (BLOCK_N,)
+        if PER_TOKEN:
+            s_off = blocks.to(tl.int64) * stride_sb + (offs_key % PAGE_SIZE) * stride_ss
+            s_ptrs = s_base + s_off  # (BLOCK_N,)
+            if MASKED:
+                k_s = tl.load(s_ptrs, mask=key_ok, other=0.0)
+                v_s = tl.load(s_ptrs + stride_sc, mask=key_ok, other=0.0)
+            else:
+                k_s = tl.load(s_ptrs)
+                v_s = tl.load(s_ptrs + stride_sc)
         k_ptrs = k_base + kv_off[None, :] + offs_d[:, None] * stride_cd  # (D, BLOCK_N)
         v_ptrs = v_base + kv_off[:, None] + offs_d[None, :] * stride_cd  # (BLOCK_N, D)
         if MASKED:
@@ -155,10 +244,14 @@ def _paged_attn_inner(
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-        k = k.to(INPUT_DTYPE)  # cache dtype -> q's dtype, as the reference rounds
+        k = _codes_to(
+            k, INPUT_DTYPE, INT_CODES
+        )  # cache dtype -> q's dtype, as the reference rounds (codes: exact)
         if UPCAST_DOT:
             k = k.to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # (M, BLOCK_N) fp32
+        if PER_TOKEN:
+            qk = qk * k_s[None, :]  # q . (codes * s) = (q . codes) * s
         if MASKED:
             visible = key_ok[None, :]
             if IS_CAUSAL:
@@ -181,7 +274,10 @@ def _paged_attn_inner(
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        v = v.to(INPUT_DTYPE)
+        v = _codes_to(v, INPUT_DTYPE, INT_CODES)
+        if PER_TOKEN:
+            # sum_n p_n (codes_n * s_n) = sum_n (p_n * s_n) codes_n; l_i keeps the plain p
+            p = p * v_s[None, :]
         p = p.to(INPUT_DTYPE)  # P @ V in the input dtype, as on the tensor cores
         if UPCAST_DOT:
             p = p.to(tl.float32)
@@ -191,6 +287,17 @@ def _paged_attn_inner(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _static_scales(Scales, stride_sc, qk_scale, SCALE_MODE: tl.constexpr):
+    """``(qk_scale, v_scale)`` with static per-tensor scales folded in: s_k into the softmax scale, s_v out."""
+    if SCALE_MODE == 1:
+        qk_scale = qk_scale * tl.load(Scales)
+        v_scale = tl.load(Scales + stride_sc)
+    else:
+        v_scale = 1.0  # unused
+    return qk_scale, v_scale
+
+
 @triton.autotune(
     configs=_decode_configs(),
     key=["KEYS_BUCKET", "HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "WRITE_LSE"],
@@ -198,9 +305,10 @@ def _paged_attn_inner(
 )
 @triton.jit(do_not_specialize=["num_splits", "KEYS_BUCKET"])
 def _paged_decode_kernel(
-    Q, Cache, BlockTables, SeqLens, QueryStart, Out, Lse,
+    Q, Cache, BlockTables, SeqLens, QueryStart, Out, Lse, Scales,
     stride_qh, stride_qt, stride_qd,
     stride_cc, stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_sc, stride_sb, stride_ss, stride_sh,
     stride_bt,
     stride_ot, stride_oh, stride_os, stride_od,  # Out: partial (T, Hq, splits, D) or final (T, Hq, 1, D) view
     stride_lt, stride_lh, stride_ls,
@@ -214,6 +322,9 @@ def _paged_decode_kernel(
     GROUP_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    SCALE_MODE: tl.constexpr,  # 0 float cache, 1 static per-tensor scales, 2 per-(token, KV head) scales
+    INT_CODES: tl.constexpr,
+    DOT_FP16: tl.constexpr,  # quantized cache under 16-bit q: dots in fp16 (codes exact, cheap conversions)
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: every query head of one KV head, over one split of one sequence's keys."""
@@ -242,27 +353,39 @@ def _paged_decode_kernel(
     q = tl.load(
         Q + t64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=row_ok, other=0.0
     )
+    if DOT_FP16:
+        q = q.to(tl.float16)  # exact for |q| in [2^-14, 65504]
     if UPCAST_DOT:
         q = q.to(tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
     k_base = Cache + kvh.to(tl.int64) * stride_ch
+    s_base = Scales + kvh.to(tl.int64) * stride_sh
     table = BlockTables + seq.to(tl.int64) * stride_bt
+    qk_scale, v_scale = _static_scales(Scales, stride_sc, qk_scale, SCALE_MODE)
     # Whole tiles unmasked, then the sequence's ragged last tile (if this split holds it) masked.
     acc, l_i, m_i = _paged_attn_inner(
         acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
+        s_base, stride_sc, stride_sb, stride_ss,
         offs_g, seq_len, lo, tl.maximum(lo, tl.minimum(hi, full_k)), qk_scale,
-        False, False, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, Q.dtype.element_ty, DOT_PRECISION, UPCAST_DOT,
+        False, False, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, tl.float16 if DOT_FP16 else Q.dtype.element_ty,
+        DOT_PRECISION, UPCAST_DOT,
+        SCALE_MODE == 2, INT_CODES,
     )  # fmt: skip
     acc, l_i, m_i = _paged_attn_inner(
         acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
+        s_base, stride_sc, stride_sb, stride_ss,
         offs_g, seq_len, tl.maximum(lo, full_k), hi, qk_scale,
-        True, False, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, Q.dtype.element_ty, DOT_PRECISION, UPCAST_DOT,
+        True, False, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, tl.float16 if DOT_FP16 else Q.dtype.element_ty,
+        DOT_PRECISION, UPCAST_DOT,
+        SCALE_MODE == 2, INT_CODES,
     )  # fmt: skip
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]  # an empty split (or context) gives 0
+    if SCALE_MODE == 1:
+        out = out * v_scale
     o_ptrs = (
         Out + t64 * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :] * stride_od
     )
@@ -323,9 +446,10 @@ def _paged_decode_combine_kernel(
 )
 @triton.jit(do_not_specialize=["Q_BUCKET"])
 def _paged_prefill_kernel(
-    Q, Cache, BlockTables, SeqLens, QueryStart, Out,
+    Q, Cache, BlockTables, SeqLens, QueryStart, Out, Scales,
     stride_qh, stride_qt, stride_qd,
     stride_cc, stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_sc, stride_sb, stride_ss, stride_sh,
     stride_bt,
     stride_oh, stride_ot, stride_od,
     group_size, qk_scale,
@@ -335,6 +459,9 @@ def _paged_prefill_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    INT_CODES: tl.constexpr,
+    DOT_FP16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -355,6 +482,8 @@ def _paged_prefill_kernel(
     q = tl.load(
         Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=mask, other=0.0
     )
+    if DOT_FP16:
+        q = q.to(tl.float16)  # exact for |q| in [2^-14, 65504]
     if UPCAST_DOT:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -367,20 +496,29 @@ def _paged_prefill_kernel(
     full_k = (seq_len // BLOCK_N) * BLOCK_N
     hi = tl.minimum(seq_len, start_m * BLOCK_M + BLOCK_M + diag)  # past the last row's last key
     lo_mask = tl.minimum((tl.maximum(start_m * BLOCK_M + diag + 1, 0) // BLOCK_N) * BLOCK_N, full_k)
-    k_base = Cache + (h // group_size).to(tl.int64) * stride_ch
+    kvh = (h // group_size).to(tl.int64)
+    k_base = Cache + kvh * stride_ch
+    s_base = Scales + kvh * stride_sh
     table = BlockTables + seq.to(tl.int64) * stride_bt
+    qk_scale, v_scale = _static_scales(Scales, stride_sc, qk_scale, SCALE_MODE)
     acc, l_i, m_i = _paged_attn_inner(
         acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
+        s_base, stride_sc, stride_sb, stride_ss,
         last_key, seq_len, 0, lo_mask, qk_scale,
-        False, True, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, Q.dtype.element_ty, DOT_PRECISION, UPCAST_DOT,
+        False, True, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, tl.float16 if DOT_FP16 else Q.dtype.element_ty,
+        DOT_PRECISION, UPCAST_DOT,
+        SCALE_MODE == 2, INT_CODES,
     )  # fmt: skip
     acc, l_i, m_i = _paged_attn_inner(
         acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
+        s_base, stride_sc, stride_sb, stride_ss,
         last_key, seq_len, lo_mask, hi, qk_scale,
-        True, True, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, Q.dtype.element_ty, DOT_PRECISION, UPCAST_DOT,
+        True, True, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, tl.float16 if DOT_FP16 else Q.dtype.element_ty,
+        DOT_PRECISION, UPCAST_DOT,
+        SCALE_MODE == 2, INT_CODES,
     )  # fmt: skip
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that see no key output 0
+    if SCALE_MODE == 1:
+        out = out * v_scale
     tl.store(Out + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=mask)  # fmt: skip
-
-

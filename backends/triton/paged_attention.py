@@ -56,11 +56,13 @@ from kiln.backends.triton._paged_checks import (
     _check_cache,
     _check_count,
     _check_out,
+    _check_scales,
     _check_tokens,
     _describe,
     _dot_precision,
     _fail,
     _num_sms,
+    _scale_args,
     _upcast_dot,
     decode_num_splits,
 )
@@ -77,6 +79,7 @@ from kiln.backends.triton.paged_attention_reference import (
     paged_prefill_attention_reference,
     reshape_and_cache_reference,
 )
+from kiln.ops import KV_CACHE_QMAX
 
 __all__ = [
     "DECODE_MAX_SPLITS",
@@ -99,16 +102,24 @@ _LOG2E = 1.4426950408889634
 
 
 def reshape_and_cache(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
     """Write token ``t``'s key and value (1, Hkv, T, D) into ``kv_cache`` at flat slot ``slot_mapping[t]``.
 
     ``slot = block * block_size + offset``; a negative slot skips the token (padding). Values
-    are cast to the cache's dtype. ``slot_mapping`` is (T,) int64 (or int32); slots are not
-    range-checked (that would need a device-to-host copy).
+    are cast to the cache's dtype; an int8 / fp8 cache stores symmetric codes
+    (``kiln.ops.quantize_kv``, bit-exact): with static ``kv_scales`` (2,), ``x / s``
+    saturated; with per-token ``kv_scales`` (2, blocks, block_size, Hkv), each (token, KV
+    head) row gets ``s = amax / qmax``, written beside its codes. ``slot_mapping`` is (T,)
+    int64 (or int32); slots are not range-checked (that would need a device-to-host copy).
     """
     name = "reshape_and_cache"
     _check_cache(name, kv_cache)
+    scale_mode = _check_scales(name, kv_cache, kv_scales)
     _, _, page_size, hkv, d = kv_cache.shape
     _check_tokens(name, "k", k, hkv, d)
     _check_tokens(name, "v", v, hkv, d)
@@ -129,11 +140,13 @@ def reshape_and_cache(
         return
     d_pad = next_power_of_2(d)
     block_h = min(next_power_of_2(hkv), max(1, 2048 // d_pad))  # <= 2048 elements per program
+    scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     _reshape_and_cache_kernel[(t, triton.cdiv(hkv, block_h))](
-        k, v, kv_cache, slot_mapping,
+        k, v, kv_cache, slot_mapping, scales,
         k.stride(1), k.stride(2), k.stride(3), v.stride(1), v.stride(2), v.stride(3),
-        *_cache_strides(kv_cache), hkv, page_size,
-        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=d_pad, num_warps=4,
+        *_cache_strides(kv_cache), *scale_strides, hkv, page_size,
+        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=d_pad, SCALE_MODE=scale_mode,
+        QMAX=KV_CACHE_QMAX.get(kv_cache.dtype, 0.0), INT_CODES=kv_cache.dtype == torch.int8, num_warps=4,
     )  # fmt: skip
 
 
@@ -145,6 +158,7 @@ def paged_decode_attention(
     query_start_loc: torch.Tensor | None = None,
     scale: float | None = None,
     *,
+    kv_scales: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
@@ -159,6 +173,8 @@ def paged_decode_attention(
         seq_lens: (S,) int32 cached tokens of each sequence, the new one included (it attends to all).
         query_start_loc: optional (S + 1,) int32 token offsets; every sequence must own 0 or 1 token.
         scale: softmax scale; default ``1 / sqrt(D)``.
+        kv_scales: the scales of an int8 / fp8 cache (see :func:`reshape_and_cache`); codes are
+            dequantized in registers.
         num_splits: splits of each sequence's keys (1..``DECODE_MAX_SPLITS``); default
             :func:`decode_num_splits` of ``max_seq_len``.
         max_seq_len: the longest ``seq_lens`` entry, only for the default ``num_splits``; default
@@ -171,7 +187,9 @@ def paged_decode_attention(
         ``num_splits`` makes the call capturable in a CUDA graph.
     """
     name = "paged_decode_attention"
-    _check_attention_inputs(name, q, kv_cache, block_tables, seq_lens, query_start_loc)
+    scale_mode = _check_attention_inputs(
+        name, q, kv_cache, block_tables, seq_lens, query_start_loc, kv_scales
+    )
     out = _check_out(name, out, q)
     _, hq, t, d = q.shape
     _, _, page_size, hkv, _ = kv_cache.shape
@@ -201,14 +219,17 @@ def paged_decode_attention(
         lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)  # (T, Hq, splits)
         lse_strides = lse.stride()
     keys_bucket = next_power_of_2(max(16, triton.cdiv(max_seq_len, num_splits)))
+    scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     _paged_decode_kernel[(num_seqs, hkv, num_splits)](
-        q, kv_cache, block_tables, seq_lens, qsl, part, lse,
-        q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), block_tables.stride(0),
+        q, kv_cache, block_tables, seq_lens, qsl, part, lse, scales,
+        q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
         *part.stride(), *lse_strides,
         group, num_splits, scale * _LOG2E, keys_bucket,
         HAS_QUERY_START=query_start_loc is not None, WRITE_LSE=num_splits > 1, PAGE_SIZE=page_size,
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, next_power_of_2(group)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
+        SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
+        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32,
     )  # fmt: skip
     if num_splits > 1:
         _paged_decode_combine_kernel[(num_seqs, hq)](
@@ -228,6 +249,7 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float | None = None,
     *,
+    kv_scales: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
@@ -240,7 +262,9 @@ def paged_prefill_attention(
     :func:`paged_decode_attention`.
     """
     name = "paged_prefill_attention"
-    _check_attention_inputs(name, q, kv_cache, block_tables, seq_lens, query_start_loc)
+    scale_mode = _check_attention_inputs(
+        name, q, kv_cache, block_tables, seq_lens, query_start_loc, kv_scales
+    )
     out = _check_out(name, out, q)
     _check_count(name, "max_query_len", max_query_len, 0)
     _, hq, _, d = q.shape
@@ -253,13 +277,16 @@ def paged_prefill_attention(
     def grid(meta: dict) -> tuple[int, int, int]:
         return (triton.cdiv(max_query_len, meta["BLOCK_M"]), num_seqs, hq)
 
+    scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     _paged_prefill_kernel[grid](
-        q, kv_cache, block_tables, seq_lens, query_start_loc, out,
-        q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), block_tables.stride(0),
+        q, kv_cache, block_tables, seq_lens, query_start_loc, out, scales,
+        q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
         out.stride(1), out.stride(2), out.stride(3),
         hq // hkv, scale * _LOG2E, next_power_of_2(max_query_len),
         PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
+        SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
+        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32,
     )  # fmt: skip
     return out
 
@@ -274,6 +301,7 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float | None = None,
+    kv_scales: torch.Tensor | None = None,
     *,
     max_query_len: int | None = None,
 ) -> torch.Tensor:
@@ -285,13 +313,16 @@ def paged_attention(
     sequences and the longest sequence), the call's only synchronization; a caller that knows
     them (a CUDA-graph decode step: ``max_query_len=1`` and every token owned) passes
     ``max_query_len`` and nothing is copied. Rows of tokens owned by no sequence are zero,
-    as in the reference.
+    as in the reference. An int8 / fp8 cache takes its ``kv_scales`` (quantize on write,
+    dequantize in registers on read).
     """
     name = "paged_attention"
-    _check_attention_inputs(name, q, kv_cache, block_tables, seq_lens, query_start_loc)
+    _check_attention_inputs(name, q, kv_cache, block_tables, seq_lens, query_start_loc, kv_scales)
     if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] != q.shape[2]:
         _fail(name, f"k must be (1, Hkv, T, D) with q's T={q.shape[2]} tokens, got {_describe(k)}")
-    reshape_and_cache(k, v, kv_cache, slot_mapping)  # validates k, v and slot_mapping before writing
+    reshape_and_cache(
+        k, v, kv_cache, slot_mapping, kv_scales
+    )  # validates k, v and slot_mapping before writing
     t, num_seqs = q.shape[2], seq_lens.shape[0]
     max_seq_len = None
     if max_query_len is None:
@@ -308,8 +339,17 @@ def paged_attention(
     out = torch.empty_like(q) if all_owned else torch.zeros_like(q)
     if max_query_len <= 1:
         return paged_decode_attention(
-            q, kv_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len=max_seq_len, out=out
-        )
+            q, kv_cache, block_tables, seq_lens, query_start_loc, scale,
+            kv_scales=kv_scales, max_seq_len=max_seq_len, out=out,
+        )  # fmt: skip
     return paged_prefill_attention(
-        q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale, out=out
+        q,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        max_query_len,
+        scale,
+        kv_scales=kv_scales,
+        out=out,
     )

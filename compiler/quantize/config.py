@@ -263,7 +263,7 @@ class QuantConfig:
 
     weights: QuantSpec | None = QuantSpec()  # linear weights; None: keep them in full precision
     activations: QuantSpec | None = None  # inputs of the quantized linears; None: keep them in full precision
-    kv_cache: QuantSpec | None = None  # the paged KV cache (not built yet: must stay None)
+    kv_cache: QuantSpec | None = None  # the paged KV cache: int8 / fp8_e4m3, PerToken() or PerTensor() (kiln.passes.kv_cache)
     method: Method | str = RTN()  # "rtn", "gptq", "awq", "smoothquant" or a method config
     skip: tuple[str, ...] = ("lm_head",)  # module-path patterns left in full precision (see skips())
     calibration: Calibration = Calibration()  # calibration inputs (needed by gptq, awq, smoothquant, static activations)
@@ -285,13 +285,19 @@ class QuantConfig:
 
     def _check(self) -> None:
         w, a = self.weights, self.activations
-        if w is None and a is None:
-            raise ConfigError("QuantConfig quantizes nothing: give weights=QuantSpec(...) and/or activations=QuantSpec(...)")
-        if self.kv_cache is not None:
+        if w is None and a is None and self.kv_cache is None:
             raise ConfigError(
-                "kv_cache quantization is not built yet (it comes with the int8/fp8 paged-cache kernels); "
-                "leave kv_cache=None"
+                "QuantConfig quantizes nothing: give weights=QuantSpec(...), activations=QuantSpec(...) "
+                "and/or kv_cache=QuantSpec(...)"
             )
+        if self.kv_cache is not None:
+            # the paged cache's formats live with its pass
+            from kiln.passes.kv_cache import check_kv_cache_spec
+
+            try:
+                check_kv_cache_spec(self.kv_cache)
+            except ConfigError as e:
+                raise ConfigError(f"QuantConfig.kv_cache: {e}; or leave kv_cache=None") from None
         if w is not None:
             if w.dynamic:
                 raise ConfigError("weights are constants, quantized once at compile time: set dynamic=False on the weights spec")
@@ -359,7 +365,8 @@ class QuantConfig:
     def describe(self) -> str:
         w = self.weights.describe() if self.weights else "full precision"
         a = self.activations.describe() if self.activations else "full precision"
-        return f"weights {w}, activations {a}, method {self.method.name}"  # type: ignore[union-attr]
+        kv = f", kv cache {self.kv_cache.describe()}" if self.kv_cache else ""
+        return f"weights {w}, activations {a}{kv}, method {self.method.name}"  # type: ignore[union-attr]
 
     def check_model(self, model: torch.nn.Module) -> list[str]:
         """Check this config against ``model``'s linear layers; return the paths it will quantize.
@@ -368,6 +375,8 @@ class QuantConfig:
         dimension, a skip pattern matches no linear layer, no layer is left to quantize, or
         calibration data is needed but missing.
         """
+        if self.weights is None and self.activations is None:
+            return []  # a KV-cache-only config touches no linear layer
         layers = linear_layers(model)
         return self.check_layers(layers)
 
