@@ -31,7 +31,7 @@ the command resumes an interrupted run and skips finished ones.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import dataclasses
 import json
 import math
@@ -73,22 +73,24 @@ class Scorer:
     """Perplexity and top-1 agreement with the teacher on fixed eval windows (teacher pass cached)."""
 
     def __init__(self, teacher: torch.nn.Module, tokens: torch.Tensor, work: Path, seq_len: int = 512,
-                 batch_size: int = 8) -> None:
-        self.windows = list(iter_windows(tokens, seq_len=seq_len, batch_size=batch_size))
+                 batch_size: int = 8, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.windows = [(x.to(device), y.to(device)) for x, y in iter_windows(tokens, seq_len=seq_len,
+                                                                              batch_size=batch_size)]
         path = work / f"teacher_eval_{tokens.numel()}.safetensors"
         if path.is_file():
             saved = load_file(str(path))
-            self.teacher_top1 = [saved[f"top1/{i}"] for i in range(len(self.windows))]
+            self.teacher_top1 = [saved[f"top1/{i}"].to(device) for i in range(len(self.windows))]
             self.teacher_ppl = float(saved["ppl"])
         else:
             self.teacher_top1 = []
             self.teacher_ppl = self._score(teacher, top1=self.teacher_top1)[0]
             save_file({"ppl": torch.tensor(self.teacher_ppl, dtype=torch.float64),
-                       **{f"top1/{i}": t for i, t in enumerate(self.teacher_top1)}}, str(path))
+                       **{f"top1/{i}": t.cpu() for i, t in enumerate(self.teacher_top1)}}, str(path))
 
     @torch.no_grad()
     def _score(self, model: torch.nn.Module, top1: list[torch.Tensor] | None = None) -> tuple[float, float]:
-        model.eval()
+        model.to(self.device).eval()
         nll, count, same = 0.0, 0, 0
         for i, (x, y) in enumerate(self.windows):
             logits = logits_of(model(x)).float()  # (B, T, V)
@@ -106,11 +108,12 @@ class Scorer:
         return {"perplexity": ppl, "agreement": agree, "eval_s": round(time.perf_counter() - start, 1)}
 
 
-def acceptance(teacher_dir: Path, drafter: Path, prompts: list[list[int]], max_tokens: int, k: int) -> dict[str, float]:
+def acceptance(teacher_dir: Path, drafter: Path, prompts: list[list[int]], max_tokens: int, k: int,
+               device: str = "cpu") -> dict[str, float]:
     """Greedy speculative decoding of ``prompts`` by the teacher with ``drafter``: acceptance figures."""
     spec = kiln.SpeculativeConfig(method="draft_model", draft_model=str(drafter), num_speculative_tokens=k,
                                   adaptive=False, disable_by_batch_size=None)
-    llm = kiln.LLM(str(teacher_dir), speculative=spec, device="cpu", dtype=torch.float32,
+    llm = kiln.LLM(str(teacher_dir), speculative=spec, device=device, dtype=torch.float32,
                    enable_prefix_caching=False, max_num_batched_tokens=4096)
     params = kiln.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -130,6 +133,8 @@ def method_config(name: str, args: argparse.Namespace, cache_dir: Path) -> Any:
     if name == "hard":
         return KnowledgeDistillation(loss=LossConfig(hard_label_weight=1.0))
     if name == "kd":
+        if not args.top_k:  # dense teacher logits every step (no cache)
+            return KnowledgeDistillation(loss=fkl)
         return KnowledgeDistillation(loss=fkl, top_k=args.top_k, cache_dir=str(cache_dir))
     if name == "data":
         return DataDistillation(prompt_tokens=args.data_prompt_tokens, num_prompts=args.num_prompts, samples_per_prompt=2,
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=64, help="kd: cache the teacher's top-k (0: dense teacher, no cache)")
     p.add_argument("--lmbda", type=float, default=0.5)
     p.add_argument("--prompt-tokens", type=int, default=96, help="on-policy prompt length (the student writes the rest)")
     p.add_argument("--data-prompt-tokens", type=int, default=64, help="data: prompt length (the teacher writes the rest)")
@@ -162,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec-prompts", type=int, default=16)
     p.add_argument("--spec-tokens", type=int, default=48)
     p.add_argument("--qat", action="store_true", help="W4 QAT with a teacher vs W4 PTQ (teacher-sized)")
-    p.add_argument("--qat-steps", type=int, default=100)
+    p.add_argument("--qat-steps", type=int, default=40)
+    p.add_argument("--qat-eval-tokens", type=int, default=40960, help="QAT/PTQ rows: score the first N eval tokens")
     p.add_argument("--save-drafter", action="store_true", help=f"write the on-policy finetuned drafter to {OUT_DRAFTER}")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu (the recorded figures) or cuda (bf16 autocast in training)")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run of every path)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"kiln distill benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} thread(s); steps {args.steps} x {args.batch_size} x {args.seq_len}", flush=True)
-    teacher = load_model(str(TEACHER), dtype=torch.float32).eval()
+    teacher = load_model(str(TEACHER), dtype=torch.float32).eval().to(args.device)
     tok_path = work / "tokens.safetensors"
     if tok_path.is_file():
         saved = load_file(str(tok_path))
@@ -196,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_tokens = eval_tokens[: args.eval_tokens]
     print(f"train {train_tokens.numel():,} tokens, eval {eval_tokens.numel():,} tokens", flush=True)
     protocols_names = [x.strip() for x in args.protocols.split(",") if x.strip()]
-    scorer = Scorer(teacher, eval_tokens, work) if (args.reference or protocols_names or args.qat) else None
+    scorer = Scorer(teacher, eval_tokens, work, device=args.device) if (
+        args.reference or protocols_names or args.save_drafter) else None
     if args.reference and scorer is not None:
         record("teacher", {"perplexity": scorer.teacher_ppl, "agreement": 1.0})
         record("shipped_drafter", scorer.score(load_model(str(DRAFTER), dtype=torch.float32)))
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=3e-3, min_lr=3e-4,
                      warmup_steps=max(1, args.steps // 10), weight_decay=0.1, eval_every=max(1, args.steps // 4),
                      eval_batches=2, ckpt_every=max(1, args.steps // 4), log_every=max(1, args.steps // 20), seed=1234,
-                     device="cpu", progress=not args.no_progress)
+                     device=args.device, progress=not args.no_progress)
     protocols = {
         "scratch": tc,
         "finetune": dataclasses.replace(tc, lr=3e-4, min_lr=3e-5, warmup_steps=max(1, args.steps // 20)),
@@ -213,14 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     cache_dir = work / f"teacher_topk_{args.top_k}"
     data_file = work / "teacher_data.safetensors"
-    if args.prepare and "kd" in methods:  # the teacher's top-k over the training windows, shared by both protocols
-        windows = TokenWindows(train_tokens, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed)
+    if args.prepare and "kd" in methods and args.top_k:  # the teacher's top-k over the training windows, shared by both protocols
         from kiln.distill import TopKCache
         from kiln.distill.cache import tensor_digest
 
+        dev = torch.device(args.device)
+        windows = TokenWindows(train_tokens, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, device=dev)
+        amp = tc.autocast_dtype(dev)  # the key and the teacher's precision must match what kiln.distill uses
         cache = TopKCache(cache_dir, teacher=teacher, batch_fn=windows.batch, k=args.top_k, temperature=1.0,
                           key={"data": tensor_digest(train_tokens), "seed": tc.seed, "batch_size": tc.batch_size,
-                               "seq_len": tc.seq_len, "autocast": "None"}, progress=not args.no_progress)
+                               "seq_len": tc.seq_len, "autocast": str(amp)}, progress=not args.no_progress,
+                          autocast=(lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else
+                          contextlib.nullcontext)
         start = time.perf_counter()
         cache.fill(args.steps * tc.grad_accum)
         record("teacher_topk", {"batches": cache.computed_batches, "bytes": cache.nbytes(),
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + 17)
         starts = torch.randint(0, train_tokens.numel() - spec.prompt_tokens, (spec.num_prompts,), generator=g)
         prompts = train_tokens[starts[:, None] + torch.arange(spec.prompt_tokens)]
-        data = generate_data(teacher, prompts, length=tc.seq_len + 1, config=spec, seed=tc.seed, device="cpu",
+        data = generate_data(teacher, prompts, length=tc.seq_len + 1, config=spec, seed=tc.seed, device=args.device,
                              eos_token_id=1, progress=not args.no_progress)
         data.save(data_file)
         record("teacher_data", data.stats)
@@ -262,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             record(key, row)
 
     if args.save_drafter and (work / "finetune" / "on_policy" / "model").is_dir():
-        all_results = merged_results(work)
-        save_drafter(work / "finetune" / "on_policy" / "model", all_results, args)
+        save_drafter(work / "finetune" / "on_policy" / "model", merged_results(work), args)
+        assert scorer is not None
+        record("kiln-drafter-distilled", scorer.score(load_model(str(OUT_DRAFTER), dtype=torch.float32)))
+        write_card(merged_results(work), args)
     if args.acceptance:
         import importlib.util
 
@@ -280,11 +294,17 @@ def main(argv: list[str] | None = None) -> int:
             drafters["kiln-drafter-distilled"] = OUT_DRAFTER
         for key, folder in drafters.items():
             if f"acceptance/{key}" not in results:
-                record(f"acceptance/{key}", acceptance(TEACHER, folder, prompts, args.spec_tokens, 4))
+                record(f"acceptance/{key}", acceptance(TEACHER, folder, prompts, args.spec_tokens, 4, args.device))
+        if (OUT_DRAFTER / "model.safetensors").is_file():
+            write_card(merged_results(work), args)
 
-    if args.qat:
-        assert scorer is not None
-        run_qat(teacher, train_tokens, eval_tokens, scorer, work, args, results, record)
+    if args.qat:  # teacher-sized: scored on a prefix of the eval split (its fp32 figure beside it)
+        qat_tokens = eval_tokens[: args.qat_eval_tokens] if args.qat_eval_tokens else eval_tokens
+        qat_scorer = Scorer(teacher, qat_tokens, work, device=args.device)
+        if "qat/fp32-teacher" not in results:
+            record("qat/fp32-teacher", {"perplexity": qat_scorer.teacher_ppl, "agreement": 1.0,
+                                        "eval_tokens": qat_tokens.numel()})
+        run_qat(teacher, train_tokens, qat_tokens, qat_scorer, work, args, results, record)
     print_tables(merged_results(work), args)
     return 0
 
@@ -307,18 +327,42 @@ def save_drafter(folder: Path, results: dict[str, Any], args: argparse.Namespace
     log = folder.parent / "train_log.jsonl"
     if log.is_file():
         shutil.copy(log, OUT_DRAFTER / "train_log.jsonl")
-    r = results.get("finetune/on_policy", {})
-    (OUT_DRAFTER / "README.md").write_text(
-        "# kiln-drafter-distilled\n\n"
-        "`models/kiln-drafter` (1.84M parameters, same shape) fine-tuned by on-policy distillation from "
-        "`models/kiln-teacher` with `kiln.distill(..., method=OnPolicyDistillation(lmbda="
-        f"{args.lmbda}, prompt_tokens={args.prompt_tokens}, loss=forward KL))`: {args.steps} steps x "
-        f"{args.batch_size} x {args.seq_len} tokens on the CPU; half of the batches sampled by the student "
-        "with `kiln.LLM`, the teacher scoring every token.\n\n"
-        f"Eval-split perplexity (fp32 weights before the bf16 cast): {r.get('perplexity', float('nan')):.3f}; "
-        f"top-1 agreement with the teacher: {r.get('agreement', float('nan')):.4f}.\n\n"
-        "Reproduce: `python benchmarks/distill.py --save-drafter` (see benchmarks/RESULTS.md). "
-        "Speedup on a GPU: `python benchmarks/speculative.py --drafter models/kiln-drafter-distilled`.\n")
+    write_card(results, args)
+
+
+def write_card(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """``models/kiln-drafter-distilled/README.md`` from the benchmark's results."""
+    r = results.get("kiln-drafter-distilled") or results.get("finetune/on_policy", {})
+    base, run = results.get("shipped_drafter", {}), results.get("finetune/on_policy", {})
+    acc = results.get("acceptance/kiln-drafter-distilled") or results.get("acceptance/finetune/on_policy")
+    acc0 = results.get("acceptance/shipped_drafter")
+    lines = [
+        "# kiln-drafter-distilled", "",
+        "`models/kiln-drafter` (1.84M parameters, same shape and tokenizer) fine-tuned by on-policy distillation "
+        "(GKD, Agarwal et al. 2024) from `models/kiln-teacher` with `kiln.distill`: "
+        f"`OnPolicyDistillation(lmbda={args.lmbda}, prompt_tokens={args.prompt_tokens}, "
+        "loss=LossConfig(divergence='forward_kl'))`, "
+        f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, AdamW lr 3e-4 -> 3e-5, on the CPU. "
+        f"{run.get('on_policy_batches', '?')} of the {args.steps} batches (a coin with p = {args.lmbda} per batch) "
+        "were continuations sampled by the student itself with `kiln.LLM` (temperature 1), the others training "
+        "windows; the teacher scored every token.", "",
+        "| | shipped kiln-drafter | kiln-drafter-distilled |", "| --- | --- | --- |",
+        f"| eval-split perplexity | {base.get('perplexity', float('nan')):.3f} | "
+        f"{r.get('perplexity', float('nan')):.3f} |",
+        f"| top-1 agreement with the teacher | {base.get('agreement', float('nan')):.4f} | "
+        f"{r.get('agreement', float('nan')):.4f} |",
+    ]
+    if acc and acc0:
+        lines += [f"| speculative alpha (greedy, k = 4, {args.spec_prompts} eval prompts) | {acc0['alpha']:.3f} | "
+                  f"{acc['alpha']:.3f} |",
+                  f"| accepted / drafted | {acc0['accepted_per_drafted']:.3f} | {acc['accepted_per_drafted']:.3f} |",
+                  f"| tokens per verify step | {acc0['tokens_per_verify_step']:.2f} | "
+                  f"{acc['tokens_per_verify_step']:.2f} |"]
+    lines += ["", "Weights are bf16 safetensors; every figure above was measured on the bf16 weights (loaded as fp32, "
+              "as the shipped drafter's). Reproduce with `python benchmarks/distill.py` (see "
+              "benchmarks/RESULTS.md); measure the speedup on a GPU with "
+              "`python benchmarks/speculative.py --workloads draft --drafter models/kiln-drafter-distilled`."]
+    (OUT_DRAFTER / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def run_qat(teacher: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch.Tensor, scorer: Scorer,
@@ -340,16 +384,21 @@ def run_qat(teacher: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: t
             compiled = kiln.compile(teacher, (ids,), config=kiln.CompileConfig(quant=cfg, dynamic=dynamic))
             record(f"qat/ptq-{method}", {**scorer.score(as_module(compiled)),
                                          "quantize_s": round(time.perf_counter() - start, 1)})
-    if "qat/qat-kd" not in results:
-        tc = TrainConfig(steps=args.qat_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=5e-5,
-                         min_lr=5e-6, warmup_steps=max(1, args.qat_steps // 10), weight_decay=0.0, eval_every=0,
-                         ckpt_every=max(1, args.qat_steps // 4), log_every=max(1, args.qat_steps // 20), seed=1234,
-                         device="cpu", progress=not args.no_progress, save_hf=False)
-        result = kiln.distill(copy.deepcopy(teacher), teacher, train_tokens, config=DistillConfig(train=tc, agreement=False),
-                              method=QATDistillation(quant="w4a16-g128", loss=LossConfig(divergence="forward_kl")),
-                              out_dir=work / "qat" / "w4a16-g128")
-        record("qat/qat-kd", {**scorer.score(as_module(result.converted)), "steps": result.train.step,
-                              "train_s": round(result.train.elapsed_s, 1)})
+    tc = TrainConfig(steps=args.qat_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=5e-5,
+                     min_lr=5e-6, warmup_steps=max(1, args.qat_steps // 10), weight_decay=0.0, eval_every=0,
+                     ckpt_every=max(1, args.qat_steps // 4), log_every=max(1, args.qat_steps // 20), seed=1234,
+                     device=args.device, progress=not args.no_progress, save_hf=False)
+    for start_from, key in (("rtn", "qat/qat-kd"), ("gptq", "qat/qat-kd-from-gptq")):  # QAT starts from the PTQ solution
+        if key in results:
+            continue
+        quant = QuantConfig.preset("w4a16-g128", method=start_from)
+        if start_from != "rtn":
+            quant = quant.with_calibration(calib, num_samples=samples, seq_len=512, progress=False)
+        result = kiln.distill(teacher, teacher, train_tokens, config=DistillConfig(train=tc, agreement=False),
+                              method=QATDistillation(quant=quant, loss=LossConfig(divergence="forward_kl")),
+                              out_dir=work / "qat" / f"w4a16-g128-{start_from}")
+        record(key, {**scorer.score(as_module(result.converted)), "steps": result.train.step,
+                     "train_s": round(result.train.elapsed_s, 1)})
 
 
 def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
