@@ -109,13 +109,14 @@ class Scorer:
 
 
 def acceptance(teacher_dir: Path, drafter: Path, prompts: list[list[int]], max_tokens: int, k: int,
-               device: str = "cpu") -> dict[str, float]:
-    """Greedy speculative decoding of ``prompts`` by the teacher with ``drafter``: acceptance figures."""
+               device: str = "cpu", temperature: float = 0.0) -> dict[str, float]:
+    """Speculative decoding of ``prompts`` by the teacher with ``drafter`` (greedy by default): acceptance figures."""
     spec = kiln.SpeculativeConfig(method="draft_model", draft_model=str(drafter), num_speculative_tokens=k,
                                   adaptive=False, disable_by_batch_size=None)
     llm = kiln.LLM(str(teacher_dir), speculative=spec, device=device, dtype=torch.float32,
                    enable_prefix_caching=False, max_num_batched_tokens=4096)
-    params = kiln.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = [kiln.SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=i)
+              for i in range(len(prompts))]
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     s = llm.stats
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--acceptance", action="store_true", help="speculative acceptance of the finetuned drafters")
     p.add_argument("--spec-prompts", type=int, default=16)
     p.add_argument("--spec-tokens", type=int, default=48)
+    p.add_argument("--spec-temperature", type=float, default=0.0, help="0: greedy acceptance (default)")
     p.add_argument("--qat", action="store_true", help="W4 QAT with a teacher vs W4 PTQ (teacher-sized)")
     p.add_argument("--qat-steps", type=int, default=40)
     p.add_argument("--qat-eval-tokens", type=int, default=40960, help="QAT/PTQ rows: score the first N eval tokens")
@@ -293,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         if (OUT_DRAFTER / "model.safetensors").is_file():
             drafters["kiln-drafter-distilled"] = OUT_DRAFTER
         for key, folder in drafters.items():
-            if f"acceptance/{key}" not in results:
-                record(f"acceptance/{key}", acceptance(TEACHER, folder, prompts, args.spec_tokens, 4, args.device))
+            name = "acceptance" + ("" if (len(prompts), args.spec_temperature) == (16, 0.0) else
+                                      f"[{len(prompts)} prompts, T={args.spec_temperature:g}]") + f"/{key}"
+            if name not in results:
+                record(name, acceptance(TEACHER, folder, prompts, args.spec_tokens, 4, args.device,
+                                        args.spec_temperature))
         if (OUT_DRAFTER / "model.safetensors").is_file():
             write_card(merged_results(work), args)
 
@@ -358,6 +363,11 @@ def write_card(results: dict[str, Any], args: argparse.Namespace) -> None:
                   f"| accepted / drafted | {acc0['accepted_per_drafted']:.3f} | {acc['accepted_per_drafted']:.3f} |",
                   f"| tokens per verify step | {acc0['tokens_per_verify_step']:.2f} | "
                   f"{acc['tokens_per_verify_step']:.2f} |"]
+    for setting in sorted({k.split("/", 1)[0] for k in results if k.startswith("acceptance[")}):
+        a0, a1 = results.get(f"{setting}/shipped_drafter"), results.get(f"{setting}/kiln-drafter-distilled")
+        if a0 and a1:
+            label = setting.removeprefix("acceptance[").removesuffix("]")
+            lines.append(f"| speculative alpha ({label}, k = 4) | {a0['alpha']:.3f} | {a1['alpha']:.3f} |")
     lines += ["", "Weights are bf16 safetensors; every figure above was measured on the bf16 weights (loaded as fp32, "
               "as the shipped drafter's). Reproduce with `python benchmarks/distill.py` (see "
               "benchmarks/RESULTS.md); measure the speedup on a GPU with "
@@ -418,7 +428,7 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
             closed = "-" if hard is None or t is None or name == "hard" else f"{(hard - r['perplexity']) / (hard - t):.2f}"
             print(f"| {protocol} | {name} | {r['steps']} x {args.batch_size} x {args.seq_len} | {r['perplexity']:.3f} | "
                   f"{r['agreement']:.4f} | {closed} | {r['train_s']} |")
-    acc = {k.removeprefix("acceptance/"): v for k, v in results.items() if k.startswith("acceptance/")}
+    acc = {k.removeprefix("acceptance"): v for k, v in results.items() if k.startswith("acceptance")}
     if acc:
         print("\n| drafter | alpha (per token) | accepted / drafted | tokens per verify step |")
         print("| --- | --- | --- | --- |")
