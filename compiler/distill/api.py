@@ -136,7 +136,7 @@ def distill(
             with the same ``out_dir`` resumes.
         tokenizer: for split names (default: the teacher's folder when given as a path).
         callbacks: :func:`kiln.train` callbacks.
-        example_inputs: QAT only: the inputs ``prepare_qat`` captures with (default 8 tokens).
+        example_inputs: QAT only: the inputs ``prepare_qat`` captures with (default: its own, (2, 8) ids).
     """
     spec = resolve_method(method)
     config = config or DistillConfig()
