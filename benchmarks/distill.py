@@ -21,11 +21,21 @@ protocols), ``on_policy`` (GKD: half of the batches sampled by the student with 
 forward KL on every token). ``--qat`` adds W4 (w4a16-g128) QAT of the teacher against its
 full-precision self versus W4 post-training quantization (RTN, GPTQ).
 
-Every run checkpoints in ``--work`` and its result is kept in ``WORK/results.json``: rerunning
-the command resumes an interrupted run and skips finished ones.
+Every run checkpoints in ``--work`` and its result goes to ``WORK/results-TAG.json``: rerunning a
+command resumes an interrupted run and skips finished ones, and processes with different tags can
+run side by side (the tables at the end merge every results file). The recorded run
+(benchmarks/RESULTS.md) was, in this order::
 
-    python benchmarks/distill.py                     # the full benchmark (about 1.5 h on 2 busy cores)
-    python benchmarks/distill.py --quick             # minutes: tiny budgets, a slice of the eval split
+    python benchmarks/distill.py --prepare --reference --methods kd     # teacher scores, top-k cache
+    python benchmarks/distill.py --prepare --methods data --protocols ''  # teacher-written data
+    python benchmarks/distill.py --protocols scratch --tag scratch      # hard, kd, data, on_policy
+    python benchmarks/distill.py --protocols finetune --tag finetune
+    python benchmarks/distill.py --protocols '' --acceptance --save-drafter --tag acc
+    python benchmarks/distill.py --protocols '' --qat --tag qat
+    python benchmarks/distill.py --quick --reference --prepare --methods kd,data --tag prep  # smoke run, then
+    python benchmarks/distill.py --quick --acceptance --qat                                 # (minutes)
+
+``--device cuda`` runs the same on a GPU (bf16 autocast in training; the QAT rows are CPU-tested only).
 """
 
 from __future__ import annotations
