@@ -443,7 +443,7 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
         print("\n| drafter | alpha (per token) | accepted / drafted | tokens per verify step |")
         print("| --- | --- | --- | --- |")
         for k, v in acc.items():
-            print(f"| {k} | {v['alpha']:.3f} | {v['accepted_per_drafted']:.3f} | {v['tokens_per_verify_step']:.2f} |")
+            print(f"| {k.lstrip('/')} | {v['alpha']:.3f} | {v['accepted_per_drafted']:.3f} | {v['tokens_per_verify_step']:.2f} |")
     qat = {k.removeprefix("qat/"): v for k, v in results.items() if k.startswith("qat/")}
     if qat:
         print("\n| W4 (w4a16-g128) teacher | perplexity | top-1 agreement with fp32 teacher |")
