@@ -388,9 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads (default 8; quick 2)")
     p.add_argument("--head-dim", type=int, default=None, help="head dim (default 128; quick 32)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="q dtype (default bf16; quick fp32)"
-    )
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="q dtype (default bf16)")
     p.add_argument("--variants", nargs="*", default=["int8", "fp8"], choices=list(VARIANTS),
                    help="quantized caches timed beside bf16 (int8: per-token scales; fp8: static per-tensor)")  # fmt: skip
     p.add_argument("--baselines", nargs="*", default=None, choices=list(SDPA_BACKENDS) + ["flash_attn"],
@@ -414,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     defaults = {
         "contexts": ([100], [1024, 2048, 4096, 8192, 16384, 32768]), "batches": ([1, 3], [1, 4, 16, 64]),
-        "heads": (4, 32), "kv_heads": (2, 8), "head_dim": (32, 128), "dtype": ("fp32", "bf16"),
+        "heads": (4, 32), "kv_heads": (2, 8), "head_dim": (32, 128), "dtype": ("bf16", "bf16"),
         "baselines": (["sdpa"], ["flash", "cudnn", "efficient", "flash_attn"]),
     }  # fmt: skip
     for key, (small, full) in defaults.items():

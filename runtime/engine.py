@@ -105,8 +105,9 @@ class LLM:
             repetition penalty (both need every token on the host).
         kv_cache_dtype: ``"auto"`` (the model's dtype), ``"int8"`` (a scale per token and KV
             head), ``"fp8"`` (e4m3, static per-layer k/v scales of 1.0, as vLLM without
-            checkpoint scales) or a ``kiln.QuantSpec``; see ``kiln.passes.kv_cache``. A quantized
-            cache holds about 2x (bf16 model) or 4x (fp32) the blocks in ``kv_cache_memory``.
+            checkpoint scales), a ``kiln.QuantSpec``, or a KV-cache-only ``kiln.QuantConfig``
+            (calibrated static fp8 scales); see ``kiln.passes.kv_cache``. A quantized cache holds
+            about 2x (bf16 model) or 4x (fp32) the blocks in ``kv_cache_memory``.
         tensor_parallel_size: shard the model over this many ranks (``kiln.parallel.worker``:
             one process per rank, NCCL on GPUs, Gloo on CPUs); each rank keeps the KV cache of
             its own heads, ``kv_cache_memory`` is per rank. Scheduling and sampling stay here.

@@ -65,12 +65,26 @@ def _example_call(model: torch.nn.Module, vocab: int, device: torch.device) -> d
 
 
 def _with_kv_cache_dtype(config: kiln.CompileConfig, kv_cache_dtype: object) -> kiln.CompileConfig:
-    """``config`` whose QuantConfig quantizes the KV cache as ``kv_cache_dtype`` says (None: unchanged)."""
+    """``config`` whose QuantConfig quantizes the KV cache as ``kv_cache_dtype`` says (None: unchanged).
+
+    ``kv_cache_dtype`` may also be a KV-cache-only ``kiln.QuantConfig``, to bring calibration
+    data for static fp8 scales.
+    """
     import dataclasses
 
     import kiln
     from kiln.passes.kv_cache import kv_cache_spec
 
+    if isinstance(kv_cache_dtype, kiln.QuantConfig):
+        given = kv_cache_dtype
+        if given.kv_cache is None or given.weights is not None or given.activations is not None:
+            raise ConfigError(
+                "kv_cache_dtype takes a QuantConfig that quantizes the KV cache alone "
+                "(QuantConfig(weights=None, kv_cache=QuantSpec(...), calibration=...))"
+            )
+        if config.quant is not None:
+            raise ConfigError("give the KV-cache QuantConfig either as kv_cache_dtype or in compile_config, not both")
+        return dataclasses.replace(config, quant=given)
     spec = kv_cache_spec(kv_cache_dtype)  # type: ignore[arg-type]
     if spec is None:
         return config
@@ -100,8 +114,8 @@ class ModelRunner:
 
         ``compile_config`` (with ``kv_cache=True``) replaces the default step-graph compile, e.g.
         to build one rank's tensor-parallel shard (``kiln.parallel.worker``).
-        ``kv_cache_dtype`` (``"int8"``, ``"fp8"`` or a QuantSpec, see ``kiln.passes.kv_cache``)
-        quantizes the cache (``QuantConfig.kv_cache`` of the step graph's compile).
+        ``kv_cache_dtype`` (``"int8"``, ``"fp8"``, a QuantSpec or a KV-cache-only QuantConfig, see
+        ``kiln.passes.kv_cache``) quantizes the cache (``QuantConfig.kv_cache`` of the step graph's compile).
         """
         import kiln
 

@@ -31,6 +31,18 @@ may differ from q's: keys and values are cast to q's dtype as they are loaded, a
 reference does. The contents of the metadata tensors are not validated (that needs a
 device-to-host copy): slots, block ids and offsets must be in range.
 
+Quantized cache (issue #7): an int8 or fp8 e4m3 ``kv_cache`` takes ``kv_scales`` (see
+``kiln.ops.check_kv_scales``): one fp32 scale per (token, KV head), computed and written by
+:func:`reshape_and_cache` beside the codes (``amax / qmax``), or static per-tensor k/v scales
+(vLLM's fp8 ``k_scale`` / ``v_scale``). The write is bit-exact against the reference (IEEE
+division, fp8 rounded to nearest even by hand). Reads dequantize in registers: codes convert
+exactly to the dot's dtype, fp16 under a 16-bit q (int8 by bits, FasterTransformer's
+``0x6480 + x`` trick, fp8 by the hardware's paired cvt; q is rounded to fp16 once, exact in
+fp16's range), and the scales multiply the score columns (keys) and the probabilities
+(values), never a D-wide tile; static scales fold into the softmax scale and the output.
+Decode then reads about half the bytes of a bf16 cache (D + 4 bytes per row for int8's
+per-token scales, D for fp8).
+
 On the GPU, 16-bit inputs use the tensor cores (``mma``) and ``cp.async`` pipelined 16-byte
 loads of K/V; fp32 inputs compute exact fp32 dots on the FMA units and spill registers:
 correct, for tests, not fast. The decode tiles and the split heuristic's constants are

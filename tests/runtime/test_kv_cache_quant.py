@@ -47,7 +47,7 @@ def test_quantized_cache_holds_about_twice_the_blocks_of_bf16() -> None:
     assert n["fp8"] == 2 * n["bf16"]  # static scales cost no bytes per block
 
 
-MEMORY = 4 << 20  # bytes of KV cache: 85 fp32 blocks of 16 tokens for the teacher, 321 int8, 341 fp8
+MEMORY = 4 << 20  # bytes of KV cache: 42 fp32 blocks of 16 tokens for the teacher, 160 int8, 170 fp8
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_int8_and_fp8_engines_stay_close_to_full_precision(
         got = _greedy(llm, prompts)
         pairs = [(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)]
         agree = sum(a == b for a, b in pairs) / len(pairs)
-        assert agree >= min_agree, (name, agree)  # measured: int8 1.0, fp8 (unit scales) 0.94
+        assert agree >= min_agree, (name, agree)  # measured: int8 1.0 (4 of 4 identical), fp8 0.885 (3 of 4)
         kv = llm.scheduler.kv_cache_manager
         assert kv.num_free_blocks == kv.num_blocks  # nothing leaked
 
@@ -110,6 +110,8 @@ def test_perplexity_rises_little_with_a_quantized_cache(
 def test_kv_cache_dtype_errors(teacher: torch.nn.Module) -> None:
     with pytest.raises(kiln.ConfigError, match="kv_cache_dtype='int4'"):
         kiln.LLM(teacher, num_blocks=4, kv_cache_dtype="int4")
+    with pytest.raises(kiln.ConfigError, match="quantizes the KV cache alone"):
+        kiln.LLM(teacher, num_blocks=4, kv_cache_dtype=kiln.QuantConfig.preset("w8a16"))
     with pytest.raises(kiln.ConfigError, match="kv_cache_dtype='int8' conflicts"):
         fp8 = kiln.QuantConfig(weights=None, kv_cache=KV_CACHE_DTYPES["fp8"])
         ModelRunner(teacher, block_size=16, num_blocks=4, kv_cache_dtype="int8",
