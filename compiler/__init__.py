@@ -5,7 +5,10 @@ it with a pipeline of inspectable passes and returns a callable with the model's
 calling convention. See ``kiln.pipeline`` for the passes, ``kiln.ir`` for the IR.
 """
 
-from kiln import ops  # noqa: F401  (registers the kiln:: operators)
+from kiln import (
+    distill,  # kiln.distill(student, teacher, data, method=...) and its package
+    ops,  # noqa: F401  (registers the kiln:: operators)
+)
 from kiln.capture import Capture, capture
 from kiln.compile import CompileConfig, CompiledModel, compile
 from kiln.errors import (
@@ -17,13 +20,12 @@ from kiln.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from kiln.parallel import ParallelConfig
 from kiln.pass_manager import Pass, PassManager, PassResult
 from kiln.quantize import PerAxis, PerGroup, PerTensor, PerToken, QuantConfig, QuantSpec
 from kiln.runtime.engine import LLM
 from kiln.runtime.request import RequestOutput, SamplingParams
-from kiln.parallel import ParallelConfig
 from kiln.runtime.speculative import SpeculativeConfig
-from kiln import distill  # kiln.distill(student, teacher, data, method=...) and its package
 
 __version__ = "0.1.0"
 

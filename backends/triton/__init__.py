@@ -62,7 +62,9 @@ def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if not torch.cuda.is_available():
         raise ConfigError("backend 'triton' needs a CUDA GPU; use backend='eager' on the CPU")
     register_cuda_kernels()
-    missing = sorted({op_name(n) for n in gm.graph.nodes if n.op == "call_function" and is_kiln_op(n.target)} - KERNELS)
+    missing = sorted(
+        {op_name(n) for n in gm.graph.nodes if n.op == "call_function" and is_kiln_op(n.target)} - KERNELS
+    )
     if missing:
         raise ConfigError(f"backend 'triton' has no CUDA kernel for {missing} yet; use backend='eager'")
     return gm

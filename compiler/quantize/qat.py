@@ -414,6 +414,7 @@ def prepare_qat(
     example_inputs: Any = None,
     *,
     learn_scales: bool = False,
+    trainable: str = "all",
     calibration_data: Any = None,
     dynamic: Mapping[str, Any] | None = None,
     progress: Any = None,
@@ -428,6 +429,10 @@ def prepare_qat(
         example_inputs: inputs to capture with; default ``input_ids`` of shape (2, 8). The batch
             and token axes are dynamic, so any training batch runs.
         learn_scales: also train the weights' static scales (LSQ); default: fixed scales.
+        trainable: which parameters require grad: ``"all"`` (every weight of the model, and the
+            learned scales), ``"quantized"`` (the quantized linears' weights and the learned scales;
+            embeddings, norms and skipped layers frozen) or ``"scales"`` (the learned scales alone,
+            EfficientQAT's end-to-end step-size training; needs ``learn_scales=True``).
         calibration_data: calibration inputs, when the method or static activations need them.
         dynamic: ``kiln.capture``'s dynamic-shape spec; default ``{"input_ids": {0: "B", 1: "T"}}``.
         progress: the ``kiln.compile`` progress callback.
@@ -444,6 +449,12 @@ def prepare_qat(
         config = dataclasses.replace(config, **overrides)
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"prepare_qat takes a kiln.QuantConfig or a preset name, got {config!r}")
+    if trainable not in TRAINABLE:
+        raise ConfigError(f"prepare_qat(trainable={trainable!r}): use one of {list(TRAINABLE)}")
+    if trainable == "scales" and not learn_scales:
+        raise ConfigError(
+            "prepare_qat(trainable='scales') trains the learned scales alone: set learn_scales=True"
+        )
     if calibration_data is not None:
         config = config.with_calibration(calibration_data)
     if example_inputs is None:
@@ -456,8 +467,23 @@ def prepare_qat(
         extra_passes=(PrepareQAT(learn_scales),),
     )
     compiled = compile(model, example_inputs, config=cc, progress=progress)
-    _own_parameters(compiled.graph_module)
+    gm = compiled.graph_module
+    _own_parameters(gm)
+    quantized = {
+        str(n.args[0].target)
+        for n in gm.graph.nodes
+        if n.target == torch.ops.kiln.fake_quantize.default
+        and isinstance(n.args[0], Node)
+        and n.args[0].op == "get_attr"
+    }
+    for name, p in gm.named_parameters():
+        scale = name.startswith("_qat_")
+        p.requires_grad_(scale or trainable == "all" or (trainable == "quantized" and name in quantized))
     return QATModel(compiled, config)
+
+
+#: ``prepare_qat(trainable=...)`` choices.
+TRAINABLE = ("all", "quantized", "scales")
 
 
 def _own_parameters(gm: GraphModule) -> None:

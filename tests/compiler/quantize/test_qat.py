@@ -150,18 +150,23 @@ def test_gradients_reach_every_quantized_weight(prepared_w4, tiny_llama) -> None
 
 
 def test_w8a8_trains_through_dynamic_activation_quantization(tiny_llama) -> None:
-    qat = prepare_qat(tiny_llama, W8A8, (IDS,))
+    qat = prepare_qat(tiny_llama, W8A8, (IDS,), trainable="quantized")
     stats = qat.report.stats["prepare-qat"]
     assert stats["fake_quantized"] == 14 + 8 and stats["dynamic_scales_detached"] == 8
     x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(6))
     next_token_loss(qat, x[:, :-1], x[:, 1:]).backward()
     gm = qat.graph_module
-    assert gm.get_parameter("model.embed_tokens.weight").grad.abs().sum() > 0  # through every activation Q/DQ
-    assert gm.get_parameter("model.layers.0.self_attn.q_proj.weight").grad.abs().sum() > 0
+    assert not gm.get_parameter("model.embed_tokens.weight").requires_grad  # trainable="quantized"
+    assert not gm.get_parameter("model.norm.weight").requires_grad
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert gm.get_parameter(name).grad.abs().sum() > 0  # layer 0's through layer 1's activation Q/DQ
     compiled = convert_qat(qat)
     assert compiled.node_counts()["kiln.qlinear_w8a8"] == 14
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), qat(x), rtol=1e-5, atol=1e-5)
+    qat.to("meta")  # moving the module moves the device constants the captured graph holds too
+    devices = [n.kwargs["device"] for n in qat.graph_module.graph.nodes if n.kwargs.get("device") is not None]
+    assert devices and all(torch.device(d).type == "meta" for d in devices)
 
 
 @pytest.mark.parametrize("learn_scales", [False, True])
@@ -208,3 +213,7 @@ def test_bad_inputs_raise_config_errors(tiny_llama) -> None:
         prepare_qat(tiny_llama, "w4a16-g128", (IDS,))
     with pytest.raises(ConfigError, match="prepare_qat takes a kiln.QuantConfig"):
         prepare_qat(tiny_llama, 4, (IDS,))
+    with pytest.raises(ConfigError, match="trainable='bias'.*use one of"):
+        prepare_qat(tiny_llama, W4, (IDS,), trainable="bias")
+    with pytest.raises(ConfigError, match="set learn_scales=True"):
+        prepare_qat(tiny_llama, W4, (IDS,), trainable="scales")
