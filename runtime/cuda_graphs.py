@@ -15,7 +15,11 @@ The block table has a fixed width, the most blocks a sequence can hold.
 Steps with prefill chunks (or prefix-cache hits) get *mixed* buckets of (tokens,
 sequences): padding tokens belong to no sequence and write nothing, and attention runs
 its prefill kernel sized for the bucket's token count, so prompt processing, too, costs a
-graph replay instead of hundreds of Python launches.
+graph replay instead of hundreds of Python launches. A mixed step may ask several rows of
+logits of a sequence (speculative verification scores its k drafts and the token before
+them): the bucket then also has a logits count, a power of two up to ``max_num_logits``;
+those buckets are captured at their first use, since which ones occur depends on the
+drafts.
 
 The graphs run the launch-ready step graph of ``kiln.runtime.step_inputs`` (attention told
 the longest query by the host, so nothing synchronizes inside a capture), and their static
@@ -75,10 +79,10 @@ class StepLike(Protocol):
     token_ids: Sequence[int]  # the tokens computed now, at positions start_position, start_position + 1, ...
     start_position: int  # tokens of the sequence already cached
     block_ids: Sequence[int]  # the sequence's block table
-    num_logits: int  # logits wanted (graphs serve 1)
+    num_logits: int  # logits wanted for the last num_logits tokens (decode buckets serve 1)
 
 
-Key = tuple[int, int]  # (tokens, sequences) of a bucket; tokens == sequences and DECODE marks a decode graph
+Key = tuple[int, int, int]  # (tokens, sequences, logits rows) of a bucket
 
 
 class StepGraphs:
@@ -89,11 +93,13 @@ class StepGraphs:
     - *decode* ``(B, B)``: every sequence computes one token. Padding rows own a dummy
       token written to the scratch block (``seq_len`` 1 over it), so attention runs the
       split-K decode kernel on every row (``max_query_len`` 1).
-    - *mixed* ``(T, S)``, when ``max_num_tokens`` is given: any step of at most ``T`` tokens
-      over at most ``S`` sequences (prefill chunks, prefix-cache hits, decodes), each asking
-      for one row of logits. Padding tokens belong to no sequence and write nothing (slot
-      -1); padding sequences own no token. Attention runs the prefill kernel sized for ``T``
-      query rows.
+    - *mixed* ``(T, S, L)``, when ``max_num_tokens`` is given: any step of at most ``T``
+      tokens over at most ``S`` sequences (prefill chunks, prefix-cache hits, decodes,
+      speculative verification) asking for at most ``L`` rows of logits in all (``L = S``
+      when each asks one; else a power of two up to ``max_num_logits``). Padding tokens
+      belong to no sequence and write nothing (slot -1); padding sequences own no token;
+      padding logits rows read token 0 and are dropped. Attention runs the prefill kernel
+      sized for ``T`` query rows.
 
     Args:
         decode_step / mixed_step: ``step(*inputs)`` with inputs in ``input_names`` order,
@@ -102,6 +108,8 @@ class StepGraphs:
         constants: values of inputs that are not metadata (KV caches and scales, model constants).
         max_num_seqs: the most sequences of a step; buckets from :func:`batch_buckets`.
         max_num_tokens: the most tokens of a mixed step (None: decode graphs only).
+        max_num_logits: the most rows of logits of a mixed step (default ``max_num_seqs``:
+            one per sequence; speculative decoding asks ``k + 1`` per verified sequence).
         max_blocks: the block-table width: the most blocks one sequence can own.
         block_size: tokens per block.
         scratch_block: a block no sequence owns, written by decode padding rows.
@@ -126,6 +134,7 @@ class StepGraphs:
         num_blocks: int,
         device: torch.device,
         capture: bool,
+        max_num_logits: int | None = None,
     ) -> None:
         if capture and device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA device, the model is on {device}")
@@ -137,6 +146,10 @@ class StepGraphs:
         self.token_buckets = token_buckets(max_num_tokens) if max_num_tokens is not None else []
         self.max_seqs = max_num_seqs
         self.max_tokens = max(max_num_seqs, max_num_tokens or 0)
+        if max_num_logits is not None and max_num_logits < 1:
+            raise ConfigError(f"max_num_logits must be >= 1, got {max_num_logits}")
+        self.max_logits = max(max_num_seqs, min(max_num_logits or 0, self.max_tokens))
+        self.logits_buckets = batch_buckets(self.max_logits)
         self.max_blocks = max_blocks
         self.block_size = block_size
         self.scratch_block = scratch_block
@@ -149,7 +162,7 @@ class StepGraphs:
                 "input_ids": (torch.int64, (1, t)),
                 "position_ids": (torch.int64, (1, t)),
                 "slot_mapping": (torch.int64, (t,)),
-                "logits_indices": (torch.int64, (n,)),
+                "logits_indices": (torch.int64, (self.max_logits,)),
                 "seq_lens": (torch.int32, (n,)),
                 "query_start_loc": (torch.int32, (n + 1,)),
                 "feed_src": (torch.int64, (n,)),  # rows of the last step's tokens ...
@@ -162,34 +175,41 @@ class StepGraphs:
         self._constants = constants
         self._graphs: dict[tuple[bool, Key], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
-        self._logits: Tensor | None = None  # (max_num_seqs, V): the graphs' logits
+        self._logits: Tensor | None = None  # (max_logits, V): the graphs' logits
         self._num_fed = 0  # tokens of the filled step fed from the last step's output
 
     # -- buckets -------------------------------------------------------------------------------
 
     @property
     def keys(self) -> list[tuple[bool, Key]]:
-        """Every bucket: ``(is_decode, (tokens, sequences))``."""
-        out = [(True, (b, b)) for b in self.seq_buckets]
-        out += [(False, (t, s)) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        """The buckets captured at start-up: ``(is_decode, (tokens, sequences, logits))``, one row of logits per
+        sequence (buckets of several rows per sequence are captured at their first use)."""
+        out = [(True, (b, b, b)) for b in self.seq_buckets]
+        out += [(False, (t, s, s)) for t in self.token_buckets for s in self.seq_buckets if s <= t]
         return out
 
     def key_for(self, steps: Sequence[StepLike]) -> tuple[bool, Key] | None:
-        """The smallest bucket that runs ``steps``, or None (too many tokens, sequences or blocks; several logits)."""
+        """The smallest bucket that runs ``steps``, or None (too many tokens, sequences, blocks or logits rows)."""
         num_seqs = len(steps)
         if not 0 < num_seqs <= self.max_seqs:
             return None
-        tokens = 0
+        tokens = logits = 0
         for s in steps:
-            if s.num_logits != 1 or len(s.block_ids) > self.max_blocks:
+            if len(s.block_ids) > self.max_blocks:
                 return None
             tokens += len(s.token_ids)
+            logits += s.num_logits
         seqs = _smallest(self.seq_buckets, num_seqs)
         assert seqs is not None
         if tokens == num_seqs:
-            return True, (seqs, seqs)
+            return True, (seqs, seqs, seqs)
         t = _smallest(self.token_buckets, tokens)
-        return None if t is None else (False, (t, seqs))
+        if t is None:
+            return None
+        if logits == num_seqs:
+            return False, (t, seqs, seqs)
+        rows = _smallest(self.logits_buckets, max(logits, seqs))
+        return None if rows is None or rows > t else (False, (t, seqs, rows))
 
     def supports(self, steps: Sequence[StepLike]) -> bool:
         """Whether a bucket runs ``steps``."""
@@ -198,13 +218,13 @@ class StepGraphs:
     # -- inputs --------------------------------------------------------------------------------
 
     def _inputs(self, key: tuple[bool, Key]) -> list[object]:
-        decode, (t, s) = key
+        decode, (t, s, rows) = key
         d = self.buffer.device_views
         views: dict[str, object] = {
             "input_ids": d["input_ids"][:, :t],
             "position_ids": d["position_ids"][:, :t],
             "slot_mapping": d["slot_mapping"][:t],
-            "logits_indices": d["logits_indices"][:s],
+            "logits_indices": d["logits_indices"][:rows],
             "seq_lens": d["seq_lens"][:s],
             "query_start_loc": d["query_start_loc"][: s + 1],
             "block_tables": d["block_tables"][:s],
@@ -227,14 +247,14 @@ class StepGraphs:
             raise ConfigError(
                 f"{len(steps)} sequences of {sum(len(s.token_ids) for s in steps)} tokens do not fit the step graphs "
                 f"(at most {self.max_seqs} sequences, {self.max_tokens} tokens, {self.max_blocks} blocks each, "
-                "one row of logits each)"
+                f"{self.max_logits} rows of logits)"
             )
         h = self.buffer.next_host()
-        decode, (t, s) = key
+        decode, (t, s, rows) = key
         if decode:
             self._fill_decode(steps, s)
         else:
-            self._fill_mixed(steps, t, s)
+            self._fill_mixed(steps, t, s, rows)
         self._num_fed = 0
         if sources is not None:
             starts = h["query_start_loc"]
@@ -269,12 +289,12 @@ class StepGraphs:
         h["query_start_loc"][: bucket + 1] = np.arange(bucket + 1)
         h["logits_indices"][:bucket] = np.arange(bucket)
 
-    def _fill_mixed(self, steps: Sequence[StepLike], tokens: int, seqs: int) -> None:
+    def _fill_mixed(self, steps: Sequence[StepLike], tokens: int, seqs: int, rows: int) -> None:
         h, bs = self.buffer.host, self.block_size
         ids, pos, slots, lens, tables = h["input_ids"][0], h["position_ids"][0], h["slot_mapping"], h["seq_lens"], \
             h["block_tables"]  # fmt: skip
         qsl, last = h["query_start_loc"], h["logits_indices"]
-        t = 0
+        t = r = 0
         qsl[0] = 0
         for i, s in enumerate(steps):
             n, p0 = len(s.token_ids), s.start_position
@@ -290,20 +310,21 @@ class StepGraphs:
             lens[i] = end
             t += n
             qsl[i + 1] = t
-            last[i] = t - 1
+            last[r : r + s.num_logits] = np.arange(t - s.num_logits, t)
+            r += s.num_logits
         ids[t:tokens] = 0  # padding tokens: no sequence owns them, they write nothing
         pos[t:tokens] = 0
         slots[t:tokens] = -1
         b = len(steps)  # padding sequences: no token, nothing cached
         lens[b:seqs] = 0
         qsl[b + 1 : seqs + 1] = t
-        last[b:seqs] = 0
+        last[r:rows] = 0  # padding rows of logits: token 0's, dropped
 
     # -- running -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def run(self, steps: Sequence[StepLike], feed: tuple[Tensor, Sequence[int]] | None = None) -> Tensor:
-        """Logits (len(steps), V) of one step, in the model's dtype (a view: read it before the next run).
+        """Logits (sum of num_logits, V) of one step, in the model's dtype (a view: read it before the next run).
 
         ``feed = (tokens, sources)``: sequence ``i``'s first input token is ``tokens[sources[i]]``
         where ``sources[i] >= 0``, copied on the device (a token sampled by the last step that
@@ -313,13 +334,14 @@ class StepGraphs:
         if self._num_fed:
             d, k = self.buffer.device_views, self._num_fed
             d["input_ids"][0].index_copy_(0, d["feed_dst"][:k], feed[0].index_select(0, d["feed_src"][:k]))  # type: ignore[index]
+        rows = sum(s.num_logits for s in steps)
         if not self.capture:
-            return _logits(self._step(key)(*self._inputs(key)))[: len(steps)]
-        if key not in self._graphs:
+            return _logits(self._step(key)(*self._inputs(key)))[:rows]
+        if key not in self._graphs:  # a bucket of several logits rows per sequence, met for the first time
             self._capture(key)
         graph, out = self._graphs[key]
         graph.replay()
-        return out[: len(steps)]
+        return out[:rows]
 
     def _step(self, key: tuple[bool, Key]) -> Callable[..., object]:
         return self.decode_step if key[0] else self.mixed_step
@@ -339,12 +361,12 @@ class StepGraphs:
             if key not in self._graphs:
                 self.buffer.next_host()
                 self._fill_warmup(key)
-                decode, (t, s) = key
+                decode, (t, s, _) = key
                 self.buffer.upload(self._table_offset + s * self.max_blocks * 4)
                 self._capture(key)
 
     def _fill_warmup(self, key: tuple[bool, Key]) -> None:
-        decode, (t, s) = key
+        decode, (t, s, _) = key
         h, bs = self.buffer.host, self.block_size
         blocks = max(1, min(self.max_blocks, self.num_blocks))
         h["block_tables"][:s, :blocks] = np.arange(blocks)
@@ -379,9 +401,9 @@ class StepGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         if self._logits is None:  # one output buffer for every graph: each copies its rows into it
             probe = _logits(step(*inputs))
-            self._logits = torch.empty(self.max_seqs, probe.shape[-1], dtype=probe.dtype, device=self.device)
+            self._logits = torch.empty(self.max_logits, probe.shape[-1], dtype=probe.dtype, device=self.device)
             del probe
-        rows = self._logits[: key[1][1]]
+        rows = self._logits[: key[1][2]]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             rows.copy_(_logits(step(*inputs)))

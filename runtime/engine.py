@@ -93,7 +93,9 @@ class LLM:
         cuda_graphs: replay CUDA graphs for the steps, captured at start-up for buckets of
             sequences (1, 2, 4, ... ``max_num_seqs``) and tokens (16, 32, ...
             ``max_num_batched_tokens``) (``kiln.runtime.cuda_graphs``); default: on when the
-            model runs on a GPU.
+            model runs on a GPU. With ``speculative``, verification steps (k + 1 rows of
+            logits per sequence) replay graphs captured at their first use, and a draft
+            model's steps replay graphs of their own.
         enforce_eager: launch every step op by op (no CUDA graphs, no ``torch_compile``).
         torch_compile: fuse the decode graph's pointwise operations with ``torch.compile``
             (inductor) before capturing it; costs a compile at start-up (tens of seconds for
@@ -194,11 +196,12 @@ class LLM:
         self._inflight: PendingOutput | None = None  # the launched step whose tokens have not been applied
         self._sync_ids: set[str] = set()  # requests whose sampling needs every token on the host
         self.cuda_graphs = use_graphs and not enforce_eager  # whether pure-decode steps replay CUDA graphs
+        graph_args: dict[str, Any] | None = None  # enable_cuda_graphs' arguments, for the drafter's runner too
         if self.cuda_graphs:
-            self.runner.enable_cuda_graphs(
-                max_num_seqs=max_num_seqs, max_model_len=self.max_model_len, max_num_tokens=max_num_batched_tokens,
-                torch_compile=torch_compile,
-            )  # fmt: skip
+            graph_args = dict(max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
+                              max_num_tokens=max_num_batched_tokens, torch_compile=torch_compile)
+            spec_rows = max_num_seqs * (speculative.num_speculative_tokens + 1) if speculative is not None else None
+            self.runner.enable_cuda_graphs(**graph_args, max_num_logits=spec_rows)  # verification: k + 1 rows each
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=self.runner.num_blocks,
@@ -221,7 +224,7 @@ class LLM:
             self.drafter = make_drafter(
                 speculative, block_size=block_size,
                 num_blocks=self.runner.num_blocks + max_num_seqs * -(-k // block_size),
-                vocab_size=getattr(config, "vocab_size", None), device=dev, dtype=dtype,
+                vocab_size=getattr(config, "vocab_size", None), device=dev, dtype=dtype, cuda_graphs=graph_args,
             )
             self.policy = SpeculationPolicy(k, default_draft_cost(speculative, model, self.drafter), speculative.adaptive)
             self.stats.update(spec_steps=0, draft_tokens=0, accepted_tokens=0, spec_rejections=0,

@@ -225,12 +225,14 @@ class ModelRunner:
         capture: bool | None = None,
         torch_compile: bool = False,
         capture_now: bool = True,
+        max_num_logits: int | None = None,
     ) -> StepGraphs:
         """Run steps on static padded buffers, replaying a CUDA graph per bucket (see ``cuda_graphs``).
 
         Pure-decode steps of up to ``max_num_seqs`` sequences always; with ``max_num_tokens``
-        also mixed steps (prefill chunks, prefix hits) of up to that many tokens. Steps that
-        fit no bucket run op by op. ``capture`` (default: on a CUDA device) records the
+        also mixed steps (prefill chunks, prefix hits) of up to that many tokens, asking up
+        to ``max_num_logits`` rows of logits (default one per sequence; speculative
+        verification asks k + 1 per sequence). Steps that fit no bucket run op by op. ``capture`` (default: on a CUDA device) records the
         graphs, all of them now when ``capture_now``, else each at its first use;
         ``capture=False`` runs the same padded static inputs without a graph.
         ``torch_compile`` first fuses the decode graph's pointwise operations with
@@ -245,6 +247,7 @@ class ModelRunner:
             max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
             max_blocks=-(-max_model_len // self.block_size), block_size=self.block_size,
             scratch_block=self.scratch_block, num_blocks=self.num_blocks, device=self.device, capture=capture,
+            max_num_logits=max_num_logits,
         )  # fmt: skip
         if capture and capture_now:
             self.graphs.capture_all()

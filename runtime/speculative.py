@@ -345,6 +345,13 @@ class DraftModelDrafter(Drafter):
     and the target's own token) and drafts token 1; then each further step feeds the
     previous draft. Tokens are drawn from the request's processed distribution (greedy
     requests take the argmax), whose rows are returned as ``q`` for verification.
+
+    The drafts stay on the device until the last of the k steps: each step takes its input
+    tokens from the previous step's picks on the device (the runner's ``feed``), so the
+    host waits once per :meth:`propose`, not once per draft token (a request with a
+    repetition penalty needs its drafts on the host each step, and then waits each step).
+    With ``cuda_graphs`` the draft model's steps replay CUDA graphs like the target's
+    (:meth:`kiln.runtime.model_runner.ModelRunner.enable_cuda_graphs`).
     """
 
     def __init__(
@@ -356,8 +363,11 @@ class DraftModelDrafter(Drafter):
         vocab_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        cuda_graphs: dict[str, object] | None = None,
     ) -> None:
-        """``vocab_size``: the target's, to check; a smaller draft vocabulary has probability 0 above it."""
+        """``vocab_size``: the target's, to check; a smaller draft vocabulary has probability 0 above it.
+        ``cuda_graphs``: keyword arguments of ``ModelRunner.enable_cuda_graphs`` for the draft model's runner
+        (None: its steps run op by op)."""
         from kiln.runtime.model_runner import ModelRunner
 
         if not isinstance(model, nn.Module):
@@ -366,6 +376,8 @@ class DraftModelDrafter(Drafter):
             model = load_model(str(model), dtype=dtype or torch.float32, device=device)
         self.model = model.eval()
         self.runner = ModelRunner(self.model, block_size=block_size, num_blocks=num_blocks, device=device)
+        if cuda_graphs is not None:
+            self.runner.enable_cuda_graphs(**cuda_graphs)  # type: ignore[arg-type]
         draft_vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or 0)
         if vocab_size is not None and draft_vocab > vocab_size:
             raise ConfigError(
@@ -418,32 +430,54 @@ class DraftModelDrafter(Drafter):
             steps.append(SequenceStep(tokens[c:], c, state.block_ids))
         if not jobs:
             return {}
-        drafted: list[list[int]] = [[] for _ in jobs]
+        drafted: list[list[int]] = [[] for _ in jobs]  # filled on the host at the end (or each step, see above)
         probs: list[list[Tensor]] = [[] for _ in jobs]
+        picked: list[tuple[list[int], Tensor]] = []  # (active jobs, their picks (len(active),) on the device)
+        on_host = any(d.request.sampling_params.repetition_penalty != 1.0 for d, _, _ in jobs)
         active = list(range(len(jobs)))
         logits = self.runner.execute(steps)  # (len(active), V')
         for j in range(max(d.num_tokens for d, _, _ in jobs)):
             params = [jobs[i][0].request.sampling_params for i in active]
-            seen = None
-            if any(p.repetition_penalty != 1.0 for p in params):
-                seen = [jobs[i][2] + drafted[i] for i in active]
-            q = processed_probs(logits, params, seen)  # (len(active), V')
             greedy = [p.temperature < _GREEDY_EPS for p in params]
-            picks = q.argmax(dim=-1)
-            if not all(greedy):
-                sampled = random_sample(q, [None if g else jobs[i][0].generator for i, g in zip(active, greedy, strict=True)])
-                picks = torch.where(torch.tensor(greedy, device=q.device), picks, sampled)
-            for row, (i, t) in enumerate(zip(active, picks.tolist(), strict=True)):
-                drafted[i].append(t)
-                if not greedy[row]:
-                    probs[i].append(q[row])
-            active = [i for i in active if len(drafted[i]) < jobs[i][0].num_tokens]
-            if not active:
+            if all(greedy) and not on_host:
+                picks = logits.argmax(dim=-1)  # the greedy draft; q is a point mass
+            else:
+                seen = [jobs[i][2] + drafted[i] for i in active] if on_host else None
+                q = processed_probs(logits, params, seen)  # (len(active), V')
+                picks = q.argmax(dim=-1)
+                if not all(greedy):
+                    gens = [None if g else jobs[i][0].generator for i, g in zip(active, greedy, strict=True)]
+                    sampled = random_sample(q, gens)
+                    picks = torch.where(torch.tensor(greedy, device=q.device), picks, sampled)
+                    for row, (i, g) in enumerate(zip(active, greedy, strict=True)):
+                        if not g:
+                            probs[i].append(q[row])
+            if on_host:
+                for i, t in zip(active, picks.tolist(), strict=True):
+                    drafted[i].append(t)
+            else:
+                picked.append((active, picks))
+            done = j + 1
+            nxt = [(row, i) for row, i in enumerate(active) if done < jobs[i][0].num_tokens]
+            if not nxt:
                 break
-            n = [len(jobs[i][2]) for i in active]
-            logits = self.runner.execute([
-                SequenceStep([drafted[i][-1]], n0 + j, jobs[i][1].block_ids) for i, n0 in zip(active, n, strict=True)
-            ])
+            active = [i for _, i in nxt]
+            if on_host:
+                logits = self.runner.execute([
+                    SequenceStep([drafted[i][-1]], len(jobs[i][2]) + j, jobs[i][1].block_ids) for i in active
+                ])
+            else:  # the input token is this step's pick, copied on the device
+                logits = self.runner.execute(
+                    [SequenceStep([0], len(jobs[i][2]) + j, jobs[i][1].block_ids) for i in active],
+                    (picks, [row for row, _ in nxt]),
+                )
+        if picked:  # the one wait of this proposal
+            flat = torch.cat([p for _, p in picked]).tolist()
+            at = 0
+            for rows, p in picked:
+                for i in rows:
+                    drafted[i].append(flat[at])
+                    at += 1
         out = {}
         for (d, state, tokens), ids, ps in zip(jobs, drafted, probs, strict=True):
             state.tokens = tokens + ids[:-1]  # the last draft's KV was never computed
@@ -453,14 +487,16 @@ class DraftModelDrafter(Drafter):
 
 
 def make_drafter(config: SpeculativeConfig, *, block_size: int, num_blocks: int, vocab_size: int | None,
-                 device: torch.device, dtype: torch.dtype | None) -> Drafter:
-    """The drafter ``config`` describes, its cache sized to ``num_blocks`` unless the config says otherwise."""
+                 device: torch.device, dtype: torch.dtype | None, cuda_graphs: dict[str, object] | None = None
+                 ) -> Drafter:
+    """The drafter ``config`` describes, its cache sized to ``num_blocks`` unless the config says otherwise;
+    ``cuda_graphs``: ``enable_cuda_graphs`` arguments for a draft model's runner (None: op by op)."""
     if config.method == "ngram":
         return NgramDrafter(min_n=config.prompt_lookup_min, max_n=config.prompt_lookup_max)
     return DraftModelDrafter(
         config.draft_model,  # type: ignore[arg-type]
         block_size=block_size, num_blocks=config.draft_num_blocks or num_blocks,
-        vocab_size=vocab_size, device=device, dtype=dtype,
+        vocab_size=vocab_size, device=device, dtype=dtype, cuda_graphs=cuda_graphs,
     )
 
 

@@ -71,7 +71,7 @@ def test_padded_decode_rows_match_unpadded_steps_and_touch_only_the_scratch_bloc
     assert graphs.seq_buckets == [1, 2, 4, 8] and graphs.max_blocks == 8 and not graphs.captured
     new = torch.randint(0, vocab, (3,)).tolist()
     steps = [SequenceStep([t], len(s), b) for t, s, b in zip(new, seqs, tables, strict=True)]
-    assert graphs.key_for(steps) == (True, (4, 4))  # three rows padded to the bucket of four
+    assert graphs.key_for(steps) == (True, (4, 4, 4))  # three rows padded to the bucket of four
     got, want, before, after = _run_both(runner, steps)
     assert got.shape == (3, vocab) and torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -98,7 +98,7 @@ def test_padded_mixed_steps_match_unpadded_steps_and_write_nothing_else(name: st
         SequenceStep(torch.randint(0, vocab, (3,)).tolist(), len(seqs[0]), tables[0]),  # a chunk after a prefix
         SequenceStep([11], len(seqs[1]), tables[1]),  # a decode
     ]
-    assert graphs.key_for(steps) == (False, (16, 4))  # 11 tokens of 3 sequences: padded to 16 and 4
+    assert graphs.key_for(steps) == (False, (16, 4, 4))  # 11 tokens of 3 sequences: padded to 16 and 4
     got, want, before, after = _run_both(runner, steps)
     assert got.shape == (3, vocab) and torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -107,7 +107,32 @@ def test_padded_mixed_steps_match_unpadded_steps_and_write_nothing_else(name: st
     for a, b in zip(after, before, strict=True):
         assert _changed_slots(a, b) == written  # padding tokens wrote nothing
     assert graphs.key_for([SequenceStep(list(range(41)), 0, list(range(11)))]) is None  # over the token cap
-    assert graphs.key_for([SequenceStep([1, 2], 0, [0], num_logits=2)]) is None  # several logits: op by op
+    assert graphs.key_for([SequenceStep([1, 2], 0, [0], num_logits=2)]) == (False, (16, 1, 2))  # 2 logits rows
+    assert graphs.key_for([SequenceStep(list(range(6)), 0, [0, 1], num_logits=5)]) is None  # over max_num_logits 4
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_verification_steps_with_several_logits_rows_match_unpadded_steps(name: str) -> None:
+    model = MODELS[name]()
+    vocab = model.config.vocab_size
+    runner = ModelRunner(model, num_blocks=40, block_size=4)
+    for c in runner.caches:
+        c.fill_(float("nan"))
+    seqs, tables = _warm(runner, vocab, [5, 9, 6])
+    graphs = runner.enable_cuda_graphs(max_num_seqs=4, max_model_len=32, max_num_tokens=40, max_num_logits=20,
+                                       capture=False)
+    assert graphs.logits_buckets == [1, 2, 4, 8, 16, 20]
+    steps = [  # a verified token + 3 drafts, one + 1 draft, and a plain decode in one step
+        SequenceStep(torch.randint(0, vocab, (4,)).tolist(), len(seqs[0]), tables[0], num_logits=4),
+        SequenceStep(torch.randint(0, vocab, (2,)).tolist(), len(seqs[1]), tables[1], num_logits=2),
+        SequenceStep([11], len(seqs[2]), tables[2]),
+    ]
+    assert graphs.key_for(steps) == (False, (16, 4, 8))  # 7 tokens, 3 sequences, 7 rows of logits
+    got, want, before, after = _run_both(runner, steps)
+    assert got.shape == (7, vocab) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(after, before, strict=True):
+        assert len(_changed_slots(a, b)) == 7  # each real token wrote its slot; padding wrote nothing
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -130,7 +155,7 @@ def test_engine_with_static_step_buffers_generates_the_same_tokens(name: str) ->
     llm.runner.step_gm = lambda *a: calls.append(1) or step_gm(*a)  # the op-by-op path
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == want
-    assert {(True, (4, 4)), (True, (2, 2)), (True, (1, 1))} <= set(used)  # decode batches of 3, 2 and 1 rows
+    assert {(True, (4, 4, 4)), (True, (2, 2, 2)), (True, (1, 1, 1))} <= set(used)  # decode batches of 3, 2 and 1 rows
     assert any(not decode for decode, _ in used) and not calls  # prompts ran in mixed buckets, nothing op by op
     manager = llm.scheduler.kv_cache_manager
     assert manager.num_free_blocks == manager.num_blocks

@@ -306,6 +306,38 @@ def test_small_draft_model_greedy_is_token_identical_under_preemption() -> None:
     assert sum(o.metrics.num_draft_tokens for o in got) > sum(o.metrics.num_accepted_tokens for o in got)
 
 
+def _counting_fill(graphs) -> list:
+    used: list = []
+    fill = graphs.fill
+    graphs.fill = lambda steps, sources=None: used.append(fill(steps, sources)) or used[-1]
+    return used
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_verification_and_draft_steps_run_in_step_graphs(method: str) -> None:
+    prompts = [_repetitive(13, 5), torch.randint(0, 128, (9,)).tolist(), _repetitive(11, 6)]
+    want = _tokens(_reference().generate(prompts, GREEDY, use_tqdm=False))
+    spec = SpeculativeConfig(method=method, num_speculative_tokens=3, adaptive=False,
+                             draft_model=hf_llama(layers=1) if method == "draft_model" else None)
+    llm = kiln.LLM(_model(), num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
+                   enable_prefix_caching=False, speculative=spec)
+    runners = [llm.runner] + ([llm.drafter.runner] if method == "draft_model" else [])
+    used, eager = [], []
+    for runner, rows in zip(runners, [4 * 4, None]):  # static padded buffers: the CUDA-graph path, uncaptured
+        graphs = runner.enable_cuda_graphs(max_num_seqs=4, max_model_len=llm.max_model_len, max_num_tokens=16,
+                                           max_num_logits=rows, capture=False)
+        used.append(_counting_fill(graphs))
+        step_gm = runner.step_gm
+        runner.step_gm = lambda *a, _f=step_gm: eager.append(1) or _f(*a)  # the op-by-op path
+    got = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert _tokens(got) == want and not eager  # every step of the target (and the drafter) in a bucket
+    verify_keys = [k for k in used[0] if k[1][2] > k[1][1]]  # buckets with several logits rows per sequence
+    assert verify_keys and llm.stats["spec_steps"] > 0
+    if method == "draft_model":
+        assert any(decode for decode, _ in used[1])  # draft tokens 2..k: decode buckets fed on the device
+        assert llm.drafter.num_free_blocks == llm.drafter.num_blocks  # every finished request gave its blocks back
+
+
 @settings(max_examples=6, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 8), st.booleans(), st.sampled_from([0.0, 0.8]),
                           st.booleans(), st.sampled_from([1.0, 1.3])), min_size=2, max_size=6))
