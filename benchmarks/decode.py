@@ -26,6 +26,8 @@ transformers' (bf16 tolerance), and each kiln variant's greedy tokens against ki
     python benchmarks/decode.py                 # H100: both models, all systems (~5 min)
     python benchmarks/decode.py --models llama-1b --skip hf-compile
     python benchmarks/decode.py --quick         # CPU smoke run on llama-tiny (fp32)
+    python benchmarks/decode.py --models llama-1b --skip kiln-eager kiln-graphs hf-eager hf-compile \
+        --profile 8 --disable merge-parallel-linears lower-decode-linears   # ablation + kernel table
 """
 
 from __future__ import annotations
@@ -112,6 +114,54 @@ def bytes_per_token(model: torch.nn.Module, context: float) -> tuple[float, floa
     return float(weights), float(kv)
 
 
+def disable_passes(names: list[str]) -> None:
+    """Build kiln.LLM's step graphs without the passes ``names`` (ablations): its runner compiles with them off."""
+    from kiln.runtime import engine
+    from kiln.runtime.model_runner import ModelRunner
+
+    class Runner(ModelRunner):
+        def __init__(self, *a: object, **kw: object) -> None:
+            kw.setdefault("compile_config", kiln.CompileConfig(kv_cache=True, disable=tuple(names)))
+            super().__init__(*a, **kw)  # type: ignore[arg-type]
+
+    engine.ModelRunner = Runner  # type: ignore[misc]
+
+
+def profile_steps(fn: Callable[[int], list[int]], steps: int, device: torch.device) -> str:
+    """A kernel table of ``steps`` decode tokens (a run of 2*steps minus its prefill half, per token):
+    kernel name, launches per token, microseconds per token, share of the GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"  # the CPU (smoke runs) profiles operators instead of kernels
+
+    def kernels(n: int) -> dict[str, tuple[int, float]]:
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            fn(n)
+            sync(device)
+        out: dict[str, tuple[int, float]] = {}
+        kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+        for e in prof.events():
+            if e.device_type == kind:
+                c, us = out.get(e.name, (0, 0.0))
+                out[e.name] = (c + 1, us + (e.device_time if cuda else e.self_cpu_time_total))
+        return out
+
+    fn(2 * steps)
+    long, short = kernels(2 * steps), kernels(steps)  # the difference is `steps` decode tokens
+    rows = []
+    for name, (c, us) in long.items():
+        c0, us0 = short.get(name, (0, 0.0))
+        if c > c0:
+            rows.append((name, (c - c0) / steps, (us - us0) / steps))
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    lines = [f"GPU kernel time per decode token: {total:.1f} us in {sum(r[1] for r in rows):.0f} launches",
+             "| kernel | launches/token | us/token | share |", "| --- | --- | --- | --- |"]
+    lines += [f"| {n[:90]} | {c:.1f} | {us:.1f} | {us / total:.1%} |" for n, c, us in rows[:30]]
+    return "\n".join(lines)
+
+
 def hf_twin(model: torch.nn.Module) -> torch.nn.Module:
     """transformers' LlamaForCausalLM with ``model``'s config, sharing its weight tensors (no copy)."""
     import transformers
@@ -170,7 +220,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     _, kv = bytes_per_token(model, mean_ctx)
     report = {"model": name, "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
               "weight_bytes": weights, "kv_bytes": kv, "roofline_ms": (weights + kv) / (bw * 1e9) * 1e3,
-              "results": {}, "checks": []}  # fmt: skip
+              "results": {}, "checks": [], "profiles": {}}  # fmt: skip
     hf = hf_twin(model)
     max_len = args.prompt_len + args.new_tokens + 16
     llm = kiln.LLM(model, max_num_seqs=1, max_model_len=max_len, enable_prefix_caching=False,
@@ -249,6 +299,9 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
             r = Result(system=system, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
         r.system = system
         r.note = f"{time.perf_counter() - t0:.0f} s"
+        if args.profile and system.startswith("kiln") and r.error is None:
+            report["profiles"][system] = profile_steps(fn, args.profile, device)
+            tqdm.write(report["profiles"][system])
         report["results"][system] = r
         tqdm.write(f"  {name} {system}: " + (f"{r.ms_per_token:.3f} ms/token" if r.error is None else r.error)
                    + f" ({r.note})")  # fmt: skip
@@ -303,6 +356,8 @@ def print_report(reports: list[dict], bw: float, args: argparse.Namespace, devic
             cells = [f"{1e3 / ms:.0f}", f"{ms:.3f}", f"{100 * rep['roofline_ms'] / ms:.0f}%"]
             cells += [f"{base[k] / ms:.2f}x" if k in base else "-" for k in ("hf-eager", "hf-compile")]
             print(f"| {LABELS[system]} | " + " | ".join(cells) + " |")
+        for system, table in rep["profiles"].items():
+            print(f"\n{LABELS[system]}, profiled ({args.profile} decode tokens):\n{table}")
         for text, passed in rep["checks"]:
             print(f"- check: {text}: {'ok' if passed else 'FAILED'}")
             ok &= passed
@@ -328,7 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-mib", type=int, default=256)
     p.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS)
     p.add_argument("--quick", action="store_true", help="CPU smoke run: llama-tiny, fp32, short prompt")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing each kiln system, print its GPU kernels per decode token over N tokens")
+    p.add_argument("--disable", nargs="*", default=[], metavar="PASS",
+                   help="build kiln's step graph without these passes (ablation, e.g. merge-parallel-linears)")
     args = p.parse_args(argv)
+    if args.disable:
+        disable_passes(args.disable)
+        print(f"step graph built without: {', '.join(args.disable)}")
     if args.quick:
         args.models, args.prompt_len, args.new_tokens, args.repeats = ["llama-tiny"], 16, 16, 1
         device, dtype = torch.device("cpu"), torch.float32

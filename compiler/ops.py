@@ -343,6 +343,43 @@ def _paged_attention_invariant(node: Node) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------------------
+# kiln::gemv — a linear whose few rows (decode) stream the weight with a split-K kernel on CUDA.
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kiln::gemv", mutates_args=())
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x (..., K) @ weight (N, K)ᵀ + bias (N,)``, as ``aten.linear``; the CUDA kernel
+    (``kiln.backends.triton.gemv``) streams the weight with a split-K GEMV when x has few rows."""
+    return gemv_reference(x, weight, bias)
+
+
+def gemv_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The plain-torch reference of ``kiln::gemv``: fp32 products and sums, output in x's dtype."""
+    b = bias.float() if bias is not None else None
+    return torch.nn.functional.linear(x.float(), weight.float(), b).to(x.dtype)
+
+
+@gemv.register_fake
+def _gemv_fake(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@invariant(torch.ops.kiln.gemv.default)
+def _gemv_invariant(node: Node) -> str | None:
+    x, w = (a.meta.get("val") for a in node.args[:2])  # type: ignore[union-attr]
+    if w is None or w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        return f"weight must be (N, K) with K = x's last dim {x.shape[-1]}"
+    if w.dtype != x.dtype:
+        return f"weight dtype {w.dtype} differs from x's {x.dtype}"
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    b = bias.meta.get("val") if isinstance(bias, Node) else None
+    if bias is not None and (b is None or tuple(b.shape) != (w.shape[0],)):
+        return f"bias must be ({w.shape[0]},)"
+    return None
+
+
 __all__ = [
     "INVARIANTS",
     "attention",
@@ -350,6 +387,8 @@ __all__ = [
     "check_kv_scales",
     "dequantize_kv",
     "gather_kv",
+    "gemv",
+    "gemv_reference",
     "invariant",
     "is_kiln_op",
     "is_quantized_cache",

@@ -71,6 +71,10 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
             from kiln.passes.shard_tensor_parallel import SelectLogitsBeforeGather
 
             passes += [SelectLogitsBeforeGather(), EliminateDeadCode()]
+        # 16-bit linears on CUDA -> kiln.gemv: a split-K GEMV where it beats cuBLAS at decode (timed per shape)
+        from kiln.passes.lower_decode_linears import LowerDecodeLinears
+
+        passes += [LowerDecodeLinears()]
     elif kv_quant is not None:
         from kiln.errors import ConfigError
 

@@ -46,8 +46,15 @@ def register_cuda_kernels() -> None:
             q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale, kv_scales
         )
 
+    from kiln.backends.triton.gemv import gemv
+
+    @torch.library.register_kernel("kiln::gemv", "cuda")
+    def _gemv_cuda(x, weight, bias=None):  # type: ignore[no-untyped-def]
+        return gemv(x, weight, bias)  # the faster of the split-K kernel and cuBLAS, timed per shape
+
     KERNELS.add("kiln.attention")
     KERNELS.add("kiln.paged_attention")
+    KERNELS.add("kiln.gemv")
     from kiln.backends.triton.quant_gemm import register_quant_kernels
 
     KERNELS.update(register_quant_kernels())  # kiln::qlinear_*, dynamic_scale, quantize, dequantize

@@ -1,0 +1,212 @@
+"""Split-K GEMV: ``y = x Wᵀ + b`` for a few rows of ``x`` and 16-bit float weights, the CUDA kernel of ``kiln::gemv``.
+
+At decode (M = 1..4 rows) a linear streams its weight once and does 2 flops per weight byte:
+it is bound by memory bandwidth, and for the small projections of a 1B model (2048x2048,
+512x2048) by fixed costs too. cuBLAS runs M = 1 well below bandwidth on such shapes (49% of
+the copy bandwidth on 4096x4096 bf16 on an H100, benchmarks/RESULTS.md), so this kernel
+streams the weight the way flash-decoding streams a KV cache (Dao et al. 2023,
+"Flash-Decoding for long-context inference"): a grid of N tiles x K splits so every SM has
+weight bytes in flight; each program reads a ``(BLOCK_N, BLOCK_K)`` tile per step (rows of
+W are contiguous along K: 16-byte coalesced loads), multiplies it by the x chunk in fp32 and
+keeps the products per lane, reducing over K once at the end (``tl.sum``). With one split
+the program adds the bias and writes y; with several, fp32 partials go to a scratch buffer
+and a second kernel sums them in a fixed order (deterministic, unlike atomics), adds the
+bias and casts.
+
+:func:`gemv` picks, per shape (M bucket, N, K, dtype), the fastest of cuBLAS
+(``torch.nn.functional.linear``) and a few tilings, timed once on the GPU by
+:class:`kiln.backends.triton.quant_gemm_tune.KernelTuner` (never during CUDA-graph capture:
+warm up first), so the kernel runs only where it measured faster. The plain-torch reference
+is :func:`kiln.ops.gemv_reference`. ``python -m kiln.backends.triton.gemv`` times both on the
+Llama-3.2-1B decode shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2
+from kiln.backends.triton.quant_gemm_tune import Candidate, KernelTuner
+
+_INTERPRET = interpret_mode()
+TUNER = KernelTuner()
+#: The most rows of x the kernel takes (its products are kept per row: registers grow with M).
+MAX_M = 4
+FLOATS = (torch.float16, torch.bfloat16)
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized output or scratch buffer (tests poison it to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (n, s): rows ``[n*BLOCK_N, +BLOCK_N)`` of W over K range ``[s*K_PER_SPLIT, +K_PER_SPLIT)``."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_lo = pid_k * K_PER_SPLIT
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)  # products per lane, summed over K at the end
+    for k0 in range(k_lo, k_lo + K_PER_SPLIT, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # (BLOCK_N, BLOCK_K)  # fmt: skip
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # (BLOCK_M, BLOCK_K)  # fmt: skip
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], y, mask=mask)
+
+
+@triton.jit
+def gemv_combine_kernel(
+    part_ptr, b_ptr, y_ptr, M, N, stride_ym,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """y[m, n] = sum over splits of the fp32 partials (in split order) + b[n], cast to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        total += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (offs // N) * stride_ym + n, total.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, block_n: int, block_k: int, split_k: int,
+    num_warps: int = 4, num_stages: int = 4,
+) -> torch.Tensor:  # fmt: skip
+    """Run the kernel with one tiling on ``x`` (M, K) and ``w`` (N, K); returns y (M, N) in x's dtype."""
+    check_triton_device("gemv", _INTERPRET, x, w, *([b] if b is not None else []))
+    m, k = x.shape
+    n = w.shape[0]
+    if m > MAX_M or x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"gemv takes at most {MAX_M} rows with K contiguous; got x {tuple(x.shape)} strides "
+                         f"{x.stride()}, w strides {w.stride()}")  # fmt: skip
+    y = new_output((m, n), x.dtype, x.device)
+    k_per_split = -(-k // (split_k * block_k)) * block_k  # a whole number of K steps per split
+    split_k = -(-k // k_per_split)
+    part = new_output((split_k, m, n), torch.float32, x.device) if split_k > 1 else y
+    bias = b if b is not None else w  # any pointer: not read
+    grid = (triton.cdiv(n, block_n), split_k)
+    gemv_kernel[grid](
+        x, w, bias, y, part, m, n, k, k_per_split, x.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if split_k > 1:
+        block = 1024 if not _INTERPRET else 64
+        gemv_combine_kernel[(triton.cdiv(m * n, block),)](
+            part, bias, y, m, n, y.stride(0), HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK=block, num_warps=4
+        )
+    return y
+
+
+def candidates(m: int, n: int, k: int) -> list[Candidate]:
+    """cuBLAS first, then tilings whose grid gives the 132 SMs of an H100 one to eight programs each.
+
+    Tiles hold at most 8192 weights (64 fp32 products per lane at 4 warps, fewer per row of x).
+    """
+    if _INTERPRET:  # small tiles, K steps shorter than the test shapes; no timing in the interpreter
+        return [Candidate("triton", {"block_n": 8, "block_k": 16, "split_k": 2, "num_warps": 1, "num_stages": 1})]
+    out = [Candidate("cublas")]
+    budget = 8192 // next_power_of_2(m)
+    for block_n, block_k in ((16, 256), (32, 256), (8, 512), (64, 128), (16, 512)):
+        if block_n * block_k > budget or block_k > next_power_of_2(k):
+            continue
+        tiles = triton.cdiv(n, block_n)
+        for split_k in (1, 2, 4, 8):
+            if split_k * block_k > k or not 132 <= tiles * split_k <= 132 * 8:
+                continue
+            out.append(Candidate("triton", {"block_n": block_n, "block_k": block_k, "split_k": split_k}))
+    if len(out) == 1:  # nothing in the window (very wide N): the fewest programs of the first tiling
+        out.append(Candidate("triton", {"block_n": 64, "block_k": 128, "split_k": 1}))
+    return out[:9]
+
+
+def run(c: Candidate, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if c.kernel == "cublas":
+        return torch.nn.functional.linear(x, w, b)
+    return launch(x, w, b, **c.params)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``kiln::gemv`` on CUDA: x (..., K) @ weight (N, K)ᵀ + bias, the fastest of cuBLAS and the split-K kernel.
+
+    Rows beyond :data:`MAX_M`, other dtypes and non-contiguous operands are a GEMM, not a GEMV:
+    they run on cuBLAS (``torch.nn.functional.linear``), which computes the same function.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)  # (M, K)
+    m = x2.shape[0]
+    fits = (0 < m <= MAX_M and x.dtype in FLOATS and weight.dtype == x.dtype and weight.is_contiguous()
+            and x2.stride(1) == 1 and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))  # fmt: skip
+    if not fits:
+        return torch.nn.functional.linear(x, weight, bias)
+    n = weight.shape[0]
+    key = ("gemv", next_power_of_2(m), n, k, x.dtype, bias is not None)
+    best = TUNER.choose(key, candidates(m, n, k), lambda c: run(c, x2, weight, bias), x.device)
+    return run(best, x2, weight, bias).reshape(*lead, n)
+
+
+def bench(shapes: list[tuple[int, int, int]] | None = None, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Time cuBLAS and every tiling on ``(M, N, K)`` shapes (default: Llama-3.2-1B decode, merged and not)."""
+    from triton.testing import do_bench
+
+    from kiln.ops import gemv_reference
+
+    shapes = shapes or [(1, 2048, 2048), (1, 512, 2048), (1, 3072, 2048), (1, 8192, 2048), (1, 16384, 2048),
+                        (1, 2048, 8192), (1, 128256, 2048), (4, 3072, 2048)]  # fmt: skip
+    rows = []
+    for m, n, k in shapes:
+        # rotate weight copies past the 50 MB L2 so each call streams its weight from DRAM
+        copies = max(2, -(-200 * 2**20 // (n * k * 2)))
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(copies)]
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = gemv_reference(x, ws[0], None)
+        for c in candidates(m, n, k):
+            i = [0]
+
+            def call(c: Candidate = c, x: torch.Tensor = x, ws: list = ws, i: list = i) -> torch.Tensor:
+                i[0] = (i[0] + 1) % len(ws)
+                return run(c, x, ws[i[0]], None)
+
+            try:
+                got = run(c, x, ws[0], None)
+                err = float((got.float() - ref.float()).norm() / ref.float().norm())
+                ms = do_bench(call, warmup=10, rep=40, return_mode="median")
+            except Exception as e:  # noqa: BLE001 - a tiling this device cannot build is reported, not fatal
+                rows.append({"shape": (m, n, k), "kernel": repr(c), "error": f"{type(e).__name__}: {str(e)[:80]}"})
+                continue
+            gbs = (n * k + m * k + m * n) * 2 / (ms * 1e-3) / 1e9
+            rows.append({"shape": (m, n, k), "kernel": repr(c), "us": ms * 1e3, "GB/s": gbs, "rel_err": err})
+    return rows
+
+
+if __name__ == "__main__":
+    for r in bench():
+        print(r)
+
+__all__ = ["MAX_M", "TUNER", "bench", "candidates", "gemv", "launch"]

@@ -1,0 +1,77 @@
+"""The split-K GEMV (``kiln.backends.triton.gemv``) against ``kiln::gemv``'s plain-torch reference.
+
+Interpreted on the CPU (``conftest.py`` sets ``TRITON_INTERPRET=1``) on small random shapes with
+ragged N / K edges and every split count; outputs and fp32 partials are poisoned with NaN first,
+so an element the kernels forget to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.backends.triton import gemv as gv
+from kiln.ops import gemv_reference
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(gv, "new_output", poisoned)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == want.shape and got.dtype == dtype
+    assert not torch.isnan(got).any(), "an output element was never written"
+    err = (got.float() - want.float()).abs().max().item()
+    scale = want.float().abs().max().item()
+    assert scale > 0 and err <= TOL[dtype] * scale, f"max error {err:.3g} vs scale {scale:.3g} ({dtype})"
+
+
+def _operands(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 24, 64), (1, 7, 33), (2, 40, 100), (3, 9, 48), (4, 16, 16)])
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_kernel_matches_the_reference(m: int, n: int, k: int, dtype: torch.dtype, split_k: int) -> None:
+    for bias in (False, True):
+        x, w, b = _operands(m, n, k, dtype, bias, seed=m * 1000 + n * 10 + k + split_k)
+        got = gv.launch(x, w, b, block_n=8, block_k=16, split_k=split_k, num_warps=1, num_stages=1)
+        # the reference on the same (rounded) operands, in fp32, rounded once to the output dtype
+        _close(got, gemv_reference(x.float(), w.float(), b.float() if bias else None).to(dtype), dtype)
+
+
+def test_gemv_dispatch_keeps_leading_dims_and_hands_gemms_to_the_matmul() -> None:
+    x, w, b = _operands(3, 12, 32, torch.bfloat16, True, seed=5)
+    x3 = x.reshape(1, 3, 32)  # (B, T, K) as the step graph has it
+    got = gv.gemv(x3, w, b)
+    _close(got, gemv_reference(x3, w, b), torch.bfloat16)
+    big = torch.randn(gv.MAX_M + 3, 32).to(DEVICE, torch.bfloat16)  # a GEMM: not the kernel's job
+    _close(gv.gemv(big, w, b), gemv_reference(big, w, b), torch.bfloat16)
+
+
+def test_kernel_refuses_too_many_rows() -> None:
+    x, w, _ = _operands(gv.MAX_M + 1, 8, 16, torch.float16, False, seed=1)
+    with pytest.raises(ValueError, match="at most"):
+        gv.launch(x, w, None, block_n=8, block_k=16, split_k=1)
+
+
+def test_candidates_start_with_cublas_and_fill_the_gpu() -> None:
+    if gv._INTERPRET:
+        pytest.skip("the interpreter has one small tiling; GPU candidates are checked on CUDA")
+    cands = gv.candidates(1, 2048, 2048)
+    assert cands[0].kernel == "cublas" and len(cands) > 2
+    for c in cands[1:]:
+        p = c.params
+        assert 132 <= -(-2048 // p["block_n"]) * p["split_k"] <= 132 * 8
