@@ -33,6 +33,7 @@ unpadded steps; only ``torch.cuda.graph`` itself needs a GPU.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -294,29 +295,34 @@ class StepGraphs:
         ids, pos, slots, lens, tables = h["input_ids"][0], h["position_ids"][0], h["slot_mapping"], h["seq_lens"], \
             h["block_tables"]  # fmt: skip
         qsl, last = h["query_start_loc"], h["logits_indices"]
-        t = r = 0
-        qsl[0] = 0
+        b = len(steps)
+        n = np.fromiter((len(s.token_ids) for s in steps), np.int64, count=b)  # (b,) tokens of each sequence
+        p0 = np.fromiter((s.start_position for s in steps), np.int64, count=b)
+        nl = np.fromiter((s.num_logits for s in steps), np.int64, count=b)
+        width = np.fromiter((len(s.block_ids) for s in steps), np.int64, count=b)
+        end = p0 + n
+        bad = np.flatnonzero((n == 0) | (end > width * bs))
+        if bad.size:
+            i = int(bad[0])
+            raise CapacityError(f"sequence {i}: {end[i]} tokens do not fit its {width[i]} blocks of {bs}")
+        cum = np.cumsum(n)
+        t = int(cum[-1])
         for i, s in enumerate(steps):
-            n, p0 = len(s.token_ids), s.start_position
-            end = p0 + n
-            if n == 0 or end > len(s.block_ids) * bs:
-                raise CapacityError(f"sequence {i}: {end} tokens do not fit its {len(s.block_ids)} blocks of {bs}")
-            blocks = np.asarray(s.block_ids, dtype=np.int64)
-            p = np.arange(p0, end)
-            ids[t : t + n] = s.token_ids
-            pos[t : t + n] = p
-            slots[t : t + n] = blocks[p // bs] * bs + p % bs
-            tables[i, : len(blocks)] = blocks
-            lens[i] = end
-            t += n
-            qsl[i + 1] = t
-            last[r : r + s.num_logits] = np.arange(t - s.num_logits, t)
-            r += s.num_logits
+            tables[i, : width[i]] = s.block_ids
+        ids[:t] = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in steps), np.int64, count=t)
+        seq = np.repeat(np.arange(b), n)  # (t,) the sequence of each token
+        p = np.arange(t) - np.repeat(cum - n, n) + np.repeat(p0, n)  # (t,) each token's position
+        pos[:t] = p
+        slots[:t] = tables[seq, p // bs].astype(np.int64) * bs + p % bs
+        lens[:b] = end
+        qsl[0] = 0
+        qsl[1 : b + 1] = cum
+        r = int(nl.sum())
+        last[:r] = np.repeat(cum - nl, nl) + np.arange(r) - np.repeat(np.cumsum(nl) - nl, nl)  # last nl tokens each
         ids[t:tokens] = 0  # padding tokens: no sequence owns them, they write nothing
         pos[t:tokens] = 0
         slots[t:tokens] = -1
-        b = len(steps)  # padding sequences: no token, nothing cached
-        lens[b:seqs] = 0
+        lens[b:seqs] = 0  # padding sequences: no token, nothing cached
         qsl[b + 1 : seqs + 1] = t
         last[r:rows] = 0  # padding rows of logits: token 0's, dropped
 

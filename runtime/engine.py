@@ -113,6 +113,10 @@ class LLM:
         tensor_parallel_size: shard the model over this many ranks (``kiln.parallel.worker``:
             one process per rank, NCCL on GPUs, Gloo on CPUs); each rank keeps the KV cache of
             its own heads, ``kv_cache_memory`` is per rank. Scheduling and sampling stay here.
+        pipeline_parallel_size: split the step graph into this many stages, one per rank
+            (``kiln.runtime.pipeline_runner``); each rank keeps the KV cache of its stage's
+            layers, a step's sequences flow through the stages as micro-batches. Combines
+            with ``tensor_parallel_size`` (``tp * pp`` ranks).
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class LLM:
         async_scheduling: bool | None = None,
         kv_cache_dtype: str | Any = "auto",
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
     ) -> None:
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
             raise ConfigError(f"speculative must be a SpeculativeConfig or None, got {type(speculative).__name__}")
@@ -154,23 +159,28 @@ class LLM:
             raise ConfigError("enforce_eager=True runs without CUDA graphs and torch_compile; do not ask for them too")
         if cuda_graphs and dev.type != "cuda":
             raise ConfigError(f"cuda_graphs=True needs a CUDA device; the model runs on {dev}")
-        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise ConfigError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
-        if cuda_graphs and tensor_parallel_size > 1:
-            raise ConfigError("CUDA graphs under tensor parallelism are not implemented yet: leave cuda_graphs unset")
-        use_graphs = (dev.type == "cuda" and tensor_parallel_size == 1) if cuda_graphs is None else bool(cuda_graphs)
+        for name, size in (("tensor_parallel_size", tensor_parallel_size), ("pipeline_parallel_size", pipeline_parallel_size)):
+            if not isinstance(size, int) or size < 1:
+                raise ConfigError(f"{name} must be a positive int, got {size!r}")
+        ranks = tensor_parallel_size * pipeline_parallel_size
+        if cuda_graphs and ranks > 1:
+            raise ConfigError("CUDA graphs under tensor or pipeline parallelism are not implemented yet: leave cuda_graphs unset")
+        use_graphs = (dev.type == "cuda" and ranks == 1) if cuda_graphs is None else bool(cuda_graphs)
         if torch_compile and not use_graphs:
             raise ConfigError("torch_compile=True compiles the CUDA-graph decode step: it needs cuda_graphs on a GPU")
         if async_scheduling and speculative is not None:
             raise ConfigError("async_scheduling does not combine with speculative decoding yet; leave it unset")
+        if async_scheduling and ranks > 1:
+            raise ConfigError("async_scheduling feeds tokens on one device; tensor and pipeline ranks take them from the host")
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = _default_memory(dev)
-        if tensor_parallel_size > 1:  # one process per rank, each with its shard and its heads' cache
+        if ranks > 1:  # one process per rank, each with its shard (or stage) and its heads' (layers') cache
             from kiln.parallel.worker import ParallelModelRunner
 
             self.runner = ParallelModelRunner(
                 model, tensor_parallel_size=tensor_parallel_size, block_size=block_size, num_blocks=num_blocks,
                 kv_cache_memory=kv_cache_memory, device=dev, kv_cache_dtype=kv_cache_dtype,
+                pipeline_parallel_size=pipeline_parallel_size,
             )  # fmt: skip
         else:
             self.runner = ModelRunner(
@@ -393,11 +403,14 @@ class LLM:
     def _verify(self, logits: torch.Tensor, spec: list[tuple[int, _Sequence, list[int]]],
                 sampled: dict[str, list[int]], logprobs: dict[str, list]) -> None:
         """Rejection-sample the drafted requests' rows; record what each accepted."""
-        rows = torch.tensor([r + j for r, _, d in spec for j in range(len(d) + 1)], device=logits.device)
+        rows = [r + j for r, _, d in spec for j in range(len(d) + 1)]
         seqs = [s for _, s, _ in spec]
         drafts = [d for _, _, d in spec]
         params = [s.request.sampling_params for s in seqs]
-        rows_logits = logits.index_select(0, rows)
+        if len(rows) == logits.shape[0]:  # every row verifies, in order (rows ascend)
+            rows_logits = logits
+        else:
+            rows_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
         penalized = any(p.repetition_penalty != 1.0 for p in params)
         generated = verify(
             rows_logits, drafts,
