@@ -46,7 +46,7 @@ class CompileConfig:
     kv_cache: bool = False  # rewrite attention to a paged KV cache (the runtime's step graph)
     quant: QuantConfig | None = None  # quantize (phase 3: insert-qdq, lower-qdq); see kiln.quantize
     extra_passes: tuple[Pass, ...] = field(default=(), compare=False)  # appended to the pipeline
-    parallel: ParallelConfig | None = None  # shard over ranks (phase 4: shard-tensor-parallel, sequence-parallel)
+    parallel: ParallelConfig | None = None  # spread over ranks (phase 4: sharding, ring attention, pipeline stages)
     rank: int | None = None  # which rank's shard to build under `parallel` (None: torch.distributed's rank)
 
     def __post_init__(self) -> None:
@@ -179,6 +179,13 @@ class CompiledModel:
         return f"CompiledModel(backend={self.config.backend!r}, passes={ran}, nodes={len(self.graph_module.graph.nodes)})"
 
 
+def _dump_dir(config: CompileConfig) -> str | None:
+    dump_dir = config.dump_dir or DUMP_DIR
+    if dump_dir and config.parallel is not None and config.parallel.world_size > 1:
+        dump_dir = str(Path(dump_dir) / f"rank{config.rank}")  # one dump per rank's shard or stage
+    return dump_dir
+
+
 def _run_pipeline(
     gm: GraphModule,
     captured: Capture,
@@ -189,9 +196,7 @@ def _run_pipeline(
     progress: Any = None,
 ) -> tuple[GraphModule, PipelineReport]:
     gm.meta[SYMBOLS_KEY] = dict(captured.gm.meta.get(SYMBOLS_KEY, {}))
-    dump_dir = config.dump_dir or DUMP_DIR
-    if dump_dir and config.parallel is not None and config.parallel.world_size > 1:
-        dump_dir = str(Path(dump_dir) / f"rank{config.rank}")  # one dump per rank's shard
+    dump_dir = _dump_dir(config)
     manager = PassManager(
         build_pipeline(config),
         verify_each=config.verify_each,
@@ -227,22 +232,25 @@ def compile(  # noqa: A001 - the public name, as torch.compile
             ``torch.distributed`` group (``torchrun``, :func:`kiln.parallel.launch`) the result is
             this rank's shard (``config.rank`` picks another for inspection); in a single process,
             a :class:`kiln.parallel.worker.ParallelCompiledModel` whose spawned ranks hold the shards.
+            Under ``pipeline_parallel_size`` or ``context_parallel_size`` it is this rank's
+            :class:`kiln.parallel.compiled.PipelineCompiledModel` (its stage; micro-batches of the
+            example batch cut by ``num_microbatches``) or ``ContextParallelCompiledModel`` (ring
+            attention over the token axis); called on every rank with the same inputs, each
+            returns the model's whole output.
     """
     config = config or CompileConfig()
     if parallel is not None:
         config = replace(config, parallel=parallel)
     par = config.parallel
-    if par is not None and (par.pipeline_parallel_size > 1 or par.context_parallel_size > 1):
-        raise ConfigError(
-            "kiln.compile(parallel=) builds tensor- and sequence-parallel shards; pipeline and context parallelism "
-            "are not compiled by kiln.compile yet (see kiln.parallel.pipeline and kiln.parallel.ring_attention)"
-        )
     if par is not None and par.world_size > 1 and config.rank is None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
+            from kiln.parallel.compiled import microbatch_example
             from kiln.parallel.worker import ParallelCompiledModel
 
+            if par.pipeline_parallel_size > 1 and not config.kv_cache:  # fail here, not on every rank
+                microbatch_example(example_inputs, example_kwargs, par.pipeline_parallel_size, par.num_microbatches)
             return ParallelCompiledModel(model, example_inputs, example_kwargs, config)
         if dist.get_world_size() != config.parallel.world_size:
             raise ConfigError(
@@ -252,10 +260,49 @@ def compile(  # noqa: A001 - the public name, as torch.compile
     get_backend(config.backend)  # fail early on an unknown backend
     if config.quant is not None:
         config.quant.check_model(model)  # group sizes, skip patterns, calibration data: fail before capture
+    staged = par is not None and par.pipeline_parallel_size > 1
+    if (staged or (par is not None and par.context_parallel_size > 1)) and not _in_process_group():
+        raise ConfigError(
+            f"rank {config.rank}'s {par} model runs with its peers: compile it in a torch.distributed process group "
+            "(torchrun, kiln.parallel.launch), or leave config.rank unset to spawn the ranks"
+        )
+    if staged and not config.kv_cache:  # capture one micro-batch's rows (kiln.parallel.compiled)
+        from kiln.parallel.compiled import microbatch_example
+
+        example_inputs, example_kwargs, _ = microbatch_example(
+            example_inputs, example_kwargs, par.pipeline_parallel_size, par.num_microbatches
+        )
+    if par is not None and par.world_size > 1:
+        from kiln.parallel.groups import create_groups
+
+        create_groups(par)  # collective: the tensor-parallel and pipeline groups, before the passes name them
     captured = capture(model, example_inputs, example_kwargs, dynamic=config.dynamic)
     gm = captured.exported.module()
     gm, report = _run_pipeline(gm, captured, config, progress=progress)
+    if staged or (par is not None and par.context_parallel_size > 1):
+        return _parallel_model(captured, gm, report, config)
     return CompiledModel(captured, gm, report, config)
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _parallel_model(captured: Capture, gm: GraphModule, report: PipelineReport, config: CompileConfig) -> CompiledModel:
+    """This rank's pipeline stage or context-parallel model (``kiln.parallel.compiled``)."""
+    from kiln.parallel.compiled import ContextParallelCompiledModel, PipelineCompiledModel
+
+    par = config.parallel
+    assert par is not None
+    if par.pipeline_parallel_size == 1:
+        return ContextParallelCompiledModel(captured, gm, report, config)
+    model = PipelineCompiledModel(captured, gm, report, config)
+    dump_dir = _dump_dir(config)
+    if dump_dir:
+        model.write_stage(dump_dir)
+    return model
 
 
 def _check_parallel(config: CompileConfig) -> None:
@@ -264,6 +311,20 @@ def _check_parallel(config: CompileConfig) -> None:
         raise ConfigError(f"parallel takes a kiln.ParallelConfig, got {par!r}")
     if config.rank is not None and not 0 <= config.rank < par.world_size:
         raise ConfigError(f"rank must be in [0, {par.world_size}) for {par}, got {config.rank}")
+    if par.context_parallel_size > 1:
+        others = [n for n in ("tensor_parallel_size", "pipeline_parallel_size") if getattr(par, n) > 1]
+        if others:
+            raise ConfigError(f"context parallelism combined with {' or '.join(others)} > 1 is not implemented; "
+                              "use context_parallel_size alone")  # fmt: skip
+        if config.kv_cache:
+            raise ConfigError("context parallelism splits a prefill's tokens; the paged step graph (kv_cache=True) "
+                              "is not context-parallel: compile with kv_cache=False")  # fmt: skip
+    if (par.context_parallel_size > 1 or par.pipeline_parallel_size > 1) and config.backend != "eager":
+        raise ConfigError(f"pipeline and context parallelism run their graphs on the eager backend; "
+                          f"backend={config.backend!r} is not implemented for them")  # fmt: skip
+    if par.pipeline_parallel_size > 1 and par.sequence_parallel:
+        raise ConfigError("sequence parallelism inside pipeline stages is not implemented; "
+                          "use sequence_parallel with tensor parallelism alone")  # fmt: skip
     quant = config.quant
     if par.tensor_parallel_size > 1 and quant is not None and (
         getattr(quant, "weights", None) is not None or getattr(quant, "activations", None) is not None

@@ -44,14 +44,15 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         passes += [InsertQDQ(quant), LowerQDQ(), EliminateDeadCode()]
     par = config.parallel
     if par is not None and par.tensor_parallel_size > 1:  # Phase 4: shard for this rank, before the KV cache
+        from kiln.parallel.groups import tp_group_name
         from kiln.passes.shard_tensor_parallel import ShardTensorParallel
 
-        if par.pipeline_parallel_size > 1 or par.context_parallel_size > 1:
+        if par.context_parallel_size > 1:
             from kiln.errors import ConfigError
 
-            raise ConfigError("tensor parallelism combined with pipeline or context parallelism is not implemented yet")
-        tp, rank = par.tensor_parallel_size, config.rank or 0
-        passes += [ShardTensorParallel(tp, rank), EliminateDeadCode()]
+            raise ConfigError("tensor parallelism combined with context parallelism is not implemented yet")
+        tp, rank = par.tensor_parallel_size, par.tp_rank_of(config.rank or 0)  # its stage's group under PP
+        passes += [ShardTensorParallel(tp, rank, tp_group_name(par, config.rank or 0)), EliminateDeadCode()]
         if par.sequence_parallel:
             from kiln.passes.sequence_parallel import SequenceParallel
 
@@ -82,7 +83,18 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
             "QuantConfig.kv_cache quantizes the paged KV cache: compile with CompileConfig(kv_cache=True, ...) "
             "(kiln.LLM does), or leave kv_cache=None"
         )
-    return [*passes, *config.extra_passes]
+    if par is not None and par.context_parallel_size > 1:  # Phase 4: ring attention over the token axis
+        from kiln.parallel.ring_attention_pass import ContextParallelAttention
+
+        passes += [ContextParallelAttention()]
+    passes += config.extra_passes
+    if par is not None and par.pipeline_parallel_size > 1:  # Phase 4, last: cut the final graph into stages
+        from kiln.parallel.stages_cost import decode_cost_model
+        from kiln.passes.split_pipeline_stages import SplitPipelineStages
+
+        cost = decode_cost_model() if config.kv_cache else None  # the step graph: balanced for decode
+        passes += [SplitPipelineStages(par.pipeline_parallel_size, cost_model=cost)]
+    return passes
 
 
 def pass_names(config: CompileConfig) -> list[str]:

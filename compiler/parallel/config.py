@@ -11,10 +11,13 @@ from kiln.errors import ConfigError
 class ParallelConfig:
     """Degrees of tensor, pipeline and sequence parallelism.
 
-    The world size a run needs is ``tensor_parallel_size * pipeline_parallel_size``;
-    sequence parallelism splits the token axis inside each tensor-parallel group
-    (Megatron style), context parallelism (ring attention) splits long prefills
-    over ``context_parallel_size`` ranks.
+    The world size a run needs is ``tensor_parallel_size * pipeline_parallel_size *
+    context_parallel_size``; sequence parallelism splits the token axis inside each
+    tensor-parallel group (Megatron style), context parallelism (ring attention) splits long
+    prefills over ``context_parallel_size`` ranks. Under tensor and pipeline parallelism
+    together, rank ``stage * tensor_parallel_size + tp_rank`` holds tensor shard ``tp_rank`` of
+    pipeline stage ``stage`` (tensor-parallel groups are consecutive ranks, as Megatron-LM
+    keeps them inside a node).
     """
 
     tensor_parallel_size: int = 1
@@ -39,6 +42,24 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
+
+    def stage_of(self, rank: int) -> int:
+        """The pipeline stage ``rank`` runs."""
+        return rank // self.tensor_parallel_size
+
+    def tp_rank_of(self, rank: int) -> int:
+        """``rank``'s index inside its tensor-parallel group."""
+        return rank % self.tensor_parallel_size
+
+    def tp_group_ranks(self, rank: int) -> list[int]:
+        """The ranks of ``rank``'s tensor-parallel group (the shards of its pipeline stage)."""
+        first = self.stage_of(rank) * self.tensor_parallel_size
+        return list(range(first, first + self.tensor_parallel_size))
+
+    def pp_group_ranks(self, rank: int) -> list[int]:
+        """The ranks of ``rank``'s pipeline group (one per stage, same tensor shard), in stage order."""
+        t = self.tp_rank_of(rank)
+        return [s * self.tensor_parallel_size + t for s in range(self.pipeline_parallel_size)]
 
 
 __all__ = ["ParallelConfig"]

@@ -70,6 +70,16 @@ class CostModel:
         return max(flops / self.peak_flops, nbytes / self.memory_bandwidth) + self.launch_overhead
 
 
+def decode_cost_model(num_seqs: int = 16, **kwargs: Any) -> CostModel:
+    """A paged step graph (``kv_cache=True``) priced as a decode step of ``num_seqs`` sequences.
+
+    Its token count ``T``, sequence count ``S`` and logit rows ``L`` are all ``num_seqs`` (one
+    token and one logit per sequence); left to the capture's example, ``L`` would be priced at
+    1 and the gathered logits would look like the cheapest cut of the graph.
+    """
+    return CostModel(tokens=num_seqs, sizes={"S": num_seqs, "L": num_seqs}, **kwargs)
+
+
 # --------------------------------------------------------------------------------------
 # Symbolic sizes
 # --------------------------------------------------------------------------------------
@@ -200,6 +210,7 @@ def profile_costs(gm: GraphModule, inputs: Sequence[Any], *, repeats: int = 3) -
 
 __all__ = [
     "CostModel",
+    "decode_cost_model",
     "NodeCost",
     "SizeExpr",
     "evaluate",

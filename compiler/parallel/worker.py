@@ -7,9 +7,10 @@ answer comes back. Two users:
 
 - :class:`ParallelCompiledModel`, what ``kiln.compile(..., parallel=...)`` returns outside
   ``torchrun``: each rank compiles its shard of the graph and runs it on every call;
-- :class:`ParallelModelRunner`, ``kiln.LLM(..., tensor_parallel_size=n)``'s model runner:
-  each rank compiles the sharded step graph and keeps the paged KV cache of its own heads;
-  the scheduler, the sampler and detokenization stay in the driver.
+- :class:`ParallelModelRunner`, ``kiln.LLM(..., tensor_parallel_size=n, pipeline_parallel_size=p)``'s
+  model runner: each rank compiles the sharded step graph (under pipeline parallelism: one
+  stage of it) and keeps the paged KV cache of its own heads (and layers); the scheduler,
+  the sampler and detokenization stay in the driver.
 """
 
 from __future__ import annotations
@@ -61,15 +62,20 @@ class _Rank:
                     kv_cache_memory: int | None, config: Any, kv_cache_dtype: Any) -> tuple[int, Any]:  # fmt: skip
         from kiln.runtime.model_runner import ModelRunner
 
+        runner_cls: Any = ModelRunner
+        if config.parallel.pipeline_parallel_size > 1:  # this rank's stage and its layers' caches
+            from kiln.runtime.pipeline_runner import PipelineStageRunner
+
+            runner_cls = PipelineStageRunner
         quant = {} if kv_cache_dtype in (None, "auto") else {"kv_cache_dtype": kv_cache_dtype}
-        self.runner = ModelRunner(model.to(self.device), block_size=block_size, num_blocks=num_blocks,
-                                  kv_cache_memory=kv_cache_memory, device=self.device, compile_config=config,
-                                  **quant)  # fmt: skip
+        self.runner = runner_cls(model.to(self.device), block_size=block_size, num_blocks=num_blocks,
+                                 kv_cache_memory=kv_cache_memory, device=self.device, compile_config=config,
+                                 **quant)  # fmt: skip
         return self.runner.num_blocks, self.runner.layout
 
-    def execute(self, steps: Any) -> torch.Tensor | None:
+    def execute(self, steps: Any, output_rank: int = 0) -> torch.Tensor | None:
         logits = self.runner.execute(steps)
-        return logits.cpu() if self.rank == 0 else None
+        return logits.cpu() if self.rank == output_rank else None
 
 
 def _serve(rank: int, world: int, port: int, backend: str, device_type: str, conn: Any) -> None:
@@ -212,22 +218,26 @@ class ParallelCompiledModel:
 
 
 class ParallelModelRunner:
-    """:class:`kiln.runtime.model_runner.ModelRunner`'s interface over tensor-parallel ranks.
+    """:class:`kiln.runtime.model_runner.ModelRunner`'s interface over tensor- and pipeline-parallel ranks.
 
     Each rank compiles the paged step graph of its shard (the kv-cache pass runs after
-    sharding, so a rank's cache holds its own kv heads) and allocates its cache; ``execute``
-    sends the step to every rank and returns rank 0's logits (the LM head's all-gather gives
-    every rank the full vocabulary).
+    sharding, so a rank's cache holds its own kv heads) and allocates its cache; under
+    pipeline parallelism each rank keeps one stage of it and the caches of that stage's
+    layers (:class:`kiln.runtime.pipeline_runner.PipelineStageRunner`). ``execute`` sends the
+    step to every rank and returns the logits of the first shard of the last stage (the LM
+    head's all-gather gives every shard the full vocabulary).
     """
 
     def __init__(self, model: torch.nn.Module, *, tensor_parallel_size: int, block_size: int, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, device: torch.device | str | None = None,
-                 kv_cache_dtype: Any = None) -> None:  # fmt: skip
+                 kv_cache_dtype: Any = None, pipeline_parallel_size: int = 1) -> None:  # fmt: skip
         import kiln
 
         device = torch.device(device) if device is not None else next(model.parameters()).device
-        config = kiln.CompileConfig(kv_cache=True, parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size))
-        self.group = WorkerGroup(tensor_parallel_size, device.type)
+        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+        config = kiln.CompileConfig(kv_cache=True, parallel=parallel)
+        self.output_rank = parallel.world_size - tensor_parallel_size  # shard 0 of the last stage
+        self.group = WorkerGroup(parallel.world_size, device.type)
         infos = self.group.call("runner_init", model, block_size, num_blocks, kv_cache_memory, config, kv_cache_dtype)
         if len({blocks for blocks, _ in infos}) != 1:  # the scheduler's block ids must mean the same on every rank
             self.close()
@@ -236,12 +246,13 @@ class ParallelModelRunner:
         self.block_size = block_size
         self.device = torch.device("cpu")  # where logits arrive: the driver samples on the CPU
         self.tensor_parallel_size = tensor_parallel_size
+        self.pipeline_parallel_size = pipeline_parallel_size
 
     def execute(self, steps: list[Any]) -> torch.Tensor:
-        """Run one step on every rank; the logits of each sequence's last ``num_logits`` tokens (rank 0's)."""
+        """Run one step on every rank; the logits of each sequence's last ``num_logits`` tokens."""
         if not steps:
             raise ConfigError("execute needs at least one sequence")
-        return self.group.call("execute", steps)[0]  # type: ignore[no-any-return]
+        return self.group.call("execute", steps, self.output_rank)[self.output_rank]  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self.group.close()
