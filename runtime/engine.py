@@ -403,11 +403,14 @@ class LLM:
     def _verify(self, logits: torch.Tensor, spec: list[tuple[int, _Sequence, list[int]]],
                 sampled: dict[str, list[int]], logprobs: dict[str, list]) -> None:
         """Rejection-sample the drafted requests' rows; record what each accepted."""
-        rows = torch.tensor([r + j for r, _, d in spec for j in range(len(d) + 1)], device=logits.device)
+        rows = [r + j for r, _, d in spec for j in range(len(d) + 1)]
         seqs = [s for _, s, _ in spec]
         drafts = [d for _, _, d in spec]
         params = [s.request.sampling_params for s in seqs]
-        rows_logits = logits.index_select(0, rows)
+        if len(rows) == logits.shape[0]:  # every row verifies, in order (rows ascend)
+            rows_logits = logits
+        else:
+            rows_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
         penalized = any(p.repetition_penalty != 1.0 for p in params)
         generated = verify(
             rows_logits, drafts,
