@@ -121,7 +121,7 @@ class MergeParallelLinears(Pass):
         return name
 
     def _buffer(self, gm: GraphModule, name: str, value: torch.Tensor, before: Node) -> Node:
-        gm.register_buffer(name, value)
+        gm.register_buffer(name, value.detach())  # a constant: no autograd history (graphs pickle to ranks)
         with gm.graph.inserting_before(before):
             node = gm.graph.get_attr(name)
         node.meta[PASS_KEY] = self.name
