@@ -34,6 +34,9 @@ _INTERPRET = interpret_mode()
 TUNER = KernelTuner()
 #: The most rows of x the kernel takes (its products are kept per row: registers grow with M).
 MAX_M = 4
+#: The most rows :func:`gemv` sends to the kernel; more go to cuBLAS. 1 (batch-1 decode) until the
+#: kernel is measured at M = 2..4: each new M bucket costs its tuning time at start-up.
+DISPATCH_M = 1
 FLOATS = (torch.float16, torch.bfloat16)
 
 
@@ -143,7 +146,7 @@ def candidates(m: int, n: int, k: int) -> list[Candidate]:
             out.append(Candidate("triton", {"block_n": block_n, "block_k": block_k, "split_k": split_k}))
     if len(out) == 1:  # nothing in the window (very wide N): the fewest programs of the first tiling
         out.append(Candidate("triton", {"block_n": 64, "block_k": 128, "split_k": 1}))
-    return out[:9]
+    return out[:5]  # cuBLAS + 4 tilings: each costs a compile and a timing at start-up
 
 
 def run(c: Candidate, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -155,13 +158,13 @@ def run(c: Candidate, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``kiln::gemv`` on CUDA: x (..., K) @ weight (N, K)ᵀ + bias, the fastest of cuBLAS and the split-K kernel.
 
-    Rows beyond :data:`MAX_M`, other dtypes and non-contiguous operands are a GEMM, not a GEMV:
+    Rows beyond :data:`DISPATCH_M`, other dtypes and non-contiguous operands are a GEMM, not a GEMV:
     they run on cuBLAS (``torch.nn.functional.linear``), which computes the same function.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, K)
     m = x2.shape[0]
-    fits = (0 < m <= MAX_M and x.dtype in FLOATS and weight.dtype == x.dtype and weight.is_contiguous()
+    fits = (0 < m <= DISPATCH_M and x.dtype in FLOATS and weight.dtype == x.dtype and weight.is_contiguous()
             and x2.stride(1) == 1 and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))  # fmt: skip
     if not fits:
         return torch.nn.functional.linear(x, weight, bias)
@@ -202,11 +205,11 @@ def bench(shapes: list[tuple[int, int, int]] | None = None, dtype: torch.dtype =
                 continue
             gbs = (n * k + m * k + m * n) * 2 / (ms * 1e-3) / 1e9
             rows.append({"shape": (m, n, k), "kernel": repr(c), "us": ms * 1e3, "GB/s": gbs, "rel_err": err})
+            print(rows[-1], flush=True)
     return rows
 
 
 if __name__ == "__main__":
-    for r in bench():
-        print(r)
+    bench()
 
-__all__ = ["MAX_M", "TUNER", "bench", "candidates", "gemv", "launch"]
+__all__ = ["DISPATCH_M", "MAX_M", "TUNER", "bench", "candidates", "gemv", "launch"]

@@ -53,11 +53,11 @@ def test_kernel_matches_the_reference(m: int, n: int, k: int, dtype: torch.dtype
 
 
 def test_gemv_dispatch_keeps_leading_dims_and_hands_gemms_to_the_matmul() -> None:
-    x, w, b = _operands(3, 12, 32, torch.bfloat16, True, seed=5)
-    x3 = x.reshape(1, 3, 32)  # (B, T, K) as the step graph has it
+    x, w, b = _operands(gv.DISPATCH_M, 12, 32, torch.bfloat16, True, seed=5)
+    x3 = x.reshape(1, gv.DISPATCH_M, 32)  # (B, T, K) as the step graph has it
     got = gv.gemv(x3, w, b)
     _close(got, gemv_reference(x3, w, b), torch.bfloat16)
-    big = torch.randn(gv.MAX_M + 3, 32).to(DEVICE, torch.bfloat16)  # a GEMM: not the kernel's job
+    big = torch.randn(gv.DISPATCH_M + 2, 32).to(DEVICE, torch.bfloat16)  # a GEMM: not the kernel's job
     _close(gv.gemv(big, w, b), gemv_reference(big, w, b), torch.bfloat16)
 
 
