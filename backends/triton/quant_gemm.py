@@ -6,12 +6,14 @@ Each function has the signature of its op and matches the op's plain-torch refer
 ================== =============================================================================
 op                 how it runs
 ================== =============================================================================
-qlinear_w8a16      weights dequantized in registers, then a ``tl.dot`` GEMM (16-row tiles for
-qlinear_w4a16      decode, many narrow N tiles), a CUDA-core GEMV (M <= 2), or (M > 64) dequantize
-                   + cuBLAS; the fastest candidate per shape is timed once (:mod:`quant_gemm_tune`).
-                   Any group size dividing K (int4: K % 8 == 0).
-qlinear_w8a8       int8 x int8 ``tl.dot`` with int32 accumulation; per-token x per-channel scales
-                   (and an activation zero point) in the epilogue.
+qlinear_w8a16      decode (M <= 16): the split-K weight-streaming kernels of :mod:`quant_splitk_kernels`
+qlinear_w4a16      (a CUDA-core GEMV for a few rows, a ``tl.dot`` form up to 16); larger M: weights
+                   dequantized in registers and a ``tl.dot`` GEMM, or (M > 64) dequantize + cuBLAS.
+                   The fastest candidate per shape is timed once (:mod:`quant_gemm_tune`). Any group
+                   size dividing K (int4: K % 8 == 0; split-K needs whole 32-bit words per group).
+qlinear_w8a8       decode: the split-K kernels with int8 activation codes; else int8 x int8 ``tl.dot``
+                   with int32 accumulation; per-token x per-channel scales (and an activation zero
+                   point) in the epilogue.
 qlinear_fp8        e4m3 activations: ``torch._scaled_mm`` (cuBLASLt, tensor-wise or row-wise
                    scales); float activations (weight-only fp8): the weight-only kernels. Needs
                    compute capability >= 8.9.
@@ -21,10 +23,10 @@ quantize           per-token / per-tensor scales (activations): a Triton row ker
 dequantize         its torch reference (graphs that keep ``dequantize + linear``).
 ================== =============================================================================
 
-Decode (M = 1..16) is memory bound: every weight byte is read once (16-byte ``cp.async``
-loads, pipelined), codes become 16-bit floats two per instruction with inline PTX on the GPU
-(see :mod:`quant_gemm_kernels`) and each group's scale multiplies a partial product once.
-Prefill is compute bound: tensor cores, or dequantize + cuBLAS.
+Decode (M = 1..16) is memory bound: every weight byte is read once, in (N tiles x K splits)
+programs enough to fill the GPU, codes decoded in registers and each group's scale applied once
+per word or K step; the last K split of a tile adds up the others' partial sums (one launch, no
+zeroed output). Prefill is compute bound: tensor cores, or dequantize + cuBLAS.
 
 Tensors on the CPU run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before this
 module is imported); ``torch._scaled_mm`` runs wherever torch has it.
@@ -36,6 +38,7 @@ import torch
 import triton
 
 from kiln.backends.triton import quant_gemm_kernels as K
+from kiln.backends.triton import quant_splitk_kernels as K2
 from kiln.backends.triton._utils import check_triton_device, interpret_mode
 from kiln.backends.triton.quant_gemm_tune import (
     Candidate,
@@ -112,40 +115,98 @@ class WeightOnly:
         self.z_strides = (
             (0, 0) if zp is None or zp.dim() == 0 else (zp.stride(0), zp.stride(1) if zp.dim() == 2 else 0)
         )
-        self.store_cols = k // 2 if kind == INT4 else k
-
-    @property
-    def group_store(self) -> int | None:
-        """Storage columns per group (bytes for int4), None without groups."""
-        if self.group is None:
-            return None
-        return self.group // 2 if self.kind == INT4 else self.group
+        cpw = 8 if kind == INT4 else 4  # codes per 32-bit word
+        self.k_words = k // cpw
+        # the split-K kernels read the codes as int32 words: rows of whole, 4-byte aligned words
+        row_bytes = self.w.shape[1] * self.w.element_size()
+        aligned = (
+            k % cpw == 0
+            and row_bytes % 4 == 0
+            and (self.w.stride(0) * self.w.element_size()) % 4 == 0
+            and self.w.data_ptr() % 4 == 0
+        )
+        self.words = self.w.view(torch.int32) if aligned and n > 0 else None
+        self.group_words = None if self.group is None else self.group // cpw  # per-word scales need g % cpw == 0
+        self.splitk_ok = self.words is not None and (self.group is None or self.group % cpw == 0)
 
     def key(self) -> tuple:
-        return (self.kind, self.n, self.k, self.group, self.smode, self.zp is not None)
+        return (self.kind, self.n, self.k, self.group, self.smode, self.zp is not None, self.splitk_ok)
 
 
 # --------------------------------------------------------------------------------------
-# Weight-only launches (each is a tuning candidate)
+# Decode launches: the split-K kernels of ``quant_splitk_kernels`` (each launch is a tuning candidate)
 # --------------------------------------------------------------------------------------
 
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
 
-def launch_gemv(
-    x: torch.Tensor, op: WeightOnly, bias: torch.Tensor | None, y: torch.Tensor, c: Candidate
-) -> None:
-    """The decode GEMV, one program per (row of x, BLOCK_N outputs)."""
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters of the split-K kernels, one buffer per (device, stream).
+
+    Every launch leaves the counters it used at zero (the last split of a tile resets its own),
+    so launches queued on one stream share a buffer; another stream gets its own. A buffer made
+    while a CUDA graph is captured is zeroed by the graph (the capture records the memset).
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def split_plan(k_words: int, tiles: int, params: dict) -> tuple[int, int]:
+    """``(SPLIT, STEPS)``: K cut into ``SPLIT`` slices of ``STEPS`` steps of ``BLOCK_KW`` words.
+
+    ``params["SPLIT"]`` fixes the number of slices (tests); else there are about
+    ``params["PROGS"]`` programs over the ``tiles`` (M x N) output tiles.
+    """
+    steps = triton.cdiv(k_words, params["BLOCK_KW"])
+    want = params.get("SPLIT") or round(params["PROGS"] / max(tiles, 1))
+    per = triton.cdiv(steps, max(1, min(steps, want)))
+    return triton.cdiv(steps, per), per
+
+
+def launch_splitk(
+    x: torch.Tensor, op: WeightOnly, bias: torch.Tensor | None, y: torch.Tensor, c: Candidate,
+    x_codes: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> None:  # fmt: skip
+    """The split-K decode kernels: ``c.kernel`` "gemv" (a row per program) or "dot" (16 rows, ``tl.dot``).
+
+    ``x_codes`` = (scale, zero point) when ``x`` holds int8 codes (w8a8): (M,) or (1,) each.
+    """
     p = c.params
     m = x.shape[0]
-    nslot = triton.cdiv(op.store_cols, p["STEP"])
-    grid = (m * triton.cdiv(op.n, p["BLOCK_N"]),)
+    dot = c.kernel == "dot"
+    m_tiles = triton.cdiv(m, p["BLOCK_M"]) if dot else m
+    tiles = m_tiles * triton.cdiv(op.n, p["BLOCK_N"])
+    split, steps = split_plan(op.k_words, tiles, p)
+    ws = torch.empty(split * m * op.n, dtype=torch.float32, device=x.device) if split > 1 else op.scale
+    cnt = _arrival_counters(x.device, tiles)
     zp = op.zp if op.zp is not None else op.scale
-    K.wo_gemv_kernel[grid](
-        x, op.w, op.scale, zp, bias if bias is not None else op.scale, y,
-        m, op.n, op.store_cols, nslot,
-        x.stride(0), op.w.stride(0), *op.s_strides, *op.z_strides, y.stride(0),
+    xs, xz = x_codes if x_codes is not None else (op.scale, None)
+    gw = op.group_words or 1
+    kernel = K2.wo_dot_kernel if dot else K2.wo_gemv_kernel
+    if dot:
+        extra = dict(BLOCK_M=p["BLOCK_M"], DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                     UPCAST_DOT=_INTERPRET and (x.dtype == torch.bfloat16 or x_codes is not None))  # fmt: skip
+    else:  # 16-bit x read two values per 32-bit load
+        xp = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0 else 0
+        if xp:
+            x = x.view(torch.int32)
+        # prmt decodes int8 codes to within ~2e-5 of the fp32 sums (16-bit x only: far below their rounding)
+        extra = dict(XP=xp, PRMT=p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4))
+    kernel[(tiles, split)](
+        x, xs, xz if xz is not None else xs, op.words, op.scale, zp, bias if bias is not None else op.scale, y, ws, cnt,
+        m, op.n, op.k_words, steps, split,
+        x.stride(0), op.words.stride(0), *op.s_strides, *op.z_strides, y.stride(0),
         WKIND=op.kind, SMODE=op.smode, HAS_ZP=op.zp is not None, ZP_DEFAULT=op.zp_default,
-        HAS_BIAS=bias is not None, GS=op.group_store or 1, STEP=p["STEP"], SLOT=p["SLOT"], GPT=p["GPT"],
-        BLOCK_N=p["BLOCK_N"], USE_ASM=not _INTERPRET, num_warps=p["num_warps"], num_stages=p["num_stages"],
+        HAS_BIAS=bias is not None, GW=gw, GROUP_PER_STEP=op.smode == 2 and gw % p["BLOCK_KW"] == 0,
+        X_CODES=x_codes is not None, XS_PER_ROW=xs.numel() > 1, HAS_XZP=xz is not None, IS_SPLIT=split > 1,
+        EVEN_K=op.k_words % p["BLOCK_KW"] == 0,
+        BLOCK_N=p["BLOCK_N"], BLOCK_KW=p["BLOCK_KW"], USE_ASM=not _INTERPRET,
+        num_warps=p["num_warps"], num_stages=1, **extra,
     )  # fmt: skip
 
 
@@ -209,7 +270,7 @@ def launch_dequant_matmul(
         torch.mm(x, w.t(), out=y)
 
 
-_WO_LAUNCH = {"gemv": launch_gemv, "mm": launch_mm, "dequant_matmul": launch_dequant_matmul}
+_WO_LAUNCH = {"gemv": launch_splitk, "dot": launch_splitk, "mm": launch_mm, "dequant_matmul": launch_dequant_matmul}
 
 
 def weight_only_linear(
@@ -231,8 +292,7 @@ def weight_only_linear(
     if m == 0 or op.n == 0:
         return y.reshape(*lead, op.n)
     if candidate is None:
-        gs = op.group_store
-        cands = weight_only_candidates(m, gs, _INTERPRET, word=4 if op.kind == INT4 else 1)
+        cands = weight_only_candidates(m, op.splitk_ok, _INTERPRET)
         key = ("wo", m_bucket(m), x.dtype, bias is not None, *op.key())
         candidate = TUNER.choose(key, cands, lambda c: _WO_LAUNCH[c.kernel](x2, op, bias, y, c), x.device)
     _WO_LAUNCH[candidate.kernel](x2, op, bias, y, candidate)
@@ -309,21 +369,20 @@ def qlinear_w8a8(x, x_scale, x_zero_point, w, w_scale, bias, out_dtype, *, candi
     y = new_output((m, n), out_dtype, x.device)
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
+    op = WeightOnly(name, INT8, w, ws if ws.numel() > 1 else ws.reshape(()), None, None, k)
+
+    def launch(c: Candidate) -> None:
+        if c.kernel == "w8a8":
+            launch_w8a8(x2, xs, xz, w, ws, bias, y, c)
+        else:
+            launch_splitk(x2, op, bias, y, c, x_codes=(xs, xz))
+
     if candidate is None:
-        key = (
-            "w8a8",
-            m_bucket(m),
-            n,
-            k,
-            xs.numel() > 1,
-            ws.numel() > 1,
-            x_zero_point is not None,
-            out_dtype,
-            bias is not None,
-        )
-        candidate = TUNER.choose(key, w8a8_candidates(m, _INTERPRET),
-                                 lambda c: launch_w8a8(x2, xs, xz, w, ws, bias, y, c), x.device)  # fmt: skip
-    launch_w8a8(x2, xs, xz, w, ws, bias, y, candidate)
+        key = ("w8a8", m_bucket(m), n, k, xs.numel() > 1, ws.numel() > 1, x_zero_point is not None, out_dtype,
+               bias is not None, op.splitk_ok)  # fmt: skip
+        cands = w8a8_candidates(m, _INTERPRET, op.splitk_ok)
+        candidate = TUNER.choose(key, cands, launch, x.device)
+    launch(candidate)
     return y.reshape(*lead, n)
 
 

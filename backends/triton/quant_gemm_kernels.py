@@ -11,16 +11,12 @@ partial sums once per (row, group), never each weight.
 
 Kernels (every pointer argument follows the shapes of :mod:`kiln.quantize.ops`):
 
-- :func:`wo_mm_kernel`: weight-only GEMM on the tensor cores (``tl.dot``), the decode kernel
-  too (16-row tiles, narrow N tiles, deep ``cp.async`` pipelines): the dequantized tile is
-  ``q - zero_point`` as exact small integers in x's dtype; a K step never crosses a group
-  (``BLOCK_K`` divides the group size), so the group scale multiplies the step's partial
-  product. ``SMODE == 3`` handles any other group size by dequantizing each element.
-- :func:`wo_gemv_kernel`: weight-only GEMV on the CUDA cores (one row of x per program;
-  programs of one weight block are adjacent, so M > 1 re-reads it from L2). A program owns
-  ``BLOCK_N`` output channels and streams their K as ``(BLOCK_N, GPT, SLOT)`` tiles of
-  ``GPT`` slots (``STEP`` storage columns padded to ``SLOT`` lanes) that never straddle a
-  group; the next step's loads are issued before the current step is computed.
+Decode sizes (M <= 16) run the split-K kernels of :mod:`quant_splitk_kernels` instead.
+
+- :func:`wo_mm_kernel`: weight-only GEMM on the tensor cores (``tl.dot``) for M > 16: the
+  dequantized tile is ``q - zero_point`` as exact small integers in x's dtype; a K step never
+  crosses a group (``BLOCK_K`` divides the group size), so the group scale multiplies the step's
+  partial product. ``SMODE == 3`` handles any other group size by dequantizing each element.
 - :func:`dequantize_kernel`: dense ``(N, K)`` weights in x's dtype (for cuBLAS at large M).
 - :func:`w8a8_kernel`: int8 x int8 GEMM (``tl.dot`` with int32 accumulation), per-token x
   per-channel scales (and an optional activation zero point) applied in the epilogue.
@@ -29,8 +25,7 @@ Kernels (every pointer argument follows the shapes of :mod:`kiln.quantize.ops`):
 Weight kinds (``WKIND``): 0 int8 (N, K); 1 int4, uint8 (N, K/2), 8 codes per 32-bit word along
 K (``kiln.quantize.ops.pack_int4``; ``tl.join`` / ``tl.permute`` put the nibbles back in K
 order, a register renaming); 2 float8 e4m3 (N, K). Scale modes (``SMODE``): 0 one scale;
-1 per output channel; 2 per (channel, group of ``G`` along K); 3 per group, any group size
-(``wo_mm_kernel`` only).
+1 per output channel; 2 per (channel, group of ``G`` along K); 3 per group, any group size.
 """
 
 from __future__ import annotations
@@ -81,14 +76,6 @@ def _k_order_2d(lo, hi, R: tl.constexpr, KB: tl.constexpr):
     lo4 = tl.reshape(lo, (R, KB // 4, 4))
     hi4 = tl.reshape(hi, (R, KB // 4, 4))
     return tl.reshape(tl.permute(tl.join(lo4, hi4), (0, 1, 3, 2)), (R, 2 * KB))
-
-
-@triton.jit
-def _k_order_3d(lo, hi, R: tl.constexpr, S: tl.constexpr, KB: tl.constexpr):
-    """:func:`_k_order_2d` for (R, S, KB) tiles."""
-    lo4 = tl.reshape(lo, (R, S, KB // 4, 4))
-    hi4 = tl.reshape(hi, (R, S, KB // 4, 4))
-    return tl.reshape(tl.permute(tl.join(lo4, hi4), (0, 1, 2, 4, 3)), (R, S, 2 * KB))
 
 
 # Inline PTX for the GPU (the interpreter runs the plain-op twins): bytes -> 16-bit floats, two per op.
@@ -200,123 +187,6 @@ def _code_bias(z, WKIND: tl.constexpr):
         return z + (MAGIC + 128.0)
     else:
         return z + MAGIC
-
-
-# --------------------------------------------------------------------------------------
-# Weight-only GEMV (decode)
-# --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _gemv_loads(
-    j0, w_rows, x_row, s_ptr, z_ptr, offs_n, n_mask, offs_j, offs_s, offs_x, KS,
-    stride_sn, stride_sg, stride_zn, stride_zg,
-    WKIND: tl.constexpr, SMODE: tl.constexpr, HAS_ZP: tl.constexpr, GS: tl.constexpr, STEP: tl.constexpr,
-    R: tl.constexpr,
-):  # fmt: skip
-    """The weights, x, group scales and group zero points of the K step starting at slot ``j0``."""
-    sidx = j0 + offs_j  # (GPT,) slot index
-    kst = sidx[:, None] * STEP + offs_s[None, :]  # (GPT, SLOT) storage column
-    k_mask = (offs_s[None, :] < STEP) & (kst < KS)
-    b = tl.load(w_rows + kst[None, :, :], mask=n_mask[:, None, None] & k_mask[None, :, :],
-                other=0.0 if WKIND == 2 else 0)  # fmt: skip
-    kx = sidx[:, None] * (R * STEP) + offs_x[None, :]  # (GPT, R * SLOT) element column
-    xv = tl.load(x_row + kx, mask=(offs_x[None, :] < R * STEP) & (kx < KS * R), other=0.0)
-    if SMODE == 2:
-        gidx = (sidx * STEP) // GS
-        g_mask = n_mask[:, None] & (sidx * STEP < KS)[None, :]
-        sg = tl.load(s_ptr + offs_n[:, None] * stride_sn + gidx[None, :] * stride_sg, mask=g_mask, other=0.0)
-        if HAS_ZP:
-            zg = tl.load(
-                z_ptr + offs_n[:, None] * stride_zn + gidx[None, :] * stride_zg, mask=g_mask, other=0
-            )
-        else:
-            zg = sg
-    else:
-        sg = xv
-        zg = xv
-    return b, xv, sg, zg
-
-
-@triton.jit
-def wo_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    M, N, KS, NSLOT,
-    stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym,
-    WKIND: tl.constexpr,  # 0 int8, 1 packed int4, 2 e4m3
-    SMODE: tl.constexpr,  # 0 one scale, 1 per row, 2 per (row, group)
-    HAS_ZP: tl.constexpr,
-    ZP_DEFAULT: tl.constexpr,  # zero point without a tensor (8 for symmetric int4, else 0)
-    HAS_BIAS: tl.constexpr,
-    GS: tl.constexpr,  # storage columns per quantization group (SMODE 2)
-    STEP: tl.constexpr,  # storage columns per slot (a slot never straddles two groups)
-    SLOT: tl.constexpr,  # next power of two >= STEP: a slot's lanes (the excess is masked)
-    GPT: tl.constexpr,  # slots per K step
-    BLOCK_N: tl.constexpr,
-    USE_ASM: tl.constexpr,  # GPU: codes to fp32 with inline PTX (``INT4_F32_ASM``), else plain ops
-):  # fmt: skip
-    """``y[m, n] = sum_k x[m, k] * (q[n, k] - z) * s (+ b[n])`` for one ``m`` and ``BLOCK_N`` rows ``n``.
-
-    The loads of K step ``i + 1`` are issued before step ``i`` is computed (register double
-    buffering): a decode GEMV has too little work per program to hide DRAM latency otherwise.
-    """
-    pid = tl.program_id(0)
-    pid_m = pid % M  # rows of x sharing a weight block run side by side (L2 reuse)
-    pid_n = pid // M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_j = tl.arange(0, GPT)
-    offs_s = tl.arange(0, SLOT)
-    R: tl.constexpr = 2 if WKIND == 1 else 1  # elements per storage column
-    offs_x = tl.arange(0, R * SLOT)
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn  # (BN, 1, 1)
-    if SMODE == 2:
-        acc = tl.zeros((BLOCK_N, GPT), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, GPT, R * SLOT), dtype=tl.float32)
-        if HAS_ZP:
-            z_row = tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)
-        else:
-            z_row = tl.zeros((BLOCK_N,), dtype=tl.float32) + ZP_DEFAULT
-        zb_row = _code_bias(z_row, WKIND)[:, None, None]  # (BN, 1, 1)
-    b, xv, sg, zg = _gemv_loads(0, w_rows, x_row, s_ptr, z_ptr, offs_n, n_mask, offs_j, offs_s, offs_x, KS,
-                                stride_sn, stride_sg, stride_zn, stride_zg, WKIND, SMODE, HAS_ZP, GS, STEP, R)  # fmt: skip
-    for j0 in range(0, NSLOT, GPT):
-        nb, nxv, nsg, nzg = _gemv_loads(j0 + GPT, w_rows, x_row, s_ptr, z_ptr, offs_n, n_mask, offs_j, offs_s, offs_x,
-                                        KS, stride_sn, stride_sg, stride_zn, stride_zg, WKIND, SMODE, HAS_ZP, GS, STEP,
-                                        R)  # fmt: skip
-        if SMODE == 2:
-            if HAS_ZP:
-                zb = _code_bias(zg.to(tl.float32), WKIND)[:, :, None]  # (BN, GPT, 1)
-            else:
-                zb = _code_bias(tl.zeros((BLOCK_N, GPT), dtype=tl.float32) + ZP_DEFAULT, WKIND)[:, :, None]
-        else:
-            zb = zb_row
-        if WKIND == 1:
-            lo, hi = _nibble_values(b, USE_ASM)
-            t = _k_order_3d(lo - zb, hi - zb, BLOCK_N, GPT, SLOT)
-        elif WKIND == 0:
-            t = _code_values(b, WKIND, USE_ASM) - zb
-        else:
-            t = _code_values(b, WKIND, USE_ASM)
-        prod = t * xv.to(tl.float32)[None, :, :]
-        if SMODE == 2:
-            acc += tl.sum(prod, axis=2) * sg
-        else:
-            acc += prod
-        b, xv, sg, zg = nb, nxv, nsg, nzg
-    if SMODE == 2:
-        y = tl.sum(acc, axis=1)
-    else:
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        if SMODE == 1:
-            y = y * tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
-        else:
-            y = y * tl.load(s_ptr)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ every shape before capturing). ``TUNE = False`` turns timing off everywhere.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,99 +43,88 @@ def m_bucket(m: int) -> int:
     return next_power_of_2(max(1, m))
 
 
-# (BLOCK_N, storage bytes per row per step, num_warps, num_stages) of the GEMV (M <= 2)
-GEMV_TILES = [(16, 256, 4, 3), (32, 128, 4, 4)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the weight-only tensor-core GEMM. For decode,
-# BLOCK_M = 16 (one MMA row tile) and narrow N tiles: N = 4096 makes 128-256 programs for 132 SMs,
-# deep pipelines keep enough weight bytes in flight. BLOCK_K shrinks to divide the group size.
-WO_MM_DECODE = [(16, 16, 256, 4, 6), (16, 32, 128, 4, 6), (16, 64, 128, 4, 4)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): wide N tiles (fewer instructions per
-# weight: each x fragment serves more MMAs) made numerous again by splitting K (atomic adds).
-WO_MM_DECODE_SPLIT = [(16, 128, 128, 4, 4, 4), (16, 64, 128, 4, 4, 2), (16, 128, 128, 8, 4, 2)]
-WO_MM_SMALL = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 5), (16, 128, 64, 4, 4)]
+# Decode (M <= 16): the split-K kernels of ``quant_splitk_kernels``. A K step is BLOCK_KW 32-bit words
+# (8 int4 or 4 int8 codes each) of BLOCK_N rows; PROGS is about how many programs a launch makes
+# (K splits x output tiles): a few per SM keeps enough weight bytes in flight on 132 SMs.
+# (BLOCK_N, BLOCK_KW, num_warps, PROGS, PRMT) of the GEMV (a row of x per program, CUDA-core FMAs;
+# PRMT: int4 / int8 codes decoded with inline PTX)
+GEMV_TILES = [
+    (128, 16, 4, 512, True),
+    (64, 16, 4, 512, True),
+    (64, 32, 4, 512, True),
+    (32, 32, 4, 512, True),
+    (128, 8, 4, 512, True),
+    (128, 16, 4, 1024, True),
+    (128, 16, 8, 512, True),
+    (256, 16, 8, 512, True),
+    (128, 16, 4, 512, False),
+    (64, 16, 4, 512, False),
+]
+# (BLOCK_N, BLOCK_KW, num_warps, PROGS) of the tl.dot form (16 rows of x per program)
+DOT_TILES = [(64, 16, 4, 512), (32, 16, 4, 512), (128, 16, 4, 512), (64, 32, 4, 512), (64, 16, 8, 512),
+             (32, 32, 4, 1024), (128, 16, 8, 1024)]  # fmt: skip
+DOT_FOR_GEMV = 1  # tl.dot candidates tried where the GEMV is (a few rows)
+GEMV_MAX_M = 4  # the GEMV re-decodes the weights for every row: a candidate up to this many rows
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the weight-only tensor-core GEMM (M > 16)
 WO_MM_MEDIUM = [(32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3)]
 WO_MM_LARGE = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the int8 GEMM
-W8A8_SMALL = [
-    (16, 32, 256, 4, 4),
-    (16, 64, 256, 4, 4),
-    (16, 64, 128, 4, 5),
-    (16, 128, 128, 4, 4),
-    (16, 16, 512, 4, 3),
-]
+W8A8_SMALL = [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 64, 128, 4, 5), (16, 128, 128, 4, 4),
+              (16, 16, 512, 4, 3)]  # fmt: skip
 W8A8_MEDIUM = [(32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3)]
 W8A8_LARGE = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
-# Interpreter tiles: small, and K steps shorter than the test shapes so loops run several times.
-INTERPRET_GEMV = (8, 16, 1, 1)
+# Interpreter tiles: small, with K steps and splits shorter than the test shapes so loops run several times.
+INTERPRET_GEMV = dict(BLOCK_N=8, BLOCK_KW=2, num_warps=1, SPLIT=2)
+INTERPRET_DOT = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_KW=4, num_warps=1, SPLIT=2)
 INTERPRET_MM = (16, 16, 32, 1, 1)
+DECODE_M = 16  # rows of x up to which the split-K kernels run
 
 
-def gemv_slots(row_bytes: int, group_store: int | None, word: int = 1) -> tuple[int, int, int] | None:
-    """``(STEP, SLOT, GPT)`` of the GEMV for a K step of ``row_bytes`` storage columns.
-
-    A slot is ``STEP`` storage columns of one row padded to ``SLOT`` (a power of two) lanes;
-    ``GPT`` slots make a K step. With groups (``group_store`` storage columns each) a slot never
-    straddles two groups: small groups are one slot each; large ones are cut into power-of-two
-    slots dividing them (``None`` when only slots under 16 columns would do, or when a slot
-    would split one of the ``word``-byte words int4 codes are packed in).
-    """
-    if group_store is None:
-        return row_bytes, row_bytes, 1
-    if group_store % word:
-        return None
-    if group_store <= row_bytes:
-        slot = next_power_of_2(group_store)
-        return group_store, slot, max(1, row_bytes // slot)
-    p = math.gcd(group_store, row_bytes)  # largest power of two <= row_bytes dividing the group
-    if p < 16:
-        return None
-    return p, p, row_bytes // p
-
-
-def weight_only_candidates(
-    m: int, group_store: int | None, interpret: bool, word: int = 1
-) -> list[Candidate]:
-    """Candidate kernels of a weight-only linear with ``m`` rows (``group_store``, ``word``: see :func:`gemv_slots`)."""
+def decode_candidates(m: int, interpret: bool, gemv: bool = True, dot: bool = True) -> list[Candidate]:
+    """The split-K candidates for ``m`` rows (``m <= DECODE_M``): GEMV for few rows, ``tl.dot`` forms."""
     out: list[Candidate] = []
-    gemv = [INTERPRET_GEMV] if interpret else GEMV_TILES
-    if m <= 2:
-        for bn, rb, w, s in gemv:
-            slots = gemv_slots(rb, group_store, word)
-            if slots is not None:
-                step, slot, gpt = slots
-                out.append(
-                    Candidate(
-                        "gemv", dict(BLOCK_N=bn, STEP=step, SLOT=slot, GPT=gpt, num_warps=w, num_stages=s)
-                    )
-                )
+    if interpret:
+        if gemv and m <= GEMV_MAX_M:
+            out.append(Candidate("gemv", dict(INTERPRET_GEMV)))
+        if dot:
+            out.append(Candidate("dot", dict(INTERPRET_DOT)))
+        return out
+    few = gemv and m <= GEMV_MAX_M
+    if few:
+        out += [Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, PROGS=p, PRMT=asm))
+                for bn, bkw, w, p, asm in GEMV_TILES]  # fmt: skip
+    if dot:
+        out += [Candidate("dot", dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, PROGS=p))
+                for bn, bkw, w, p in (DOT_TILES[:DOT_FOR_GEMV] if few else DOT_TILES)]  # fmt: skip
+    return out
+
+
+def weight_only_candidates(m: int, splitk: bool, interpret: bool) -> list[Candidate]:
+    """Candidate kernels of a weight-only linear with ``m`` rows (``splitk``: the weights suit the split-K kernels)."""
+    if m <= DECODE_M and splitk:
+        return decode_candidates(m, interpret)
     if interpret:
         tiles = [INTERPRET_MM]
-    elif m <= 4:
-        tiles = WO_MM_DECODE
-    elif m <= 16:
-        tiles = WO_MM_SMALL
     elif m <= 128:
         tiles = WO_MM_MEDIUM
     else:
         tiles = WO_MM_LARGE
-    out += [Candidate("mm", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s))
-            for bm, bn, bk, w, s in tiles]  # fmt: skip
-    if m <= 16 and not interpret:
-        out += [Candidate("mm", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s,
-                                     SPLIT_K=k)) for bm, bn, bk, w, s, k in WO_MM_DECODE_SPLIT]  # fmt: skip
+    out = [Candidate("mm", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s))
+           for bm, bn, bk, w, s in tiles]  # fmt: skip
     if m > 64 and not interpret:
         out.append(Candidate("dequant_matmul", {}))
     return out
 
 
-def w8a8_candidates(m: int, interpret: bool) -> list[Candidate]:
-    """Candidate tiles of the int8 GEMM for ``m`` rows."""
+def w8a8_candidates(m: int, interpret: bool, splitk: bool = True) -> list[Candidate]:
+    """Candidate kernels of the int8 x int8 linear for ``m`` rows: split-K decode kernels, then the int8 GEMM."""
+    out = decode_candidates(m, interpret) if m <= DECODE_M and splitk else []
     if interpret:
         tiles = [INTERPRET_MM]
     else:
         tiles = W8A8_SMALL if m <= 16 else W8A8_MEDIUM if m <= 128 else W8A8_LARGE
-    return [Candidate("w8a8", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s))
-            for bm, bn, bk, w, s in tiles]  # fmt: skip
+    return out + [Candidate("w8a8", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s))
+                  for bm, bn, bk, w, s in tiles]  # fmt: skip
 
 
 def _unbuildable(e: Exception) -> bool:
@@ -212,7 +200,7 @@ __all__ = [
     "TUNE",
     "Candidate",
     "KernelTuner",
-    "gemv_slots",
+    "decode_candidates",
     "m_bucket",
     "w8a8_candidates",
     "weight_only_candidates",

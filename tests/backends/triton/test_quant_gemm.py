@@ -1,8 +1,8 @@
 """The quantized-GEMM kernels (``kiln.backends.triton.quant_gemm``) against the plain-torch references.
 
-Kernels run in Triton's interpreter on the CPU (``conftest.py`` sets ``TRITON_INTERPRET=1``) on
-small random shapes with ragged M / N / K edges; outputs are poisoned with NaN first, so an
-element a kernel forgets to write fails the comparison. The oracle is each op's reference on
+Kernels run in Triton's interpreter on the CPU (``conftest.py`` sets ``TRITON_INTERPRET=1``), or
+compiled on a GPU when there is one, on small random shapes with ragged M / N / K edges; outputs
+are poisoned with NaN first, so an element a kernel forgets to write fails the comparison. The oracle is each op's reference on
 fp32 inputs; tolerances fit the output dtype. The inline PTX the GPU runs instead of the
 interpreter's plain-op twins is checked by emulating it instruction by instruction.
 """
@@ -16,11 +16,24 @@ import torch
 
 from kiln.backends.triton import quant_gemm as qg
 from kiln.backends.triton import quant_gemm_kernels as qk
-from kiln.backends.triton.quant_gemm_tune import Candidate, gemv_slots, m_bucket, weight_only_candidates
+from kiln.backends.triton import quant_splitk_kernels as qs
+from kiln.backends.triton.quant_gemm_tune import (
+    DECODE_M,
+    GEMV_MAX_M,
+    Candidate,
+    m_bucket,
+    w8a8_candidates,
+    weight_only_candidates,
+)
 from kiln.errors import ConfigError
 from kiln.quantize import ops as ref
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # compiled kernels on a GPU
+
+
+def _dev(*ts: torch.Tensor | None) -> list:
+    return [t.to(DEV) if t is not None else None for t in ts]
 
 
 @pytest.fixture(autouse=True)
@@ -35,13 +48,19 @@ def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert got.shape == want.shape and got.dtype == dtype
     assert not torch.isnan(got).any(), "an output element was never written"
-    err = (got.float() - want.float()).abs().max().item()
+    err = (got.float().cpu() - want.float().cpu()).abs().max().item()
     scale = want.float().abs().max().item()
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs scale {scale:.3g} ({dtype})"
 
 
-def gemv(bn: int, step: int, slot: int, gpt: int) -> Candidate:
-    return Candidate("gemv", dict(BLOCK_N=bn, STEP=step, SLOT=slot, GPT=gpt, num_warps=1, num_stages=1))
+def gemv(bn: int, bkw: int, split: int, prmt: bool = False) -> Candidate:
+    """The split-K GEMV: ``BLOCK_N`` rows, K steps of ``bkw`` words, K cut into ``split`` slices."""
+    return Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split, PRMT=prmt))
+
+
+def dot(bn: int, bkw: int, split: int) -> Candidate:
+    """The split-K ``tl.dot`` form, 16 rows of x per program."""
+    return Candidate("dot", dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split))
 
 
 def mm(bm: int = 16, bn: int = 16, bk: int = 32, split: int = 1) -> Candidate:
@@ -66,12 +85,17 @@ def _int4_weight(n: int, k: int, g: int, zp: bool, gen: torch.Generator) -> tupl
 
 INT4_CASES = [
     # (M, N, K, g, zero point, bias, x dtype, candidate): ragged N everywhere (20 / 24 rows, BN 8 / 16)
-    (3, 20, 64, 32, True, True, torch.bfloat16, None),  # the default choice: GEMV, one group per slot
-    (1, 20, 80, 16, True, False, torch.float32, gemv(8, 8, 8, 4)),  # 4 groups per step, ragged last step
-    (2, 20, 128, 64, False, True, torch.float16, gemv(8, 16, 16, 1)),  # a group cut into 2 slots, zero 8
-    (1, 24, 48, 24, True, False, torch.float32, gemv(16, 12, 16, 2)),  # 12-byte groups padded to 16 lanes
-    (1, 20, 64, 64, True, True, torch.float32, gemv(8, 16, 16, 2)),  # g = K: per-channel scales
-    (17, 20, 64, 32, True, True, torch.bfloat16, mm()),  # two M tiles, scales after the dot
+    (3, 20, 64, 32, True, True, torch.bfloat16, None),  # the default choice (split-K GEMV)
+    (1, 20, 80, 16, True, False, torch.float32, gemv(8, 2, 3)),  # a group per K step; splits of 2, 2, 1 steps
+    (2, 20, 128, 64, False, True, torch.float16, gemv(8, 4, 2)),  # a group is 2 steps; no zero point (8)
+    (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2)),  # 3-word groups: a scale per word
+    (1, 20, 64, 64, True, True, torch.float32, gemv(8, 2, 1)),  # g = K: per-channel scales, one split
+    (2, 20, 128, 32, True, True, torch.bfloat16, gemv(8, 4, 3, prmt=True)),  # codes by prmt (GPU) / its twin
+    (1, 24, 48, 24, False, False, torch.float32, gemv(16, 4, 2, prmt=True)),
+    (5, 20, 96, 32, True, True, torch.bfloat16, dot(16, 4, 2)),  # tl.dot, a group per K step
+    (3, 24, 48, 24, True, False, torch.float32, dot(16, 4, 1)),  # tl.dot, a scale per word, ragged K step
+    (20, 20, 64, 32, False, True, torch.float16, dot(16, 2, 3)),  # two M tiles of 16
+    (17, 20, 64, 32, True, True, torch.bfloat16, mm()),  # M > 16: the tensor-core GEMM
     (3, 24, 48, 24, True, False, torch.float32, mm(bk=32)),  # any group: per-element scales
     (2, 20, 72, 72, False, True, torch.float16, mm(bk=32)),  # per channel, ragged K step
     (3, 20, 96, 32, True, True, torch.float32, mm(bk=32, split=2)),  # split-K: 2 + 1 K steps, atomic adds
@@ -86,7 +110,7 @@ def test_w4a16_matches_reference(m, n, k, g, zp, bias, dtype, cand) -> None:  # 
     x = torch.randn(1, m, k, generator=gen).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     want = ref.qlinear_w4a16_reference(x.float(), w, s, z, g, b.float() if bias else None)
-    got = qg.qlinear_w4a16(x, w, s, z, g, b, candidate=cand)
+    got = qg.qlinear_w4a16(*_dev(x, w, s, z), g, *_dev(b), candidate=cand)
     _close(got, want, dtype)
 
 
@@ -96,10 +120,13 @@ def test_w4a16_matches_reference(m, n, k, g, zp, bias, dtype, cand) -> None:  # 
 
 INT8_CASES = [
     # (M, N, K, scale kind, zero point, x dtype, candidate)
-    (1, 20, 72, "channel", True, torch.bfloat16, gemv(8, 32, 32, 1)),  # ragged K (72 = 2 x 32 + 8)
-    (3, 20, 64, "tensor", True, torch.float32, gemv(8, 16, 16, 2)),
-    (2, 20, 96, "group48", True, torch.float16, None),  # the default choice; 48-byte groups, 64 lanes
-    (1, 20, 64, "group16", False, torch.float32, gemv(8, 16, 16, 4)),
+    (1, 20, 72, "channel", True, torch.bfloat16, gemv(8, 4, 2)),  # ragged K (18 words = 4 + 4 + 1 steps)
+    (3, 20, 64, "tensor", True, torch.float32, gemv(8, 2, 3)),
+    (2, 20, 96, "group48", True, torch.float16, None),  # the default choice; 12-word groups
+    (1, 20, 64, "group16", False, torch.float32, gemv(8, 8, 1)),  # 2 groups per K step: a scale per word
+    (3, 20, 96, "group48", True, torch.bfloat16, gemv(8, 4, 2, prmt=True)),  # codes by prmt (GPU) / its twin
+    (6, 20, 72, "channel", True, torch.bfloat16, dot(16, 4, 2)),
+    (2, 20, 66, "channel", True, torch.float32, None),  # K % 4 != 0: no split-K words, the GEMM runs
     (17, 20, 72, "channel", True, torch.bfloat16, mm(bk=32)),  # ragged M and K
     (2, 20, 72, "channel", True, torch.float16, mm(bk=32, split=3)),  # split-K, the last slice ragged
     (3, 20, 96, "group48", True, torch.float32, mm(bk=32)),  # 16 | 48: scales after the dot
@@ -118,17 +145,18 @@ def test_w8a16_matches_reference(m, n, k, kind, zp, dtype, cand) -> None:  # typ
     x = torch.randn(2, m, k, generator=gen).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype)
     want = ref.qlinear_w8a16_reference(x.float(), w, s, z, g, b.float())
-    _close(qg.qlinear_w8a16(x, w, s, z, g, b, candidate=cand), want, dtype)
+    _close(qg.qlinear_w8a16(*_dev(x, w, s, z), g, *_dev(b), candidate=cand), want, dtype)
 
 
-@pytest.mark.parametrize("cand", [gemv(8, 16, 16, 2), mm(bk=32)])
+@pytest.mark.parametrize("cand", [gemv(8, 2, 3), dot(16, 4, 2), mm(bk=32)])
 def test_fp8_weight_only_matches_reference(cand: Candidate) -> None:
     gen = torch.Generator().manual_seed(3)
     w = (torch.randn(20, 64, generator=gen) * 4).to(torch.float8_e4m3fn)
+    w[0, :8] = torch.tensor([448.0, -448.0, 2.0**-9, -(2.0**-9), 0.0, -0.0, 0.0137, -3.5]).to(torch.float8_e4m3fn)
     s = torch.rand(20, generator=gen) * 0.1 + 0.01
     x = torch.randn(3, 64, generator=gen)
     want = ref.qlinear_fp8_reference(x, None, w, s, None, torch.float32)
-    _close(qg.qlinear_fp8(x, None, w, s, None, torch.float32, candidate=cand), want, torch.float32)
+    _close(qg.qlinear_fp8(*_dev(x), None, *_dev(w, s), None, torch.float32, candidate=cand), want, torch.float32)
 
 
 # --------------------------------------------------------------------------------------
@@ -136,16 +164,18 @@ def test_fp8_weight_only_matches_reference(cand: Candidate) -> None:
 # --------------------------------------------------------------------------------------
 
 W8A8_CASES = [
-    # (M, K, per-token x scale, per-channel w scale, x zero point, bias, out dtype)
-    (1, 64, True, True, False, False, torch.bfloat16),
-    (17, 72, True, True, False, True, torch.float32),  # ragged M and K
-    (3, 64, False, False, True, True, torch.float32),  # per-tensor both, asymmetric activations
-    (5, 96, True, False, True, False, torch.float16),  # per-token zero points
+    # (M, K, per-token x scale, per-channel w scale, x zero point, bias, out dtype, candidate)
+    (1, 64, True, True, False, False, torch.bfloat16, None),  # the default choice (split-K GEMV)
+    (17, 72, True, True, False, True, torch.float32, None),  # ragged M and K: the int8 tensor-core GEMM
+    (3, 64, False, False, True, True, torch.float32, gemv(8, 4, 3)),  # per-tensor both, asymmetric x
+    (5, 96, True, False, True, False, torch.float16, dot(16, 4, 2)),  # per-token zero points
+    (2, 64, True, True, True, True, torch.bfloat16, Candidate("w8a8", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32,
+                                                                            GROUP_M=8, num_warps=1, num_stages=1))),
 ]
 
 
-@pytest.mark.parametrize(("m", "k", "xs_row", "ws_row", "xzp", "bias", "out"), W8A8_CASES)
-def test_w8a8_matches_reference(m, k, xs_row, ws_row, xzp, bias, out) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("m", "k", "xs_row", "ws_row", "xzp", "bias", "out", "cand"), W8A8_CASES)
+def test_w8a8_matches_reference(m, k, xs_row, ws_row, xzp, bias, out, cand) -> None:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(m + k)
     n = 20
     x = torch.randint(-128, 128, (1, m, k), dtype=torch.int8, generator=gen)
@@ -155,7 +185,7 @@ def test_w8a8_matches_reference(m, k, xs_row, ws_row, xzp, bias, out) -> None:  
     ws = torch.rand((n,) if ws_row else (), generator=gen) * 0.02 + 1e-3
     b = torch.randn(n, generator=gen).to(out) if bias else None
     want = ref.qlinear_w8a8_reference(x, xs, xz, w, ws, b.float() if bias else None, torch.float32)
-    _close(qg.qlinear_w8a8(x, xs, xz, w, ws, b, out), want, out)
+    _close(qg.qlinear_w8a8(*_dev(x, xs, xz, w, ws, b), out, candidate=cand), want, out)
 
 
 @pytest.mark.parametrize(("per_token", "per_channel", "out"), [
@@ -165,12 +195,12 @@ def test_w8a8_matches_reference(m, k, xs_row, ws_row, xzp, bias, out) -> None:  
 ])  # fmt: skip
 def test_fp8_activations_match_reference(per_token: bool, per_channel: bool, out: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(5)
-    xf = torch.randn(2, 3, 32, generator=gen) * 3
+    xf = (torch.randn(2, 3, 32, generator=gen) * 3).to(DEV)
     xs = qg.dynamic_scale(xf, 448.0, per_token)
     xq = qg.quantize(xf, xs, None, -448, 448, torch.float8_e4m3fn)
-    w = (torch.randn(48, 32, generator=gen) * 2).to(torch.float8_e4m3fn)
-    ws = torch.rand((48,) if per_channel else (), generator=gen) + 0.5
-    b = torch.randn(48, generator=gen)
+    w = (torch.randn(48, 32, generator=gen) * 2).to(torch.float8_e4m3fn).to(DEV)
+    ws = (torch.rand((48,) if per_channel else (), generator=gen) + 0.5).to(DEV)
+    b = torch.randn(48, generator=gen).to(DEV)
     want = ref.qlinear_fp8_reference(xq, xs, w, ws, b, torch.float32)
     got = qg.qlinear_fp8(xq, xs, w, ws, b.to(out), out)
     assert got.shape == (2, 3, 48) and got.dtype == out
@@ -185,7 +215,7 @@ def test_fp8_activations_match_reference(per_token: bool, per_channel: bool, out
 
 def test_dynamic_scale_and_int8_codes_equal_reference() -> None:
     gen = torch.Generator().manual_seed(7)
-    x = (torch.randn(2, 5, 300, generator=gen) * 4).to(torch.bfloat16)  # K not a power of two: masked tail
+    x = (torch.randn(2, 5, 300, generator=gen) * 4).to(torch.bfloat16).to(DEV)  # K not a power of two: masked tail
     s = qg.dynamic_scale(x, 127.0)
     assert torch.equal(s, ref.dynamic_scale_reference(x, 127.0))
     assert torch.equal(
@@ -193,8 +223,8 @@ def test_dynamic_scale_and_int8_codes_equal_reference() -> None:
         ref.quantize_reference(x, s, None, -128, 127, torch.int8),
     )
     # per-tensor asymmetric: scale () and zero point (), ties exactly on .5
-    xt = torch.arange(-40, 40, dtype=torch.float32).reshape(4, 20) * 0.25 + 0.125
-    st, zt = torch.tensor(0.25), torch.tensor(3, dtype=torch.int8)
+    xt = (torch.arange(-40, 40, dtype=torch.float32).reshape(4, 20) * 0.25 + 0.125).to(DEV)
+    st, zt = torch.tensor(0.25, device=DEV), torch.tensor(3, dtype=torch.int8, device=DEV)
     assert torch.equal(
         qg.quantize(xt, st, zt, -128, 127, torch.int8),
         ref.quantize_reference(xt, st, zt, -128, 127, torch.int8),
@@ -208,8 +238,8 @@ def test_fp8_codes_round_half_even_like_torch() -> None:
                           if abs(float(v)) <= 448])  # fmt: skip
     exact = torch.sort(exact).values
     mids = (exact[:-1] + exact[1:]) / 2  # ties between neighbouring codes
-    x = torch.cat([grid, exact, mids]).reshape(1, -1)
-    one = torch.ones(1, 1)
+    x = torch.cat([grid, exact, mids]).reshape(1, -1).to(DEV)
+    one = torch.ones(1, 1, device=DEV)
     got = qg.quantize(x, one, None, -448, 448, torch.float8_e4m3fn)
     want = ref.quantize_reference(x, one, None, -448, 448, torch.float8_e4m3fn)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
@@ -313,33 +343,73 @@ def test_inline_ptx_int8_dequant_semantics(bf16: bool) -> None:
             assert vals == [float(torch.tensor(float(v - z), dtype=dt)) for v in q]
 
 
+@pytest.mark.parametrize("int4", [True, False])
+def test_inline_ptx_prmt_decode_equals_its_twin(int4: bool) -> None:
+    """The split-K GEMV's ``prmt`` decode gives each code the bits its plain-op twin computes."""
+    asm = (qs.PRMT_INT4 if int4 else qs.PRMT_INT8).value
+    n_out = 8 if int4 else 4
+    gen = torch.Generator().manual_seed(1)
+    for word in torch.randint(0, 2**32, (200,), dtype=torch.int64, generator=gen).tolist() + [0, 2**32 - 1]:
+        out = _run_ptx(asm, {f"${i}": 0 for i in range(n_out)} | {f"${n_out}": word})
+        for c in range(n_out):
+            if int4:
+                u = (word >> ((c % 4) * 8 + (c // 4) * 4)) & 0xF
+                want = (u << 16) | 0x3F000000  # 0.5 + u / 256
+            else:
+                u = ((word >> (8 * c)) & 0xFF) ^ 0x80  # q + 128
+                want = (u << 8) | 0x3F800000  # 1 + u / 32768
+            assert out[f"${c}"] == want, (hex(word), c)
+
+
 # --------------------------------------------------------------------------------------
 # Dispatch, candidates and errors
 # --------------------------------------------------------------------------------------
 
 
-def test_gpu_candidates_fit_llama_shapes() -> None:
-    """On the GPU every decode shape of Llama-3 8B gets GEMV and GEMM candidates whose slots fit its groups."""
-    for g in (128, None):
-        for m in (1, 16, 4096):
-            cands = weight_only_candidates(m, g // 2 if g else None, interpret=False, word=4)
-            kinds = {c.kernel for c in cands}
-            assert "mm" in kinds and ("gemv" in kinds) == (m <= 2) and ("dequant_matmul" in kinds) == (m > 64)
-            for c in cands:
-                if c.kernel == "gemv":
-                    p = c.params
-                    assert p["STEP"] <= p["SLOT"] and p["STEP"] % 4 == 0
-                    assert g is None or (g // 2) % p["STEP"] == 0 or p["STEP"] == g // 2
-    assert gemv_slots(256, 64) == (64, 64, 4) and gemv_slots(128, 512) == (128, 128, 1)
-    assert (
-        gemv_slots(256, 6, word=4) is None and gemv_slots(16, 24) is None
-    )  # a slot would split a word / 8 | 24
+def test_gpu_candidates_cover_decode_and_prefill() -> None:
+    """On the GPU: split-K kernels up to DECODE_M rows (the GEMV up to GEMV_MAX_M), the GEMMs above."""
+    for m in (1, 2, 4, 5, 16, 17, 4096):
+        kinds = {c.kernel for c in weight_only_candidates(m, splitk=True, interpret=False)}
+        assert ("gemv" in kinds) == (m <= GEMV_MAX_M) and ("dot" in kinds) == (m <= DECODE_M)
+        assert ("mm" in kinds) == (m > DECODE_M) and ("dequant_matmul" in kinds) == (m > 64)
+        w8 = {c.kernel for c in w8a8_candidates(m, interpret=False)}
+        assert "w8a8" in w8 and ("dot" in w8) == (m <= DECODE_M)
+    assert {c.kernel for c in weight_only_candidates(1, splitk=False, interpret=False)} == {"mm"}
     assert [m_bucket(m) for m in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
 
 
+@pytest.mark.parametrize(("k_words", "tiles", "params"), [
+    (512, 64, dict(BLOCK_KW=16, PROGS=512)),  # int4 K=4096, N=4096 in 64-row tiles: 8 splits of 4 steps
+    (1792, 64, dict(BLOCK_KW=16, PROGS=512)),  # K=14336
+    (512, 224, dict(BLOCK_KW=32, PROGS=512)),  # many tiles: 2 splits
+    (10, 3, dict(BLOCK_KW=2, SPLIT=3)),  # forced: 5 steps as 2 + 2 + 1
+    (7, 1000, dict(BLOCK_KW=4, PROGS=512)),  # more tiles than programs: no split
+])  # fmt: skip
+def test_split_plan_covers_k_exactly_once(k_words: int, tiles: int, params: dict) -> None:
+    split, steps = qg.split_plan(k_words, tiles, params)
+    step_words = steps * params["BLOCK_KW"]
+    assert split >= 1 and (split - 1) * step_words < k_words <= split * step_words  # no empty split, all of K
+    if "SPLIT" in params:
+        assert split == params["SPLIT"]
+    else:
+        assert split * tiles <= 2 * params["PROGS"] or split == 1
+
+
+def test_split_k_is_deterministic_and_leaves_counters_zeroed() -> None:
+    gen = torch.Generator().manual_seed(11)
+    w, s, z = _int4_weight(40, 128, 32, True, gen)
+    x = torch.randn(2, 128, generator=gen)
+    args = [*_dev(x, w, s, z), 32, None]
+    first = qg.qlinear_w4a16(*args, candidate=gemv(8, 2, 4))
+    again = qg.qlinear_w4a16(*args, candidate=gemv(8, 2, 4))
+    assert torch.equal(first, again)  # partial sums added in a fixed order, whichever split is last
+    _close(first, ref.qlinear_w4a16_reference(x, w, s, z, 32, None), torch.float32)
+    assert all(int(buf.abs().sum()) == 0 for buf in qg._COUNTERS.values())
+
+
 def test_bad_inputs_raise_config_errors() -> None:
-    x = torch.randn(2, 64)
-    w4, s4, z4 = _int4_weight(16, 64, 32, True, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 64).to(DEV)
+    w4, s4, z4 = _dev(*_int4_weight(16, 64, 32, True, torch.Generator().manual_seed(0)))
     with pytest.raises(ConfigError, match="K=48 but the weight holds K=64"):
         qg.qlinear_w4a16(torch.randn(2, 48), w4, s4, z4, 32, None)
     with pytest.raises(ConfigError, match="multiple of 8"):

@@ -1,0 +1,514 @@
+"""Split-K weight-streaming kernels for quantized linears at decode sizes (``kiln::qlinear_*``, M <= 16).
+
+A decode step reads every weight once and does little arithmetic per byte, so these kernels are
+written for bytes in flight, after the split-K GEMVs of FasterTransformer / TensorRT-LLM and
+GemLite (Badri, 2024): the grid covers (N tiles x K splits), enough programs to keep all
+SMs streaming. A program reads ``BLOCK_N`` output channels' packed codes as 32-bit words along K
+(the weight's contiguous dimension: 16-byte coalesced loads, the next K step's loads issued
+before the current one is computed), turns codes into floats in registers with shifts and masks
+(the exponent trick of Kim et al., arXiv:2211.10017: ``u | 0x4B000000`` is the fp32 ``2**23 + u``,
+so subtracting ``2**23 + zero_point`` leaves the exact ``q - zero_point``), multiplies them with
+the activations and applies each group's scale once per (row, word or K step).
+
+The K splits combine without a second launch or a zeroed output: each split stores its fp32
+partial sums into a workspace ``(SPLIT, M, N)``, then bumps the tile's arrival counter; the
+split that arrives last adds the partials up in a fixed order (deterministic), adds the bias,
+casts and stores the output, and resets the counter to zero for the next launch on the stream.
+
+- :func:`wo_gemv_kernel`: one row of x per program (rows sharing a weight tile run side by
+  side, so M > 1 re-reads it from L2), CUDA-core FMAs reduced with ``tl.sum``.
+- :func:`wo_dot_kernel`: ``BLOCK_M`` (16) rows per program, the decoded tile in x's dtype
+  (exact: ``q - z`` are small integers, e4m3 values fit bf16/fp16) multiplied with ``tl.dot``.
+
+Weights (``WKIND``): 0 int8, 4 codes per word; 1 int4 packed by ``kiln.quantize.ops.pack_int4``
+(8 codes per word: byte ``i`` holds code ``8j+i`` in its low and ``8j+4+i`` in its high nibble,
+so code ``8j+c`` sits at bit ``8 (c % 4) + 4 (c // 4)``: decoding by those shifts yields codes in
+K order and the activations load contiguously); 2 float8 e4m3, 4 per word. Scales (``SMODE``):
+0 one, 1 per output channel, 2 per (channel, group of ``GW`` words); ``GROUP_PER_STEP`` when a
+K step of ``BLOCK_KW`` words never leaves a group (one scale per row and step), else one
+scale per word. ``X_CODES``: x holds int8 codes with a per-row or per-tensor scale and zero point
+(``kiln::qlinear_w8a8``), multiplied as floats (exact products, fp32 sums, as the reference).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ONE_BITS = tl.constexpr(0x3F800000)  # the bits of 1.0
+E4M3_SCALE = tl.constexpr(2.0**120)  # e4m3 exponent/mantissa bits at fp32's positions, times this, = value
+
+
+@triton.jit
+def _fence(t, USE_ASM: tl.constexpr):
+    """A GPU-scope memory fence in every thread (compiled code only; the interpreter runs programs in turn)."""
+    if USE_ASM:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, $1;", "=r,r", [t], dtype=tl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _place(wd, p: tl.constexpr, to: tl.constexpr):
+    """The bits of ``wd`` (uint32) shifted so that bit ``p`` lands on bit ``to``."""
+    if p > to:
+        return wd >> (p - to)
+    elif p < to:
+        return wd << (to - p)
+    else:
+        return wd
+
+
+@triton.jit
+def _code(wd, c: tl.constexpr, WKIND: tl.constexpr):
+    """Code ``c`` of every word ``wd`` (uint32) as the fp32 ``1 + u / 2**F``: two integer ops, exact.
+
+    ``u`` is the unsigned code (int4: ``q``; int8: ``q + 128``) and ``F`` its width (see :func:`code_shift`),
+    placed in the top mantissa bits of 1.0. e4m3 codes become their values.
+    """
+    if WKIND == 1:  # code c of a pack_int4 word sits at bit 8 (c % 4) + 4 (c // 4): move it to bits 19..22
+        v = ((_place(wd, (c % 4) * 8 + (c // 4) * 4, 19) & 0x780000) | ONE_BITS).to(tl.float32, bitcast=True)
+    elif WKIND == 0:  # byte c to bits 15..22, its top bit flipped (q + 128)
+        v = ((_place(wd, c * 8, 15) & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+    else:  # e4m3 (quantized weights hold no NaN): sign, then exponent and mantissa under fp32's
+        b = wd >> (c * 8)
+        bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20)
+        v = bits.to(tl.float32, bitcast=True) * E4M3_SCALE
+    return v
+
+
+# The same values with inline PTX (GPU only): ``prmt`` copies a byte of codes under the exponent
+# byte 0x3F, so a whole word takes 11 (int4) or 5 (int8) instructions instead of ~2 per code.
+# int4: nibbles masked into bytes, byte j under 0x3F: 0.5 + c / 256 (outputs are codes 0..7).
+PRMT_INT4 = tl.constexpr("""{
+.reg .b32 lo, hi, e;
+mov.b32 e, 0x3F000000;
+and.b32 lo, $8, 0x0F0F0F0F;
+shr.u32 hi, $8, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+prmt.b32 $0, lo, e, 0x7044;
+prmt.b32 $1, lo, e, 0x7144;
+prmt.b32 $2, lo, e, 0x7244;
+prmt.b32 $3, lo, e, 0x7344;
+prmt.b32 $4, hi, e, 0x7044;
+prmt.b32 $5, hi, e, 0x7144;
+prmt.b32 $6, hi, e, 0x7244;
+prmt.b32 $7, hi, e, 0x7344;
+}""")
+# int8: q + 128 as byte 1 of 0x3F80xx00: 1 + (q + 128) / 32768.
+PRMT_INT8 = tl.constexpr("""{
+.reg .b32 u, e;
+mov.b32 e, 0x3F800000;
+xor.b32 u, $4, 0x80808080;
+prmt.b32 $0, u, e, 0x7604;
+prmt.b32 $1, u, e, 0x7614;
+prmt.b32 $2, u, e, 0x7624;
+prmt.b32 $3, u, e, 0x7634;
+}""")
+
+
+@triton.jit
+def _codes_prmt(wu, WKIND: tl.constexpr):
+    """Every code of the words ``wu`` with :data:`PRMT_INT4` / :data:`PRMT_INT8`, or the plain-op twins (interpreter)."""
+    if WKIND == 1:
+        return tl.inline_asm_elementwise(PRMT_INT4, "=r,=r,=r,=r,=r,=r,=r,=r,r", [wu], dtype=(tl.float32,) * 8,
+                                         is_pure=True, pack=1)  # fmt: skip
+    else:
+        return tl.inline_asm_elementwise(PRMT_INT8, "=r,=r,=r,=r,r", [wu], dtype=(tl.float32,) * 4,
+                                         is_pure=True, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _code_twin(wu, c: tl.constexpr, WKIND: tl.constexpr):
+    """The value :func:`_codes_prmt` gives code ``c``, from plain ops (the interpreter runs no PTX)."""
+    if WKIND == 1:
+        u = (wu >> ((c % 4) * 8 + (c // 4) * 4)) & 0xF
+        return ((u << 16) | 0x3F000000).to(tl.float32, bitcast=True)
+    else:
+        u = ((wu >> (c * 8)) & 0xFF) ^ 0x80
+        return ((u << 8) | ONE_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_code(wu, codes, c: tl.constexpr, WKIND: tl.constexpr, PRMT: tl.constexpr, USE_ASM: tl.constexpr):
+    """Code ``c`` as the GEMV multiplies it: :func:`_code`, or the ``prmt`` form (``codes``) / its twin."""
+    if PRMT:
+        if USE_ASM:
+            v = codes[c]
+        else:
+            v = _code_twin(wu, c, WKIND)
+    else:
+        v = _code(wu, c, WKIND)
+    return v
+
+
+@triton.jit
+def code_shift(WKIND: tl.constexpr, PRMT: tl.constexpr):
+    """``2**F`` for :func:`_code`: ``sum (q - z) x = 2**F sum v x - code_bias(z) sum x``."""
+    if PRMT:
+        if WKIND == 1:
+            return 256.0
+        else:
+            return 32768.0
+    else:
+        if WKIND == 1:
+            return 16.0
+        else:
+            return 256.0
+
+
+@triton.jit
+def code_bias(z, WKIND: tl.constexpr, PRMT: tl.constexpr):
+    """What ``2**F v`` exceeds ``q - z`` by (``z`` the zero point as fp32): ``2**F v0 + offset + z``."""
+    if PRMT:
+        if WKIND == 1:
+            return z + 128.0  # 256 * 0.5
+        else:
+            return z + 32896.0  # 32768 + 128
+    else:
+        if WKIND == 1:
+            return z + 16.0
+        else:
+            return z + 384.0  # 256 + 128
+
+
+@triton.jit
+def _k_order(wd, zb, s, WKIND: tl.constexpr, CPW: tl.constexpr, SCALE: tl.constexpr):
+    """Words (BN, BKW) -> (BN, BKW * CPW) fp32 ``q - z`` (times ``s`` per word if ``SCALE``) in K order.
+
+    ``tl.join`` stacks codes in registers: ``join(join(a, b), join(c, d))[..., i, j]`` is code
+    ``2 i + j`` when a, b, c, d are codes 0, 2, 1, 3.
+    """
+    BN: tl.constexpr = wd.shape[0]
+    BKW: tl.constexpr = wd.shape[1]
+    if CPW == 8:
+        lo = tl.join(tl.join(_exact(wd, 0, zb, WKIND), _exact(wd, 4, zb, WKIND)),
+                     tl.join(_exact(wd, 2, zb, WKIND), _exact(wd, 6, zb, WKIND)))  # fmt: skip
+        hi = tl.join(tl.join(_exact(wd, 1, zb, WKIND), _exact(wd, 5, zb, WKIND)),
+                     tl.join(_exact(wd, 3, zb, WKIND), _exact(wd, 7, zb, WKIND)))  # fmt: skip
+        v = tl.join(lo, hi)  # [..., a, b, c] = code 4a + 2b + c
+    else:
+        v = tl.join(tl.join(_exact(wd, 0, zb, WKIND), _exact(wd, 2, zb, WKIND)),
+                    tl.join(_exact(wd, 1, zb, WKIND), _exact(wd, 3, zb, WKIND)))  # fmt: skip
+    v = tl.reshape(v, (BN, BKW, CPW))
+    if SCALE:
+        v = v * s[:, :, None]
+    return tl.reshape(v, (BN, BKW * CPW))
+
+
+@triton.jit
+def _exact(wd, c: tl.constexpr, zb, WKIND: tl.constexpr):
+    """Code ``c`` of the words as the exact fp32 ``q - z`` (one fma after :func:`_code`); e4m3: its value."""
+    v = _code(wd, c, WKIND)
+    if WKIND != 2:
+        v = v * code_shift(WKIND, False) - zb
+    return v
+
+
+@triton.jit
+def _wsz_loads(
+    kw0, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+    stride_sn, stride_sg, stride_zn, stride_zg,
+    SMODE: tl.constexpr, HAS_ZP: tl.constexpr, GW: tl.constexpr, GROUP_PER_STEP: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """Weight words (BN, BKW) of the K step at word ``kw0`` and its group scales / zero points.
+
+    Words from ``kw_end`` on (the split's end) are masked: a prefetch past the last step moves no bytes.
+    ``EVEN_K`` (whole K steps everywhere): one mask per step, so each thread's words load as one vector.
+    Scales / zero points: (BN,) with ``GROUP_PER_STEP``, else (BN, BKW); (BN,) zeros without groups.
+    """
+    kw = kw0 + offs_w
+    if EVEN_K:
+        k_ok = (tl.zeros_like(offs_w) + kw0) < kw_end
+    else:
+        k_ok = kw < kw_end
+    wd = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & k_ok[None, :], other=0)
+    if SMODE == 2:
+        if GROUP_PER_STEP:
+            g = kw0 // GW
+            sm = n_mask & (tl.zeros_like(offs_n) + kw0 < kw_end)
+            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=sm, other=0.0)
+            if HAS_ZP:
+                z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=sm, other=0).to(tl.float32)
+            else:
+                z = s
+        else:
+            g = kw // GW
+            sm = n_mask[:, None] & k_ok[None, :]
+            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=sm, other=0.0)
+            if HAS_ZP:
+                z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg, mask=sm, other=0).to(
+                    tl.float32
+                )
+            else:
+                z = s
+    else:
+        s = tl.zeros((offs_n.shape[0],), dtype=tl.float32)
+        z = s
+    return wd, s, z
+
+
+@triton.jit
+def _row_zero(z_ptr, offs_n, n_mask, stride_zn, HAS_ZP: tl.constexpr, ZP_DEFAULT: tl.constexpr):
+    """(BN,) per-channel / per-tensor zero points as fp32 (SMODE 0, 1)."""
+    if HAS_ZP:
+        z = tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)
+    else:
+        z = tl.zeros(offs_n.shape, dtype=tl.float32) + ZP_DEFAULT
+    return z
+
+
+@triton.jit
+def _step_zero(z, z_row, SMODE: tl.constexpr, HAS_ZP: tl.constexpr, ZP_DEFAULT: tl.constexpr,
+               GROUP_PER_STEP: tl.constexpr):  # fmt: skip
+    """The zero points of a K step as fp32, shaped to broadcast over the (BN, BKW) words."""
+    if SMODE == 2:
+        if not HAS_ZP:
+            z = tl.zeros(z.shape, dtype=tl.float32) + ZP_DEFAULT
+        if GROUP_PER_STEP:
+            zs = z[:, None]
+        else:
+            zs = z
+    else:
+        zs = z_row[:, None]
+    return zs
+
+
+@triton.jit
+def _scale_rows(y, s_ptr, offs_n, n_mask, stride_sn, SMODE: tl.constexpr):
+    """Per-channel / per-tensor weight scales applied to a (.., BN) result (SMODE 0, 1)."""
+    if SMODE == 1:
+        y = y * tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
+    elif SMODE == 0:
+        y = y * tl.load(s_ptr)
+    return y
+
+
+@triton.jit
+def _finish(
+    acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile, pid_k, SPLIT,
+    HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """Partial sums ``acc`` (BM, BN) of split ``pid_k`` -> ``y``: at once, or by the split arriving last."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    if IS_SPLIT:
+        part = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + part, acc, mask=mask)
+        _fence(offs_n, USE_ASM)  # this thread's partials are visible GPU-wide before the count
+        tl.debug_barrier()  # ... and every thread's, before one thread counts the program in
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:  # the other splits' partials are all stored
+            _fence(offs_n, USE_ASM)
+            tot = tl.zeros(acc.shape, dtype=tl.float32)
+            for s in range(SPLIT):  # a fixed order: the same sums whichever split came last
+                tot += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "N", "KW", "STEPS", "SPLIT"])
+def wo_gemv_kernel(
+    x_ptr, xs_ptr, xz_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, KW, STEPS, SPLIT,
+    stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym,
+    WKIND: tl.constexpr,  # 0 int8, 1 packed int4, 2 e4m3
+    SMODE: tl.constexpr,  # 0 one scale, 1 per channel, 2 per (channel, group)
+    HAS_ZP: tl.constexpr,
+    ZP_DEFAULT: tl.constexpr,  # zero point without a tensor (8 for symmetric int4, else 0)
+    HAS_BIAS: tl.constexpr,
+    GW: tl.constexpr,  # words per group (SMODE 2)
+    GROUP_PER_STEP: tl.constexpr,  # GW % BLOCK_KW == 0: one group per K step
+    X_CODES: tl.constexpr,  # x: int8 codes, scale xs and zero point xz (w8a8)
+    XS_PER_ROW: tl.constexpr, HAS_XZP: tl.constexpr,
+    IS_SPLIT: tl.constexpr,  # SPLIT > 1
+    EVEN_K: tl.constexpr,  # KW % BLOCK_KW == 0
+    XP: tl.constexpr,  # x read as: 0 its own dtype, one load per code; 1 / 2 bf16 / fp16 pairs in int32 words
+    PRMT: tl.constexpr,  # int4 / int8 codes with the ``prmt`` PTX of :data:`PRMT_INT4` / :data:`PRMT_INT8`
+    BLOCK_N: tl.constexpr,
+    BLOCK_KW: tl.constexpr,  # words per row per K step
+    USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """``y[m, n] = sum_k x[m, k] (q[n, k] - z) s (+ b[n])`` for one ``m``, ``BLOCK_N`` channels, split ``pid_k``.
+
+    Split ``pid_k`` covers ``STEPS`` K steps of ``BLOCK_KW`` words from word ``pid_k * STEPS * BLOCK_KW``.
+    """
+    CPW: tl.constexpr = 8 if WKIND == 1 else 4  # codes per 32-bit word
+    pid = tl.program_id(0)
+    pid_m = pid % M  # the rows of x sharing a weight tile run side by side (L2 reuse)
+    pid_n = pid // M
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, BLOCK_KW)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BN, 1)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    kw_lo = pid_k * STEPS * BLOCK_KW
+    kw_end = tl.minimum(KW, kw_lo + STEPS * BLOCK_KW)
+    n_steps = tl.cdiv(kw_end - kw_lo, BLOCK_KW)
+    if SMODE == 2:
+        z_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        z_row = _row_zero(z_ptr, offs_n, n_mask, stride_zn, HAS_ZP, ZP_DEFAULT)
+    if X_CODES:
+        if HAS_XZP:
+            if XS_PER_ROW:
+                xz = tl.load(xz_ptr + pid_m).to(tl.float32)
+            else:
+                xz = tl.load(xz_ptr).to(tl.float32)
+        else:
+            xz = 0.0
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                          stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP, EVEN_K)  # fmt: skip
+    for i in range(n_steps):
+        kw0 = kw_lo + i * BLOCK_KW
+        # the next step's bytes are requested before this step is computed
+        nwd, ns, nz = _wsz_loads(kw0 + BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                                 stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW,
+                                 GROUP_PER_STEP, EVEN_K)  # fmt: skip
+        wu = wd.to(tl.uint32, bitcast=True)
+        if PRMT and USE_ASM:
+            codes = _codes_prmt(wu, WKIND)
+        else:
+            codes = (wu,)
+        x_ok = kw0 + offs_w < kw_end
+        part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)  # sum v x over each word's codes
+        xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)  # sum x over each word's codes (shared by the rows)
+        # every op stays in the words' layout (no shuffles, no shared memory); x of code c of each word:
+        if XP == 0:  # one load per code
+            x_words = x_row + (kw0 + offs_w) * CPW
+            for c in tl.static_range(CPW):
+                if EVEN_K:
+                    xc = tl.load(x_words + c).to(tl.float32)
+                else:
+                    xc = tl.load(x_words + c, mask=x_ok, other=0.0).to(tl.float32)
+                if X_CODES:
+                    xc = xc - xz
+                part += _gemv_code(wu, codes, c, WKIND, PRMT, USE_ASM) * xc[None, :]
+                xsum += xc
+        else:  # 16-bit x read as int32 pairs: codes 2p and 2p + 1 of each word
+            x_words = x_row + (kw0 + offs_w) * (CPW // 2)
+            for p in tl.static_range(CPW // 2):
+                if EVEN_K:
+                    xp = tl.load(x_words + p)
+                else:
+                    xp = tl.load(x_words + p, mask=x_ok, other=0)
+                if XP == 1:  # bf16: the upper half of an fp32
+                    xlo = (xp << 16).to(tl.float32, bitcast=True)
+                    xhi = (xp & -65536).to(tl.float32, bitcast=True)
+                else:  # fp16
+                    xlo = xp.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    xhi = (xp >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                part += _gemv_code(wu, codes, 2 * p, WKIND, PRMT, USE_ASM) * xlo[None, :]
+                part += _gemv_code(wu, codes, 2 * p + 1, WKIND, PRMT, USE_ASM) * xhi[None, :]
+                xsum += xlo + xhi
+        if WKIND != 2:  # sum (q - z) x = 2**F sum v x - (2**F + offset + z) sum x, per word
+            zb = code_bias(_step_zero(z, z_row, SMODE, HAS_ZP, ZP_DEFAULT, GROUP_PER_STEP), WKIND, PRMT)
+            part = part * code_shift(WKIND, PRMT) - zb * xsum[None, :]
+        if SMODE == 2:
+            if GROUP_PER_STEP:
+                acc += part * s[:, None]
+            else:
+                acc += part * s
+        else:
+            acc += part
+        wd, s, z = nwd, ns, nz
+    y = _scale_rows(tl.sum(acc, axis=1), s_ptr, offs_n, n_mask, stride_sn, SMODE)
+    if X_CODES:
+        if XS_PER_ROW:
+            y = y * tl.load(xs_ptr + pid_m)
+        else:
+            y = y * tl.load(xs_ptr)
+    offs_m = pid_m + tl.arange(0, 1)
+    _finish(y[None, :], offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT,
+            HAS_BIAS, IS_SPLIT, USE_ASM)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["M", "N", "KW", "STEPS", "SPLIT"])
+def wo_dot_kernel(
+    x_ptr, xs_ptr, xz_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, KW, STEPS, SPLIT,
+    stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym,
+    WKIND: tl.constexpr, SMODE: tl.constexpr, HAS_ZP: tl.constexpr, ZP_DEFAULT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GW: tl.constexpr, GROUP_PER_STEP: tl.constexpr,
+    X_CODES: tl.constexpr, XS_PER_ROW: tl.constexpr, HAS_XZP: tl.constexpr, IS_SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter with bf16: its tl.dot multiplies bf16 bit patterns (triton#11584)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """:func:`wo_gemv_kernel` for ``BLOCK_M`` rows of x at once: the decoded tile times x with ``tl.dot``."""
+    CPW: tl.constexpr = 8 if WKIND == 1 else 4
+    BK: tl.constexpr = BLOCK_KW * CPW
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % m_tiles
+    pid_n = pid // m_tiles
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, BLOCK_KW)
+    offs_k = tl.arange(0, BK)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if X_CODES:
+        dt = tl.bfloat16
+    else:
+        dt = x_ptr.dtype.element_ty
+    kw_lo = pid_k * STEPS * BLOCK_KW
+    kw_end = tl.minimum(KW, kw_lo + STEPS * BLOCK_KW)
+    n_steps = tl.cdiv(kw_end - kw_lo, BLOCK_KW)
+    if SMODE == 2:
+        z_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        z_row = _row_zero(z_ptr, offs_n, n_mask, stride_zn, HAS_ZP, ZP_DEFAULT)
+    if X_CODES:
+        if HAS_XZP:
+            if XS_PER_ROW:
+                xz = tl.load(xz_ptr + offs_m, mask=m_mask, other=0).to(tl.float32)[:, None]
+            else:
+                xz = tl.load(xz_ptr).to(tl.float32)
+        else:
+            xz = 0.0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                          stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP, EVEN_K)  # fmt: skip
+    for i in range(n_steps):
+        kw0 = kw_lo + i * BLOCK_KW
+        nwd, ns, nz = _wsz_loads(kw0 + BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                                 stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW,
+                                 GROUP_PER_STEP, EVEN_K)  # fmt: skip
+        kx = kw0 * CPW + offs_k
+        if EVEN_K:
+            xt = tl.load(x_rows + kx[None, :], mask=m_mask[:, None], other=0.0)
+        else:
+            xt = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & (kx < KW * CPW)[None, :], other=0.0)
+        if X_CODES:
+            xt = (xt.to(tl.float32) - xz).to(dt)  # |q - z| <= 255: exact in bf16
+        zb = code_bias(_step_zero(z, z_row, SMODE, HAS_ZP, ZP_DEFAULT, GROUP_PER_STEP), WKIND, False)
+        wt = _k_order(wd.to(tl.uint32, bitcast=True), zb, s, WKIND, CPW, SMODE == 2 and not GROUP_PER_STEP).to(dt)  # exact without word scales
+        if UPCAST_DOT:
+            part = tl.dot(xt.to(tl.float32), tl.trans(wt).to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(xt, tl.trans(wt), input_precision=DOT_PRECISION)
+        if SMODE == 2 and GROUP_PER_STEP:
+            acc += part * s[None, :]
+        else:
+            acc += part
+        wd, s, z = nwd, ns, nz
+    acc = _scale_rows(acc, s_ptr, offs_n, n_mask, stride_sn, SMODE)
+    if X_CODES:
+        if XS_PER_ROW:
+            acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+        else:
+            acc = acc * tl.load(xs_ptr)
+    _finish(acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT,
+            HAS_BIAS, IS_SPLIT, USE_ASM)  # fmt: skip
