@@ -46,6 +46,16 @@ Prompt = str | Sequence[int]
 
 
 @dataclass
+class _Launched:
+    """A lockstep step on its way: what :meth:`LLM._collect` needs to sample and verify it."""
+
+    scheduler_output: SchedulerOutput  # the step the scheduler made
+    logits: torch.Tensor | None  # (rows, V) on the device, still being computed (None: nothing ran)
+    wanted: list  # (first logits row, sequence) of rows to sample
+    spec: list  # (first logits row, sequence, drafts) to verify
+
+
+@dataclass
 class _Sequence:
     """The engine's side of one request: what the runner and the detokenizer need."""
 
@@ -204,6 +214,7 @@ class LLM:
         self.async_scheduling = (dev.type == "cuda" and speculative is None and feeds) if async_scheduling is None \
             else bool(async_scheduling)  # fmt: skip
         self._inflight: PendingOutput | None = None  # the launched step whose tokens have not been applied
+        self._lookahead: _Launched | None = None  # speculative: the next lockstep step, launched before this one's text
         self._sync_ids: set[str] = set()  # requests whose sampling needs every token on the host
         self.cuda_graphs = use_graphs and not enforce_eager  # whether pure-decode steps replay CUDA graphs
         graph_args: dict[str, Any] | None = None  # enable_cuda_graphs' arguments, for the drafter's runner too
@@ -375,11 +386,17 @@ class LLM:
                      [s.generator for s in seqs])  # fmt: skip
         return PendingOutput(so, {s.request.request_id: k for k, s in enumerate(seqs)}, out.token_ids)
 
-    def _run(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def _launch_lockstep(self, so: SchedulerOutput) -> _Launched:
+        """Launch ``so``'s step (nothing waits for the device yet)."""
         steps, wanted, spec = self._steps(so)
-        if not steps:
+        logits = self.runner.execute(steps) if steps else None  # (rows, V): one per sequence, k + 1 per draft
+        return _Launched(so, logits, wanted, spec)
+
+    def _collect(self, launched: _Launched) -> ModelRunnerOutput:
+        """Sample and verify a launched lockstep step: its tokens on the host."""
+        logits, wanted, spec = launched.logits, launched.wanted, launched.spec
+        if logits is None:
             return ModelRunnerOutput(sampled_token_ids={})
-        logits = self.runner.execute(steps)  # (rows, V): one per sequence, k + 1 per verified draft
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, list] = {}
         if wanted:
@@ -430,7 +447,8 @@ class LLM:
             self.stats["draft_tokens"] += len(d)
             self.stats["accepted_tokens"] += accepted
             self.stats["spec_rejections"] += accepted < len(d)
-            self.policy.observe(rid, len(d), accepted, step)
+            if rid in self._seqs:  # not aborted while its step ran
+                self.policy.observe(rid, len(d), accepted, step)
         s = self.stats
         s["acceptance_rate"] = s["accepted_tokens"] / max(s["draft_tokens"], 1)
         s["alpha"] = s["accepted_tokens"] / max(s["accepted_tokens"] + s["spec_rejections"], 1)
@@ -488,15 +506,15 @@ class LLM:
             if self._inflight is not None:  # drain: apply the launched step before running in lockstep
                 prev, self._inflight = self._inflight, None
                 changed += self.scheduler.update_from_output(prev.scheduler_output, prev.result())
-            so = self.scheduler.schedule()
-            self.stats["steps"] += 1
-            self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
-            if self.drafter is not None:
-                for rid in so.preempted_req_ids:
-                    self.drafter.on_preempted(rid)
-                for rid in so.finished_req_ids:
-                    self._forget_drafts(rid)
-            changed += self.scheduler.update_from_output(so, self._run(so))
+            launched, self._lookahead = self._lookahead, None
+            if launched is None:
+                launched = self._launch_lockstep(self._schedule())
+            changed += self.scheduler.update_from_output(launched.scheduler_output, self._collect(launched))
+            if self.drafter is not None and self.scheduler.has_unfinished_requests():
+                # Speculative steps run in lockstep (the next drafts need this step's tokens). Draft and
+                # launch the next step now, and detokenize this one's tokens while it runs.
+                self._propose()
+                self._lookahead = self._launch_lockstep(self._schedule())
         results = []
         for delta in changed:
             seq = self._seqs.get(delta.request_id)
@@ -510,8 +528,21 @@ class LLM:
                 del self._seqs[delta.request_id]
                 self._sync_ids.discard(delta.request_id)
                 self._forget_drafts(delta.request_id)
-        self._propose()
+        if self._lookahead is None:
+            self._propose()
         return results
+
+    def _schedule(self) -> SchedulerOutput:
+        """Schedule a lockstep step; tell the drafter whom the scheduler preempted or finished."""
+        so = self.scheduler.schedule()
+        self.stats["steps"] += 1
+        self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
+        if self.drafter is not None:
+            for rid in so.preempted_req_ids:
+                self.drafter.on_preempted(rid)
+            for rid in so.finished_req_ids:
+                self._forget_drafts(rid)
+        return so
 
     def _async_step(self) -> list:
         """Schedule and launch a step, then apply the previous one's tokens while it runs."""

@@ -395,3 +395,25 @@ def test_engine_sampling_with_a_draft_model_keeps_the_target_distribution() -> N
     assert chi_square_p(torch.bincount(out[:, 1], minlength=v), second) > 1e-3
     assert chi_square_p(torch.bincount(out[:, 2], minlength=v), third) > 1e-3
 
+
+
+def test_stop_strings_end_speculative_requests_while_the_next_step_runs() -> None:
+    # Speculative steps launch the next step before detokenizing this one: a stop string found then must
+    # still end the request exactly there, and the step already launched for it must change nothing.
+    from pathlib import Path
+
+    teacher = Path(__file__).resolve().parents[2] / "models" / "kiln-teacher"
+    prompts = ["def read_config(path):\n", "class Parser:\n    def __init__(self):\n"]
+    params = kiln.SamplingParams(temperature=0, max_tokens=40, stop=["\n\n", "return"])
+    plain = kiln.LLM(str(teacher), num_blocks=64, block_size=16)
+    want = plain.generate(prompts, params, use_tqdm=False)
+    spec = kiln.LLM(str(teacher), num_blocks=64, block_size=16,
+                    speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False))
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in want]
+    assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in want]
+    assert any(o.outputs[0].finish_reason == "stop" for o in got)
+    again = spec.generate(prompts[:1], params, use_tqdm=False)  # collects whatever was still in flight first
+    assert again[0].outputs[0].text == want[0].outputs[0].text
+    manager = spec.scheduler.kv_cache_manager
+    assert manager.num_free_blocks == manager.num_blocks
