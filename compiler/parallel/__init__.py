@@ -15,6 +15,10 @@
 - Context parallelism: ``ContextParallelAttention`` rewrites attention into ring attention
   (``kiln::ring_attention``) and :class:`ContextParallelRunner` splits a long prefill's tokens
   over the ranks (zigzag).
+- ``kiln.compile(parallel=ParallelConfig(pipeline_parallel_size=p | context_parallel_size=c))``
+  returns this rank's :class:`PipelineCompiledModel` or :class:`ContextParallelCompiledModel`
+  (``kiln.parallel.compiled``); tensor and pipeline groups together: ``kiln.parallel.groups``.
+  ``kiln.LLM(pipeline_parallel_size=p)`` runs ``kiln.runtime.pipeline_runner`` on each rank.
 """
 
 from typing import Any
@@ -42,6 +46,8 @@ _LAZY = {
     "generate_interleaved": "kiln.parallel.pipeline_decode",
     "ContextParallelAttention": "kiln.parallel.ring_attention_pass",
     "ContextParallelRunner": "kiln.parallel.ring_attention_pass",
+    "PipelineCompiledModel": "kiln.parallel.compiled",
+    "ContextParallelCompiledModel": "kiln.parallel.compiled",
 }
 
 

@@ -13,6 +13,10 @@
   token axis over the ranks (zigzag) and gathers the outputs on every rank
   (:class:`kiln.parallel.ring_attention_pass.ContextParallelRunner`).
 
+Tensor and pipeline parallelism combine: rank ``stage * tp + t`` holds shard ``t`` of its
+stage, sharded over its stage's group, pipelined over the ranks holding shard ``t``
+(``kiln.parallel.groups``). Context parallelism runs alone (ConfigError otherwise).
+
 Micro-batches: ``kiln.compile`` captures the model with the example batch cut to ``B / m``
 rows (``m``: ``ParallelConfig.num_microbatches``, by default the largest divisor of the
 example batch ``B`` up to ``p``). A call with batch ``B'`` then runs ``B' / (B / m)``
