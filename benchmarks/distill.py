@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run of every path)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.quick and args.save_drafter:  # a smoke run must never replace the shipped model
+        p.error(f"--save-drafter writes {OUT_DRAFTER}: not with --quick")
     if args.quick:
         args.steps, args.num_prompts, args.eval_tokens, args.spec_prompts, args.spec_tokens = 6, 16, 8192, 2, 16
         args.qat_steps, args.work = 4, args.work + "-quick"
