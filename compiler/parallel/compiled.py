@@ -87,8 +87,8 @@ def microbatch_example(
     def cut(x: Any) -> Any:
         return x[:rows] if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == batch else x
 
-    return pytree.tree_map(cut, example_inputs), (pytree.tree_map(cut, dict(example_kwargs)) if example_kwargs else
-                                                  example_kwargs), m  # fmt: skip
+    kwargs = pytree.tree_map(cut, dict(example_kwargs)) if example_kwargs else example_kwargs
+    return pytree.tree_map(cut, example_inputs), kwargs, m
 
 
 def _device_of(gm: GraphModule) -> torch.device:

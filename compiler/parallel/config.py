@@ -24,7 +24,7 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     sequence_parallel: bool = False
     context_parallel_size: int = 1
-    num_microbatches: int | None = None  # pipeline micro-batches; None: one per stage
+    num_microbatches: int | None = None  # micro-batches the example batch is cut into; None: its largest divisor <= p
     schedule: str = "1f1b"  # "gpipe" | "1f1b"
 
     def __post_init__(self) -> None:
