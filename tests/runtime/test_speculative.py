@@ -150,6 +150,22 @@ def test_ngram_lookup_prefers_long_recent_matches_with_a_full_continuation() -> 
     assert d.propose([DraftRequest(request=req, num_tokens=2)])["r"].token_ids == [6, 4]
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=60), st.lists(st.integers(1, 7), min_size=1, max_size=12),
+       st.integers(1, 2), st.integers(2, 4), st.integers(1, 5))
+def test_incremental_ngram_index_proposes_what_a_fresh_lookup_finds(prompt, growth, min_n, max_n, k) -> None:
+    d = NgramDrafter(min_n=min(min_n, max_n), max_n=max_n)
+    req = Request(request_id="r", prompt_token_ids=list(prompt))
+    rng = iter(range(10**6))
+    for grow in growth:  # tokens arrive a few per step, as verified drafts do
+        got = d.propose([DraftRequest(request=req, num_tokens=k)])
+        want = d.lookup(req.all_token_ids, k)
+        assert (got["r"].token_ids if "r" in got else []) == want
+        req.output_token_ids.extend((next(rng) * 7 + t) % 5 for t in range(grow))
+    d.on_finished("r")
+    assert not d._index
+
+
 def test_policy_lowers_k_stops_and_probes_again() -> None:
     policy = SpeculationPolicy(max_tokens=5, cost=0.2)
     assert 1 <= policy.num_drafts("a", 0) <= 5  # the prior speculates
