@@ -46,6 +46,10 @@ from kiln.runtime.step_inputs import MAX_QUERY_LEN, StagingBuffer
 
 # ------------------------------------------------------------------ step graphs
 
+#: Mixed steps of at most this many sequences are filled by a Python loop (numpy's per-call cost
+#: makes the vectorized fill slower for a few sequences, faster for many).
+_LOOP_FILL_MAX = 4
+
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
     """Batch sizes with a graph: powers of two below ``max_num_seqs``, and ``max_num_seqs``."""
@@ -174,6 +178,7 @@ class StepGraphs:
         )
         self._table_offset = self.buffer.offsets["block_tables"]
         self._constants = constants
+        self._input_lists: dict[tuple[bool, Key], list[object]] = {}  # each bucket's inputs, views of the buffer
         self._graphs: dict[tuple[bool, Key], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
         self._logits: Tensor | None = None  # (max_logits, V): the graphs' logits
@@ -219,6 +224,9 @@ class StepGraphs:
     # -- inputs --------------------------------------------------------------------------------
 
     def _inputs(self, key: tuple[bool, Key]) -> list[object]:
+        cached = self._input_lists.get(key)  # the views of a bucket never change
+        if cached is not None:
+            return cached
         decode, (t, s, rows) = key
         d = self.buffer.device_views
         views: dict[str, object] = {
@@ -235,15 +243,18 @@ class StepGraphs:
         missing = [name for name in self.input_names if name not in views]
         if missing:
             raise ConfigError(f"the step graphs have inputs they cannot fill: {missing}")
-        return [views[name] for name in self.input_names]
+        self._input_lists[key] = [views[name] for name in self.input_names]
+        return self._input_lists[key]
 
-    def fill(self, steps: Sequence[StepLike], sources: Sequence[int] | None = None) -> tuple[bool, Key]:
+    def fill(self, steps: Sequence[StepLike], sources: Sequence[int] | None = None,
+             key: tuple[bool, Key] | None = None) -> tuple[bool, Key]:
         """Write ``steps`` (padded to their bucket) into the static inputs and upload them; returns the bucket.
 
         ``sources[i] >= 0`` marks sequence ``i``'s first token as fed from row ``sources[i]``
-        of the last step's tokens (see :meth:`run`).
+        of the last step's tokens (see :meth:`run`). ``key``: the bucket, when the caller
+        already asked :meth:`key_for`.
         """
-        key = self.key_for(steps)
+        key = key or self.key_for(steps)
         if key is None:
             raise ConfigError(
                 f"{len(steps)} sequences of {sum(len(s.token_ids) for s in steps)} tokens do not fit the step graphs "
@@ -291,6 +302,45 @@ class StepGraphs:
         h["logits_indices"][:bucket] = np.arange(bucket)
 
     def _fill_mixed(self, steps: Sequence[StepLike], tokens: int, seqs: int, rows: int) -> None:
+        if len(steps) <= _LOOP_FILL_MAX:
+            t, r = self._fill_mixed_loop(steps)
+        else:
+            t, r = self._fill_mixed_vectorized(steps)
+        h, b = self.buffer.host, len(steps)
+        h["input_ids"][0, t:tokens] = 0  # padding tokens: no sequence owns them, they write nothing
+        h["position_ids"][0, t:tokens] = 0
+        h["slot_mapping"][t:tokens] = -1
+        h["seq_lens"][b:seqs] = 0  # padding sequences: no token, nothing cached
+        h["query_start_loc"][b + 1 : seqs + 1] = t
+        h["logits_indices"][r:rows] = 0  # padding rows of logits: token 0's, dropped
+
+    def _fill_mixed_loop(self, steps: Sequence[StepLike]) -> tuple[int, int]:
+        """The real sequences of a mixed step, one at a time; returns (tokens, logits rows) written."""
+        h, bs = self.buffer.host, self.block_size
+        ids, pos, slots, lens, tables = h["input_ids"][0], h["position_ids"][0], h["slot_mapping"], h["seq_lens"], \
+            h["block_tables"]  # fmt: skip
+        qsl, last = h["query_start_loc"], h["logits_indices"]
+        t = r = 0
+        qsl[0] = 0
+        for i, s in enumerate(steps):
+            n, p0 = len(s.token_ids), s.start_position
+            end = p0 + n
+            if n == 0 or end > len(s.block_ids) * bs:
+                raise CapacityError(f"sequence {i}: {end} tokens do not fit its {len(s.block_ids)} blocks of {bs}")
+            tables[i, : len(s.block_ids)] = s.block_ids
+            p = np.arange(p0, end)
+            ids[t : t + n] = s.token_ids
+            pos[t : t + n] = p
+            slots[t : t + n] = tables[i, p // bs].astype(np.int64) * bs + p % bs
+            lens[i] = end
+            t += n
+            qsl[i + 1] = t
+            last[r : r + s.num_logits] = np.arange(t - s.num_logits, t)
+            r += s.num_logits
+        return t, r
+
+    def _fill_mixed_vectorized(self, steps: Sequence[StepLike]) -> tuple[int, int]:
+        """As :meth:`_fill_mixed_loop`, the per-token arrays computed for every sequence at once."""
         h, bs = self.buffer.host, self.block_size
         ids, pos, slots, lens, tables = h["input_ids"][0], h["position_ids"][0], h["slot_mapping"], h["seq_lens"], \
             h["block_tables"]  # fmt: skip
@@ -319,24 +369,20 @@ class StepGraphs:
         qsl[1 : b + 1] = cum
         r = int(nl.sum())
         last[:r] = np.repeat(cum - nl, nl) + np.arange(r) - np.repeat(np.cumsum(nl) - nl, nl)  # last nl tokens each
-        ids[t:tokens] = 0  # padding tokens: no sequence owns them, they write nothing
-        pos[t:tokens] = 0
-        slots[t:tokens] = -1
-        lens[b:seqs] = 0  # padding sequences: no token, nothing cached
-        qsl[b + 1 : seqs + 1] = t
-        last[r:rows] = 0  # padding rows of logits: token 0's, dropped
+        return t, r
 
     # -- running -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, steps: Sequence[StepLike], feed: tuple[Tensor, Sequence[int]] | None = None) -> Tensor:
+    def run(self, steps: Sequence[StepLike], feed: tuple[Tensor, Sequence[int]] | None = None,
+            key: tuple[bool, Key] | None = None) -> Tensor:
         """Logits (sum of num_logits, V) of one step, in the model's dtype (a view: read it before the next run).
 
         ``feed = (tokens, sources)``: sequence ``i``'s first input token is ``tokens[sources[i]]``
         where ``sources[i] >= 0``, copied on the device (a token sampled by the last step that
         the host has not seen yet: asynchronous scheduling).
         """
-        key = self.fill(steps, feed[1] if feed is not None else None)
+        key = self.fill(steps, feed[1] if feed is not None else None, key)
         if self._num_fed:
             d, k = self.buffer.device_views, self._num_fed
             d["input_ids"][0].index_copy_(0, d["feed_dst"][:k], feed[0].index_select(0, d["feed_src"][:k]))  # type: ignore[index]

@@ -265,8 +265,9 @@ class ModelRunner:
             raise ConfigError("execute needs at least one sequence")
         if not self.layout.gather_logits:
             raise ConfigError("the step graph must gather logits (PageKVCache(gather_logits=True))")
-        if self.graphs is not None and self.graphs.supports(steps):
-            return self.graphs.run(steps, feed).float()  # (S, V)
+        key = self.graphs.key_for(steps) if self.graphs is not None else None
+        if key is not None:
+            return self.graphs.run(steps, feed, key).float()  # type: ignore[union-attr]  # (S, V)
         out = self.step_gm(*self.build_inputs(steps, feed))
         logits = out[0] if isinstance(out, (list, tuple)) else out
         return logits[0].float()  # (S, V)

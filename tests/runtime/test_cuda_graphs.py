@@ -5,13 +5,16 @@ padding, slicing and scratch-block logic is checked against unpadded steps on ra
 weights; the capture itself is checked only where CUDA exists.
 """
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kiln_testing import hf_llama
 
 import kiln
 from kiln.models import from_preset
-from kiln.runtime.cuda_graphs import batch_buckets, token_buckets
+from kiln.runtime.cuda_graphs import StepGraphs, batch_buckets, token_buckets
 from kiln.runtime.model_runner import ModelRunner, SequenceStep
 
 MODELS = {"kiln-llama": lambda: from_preset("llama-tiny").eval(), "hf-llama": lambda: hf_llama()}
@@ -149,7 +152,7 @@ def test_engine_with_static_step_buffers_generates_the_same_tokens(name: str) ->
                                            capture=False)
     used: list = []
     fill = graphs.fill
-    graphs.fill = lambda steps, sources=None: used.append(fill(steps, sources)) or used[-1]  # type: ignore[method-assign]
+    graphs.fill = lambda steps, sources=None, key=None: used.append(fill(steps, sources, key)) or used[-1]  # type: ignore[method-assign]
     calls = []
     step_gm = llm.runner.step_gm
     llm.runner.step_gm = lambda *a: calls.append(1) or step_gm(*a)  # the op-by-op path
@@ -211,3 +214,27 @@ def test_captured_decode_graphs_match_eager_steps_on_the_gpu() -> None:
     want_logits = runner.execute(steps)
     runner.graphs = graphs
     torch.testing.assert_close(got_logits, want_logits, rtol=2e-2, atol=2e-2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(0, 20), st.integers(1, 9)), min_size=1, max_size=9))
+def test_loop_and_vectorized_mixed_fills_write_the_same_buffers(rows) -> None:
+    graphs = StepGraphs(lambda *a: None, lambda *a: None, [], {}, max_num_seqs=16, max_num_tokens=128, max_blocks=8,
+                        block_size=4, scratch_block=99, num_blocks=64, device=torch.device("cpu"), capture=False,
+                        max_num_logits=128)
+    g = torch.Generator().manual_seed(len(rows))
+    steps = []
+    for n, start, logits in rows:
+        blocks = torch.randperm(64, generator=g)[: -(-(start + n) // 4)].tolist()
+        steps.append(SequenceStep(torch.randint(0, 500, (n,), generator=g).tolist(), start, blocks,
+                                  num_logits=min(logits, n)))
+    written = []
+    for fill in (graphs._fill_mixed_loop, graphs._fill_mixed_vectorized):
+        for a in graphs.buffer.host.values():
+            a.fill(-7)  # poison: a field one path forgets to write differs
+        written.append((fill(steps), {k: a.copy() for k, a in graphs.buffer.host.items()}))
+    (t1, r1), h1 = written[0]
+    (t2, r2), h2 = written[1]
+    assert (t1, r1) == (t2, r2) == (sum(n for n, _, _ in rows), sum(s.num_logits for s in steps))
+    for name in h1:
+        np.testing.assert_array_equal(h1[name], h2[name], err_msg=name)

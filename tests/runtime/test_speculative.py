@@ -325,7 +325,7 @@ def test_small_draft_model_greedy_is_token_identical_under_preemption() -> None:
 def _counting_fill(graphs) -> list:
     used: list = []
     fill = graphs.fill
-    graphs.fill = lambda steps, sources=None: used.append(fill(steps, sources)) or used[-1]
+    graphs.fill = lambda steps, sources=None, key=None: used.append(fill(steps, sources, key)) or used[-1]
     return used
 
 
