@@ -96,7 +96,8 @@ def kl_to(reference: torch.nn.Module):  # noqa: ANN201
 def run_qat(model: torch.nn.Module, preset: str, ids: torch.Tensor, tokens: torch.Tensor,
             args: argparse.Namespace) -> tuple[object, float]:
     """Prepare, train and convert; return the CompiledModel and the validation loss after training."""
-    qat = prepare_qat(model, QuantConfig.preset(preset), (ids,), learn_scales=args.qat_learn_scales)
+    qat = prepare_qat(model, QuantConfig.preset(preset), (ids,), learn_scales=args.qat_learn_scales,
+                      trainable=args.qat_trainable)
     cfg = TrainConfig(steps=args.qat_steps, batch_size=args.qat_batch_size, seq_len=args.qat_seq_len,
                       lr=args.qat_lr, min_lr=args.qat_lr / 10, warmup_steps=max(1, args.qat_steps // 10),
                       weight_decay=0.0, log_every=max(1, args.qat_steps // 10), seed=0, device=args.device,
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     qat.add_argument("--qat-tokens", type=int, default=1_000_000, help="train-split tokens to draw windows from")
     qat.add_argument("--qat-loss", choices=["kl", "ce"], default="kl", help="KL from the fp model, or cross-entropy")
     qat.add_argument("--qat-learn-scales", action="store_true", help="also learn the weight scales (LSQ)")
+    qat.add_argument("--qat-trainable", default="all", choices=["all", "quantized", "scales"],
+                     help="prepare_qat(trainable=): every weight, the quantized linears' weights, or the scales alone")
     qat.add_argument("--qat-valid-batches", type=int, default=8, help="validation batches scored after training")
     args = parser.parse_args(argv)
     if args.threads:
