@@ -8,8 +8,10 @@ Three parts, each checked against kiln's plain-torch references before it is tim
    channel (``w8a16``), int8 x int8 with per-token x per-channel scales (``w8a8``) and fp8
    e4m3 per-token x per-channel (``fp8``, ``torch._scaled_mm``). Weights are random bf16
    N(0, 0.02) quantized on the GPU by round-to-nearest, as ``kiln.compile`` does. Reported:
-   time (``triton.testing.do_bench``, median, L2 flushed before every call), the kernel the
-   tuner chose, bandwidth (weight + activation + output bytes over the time) and its share
+   time (``triton.testing.do_bench``, median, L2 flushed before every call) of the call
+   replayed as a CUDA graph (GPU time, as the runtime's decode graphs run it; ``eager_us``: called
+   from Python, where an op's dispatch and launch cost shows once it exceeds the GPU work), the
+   kernel the tuner chose, bandwidth (weight + activation + output bytes over the time) and its share
    of ~3.0 TB/s, and the speed-up over bf16. w8a8 / fp8 times are the GEMM alone; "+q" rows
    add the per-token activation quantization (``kiln::dynamic_scale`` + ``kiln::quantize``).
 2. **Prefill GEMMs**, M = 4096 and 8192: fp8 (fast and exact accumulation) and w8a8 against
@@ -60,12 +62,14 @@ class Row:
     peak_tflops: float
     err: float
     base_ms: float | None = None  # the bf16 time of the same shape
+    eager_ms: float = 0.0  # called eagerly (ms is a CUDA-graph replay)
 
     def cells(self) -> list[str]:
         tbs = self.nbytes / self.ms / 1e9
         tflops = self.flops / self.ms / 1e9
         ratio = f"{self.base_ms / self.ms:5.2f}x" if self.base_ms else "    -"
-        return [self.shape, str(self.m), self.variant, self.kernel[:44], f"{self.ms * 1e3:9.1f}", f"{tbs:6.2f}",
+        return [self.shape, str(self.m), self.variant, self.kernel[:44], f"{self.ms * 1e3:9.1f}",
+                f"{self.eager_ms * 1e3:8.1f}", f"{tbs:6.2f}",
                 f"{100 * tbs / HBM_TBS:5.1f}", f"{tflops:7.1f}", f"{100 * tflops / self.peak_tflops:5.1f}",
                 ratio, f"{self.err:.1e}"]  # fmt: skip
 
@@ -76,6 +80,7 @@ HEADER = [
     "variant",
     "kernel",
     "time_us",
+    "eager_us",
     "TB/s",
     "%BW",
     "TFLOP/s",
@@ -106,18 +111,35 @@ class Bench:
         self.device = torch.device("cpu" if quick else "cuda")
         self.failures: list[str] = []
 
-    def time_ms(self, fn: Callable[[], object]) -> float:
+    def time_ms(self, fn: Callable[[], object]) -> tuple[float, float]:
+        """``(graph_ms, eager_ms)``: ``fn`` replayed as a CUDA graph (GPU time, as the decode runtime
+        runs it) and called eagerly (each op's Python and launch cost included once it exceeds the
+        GPU's work); median, L2 flushed before every call."""
         import torch
 
         if self.quick:  # the interpreter: one call, for the code path only
             t0 = time.perf_counter()
             fn()
-            return (time.perf_counter() - t0) * 1e3
+            ms = (time.perf_counter() - t0) * 1e3
+            return ms, ms
         import triton.testing
 
         fn()
         torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        eager = float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+        except Exception as e:  # noqa: BLE001 - reported, and the row says which time it shows
+            print(f"  (CUDA graph capture failed, eager time shown: {type(e).__name__}: {e})")
+            return eager, eager
+        return float(triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")), eager
 
     def check(self, name: str, got: object, want: object, tol: float) -> float:
         """Max error of ``got`` relative to max |want|; a failure is recorded (and timing skipped)."""
@@ -189,12 +211,11 @@ def shape_rows(bench: Bench, x: object, w: object, q: dict[str, tuple], prefill:
     shape = f"({k}, {n})"
     xf = x.float()  # type: ignore[attr-defined]
     flops, io = 2 * m * n * k, 2 * m * k + 2 * m * n
-    base = bench.time_ms(lambda: torch.matmul(x, w.t()))  # type: ignore[attr-defined]
+    base, base_eager = bench.time_ms(lambda: torch.matmul(x, w.t()))  # type: ignore[attr-defined]
     bf16_err = bench.check(f"{shape} M={m} bf16", torch.matmul(x, w.t()), xf @ w.float().t(), 1.6e-2)  # type: ignore[attr-defined]
     rows = [
-        Row(
-            shape, m, "bf16", "cuBLAS", base, weight_bytes("bf16", n, k, g) + io, flops, BF16_TFLOPS, bf16_err
-        )
+        Row(shape, m, "bf16", "cuBLAS", base, weight_bytes("bf16", n, k, g) + io, flops, BF16_TFLOPS, bf16_err,
+            eager_ms=base_eager)  # fmt: skip
     ]
 
     def add(variant: str, fn: Callable[[], object], want: object, kind: str, peak: float) -> None:
@@ -205,9 +226,9 @@ def shape_rows(bench: Bench, x: object, w: object, q: dict[str, tuple], prefill:
             kernel = "quantize x, " + kernel
         if any(f.startswith(f"{shape} M={m} {variant}:") for f in bench.failures):
             return
-        t = bench.time_ms(fn)
+        t, t_eager = bench.time_ms(fn)
         nbytes = weight_bytes("int8" if kind == "w8a8" else kind, n, k, g) + io
-        rows.append(Row(shape, m, variant, kernel, t, nbytes, flops, peak, err, base))
+        rows.append(Row(shape, m, variant, kernel, t, nbytes, flops, peak, err, base, t_eager))
 
     if not prefill:
         add(f"int4-g{g}", lambda: ops.qlinear_w4a16(x, w4, s4, z4, g, None),
@@ -557,6 +578,8 @@ def main() -> int:
         e2e = section(
             f"batch-1 decode of {args.model_name} through kiln's runtime", lambda: decode_e2e(bench, args)
         )
+        if args.show_candidates:
+            print_candidates(qg.TUNER)
     print(f"\n== summary ({time.perf_counter() - t_all:.0f}s) ==")
     if args.quick:
         print("(CPU smoke run: the Triton interpreter's timings say nothing about speed)")

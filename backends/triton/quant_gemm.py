@@ -179,6 +179,10 @@ def launch_splitk(
     p = c.params
     m = x.shape[0]
     dot = c.kernel == "dot"
+    even = op.k_words % p["BLOCK_KW"] == 0
+    if dot and not even:
+        _fail(op.op, f"the tl.dot split-K kernel takes whole K steps: K={op.k} must be a multiple of "
+                     f"{op.k // op.k_words * p['BLOCK_KW']} (the GEMV and the tensor-core GEMM take any K)")  # fmt: skip
     m_tiles = triton.cdiv(m, p["BLOCK_M"]) if dot else m
     tiles = m_tiles * triton.cdiv(op.n, p["BLOCK_N"])
     split, steps = split_plan(op.k_words, tiles, p)
@@ -187,16 +191,19 @@ def launch_splitk(
     zp = op.zp if op.zp is not None else op.scale
     xs, xz = x_codes if x_codes is not None else (op.scale, None)
     gw = op.group_words or 1
-    kernel = K2.wo_dot_kernel if dot else K2.wo_gemv_kernel
     if dot:
+        kernel = K2.wo_dot_kernel
         extra = dict(BLOCK_M=p["BLOCK_M"], DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                      UPCAST_DOT=_INTERPRET and (x.dtype == torch.bfloat16 or x_codes is not None))  # fmt: skip
     else:  # 16-bit x read two values per 32-bit load
-        xp = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0 else 0
+        kernel = K2.wo_gemv_kernel
+        pairs = x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
+        xp = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if pairs else 0
         if xp:
             x = x.view(torch.int32)
         # prmt decodes int8 codes to within ~2e-5 of the fp32 sums (16-bit x only: far below their rounding)
-        extra = dict(XP=xp, PRMT=p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4))
+        prmt = p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4)
+        extra = dict(XP=xp, PRMT=prmt, EVEN_K=even, USE_ASM=not _INTERPRET)
     kernel[(tiles, split)](
         x, xs, xz if xz is not None else xs, op.words, op.scale, zp, bias if bias is not None else op.scale, y, ws, cnt,
         m, op.n, op.k_words, steps, split,
@@ -204,9 +211,7 @@ def launch_splitk(
         WKIND=op.kind, SMODE=op.smode, HAS_ZP=op.zp is not None, ZP_DEFAULT=op.zp_default,
         HAS_BIAS=bias is not None, GW=gw, GROUP_PER_STEP=op.smode == 2 and gw % p["BLOCK_KW"] == 0,
         X_CODES=x_codes is not None, XS_PER_ROW=xs.numel() > 1, HAS_XZP=xz is not None, IS_SPLIT=split > 1,
-        EVEN_K=op.k_words % p["BLOCK_KW"] == 0,
-        BLOCK_N=p["BLOCK_N"], BLOCK_KW=p["BLOCK_KW"], USE_ASM=not _INTERPRET,
-        num_warps=p["num_warps"], num_stages=1, **extra,
+        BLOCK_N=p["BLOCK_N"], BLOCK_KW=p["BLOCK_KW"], num_warps=p["num_warps"], num_stages=1, **extra,
     )  # fmt: skip
 
 
@@ -292,7 +297,7 @@ def weight_only_linear(
     if m == 0 or op.n == 0:
         return y.reshape(*lead, op.n)
     if candidate is None:
-        cands = weight_only_candidates(m, op.splitk_ok, _INTERPRET)
+        cands = weight_only_candidates(m, op.k_words if op.splitk_ok else None, _INTERPRET)
         key = ("wo", m_bucket(m), x.dtype, bias is not None, *op.key())
         candidate = TUNER.choose(key, cands, lambda c: _WO_LAUNCH[c.kernel](x2, op, bias, y, c), x.device)
     _WO_LAUNCH[candidate.kernel](x2, op, bias, y, candidate)
@@ -380,7 +385,7 @@ def qlinear_w8a8(x, x_scale, x_zero_point, w, w_scale, bias, out_dtype, *, candi
     if candidate is None:
         key = ("w8a8", m_bucket(m), n, k, xs.numel() > 1, ws.numel() > 1, x_zero_point is not None, out_dtype,
                bias is not None, op.splitk_ok)  # fmt: skip
-        cands = w8a8_candidates(m, _INTERPRET, op.splitk_ok)
+        cands = w8a8_candidates(m, _INTERPRET, op.k_words if op.splitk_ok else None)
         candidate = TUNER.choose(key, cands, launch, x.device)
     launch(candidate)
     return y.reshape(*lead, n)

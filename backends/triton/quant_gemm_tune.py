@@ -47,30 +47,28 @@ def m_bucket(m: int) -> int:
 # (8 int4 or 4 int8 codes each) of BLOCK_N rows; PROGS is about how many programs a launch makes
 # (K splits x output tiles): a few per SM keeps enough weight bytes in flight on 132 SMs.
 # (BLOCK_N, BLOCK_KW, num_warps, PROGS, PRMT) of the GEMV (a row of x per program, CUDA-core FMAs;
-# PRMT: int4 / int8 codes decoded with inline PTX)
+# PRMT: int4 / int8 codes decoded with inline PTX, about 30% fewer instructions). Measured on an H100
+# (benchmarks/RESULTS.md): 128 x 16 words suits int4 with groups of 128, 32-64 x 32 words int8 per
+# channel; fewer splits (PROGS 256) suit a long K.
 GEMV_TILES = [
     (128, 16, 4, 512, True),
-    (64, 16, 4, 512, True),
+    (128, 16, 4, 256, True),
     (64, 32, 4, 512, True),
+    (64, 32, 4, 256, True),
     (32, 32, 4, 512, True),
-    (128, 8, 4, 512, True),
-    (128, 16, 4, 1024, True),
-    (128, 16, 8, 512, True),
-    (256, 16, 8, 512, True),
-    (128, 16, 4, 512, False),
+    (32, 32, 4, 256, True),
     (64, 16, 4, 512, False),
 ]
 # (BLOCK_N, BLOCK_KW, num_warps, PROGS) of the tl.dot form (16 rows of x per program)
-DOT_TILES = [(64, 16, 4, 512), (32, 16, 4, 512), (128, 16, 4, 512), (64, 32, 4, 512), (64, 16, 8, 512),
-             (32, 32, 4, 1024), (128, 16, 8, 1024)]  # fmt: skip
+DOT_TILES = [(64, 16, 4, 512), (32, 16, 4, 512), (64, 16, 8, 512), (64, 32, 4, 512), (64, 16, 4, 256),
+             (32, 16, 4, 256)]  # fmt: skip
 DOT_FOR_GEMV = 1  # tl.dot candidates tried where the GEMV is (a few rows)
 GEMV_MAX_M = 4  # the GEMV re-decodes the weights for every row: a candidate up to this many rows
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the weight-only tensor-core GEMM (M > 16)
 WO_MM_MEDIUM = [(32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3)]
 WO_MM_LARGE = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the int8 GEMM
-W8A8_SMALL = [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 64, 128, 4, 5), (16, 128, 128, 4, 4),
-              (16, 16, 512, 4, 3)]  # fmt: skip
+W8A8_SMALL = [(16, 16, 512, 4, 3), (16, 32, 256, 4, 4), (16, 64, 128, 4, 5)]
 W8A8_MEDIUM = [(32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3)]
 W8A8_LARGE = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
 # Interpreter tiles: small, with K steps and splits shorter than the test shapes so loops run several times.
@@ -80,13 +78,16 @@ INTERPRET_MM = (16, 16, 32, 1, 1)
 DECODE_M = 16  # rows of x up to which the split-K kernels run
 
 
-def decode_candidates(m: int, interpret: bool, gemv: bool = True, dot: bool = True) -> list[Candidate]:
-    """The split-K candidates for ``m`` rows (``m <= DECODE_M``): GEMV for few rows, ``tl.dot`` forms."""
+def decode_candidates(m: int, k_words: int, interpret: bool, gemv: bool = True, dot: bool = True) -> list[Candidate]:
+    """The split-K candidates for ``m`` rows (``m <= DECODE_M``) and K of ``k_words`` 32-bit words.
+
+    The GEMV for a few rows, ``tl.dot`` forms (whole K steps only: ``k_words % BLOCK_KW == 0``).
+    """
     out: list[Candidate] = []
     if interpret:
         if gemv and m <= GEMV_MAX_M:
             out.append(Candidate("gemv", dict(INTERPRET_GEMV)))
-        if dot:
+        if dot and k_words % INTERPRET_DOT["BLOCK_KW"] == 0:
             out.append(Candidate("dot", dict(INTERPRET_DOT)))
         return out
     few = gemv and m <= GEMV_MAX_M
@@ -95,14 +96,16 @@ def decode_candidates(m: int, interpret: bool, gemv: bool = True, dot: bool = Tr
                 for bn, bkw, w, p, asm in GEMV_TILES]  # fmt: skip
     if dot:
         out += [Candidate("dot", dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, PROGS=p))
-                for bn, bkw, w, p in (DOT_TILES[:DOT_FOR_GEMV] if few else DOT_TILES)]  # fmt: skip
+                for bn, bkw, w, p in (DOT_TILES[:DOT_FOR_GEMV] if few else DOT_TILES) if k_words % bkw == 0]  # fmt: skip
     return out
 
 
-def weight_only_candidates(m: int, splitk: bool, interpret: bool) -> list[Candidate]:
-    """Candidate kernels of a weight-only linear with ``m`` rows (``splitk``: the weights suit the split-K kernels)."""
-    if m <= DECODE_M and splitk:
-        return decode_candidates(m, interpret)
+def weight_only_candidates(m: int, k_words: int | None, interpret: bool) -> list[Candidate]:
+    """Candidate kernels of a weight-only linear with ``m`` rows (``k_words``: K in 32-bit words, None if
+    the weights do not suit the split-K kernels)."""
+    cands = decode_candidates(m, k_words, interpret) if m <= DECODE_M and k_words is not None else []
+    if cands:
+        return cands
     if interpret:
         tiles = [INTERPRET_MM]
     elif m <= 128:
@@ -116,9 +119,9 @@ def weight_only_candidates(m: int, splitk: bool, interpret: bool) -> list[Candid
     return out
 
 
-def w8a8_candidates(m: int, interpret: bool, splitk: bool = True) -> list[Candidate]:
+def w8a8_candidates(m: int, interpret: bool, k_words: int | None = None) -> list[Candidate]:
     """Candidate kernels of the int8 x int8 linear for ``m`` rows: split-K decode kernels, then the int8 GEMM."""
-    out = decode_candidates(m, interpret) if m <= DECODE_M and splitk else []
+    out = decode_candidates(m, k_words, interpret) if m <= DECODE_M and k_words is not None else []
     if interpret:
         tiles = [INTERPRET_MM]
     else:

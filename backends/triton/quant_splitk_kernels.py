@@ -11,9 +11,10 @@ so subtracting ``2**23 + zero_point`` leaves the exact ``q - zero_point``), mult
 the activations and applies each group's scale once per (row, word or K step).
 
 The K splits combine without a second launch or a zeroed output: each split stores its fp32
-partial sums into a workspace ``(SPLIT, M, N)``, then bumps the tile's arrival counter; the
-split that arrives last adds the partials up in a fixed order (deterministic), adds the bias,
-casts and stores the output, and resets the counter to zero for the next launch on the stream.
+partial sums into a workspace ``(SPLIT, M, N)``, then (after a barrier, one thread, release /
+acquire: CUTLASS's serial split-K semaphore) bumps the tile's arrival counter; the split that
+arrives last adds the partials up in a fixed order (deterministic), adds the bias, casts and
+stores the output, and resets the counter to zero for the next launch on the stream.
 
 - :func:`wo_gemv_kernel`: one row of x per program (rows sharing a weight tile run side by
   side, so M > 1 re-reads it from L2), CUDA-core FMAs reduced with ``tl.sum``.
@@ -37,14 +38,6 @@ import triton.language as tl
 
 ONE_BITS = tl.constexpr(0x3F800000)  # the bits of 1.0
 E4M3_SCALE = tl.constexpr(2.0**120)  # e4m3 exponent/mantissa bits at fp32's positions, times this, = value
-
-
-@triton.jit
-def _fence(t, USE_ASM: tl.constexpr):
-    """A GPU-scope memory fence in every thread (compiled code only; the interpreter runs programs in turn)."""
-    if USE_ASM:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, $1;", "=r,r", [t], dtype=tl.int32,
-                                  is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -287,26 +280,33 @@ def _scale_rows(y, s_ptr, offs_n, n_mask, stride_sn, SMODE: tl.constexpr):
 @triton.jit
 def _finish(
     acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile, pid_k, SPLIT,
-    HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, RED: tl.constexpr,
 ):  # fmt: skip
-    """Partial sums ``acc`` (BM, BN) of split ``pid_k`` -> ``y``: at once, or by the split arriving last."""
+    """Partial sums ``acc`` (BM, BN) of split ``pid_k`` -> ``y``: at once, or by the split arriving last.
+
+    The last split reads the others' partials ``RED`` splits per load (independent loads in
+    flight, not one round trip per split) and adds them in split order.
+    """
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     if IS_SPLIT:
         part = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + part, acc, mask=mask)
-        _fence(offs_n, USE_ASM)  # this thread's partials are visible GPU-wide before the count
-        tl.debug_barrier()  # ... and every thread's, before one thread counts the program in
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()  # every thread's partials stored before one thread counts the program in
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")  # release: partials; acquire: others'
         if arrived == SPLIT - 1:  # the other splits' partials are all stored
-            _fence(offs_n, USE_ASM)
             tot = tl.zeros(acc.shape, dtype=tl.float32)
-            for s in range(SPLIT):  # a fixed order: the same sums whichever split came last
-                tot += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+            offs_s = tl.arange(0, RED)
+            for s0 in range(0, SPLIT, RED):
+                ss = s0 + offs_s
+                ptrs = ws_ptr + ss.to(tl.int64)[:, None, None] * M * N + part[None, :, :]
+                chunk = tl.load(ptrs, mask=(ss < SPLIT)[:, None, None] & mask[None, :, :], other=0.0,
+                                cache_modifier=".cg")  # fmt: skip
+                tot += tl.sum(chunk, axis=0)
             if HAS_BIAS:
                 tot += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
+            tl.store(cnt_ptr + tile, 0)  # ready for the next launch (launches on a stream run in turn)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -428,7 +428,7 @@ def wo_gemv_kernel(
             y = y * tl.load(xs_ptr)
     offs_m = pid_m + tl.arange(0, 1)
     _finish(y[None, :], offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT,
-            HAS_BIAS, IS_SPLIT, USE_ASM)  # fmt: skip
+            HAS_BIAS, IS_SPLIT, 16)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "N", "KW", "STEPS", "SPLIT"])
@@ -439,11 +439,15 @@ def wo_dot_kernel(
     WKIND: tl.constexpr, SMODE: tl.constexpr, HAS_ZP: tl.constexpr, ZP_DEFAULT: tl.constexpr,
     HAS_BIAS: tl.constexpr, GW: tl.constexpr, GROUP_PER_STEP: tl.constexpr,
     X_CODES: tl.constexpr, XS_PER_ROW: tl.constexpr, HAS_XZP: tl.constexpr, IS_SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter with bf16: its tl.dot multiplies bf16 bit patterns (triton#11584)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
-    """:func:`wo_gemv_kernel` for ``BLOCK_M`` rows of x at once: the decoded tile times x with ``tl.dot``."""
+    """:func:`wo_gemv_kernel` for ``BLOCK_M`` rows of x at once: the decoded tile times x with ``tl.dot``.
+
+    Whole K steps only (``KW % BLOCK_KW == 0``; the launcher checks): no K masks.
+    """
+    EVEN_K: tl.constexpr = True
     CPW: tl.constexpr = 8 if WKIND == 1 else 4
     BK: tl.constexpr = BLOCK_KW * CPW
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -487,10 +491,7 @@ def wo_dot_kernel(
                                  stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW,
                                  GROUP_PER_STEP, EVEN_K)  # fmt: skip
         kx = kw0 * CPW + offs_k
-        if EVEN_K:
-            xt = tl.load(x_rows + kx[None, :], mask=m_mask[:, None], other=0.0)
-        else:
-            xt = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & (kx < KW * CPW)[None, :], other=0.0)
+        xt = tl.load(x_rows + kx[None, :], mask=m_mask[:, None], other=0.0)
         if X_CODES:
             xt = (xt.to(tl.float32) - xz).to(dt)  # |q - z| <= 255: exact in bf16
         zb = code_bias(_step_zero(z, z_row, SMODE, HAS_ZP, ZP_DEFAULT, GROUP_PER_STEP), WKIND, False)
@@ -511,4 +512,4 @@ def wo_dot_kernel(
         else:
             acc = acc * tl.load(xs_ptr)
     _finish(acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT,
-            HAS_BIAS, IS_SPLIT, USE_ASM)  # fmt: skip
+            HAS_BIAS, IS_SPLIT, 4)  # fmt: skip

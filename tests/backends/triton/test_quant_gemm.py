@@ -93,7 +93,7 @@ INT4_CASES = [
     (2, 20, 128, 32, True, True, torch.bfloat16, gemv(8, 4, 3, prmt=True)),  # codes by prmt (GPU) / its twin
     (1, 24, 48, 24, False, False, torch.float32, gemv(16, 4, 2, prmt=True)),
     (5, 20, 96, 32, True, True, torch.bfloat16, dot(16, 4, 2)),  # tl.dot, a group per K step
-    (3, 24, 48, 24, True, False, torch.float32, dot(16, 4, 1)),  # tl.dot, a scale per word, ragged K step
+    (3, 24, 96, 24, True, False, torch.float32, dot(16, 4, 1)),  # tl.dot, a scale per word (3-word groups)
     (20, 20, 64, 32, False, True, torch.float16, dot(16, 2, 3)),  # two M tiles of 16
     (17, 20, 64, 32, True, True, torch.bfloat16, mm()),  # M > 16: the tensor-core GEMM
     (3, 24, 48, 24, True, False, torch.float32, mm(bk=32)),  # any group: per-element scales
@@ -125,7 +125,7 @@ INT8_CASES = [
     (2, 20, 96, "group48", True, torch.float16, None),  # the default choice; 12-word groups
     (1, 20, 64, "group16", False, torch.float32, gemv(8, 8, 1)),  # 2 groups per K step: a scale per word
     (3, 20, 96, "group48", True, torch.bfloat16, gemv(8, 4, 2, prmt=True)),  # codes by prmt (GPU) / its twin
-    (6, 20, 72, "channel", True, torch.bfloat16, dot(16, 4, 2)),
+    (6, 20, 64, "channel", True, torch.bfloat16, dot(16, 4, 2)),
     (2, 20, 66, "channel", True, torch.float32, None),  # K % 4 != 0: no split-K words, the GEMM runs
     (17, 20, 72, "channel", True, torch.bfloat16, mm(bk=32)),  # ragged M and K
     (2, 20, 72, "channel", True, torch.float16, mm(bk=32, split=3)),  # split-K, the last slice ragged
@@ -369,12 +369,15 @@ def test_inline_ptx_prmt_decode_equals_its_twin(int4: bool) -> None:
 def test_gpu_candidates_cover_decode_and_prefill() -> None:
     """On the GPU: split-K kernels up to DECODE_M rows (the GEMV up to GEMV_MAX_M), the GEMMs above."""
     for m in (1, 2, 4, 5, 16, 17, 4096):
-        kinds = {c.kernel for c in weight_only_candidates(m, splitk=True, interpret=False)}
+        kinds = {c.kernel for c in weight_only_candidates(m, k_words=512, interpret=False)}
         assert ("gemv" in kinds) == (m <= GEMV_MAX_M) and ("dot" in kinds) == (m <= DECODE_M)
         assert ("mm" in kinds) == (m > DECODE_M) and ("dequant_matmul" in kinds) == (m > 64)
-        w8 = {c.kernel for c in w8a8_candidates(m, interpret=False)}
+        w8 = {c.kernel for c in w8a8_candidates(m, interpret=False, k_words=512)}
         assert "w8a8" in w8 and ("dot" in w8) == (m <= DECODE_M)
-    assert {c.kernel for c in weight_only_candidates(1, splitk=False, interpret=False)} == {"mm"}
+    assert {c.kernel for c in weight_only_candidates(1, k_words=None, interpret=False)} == {"mm"}
+    # tl.dot forms take whole K steps only; with none left, 5..16 rows go to the tensor-core GEMM
+    assert all(c.params["BLOCK_KW"] == 16 for c in weight_only_candidates(8, k_words=80, interpret=False))
+    assert {c.kernel for c in weight_only_candidates(8, k_words=9, interpret=False)} == {"mm"}
     assert [m_bucket(m) for m in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
 
 
@@ -405,6 +408,12 @@ def test_split_k_is_deterministic_and_leaves_counters_zeroed() -> None:
     assert torch.equal(first, again)  # partial sums added in a fixed order, whichever split is last
     _close(first, ref.qlinear_w4a16_reference(x, w, s, z, 32, None), torch.float32)
     assert all(int(buf.abs().sum()) == 0 for buf in qg._COUNTERS.values())
+
+
+def test_dot_form_refuses_a_ragged_k_step() -> None:
+    w, s, z = _dev(*_int4_weight(20, 48, 24, True, torch.Generator().manual_seed(2)))
+    with pytest.raises(ConfigError, match="whole K steps"):
+        qg.qlinear_w4a16(torch.randn(5, 48).to(DEV), w, s, z, 24, None, candidate=dot(16, 4, 1))  # 6 words
 
 
 def test_bad_inputs_raise_config_errors() -> None:
