@@ -156,14 +156,42 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def split_plan(k_words: int, tiles: int, params: dict) -> tuple[int, int]:
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (4 for the interpreter, which runs programs one after another)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+_SMS: dict[int, int] = {}
+_RESIDENT: dict[tuple, int] = {}  # programs of a compiled split-K kernel one SM holds at once
+
+
+def _note_residency(key: tuple, compiled: object) -> None:
+    """How many programs of ``compiled`` fit on an SM at once (registers, threads), from its binary."""
+    regs = getattr(compiled, "n_regs", None)
+    meta = getattr(compiled, "metadata", None)
+    if key in _RESIDENT or not regs or meta is None:  # interpreter: nothing compiled
+        return
+    threads = 32 * meta.num_warps
+    alloc = -(-regs // 8) * 8  # registers are allocated 8 per thread at a time
+    _RESIDENT[key] = max(1, min(65536 // (alloc * threads), 2048 // threads))
+
+
+def split_plan(k_words: int, tiles: int, params: dict, sms: int = 132, resident: int | None = None) -> tuple[int, int]:
     """``(SPLIT, STEPS)``: K cut into ``SPLIT`` slices of ``STEPS`` steps of ``BLOCK_KW`` words.
 
-    ``params["SPLIT"]`` fixes the number of slices (tests); else there are about
-    ``params["PROGS"]`` programs over the ``tiles`` (M x N) output tiles.
+    ``params["SPLIT"]`` fixes the number of slices (tests); else the ``tiles`` (M x N) output
+    tiles times the slices stay within ``min(params["WAVES"], resident)`` programs per SM
+    (``resident``: how many the compiled kernel fits on one), so a launch is one wave of
+    resident programs (a second, part-full wave would add a whole program's time).
     """
     steps = triton.cdiv(k_words, params["BLOCK_KW"])
-    want = params.get("SPLIT") or round(params["PROGS"] / max(tiles, 1))
+    per_sm = min(params.get("WAVES", 1), resident or params.get("WAVES", 1))
+    want = params.get("SPLIT") or (per_sm * sms) // max(tiles, 1)
     per = triton.cdiv(steps, max(1, min(steps, want)))
     return triton.cdiv(steps, per), per
 
@@ -185,7 +213,8 @@ def launch_splitk(
                      f"{op.k // op.k_words * p['BLOCK_KW']} (the GEMV and the tensor-core GEMM take any K)")  # fmt: skip
     m_tiles = triton.cdiv(m, p["BLOCK_M"]) if dot else m
     tiles = m_tiles * triton.cdiv(op.n, p["BLOCK_N"])
-    split, steps = split_plan(op.k_words, tiles, p)
+    res_key = (c.kernel, tuple(sorted(p.items())), op.kind, op.smode, op.zp is not None, x.dtype, x_codes is None)
+    split, steps = split_plan(op.k_words, tiles, p, _sm_count(x.device), _RESIDENT.get(res_key))
     ws = torch.empty(split * m * op.n, dtype=torch.float32, device=x.device) if split > 1 else op.scale
     cnt = _arrival_counters(x.device, tiles)
     zp = op.zp if op.zp is not None else op.scale
@@ -203,8 +232,8 @@ def launch_splitk(
             x = x.view(torch.int32)
         # prmt decodes int8 codes to within ~2e-5 of the fp32 sums (16-bit x only: far below their rounding)
         prmt = p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4)
-        extra = dict(XP=xp, PRMT=prmt, EVEN_K=even, USE_ASM=not _INTERPRET)
-    kernel[(tiles, split)](
+        extra = dict(XP=xp, PRMT=prmt, EVEN_K=even, USE_ASM=not _INTERPRET, DEPTH=p.get("DEPTH", 1))
+    compiled = kernel[(tiles, split)](
         x, xs, xz if xz is not None else xs, op.words, op.scale, zp, bias if bias is not None else op.scale, y, ws, cnt,
         m, op.n, op.k_words, steps, split,
         x.stride(0), op.words.stride(0), *op.s_strides, *op.z_strides, y.stride(0),
@@ -213,6 +242,7 @@ def launch_splitk(
         X_CODES=x_codes is not None, XS_PER_ROW=xs.numel() > 1, HAS_XZP=xz is not None, IS_SPLIT=split > 1,
         BLOCK_N=p["BLOCK_N"], BLOCK_KW=p["BLOCK_KW"], num_warps=p["num_warps"], num_stages=1, **extra,
     )  # fmt: skip
+    _note_residency(res_key, compiled)
 
 
 def _mm_block_k(op: WeightOnly, block_k: int) -> tuple[int, int]:

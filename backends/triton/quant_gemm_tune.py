@@ -44,24 +44,27 @@ def m_bucket(m: int) -> int:
 
 
 # Decode (M <= 16): the split-K kernels of ``quant_splitk_kernels``. A K step is BLOCK_KW 32-bit words
-# (8 int4 or 4 int8 codes each) of BLOCK_N rows; PROGS is about how many programs a launch makes
-# (K splits x output tiles): a few per SM keeps enough weight bytes in flight on 132 SMs.
-# (BLOCK_N, BLOCK_KW, num_warps, PROGS, PRMT) of the GEMV (a row of x per program, CUDA-core FMAs;
-# PRMT: int4 / int8 codes decoded with inline PTX, about 30% fewer instructions). Measured on an H100
+# (8 int4 or 4 int8 codes each) of BLOCK_N rows; K is split so that a launch makes up to WAVES
+# programs per SM (K splits x output tiles), enough weight bytes in flight, one wave.
+# (BLOCK_N, BLOCK_KW, num_warps, WAVES, PRMT, DEPTH) of the GEMV (a row of x per program, CUDA-core FMAs;
+# PRMT: int4 / int8 codes decoded with inline PTX, about 30% fewer instructions; DEPTH: K steps in
+# flight ahead of the one computed). Measured on an H100
 # (benchmarks/RESULTS.md): 128 x 16 words suits int4 with groups of 128, 32-64 x 32 words int8 per
-# channel; fewer splits (PROGS 256) suit a long K.
+# channel. WAVES caps the programs per SM; the launcher also caps them at what the compiled kernel's
+# registers let one SM hold.
 GEMV_TILES = [
-    (128, 16, 4, 512, True),
-    (128, 16, 4, 256, True),
-    (64, 32, 4, 512, True),
-    (64, 32, 4, 256, True),
-    (32, 32, 4, 512, True),
-    (32, 32, 4, 256, True),
-    (64, 16, 4, 512, False),
+    (128, 16, 4, 4, True, 1),
+    (128, 16, 4, 2, True, 1),
+    (64, 32, 4, 4, True, 1),
+    (32, 32, 4, 4, True, 1),
+    (32, 32, 4, 2, True, 1),
+    (32, 32, 4, 8, True, 1),
+    (64, 16, 4, 4, True, 2),
+    (64, 32, 4, 4, True, 2),
+    (128, 16, 4, 4, False, 1),
 ]
-# (BLOCK_N, BLOCK_KW, num_warps, PROGS) of the tl.dot form (16 rows of x per program)
-DOT_TILES = [(64, 16, 4, 512), (32, 16, 4, 512), (64, 16, 8, 512), (64, 32, 4, 512), (64, 16, 4, 256),
-             (32, 16, 4, 256)]  # fmt: skip
+# (BLOCK_N, BLOCK_KW, num_warps, WAVES) of the tl.dot form (16 rows of x per program)
+DOT_TILES = [(64, 16, 4, 4), (32, 16, 4, 4), (64, 16, 8, 4), (64, 32, 4, 4), (64, 16, 4, 2), (32, 16, 4, 2)]
 DOT_FOR_GEMV = 1  # tl.dot candidates tried where the GEMV is (a few rows)
 GEMV_MAX_M = 4  # the GEMV re-decodes the weights for every row: a candidate up to this many rows
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the weight-only tensor-core GEMM (M > 16)
@@ -92,11 +95,11 @@ def decode_candidates(m: int, k_words: int, interpret: bool, gemv: bool = True, 
         return out
     few = gemv and m <= GEMV_MAX_M
     if few:
-        out += [Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, PROGS=p, PRMT=asm))
-                for bn, bkw, w, p, asm in GEMV_TILES]  # fmt: skip
+        out += [Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, WAVES=wv, PRMT=asm, DEPTH=d))
+                for bn, bkw, w, wv, asm, d in GEMV_TILES]  # fmt: skip
     if dot:
-        out += [Candidate("dot", dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, PROGS=p))
-                for bn, bkw, w, p in (DOT_TILES[:DOT_FOR_GEMV] if few else DOT_TILES) if k_words % bkw == 0]  # fmt: skip
+        out += [Candidate("dot", dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, WAVES=wv))
+                for bn, bkw, w, wv in (DOT_TILES[:DOT_FOR_GEMV] if few else DOT_TILES) if k_words % bkw == 0]  # fmt: skip
     return out
 
 

@@ -331,6 +331,7 @@ def wo_gemv_kernel(
     EVEN_K: tl.constexpr,  # KW % BLOCK_KW == 0
     XP: tl.constexpr,  # x read as: 0 its own dtype, one load per code; 1 / 2 bf16 / fp16 pairs in int32 words
     PRMT: tl.constexpr,  # int4 / int8 codes with the ``prmt`` PTX of :data:`PRMT_INT4` / :data:`PRMT_INT8`
+    DEPTH: tl.constexpr,  # K steps whose loads are in flight while one is computed (1 or 2)
     BLOCK_N: tl.constexpr,
     BLOCK_KW: tl.constexpr,  # words per row per K step
     USE_ASM: tl.constexpr,
@@ -367,10 +368,14 @@ def wo_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
                           stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP, EVEN_K)  # fmt: skip
+    if DEPTH == 2:
+        wd2, s2, z2 = _wsz_loads(kw_lo + BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                                 stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP,
+                                 EVEN_K)  # fmt: skip
     for i in range(n_steps):
         kw0 = kw_lo + i * BLOCK_KW
-        # the next step's bytes are requested before this step is computed
-        nwd, ns, nz = _wsz_loads(kw0 + BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+        # the bytes of step i + DEPTH are requested before this step is computed
+        nwd, ns, nz = _wsz_loads(kw0 + DEPTH * BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
                                  stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW,
                                  GROUP_PER_STEP, EVEN_K)  # fmt: skip
         wu = wd.to(tl.uint32, bitcast=True)
@@ -419,7 +424,11 @@ def wo_gemv_kernel(
                 acc += part * s
         else:
             acc += part
-        wd, s, z = nwd, ns, nz
+        if DEPTH == 2:
+            wd, s, z = wd2, s2, z2
+            wd2, s2, z2 = nwd, ns, nz
+        else:
+            wd, s, z = nwd, ns, nz
     y = _scale_rows(tl.sum(acc, axis=1), s_ptr, offs_n, n_mask, stride_sn, SMODE)
     if X_CODES:
         if XS_PER_ROW:
@@ -428,7 +437,7 @@ def wo_gemv_kernel(
             y = y * tl.load(xs_ptr)
     offs_m = pid_m + tl.arange(0, 1)
     _finish(y[None, :], offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT,
-            HAS_BIAS, IS_SPLIT, 16)  # fmt: skip
+            HAS_BIAS, IS_SPLIT, 4)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "N", "KW", "STEPS", "SPLIT"])

@@ -53,9 +53,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs scale {scale:.3g} ({dtype})"
 
 
-def gemv(bn: int, bkw: int, split: int, prmt: bool = False) -> Candidate:
+def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1) -> Candidate:
     """The split-K GEMV: ``BLOCK_N`` rows, K steps of ``bkw`` words, K cut into ``split`` slices."""
-    return Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split, PRMT=prmt))
+    return Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split, PRMT=prmt, DEPTH=depth))
 
 
 def dot(bn: int, bkw: int, split: int) -> Candidate:
@@ -87,6 +87,7 @@ INT4_CASES = [
     # (M, N, K, g, zero point, bias, x dtype, candidate): ragged N everywhere (20 / 24 rows, BN 8 / 16)
     (3, 20, 64, 32, True, True, torch.bfloat16, None),  # the default choice (split-K GEMV)
     (1, 20, 80, 16, True, False, torch.float32, gemv(8, 2, 3)),  # a group per K step; splits of 2, 2, 1 steps
+    (2, 20, 80, 16, False, True, torch.bfloat16, gemv(8, 2, 2, prmt=True, depth=2)),  # 2 steps in flight
     (2, 20, 128, 64, False, True, torch.float16, gemv(8, 4, 2)),  # a group is 2 steps; no zero point (8)
     (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2)),  # 3-word groups: a scale per word
     (1, 20, 64, 64, True, True, torch.float32, gemv(8, 2, 1)),  # g = K: per-channel scales, one split
@@ -125,6 +126,7 @@ INT8_CASES = [
     (2, 20, 96, "group48", True, torch.float16, None),  # the default choice; 12-word groups
     (1, 20, 64, "group16", False, torch.float32, gemv(8, 8, 1)),  # 2 groups per K step: a scale per word
     (3, 20, 96, "group48", True, torch.bfloat16, gemv(8, 4, 2, prmt=True)),  # codes by prmt (GPU) / its twin
+    (1, 20, 72, "channel", False, torch.float16, gemv(8, 4, 2, depth=2)),  # 2 steps in flight, ragged K
     (6, 20, 64, "channel", True, torch.bfloat16, dot(16, 4, 2)),
     (2, 20, 66, "channel", True, torch.float32, None),  # K % 4 != 0: no split-K words, the GEMM runs
     (17, 20, 72, "channel", True, torch.bfloat16, mm(bk=32)),  # ragged M and K
@@ -382,20 +384,20 @@ def test_gpu_candidates_cover_decode_and_prefill() -> None:
 
 
 @pytest.mark.parametrize(("k_words", "tiles", "params"), [
-    (512, 64, dict(BLOCK_KW=16, PROGS=512)),  # int4 K=4096, N=4096 in 64-row tiles: 8 splits of 4 steps
-    (1792, 64, dict(BLOCK_KW=16, PROGS=512)),  # K=14336
-    (512, 224, dict(BLOCK_KW=32, PROGS=512)),  # many tiles: 2 splits
+    (512, 64, dict(BLOCK_KW=16, WAVES=4)),  # int4 K=4096, N=4096 in 64-row tiles: 8 splits of 4 steps
+    (1792, 32, dict(BLOCK_KW=16, WAVES=4)),  # K=14336 in 128-row tiles
+    (512, 112, dict(BLOCK_KW=16, WAVES=4)),  # N=14336: 4 splits (448 programs), not a part-full second wave
     (10, 3, dict(BLOCK_KW=2, SPLIT=3)),  # forced: 5 steps as 2 + 2 + 1
-    (7, 1000, dict(BLOCK_KW=4, PROGS=512)),  # more tiles than programs: no split
+    (7, 1000, dict(BLOCK_KW=4, WAVES=2)),  # more tiles than programs: no split
 ])  # fmt: skip
 def test_split_plan_covers_k_exactly_once(k_words: int, tiles: int, params: dict) -> None:
-    split, steps = qg.split_plan(k_words, tiles, params)
+    split, steps = qg.split_plan(k_words, tiles, params, sms=132)
     step_words = steps * params["BLOCK_KW"]
     assert split >= 1 and (split - 1) * step_words < k_words <= split * step_words  # no empty split, all of K
     if "SPLIT" in params:
         assert split == params["SPLIT"]
     else:
-        assert split * tiles <= 2 * params["PROGS"] or split == 1
+        assert split * tiles <= params["WAVES"] * 132 or split == 1  # one wave
 
 
 def test_split_k_is_deterministic_and_leaves_counters_zeroed() -> None:
