@@ -1,4 +1,4 @@
-"""Test helpers: small Hugging Face models built from configs (no downloads)."""
+"""Test helpers: small Hugging Face models built from configs (no downloads), and graph helpers for pass tests."""
 
 from __future__ import annotations
 
@@ -32,3 +32,31 @@ def hf_gpt2(layers: int = 2):
 
 
 HF_MODELS = {"llama": hf_llama, "qwen2": hf_qwen2, "gpt2": hf_gpt2}
+
+
+def canonical_graph(module, *args):
+    """``module`` captured with ``args`` and canonicalized: the graph most passes start from."""
+    import kiln
+    from kiln.ir import SYMBOLS_KEY
+    from kiln.passes.canonicalize import Canonicalize
+
+    cap = kiln.capture(module.eval(), args)
+    gm = cap.exported.module()
+    gm.meta[SYMBOLS_KEY] = dict(cap.gm.meta.get(SYMBOLS_KEY, {}))
+    Canonicalize()(gm)
+    return gm
+
+
+def count_op(ir: str, op: str) -> int:
+    """How many lines of printed IR call ``op`` (e.g. ``"kiln.gemv"``)."""
+    return sum(f"= {op}(" in line for line in ir.splitlines())
+
+
+def has_attr(module, target: str) -> bool:
+    """Whether the dotted attribute ``target`` exists on ``module``."""
+    try:
+        for part in target.split("."):
+            module = getattr(module, part)
+    except AttributeError:
+        return False
+    return True

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
+from kiln_testing import has_attr
 
 import kiln
 from kiln.ir import SYMBOLS_KEY, print_ir, verify
@@ -32,15 +32,6 @@ def qdq_graph(capture, config: QuantConfig):
     gm.meta[SYMBOLS_KEY] = dict(capture.gm.meta.get(SYMBOLS_KEY, {}))
     Canonicalize()(gm)
     return InsertQDQ(config)(gm).gm
-
-
-def _has_attr(gm: nn.Module, target: str) -> bool:
-    try:
-        for part in target.split("."):
-            gm = getattr(gm, part)
-    except AttributeError:
-        return False
-    return True
 
 
 CASES = {
@@ -73,8 +64,8 @@ def test_lowered_graph_equals_the_qdq_graph(capture, case: str) -> None:
     # numerics: what the Q/DQ graph computed, bit for bit
     assert torch.equal(result.gm(input_ids=X), qdq_out)
     # memory: the float weights are gone from the module
-    assert not _has_attr(result.gm, "model.layers.0.mlp.gate_proj.weight")
-    assert _has_attr(result.gm, "lm_head.weight")
+    assert not has_attr(result.gm, "model.layers.0.mlp.gate_proj.weight")
+    assert has_attr(result.gm, "lm_head.weight")
     assert graph_bytes(result.gm) < bytes_before and result.stats["bytes_after"] < result.stats["bytes_before"]
 
 

@@ -5,37 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kiln_testing import canonical_graph, count_op, has_attr
 from torch import nn
 
 import kiln
-from kiln.ir import SYMBOLS_KEY, print_ir, verify
+from kiln.ir import print_ir, verify
 from kiln.models import from_preset
-from kiln.passes.canonicalize import Canonicalize
 from kiln.passes.merge_parallel_linears import MergeParallelLinears
 from kiln.pipeline import pass_names
 
 X = torch.randint(0, 512, (1, 13), generator=torch.Generator().manual_seed(3))
-
-
-def canonical(module: nn.Module, *args: torch.Tensor):
-    cap = kiln.capture(module.eval(), args)
-    gm = cap.exported.module()
-    gm.meta[SYMBOLS_KEY] = dict(cap.gm.meta.get(SYMBOLS_KEY, {}))
-    Canonicalize()(gm)
-    return gm
-
-
-def count(ir: str, op: str) -> int:
-    return sum(f"= {op}(" in line for line in ir.splitlines())
-
-
-def has_attr(gm: nn.Module, target: str) -> bool:
-    try:
-        for part in target.split("."):
-            gm = getattr(gm, part)
-    except AttributeError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +23,8 @@ def llama():
 
 
 def test_llama_qkv_and_gate_up_become_one_linear_each(llama) -> None:
-    gm = canonical(llama, torch.randint(0, 512, (1, 8)))
-    assert count(print_ir(gm), "aten.linear") == 15  # 7 per layer x 2 + lm_head
+    gm = canonical_graph(llama, torch.randint(0, 512, (1, 8)))
+    assert count_op(print_ir(gm), "aten.linear") == 15  # 7 per layer x 2 + lm_head
     want = {n: gm(input_ids=X[:, :n]) for n in (1, 5, 13)}  # decode, short, longer than the capture
     result = MergeParallelLinears()(gm)
     verify(result.gm)
@@ -53,8 +32,8 @@ def test_llama_qkv_and_gate_up_become_one_linear_each(llama) -> None:
     # IR: per layer one QKV linear (64 + 32 + 32 rows) and one gate/up linear (2 x 176), each split back
     assert result.stats == {"groups_merged": 4, "linears_merged": 10, "weights_deleted": 10,
                             "bytes_merged": 2 * (128 + 352) * 64 * 4}  # fmt: skip
-    assert count(ir, "aten.linear") == 2 * 4 + 1  # qkv, o, gate_up, down per layer + lm_head
-    assert count(ir, "aten.split_with_sizes") == 4
+    assert count_op(ir, "aten.linear") == 2 * 4 + 1  # qkv, o, gate_up, down per layer + lm_head
+    assert count_op(ir, "aten.split_with_sizes") == 4
     assert 'weight "model_layers_0_self_attn_merged_q_proj_k_proj_v_proj_weight" : f32[128, 64]' in ir
     assert 'weight "model_layers_1_mlp_merged_gate_proj_up_proj_weight" : f32[352, 64]' in ir
     assert "split_with_sizes(%linear_default, [64, 32, 32], -1)" in ir
@@ -95,7 +74,7 @@ def test_biases_merge_and_mismatched_linears_do_not() -> None:
     torch.manual_seed(0)
     model = Branches()
     x, y = torch.randn(3, 16), torch.randn(3, 16)
-    gm = canonical(model, x, y)
+    gm = canonical_graph(model, x, y)
     ref = gm(x=x, y=y)
     result = MergeParallelLinears()(gm)
     verify(result.gm)
@@ -104,7 +83,7 @@ def test_biases_merge_and_mismatched_linears_do_not() -> None:
     assert result.stats["groups_merged"] == 2 and result.stats["linears_merged"] == 5
     assert "split_with_sizes(%linear_default_1, [8, 24, 4], -1)" in ir
     assert 'weight "merged_a_b_c_bias" : f32[36]' in ir and 'weight "merged_shared_no_bias_weight" : f32[16, 16]' in ir
-    assert count(ir, "aten.linear") == 2 + 4  # the merged two + other, s2, wide, x @ (2 a.weight)
+    assert count_op(ir, "aten.linear") == 2 + 4  # the merged two + other, s2, wide, x @ (2 a.weight)
     # the shared weight is still read by the linear of y: it stays, in the graph and the module
     assert result.stats["weights_deleted"] == 6  # b, c, no_bias weights; a, b, c biases
     assert has_attr(result.gm, "shared") and "= aten.linear(%y, %shared" in ir
@@ -129,7 +108,7 @@ class Unmergeable(nn.Module):
 def test_nothing_merges_across_dtypes_or_with_computed_weights() -> None:
     x = torch.randn(2, 16)
     model = Unmergeable()
-    gm = canonical(model, x)
+    gm = canonical_graph(model, x)
     before = print_ir(gm)
     result = MergeParallelLinears()(gm)
     assert not result.modified and result.stats == {} and print_ir(result.gm) == before
