@@ -522,7 +522,7 @@ class DraftModelDrafter(Drafter):
         if picked:  # the one wait of this proposal
             flat = torch.cat([p for _, p in picked]).tolist()
             at = 0
-            for rows, p in picked:
+            for rows, _ in picked:
                 for i in rows:
                     drafted[i].append(flat[at])
                     at += 1

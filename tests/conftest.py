@@ -9,7 +9,6 @@ os.environ.setdefault("KILN_DEBUG", "1")  # verify the IR after every pass in te
 import pytest
 import torch
 
-
 # The suite runs as 2 xdist workers on 2 cores: one thread each avoids oversubscription.
 torch.set_num_threads(1)
 

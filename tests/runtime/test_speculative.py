@@ -339,7 +339,7 @@ def test_verification_and_draft_steps_run_in_step_graphs(method: str) -> None:
                    enable_prefix_caching=False, speculative=spec)
     runners = [llm.runner] + ([llm.drafter.runner] if method == "draft_model" else [])
     used, eager = [], []
-    for runner, rows in zip(runners, [4 * 4, None]):  # static padded buffers: the CUDA-graph path, uncaptured
+    for runner, rows in zip(runners, [4 * 4, None][: len(runners)], strict=True):  # static padded buffers: the CUDA-graph path, uncaptured
         graphs = runner.enable_cuda_graphs(max_num_seqs=4, max_model_len=llm.max_model_len, max_num_tokens=16,
                                            max_num_logits=rows, capture=False)
         used.append(_counting_fill(graphs))
