@@ -28,6 +28,7 @@ at M = 1, fp8 prefill >= 1.4x, int4 decode >= 1.9x).
 
     python benchmarks/quant_gemm.py                # H100: everything (about 4 minutes)
     python benchmarks/quant_gemm.py --skip-e2e     # the GEMMs only (about 1.5 minutes)
+    python benchmarks/quant_gemm.py --show-candidates  # also every tuning candidate's time per shape
     python benchmarks/quant_gemm.py --quick        # CPU: Triton interpreter, tiny shapes
 """
 

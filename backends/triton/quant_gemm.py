@@ -128,6 +128,7 @@ class WeightOnly:
         self.words = self.w.view(torch.int32) if aligned and n > 0 else None
         self.group_words = None if self.group is None else self.group // cpw  # per-word scales need g % cpw == 0
         self.splitk_ok = self.words is not None and (self.group is None or self.group % cpw == 0)
+        self.dot_ok = zp is None or self.smode == 2  # see launch_splitk
 
     def key(self) -> tuple:
         return (self.kind, self.n, self.k, self.group, self.smode, self.zp is not None, self.splitk_ok)
@@ -211,6 +212,9 @@ def launch_splitk(
     if dot and not even:
         _fail(op.op, f"the tl.dot split-K kernel takes whole K steps: K={op.k} must be a multiple of "
                      f"{op.k // op.k_words * p['BLOCK_KW']} (the GEMV and the tensor-core GEMM take any K)")  # fmt: skip
+    if dot and not op.dot_ok:
+        _fail(op.op, "the tl.dot split-K kernel does not take per-channel zero points (its H100 results were wrong "
+                     "with them, cause not found); the GEMV and the tensor-core GEMM do")  # fmt: skip
     m_tiles = triton.cdiv(m, p["BLOCK_M"]) if dot else m
     tiles = m_tiles * triton.cdiv(op.n, p["BLOCK_N"])
     res_key = (c.kernel, tuple(sorted(p.items())), op.kind, op.smode, op.zp is not None, x.dtype, x_codes is None)
@@ -327,7 +331,7 @@ def weight_only_linear(
     if m == 0 or op.n == 0:
         return y.reshape(*lead, op.n)
     if candidate is None:
-        cands = weight_only_candidates(m, op.k_words if op.splitk_ok else None, _INTERPRET)
+        cands = weight_only_candidates(m, op.k_words if op.splitk_ok else None, _INTERPRET, dot=op.dot_ok)
         key = ("wo", m_bucket(m), x.dtype, bias is not None, *op.key())
         candidate = TUNER.choose(key, cands, lambda c: _WO_LAUNCH[c.kernel](x2, op, bias, y, c), x.device)
     _WO_LAUNCH[candidate.kernel](x2, op, bias, y, candidate)

@@ -103,10 +103,10 @@ def decode_candidates(m: int, k_words: int, interpret: bool, gemv: bool = True, 
     return out
 
 
-def weight_only_candidates(m: int, k_words: int | None, interpret: bool) -> list[Candidate]:
+def weight_only_candidates(m: int, k_words: int | None, interpret: bool, dot: bool = True) -> list[Candidate]:
     """Candidate kernels of a weight-only linear with ``m`` rows (``k_words``: K in 32-bit words, None if
-    the weights do not suit the split-K kernels)."""
-    cands = decode_candidates(m, k_words, interpret) if m <= DECODE_M and k_words is not None else []
+    the weights do not suit the split-K kernels; ``dot``: the tl.dot split-K form takes them)."""
+    cands = decode_candidates(m, k_words, interpret, dot=dot) if m <= DECODE_M and k_words is not None else []
     if cands:
         return cands
     if interpret:

@@ -127,7 +127,8 @@ INT8_CASES = [
     (1, 20, 64, "group16", False, torch.float32, gemv(8, 8, 1)),  # 2 groups per K step: a scale per word
     (3, 20, 96, "group48", True, torch.bfloat16, gemv(8, 4, 2, prmt=True)),  # codes by prmt (GPU) / its twin
     (1, 20, 72, "channel", False, torch.float16, gemv(8, 4, 2, depth=2)),  # 2 steps in flight, ragged K
-    (6, 20, 64, "channel", True, torch.bfloat16, dot(16, 4, 2)),
+    (6, 20, 64, "channel", False, torch.bfloat16, dot(16, 4, 2)),
+    (6, 20, 64, "channel", True, torch.bfloat16, None),  # per-channel zero points: no tl.dot form, the GEMM
     (2, 20, 66, "channel", True, torch.float32, None),  # K % 4 != 0: no split-K words, the GEMM runs
     (17, 20, 72, "channel", True, torch.bfloat16, mm(bk=32)),  # ragged M and K
     (2, 20, 72, "channel", True, torch.float16, mm(bk=32, split=3)),  # split-K, the last slice ragged
@@ -412,10 +413,14 @@ def test_split_k_is_deterministic_and_leaves_counters_zeroed() -> None:
     assert all(int(buf.abs().sum()) == 0 for buf in qg._COUNTERS.values())
 
 
-def test_dot_form_refuses_a_ragged_k_step() -> None:
+def test_dot_form_refuses_a_ragged_k_step_and_per_channel_zero_points() -> None:
     w, s, z = _dev(*_int4_weight(20, 48, 24, True, torch.Generator().manual_seed(2)))
     with pytest.raises(ConfigError, match="whole K steps"):
         qg.qlinear_w4a16(torch.randn(5, 48).to(DEV), w, s, z, 24, None, candidate=dot(16, 4, 1))  # 6 words
+    w8, s8, z8 = _dev(torch.ones(20, 64, dtype=torch.int8), torch.ones(20), torch.ones(20, dtype=torch.int8))
+    with pytest.raises(ConfigError, match="per-channel zero points"):
+        qg.qlinear_w8a16(torch.randn(5, 64).to(DEV), w8, s8, z8, None, None, candidate=dot(16, 4, 1))
+    assert {c.kernel for c in weight_only_candidates(8, k_words=16, interpret=False, dot=False)} == {"mm"}
 
 
 def test_bad_inputs_raise_config_errors() -> None:
