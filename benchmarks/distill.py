@@ -144,9 +144,11 @@ def method_config(name: str, args: argparse.Namespace, cache_dir: Path) -> Any:
     if name == "hard":
         return KnowledgeDistillation(loss=LossConfig(hard_label_weight=1.0))
     if name == "kd":
+        kd = LossConfig(divergence=args.kd_divergence, temperature=args.kd_temperature,
+                        hard_label_weight=args.kd_hard_weight)
         if not args.top_k:  # dense teacher logits every step (no cache)
-            return KnowledgeDistillation(loss=fkl)
-        return KnowledgeDistillation(loss=fkl, top_k=args.top_k, cache_dir=str(cache_dir))
+            return KnowledgeDistillation(loss=kd)
+        return KnowledgeDistillation(loss=kd, top_k=args.top_k, cache_dir=str(cache_dir))
     if name == "data":
         return DataDistillation(prompt_tokens=args.data_prompt_tokens, num_prompts=args.num_prompts, samples_per_prompt=2,
                                 temperature=args.data_temperature, top_p=0.95)
@@ -168,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--top-k", type=int, default=64, help="kd: cache the teacher's top-k (0: dense teacher, no cache)")
+    p.add_argument("--kd-divergence", default="forward_kl", choices=["forward_kl", "reverse_kl", "jsd"])
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="kd: softmax temperature (soft term scaled by T^2)")
+    p.add_argument("--kd-hard-weight", type=float, default=0.0, help="kd: weight of hard-label CE in the loss")
+    p.add_argument("--lr", type=float, default=3e-3, help="scratch protocol: peak learning rate (cosine to a tenth)")
     p.add_argument("--lmbda", type=float, default=0.5)
     p.add_argument("--prompt-tokens", type=int, default=96, help="on-policy prompt length (the student writes the rest)")
     p.add_argument("--data-prompt-tokens", type=int, default=64, help="data: prompt length (the teacher writes the rest)")
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         record("teacher", {"perplexity": scorer.teacher_ppl, "agreement": 1.0})
         record("shipped_drafter", scorer.score(load_model(str(DRAFTER), dtype=torch.float32)))
 
-    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=3e-3, min_lr=3e-4,
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
                      warmup_steps=max(1, args.steps // 10), weight_decay=0.1, eval_every=max(1, args.steps // 4),
                      eval_batches=2, ckpt_every=max(1, args.steps // 4), log_every=max(1, args.steps // 20), seed=1234,
                      device=args.device, progress=not args.no_progress)
