@@ -127,6 +127,10 @@ class LLM:
             (``kiln.runtime.pipeline_runner``); each rank keeps the KV cache of its stage's
             layers, a step's sequences flow through the stages as micro-batches. Combines
             with ``tensor_parallel_size`` (``tp * pp`` ranks).
+        compile_config: the step graph's ``kiln.CompileConfig`` (``kv_cache=True``), e.g. to disable
+            a pass: ``CompileConfig(kv_cache=True, disable=("merge-parallel-linears",))`` keeps
+            the graph reading the model's own weight tensors, as training the model between
+            generations needs (one device; default: ``CompileConfig(kv_cache=True)``).
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class LLM:
         kv_cache_dtype: str | Any = "auto",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        compile_config: Any = None,
     ) -> None:
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
             raise ConfigError(f"speculative must be a SpeculativeConfig or None, got {type(speculative).__name__}")
@@ -184,6 +189,8 @@ class LLM:
             raise ConfigError("async_scheduling feeds tokens on one device; tensor and pipeline ranks take them from the host")
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = _default_memory(dev)
+        if compile_config is not None and ranks > 1:
+            raise ConfigError("compile_config sets the one-device step graph; parallel ranks build their own")
         if ranks > 1:  # one process per rank, each with its shard (or stage) and its heads' (layers') cache
             from kiln.parallel.worker import ParallelModelRunner
 
@@ -195,7 +202,7 @@ class LLM:
         else:
             self.runner = ModelRunner(
                 model, block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory, device=dev,
-                kv_cache_dtype=kv_cache_dtype,
+                kv_cache_dtype=kv_cache_dtype, compile_config=compile_config,
             )  # fmt: skip
         config = getattr(model, "config", None)
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048

@@ -118,10 +118,13 @@ class OnPolicySource:
             device = next(self.student.parameters()).device
             was_training = self.student.training
             blocks = self.windows.batch_size * (-(-self.length // 16) + 1)
+            from kiln.compile import CompileConfig
+
+            live = CompileConfig(kv_cache=True, disable=("merge-parallel-linears",))  # no merged weight copies
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self._llm = LLM(self.student, num_blocks=blocks, block_size=16, max_num_seqs=self.windows.batch_size,
                                 max_num_batched_tokens=max(self.windows.batch_size * self.length, 256),
-                                enable_prefix_caching=False, device=device)
+                                enable_prefix_caching=False, device=device, compile_config=live)
             self.student.train(was_training)
             graph = {t.data_ptr() for t in [*self._llm.runner.gm.parameters(), *self._llm.runner.gm.buffers()]}
             stale = [n for n, p in self.student.named_parameters() if p.data_ptr() not in graph]

@@ -158,3 +158,17 @@ def test_pinned_document_stays_cached_under_pressure() -> None:
     later = llm.generate([doc + [3]], GREEDY, use_tqdm=False)[0]
     assert first.num_cached_tokens == 0 and later.num_cached_tokens == 16
     llm.release(handle)
+
+
+def test_compile_config_chooses_the_step_graph_passes() -> None:
+    model = from_preset("llama-tiny").eval()
+    live = kiln.CompileConfig(kv_cache=True, disable=("merge-parallel-linears",))
+    llm = kiln.LLM(model, num_blocks=16, block_size=4, compile_config=live)
+    graph = {t.data_ptr() for t in llm.runner.gm.parameters()}
+    assert all(p.data_ptr() in graph for p in model.parameters())  # reads the model's own tensors
+    merged = kiln.LLM(model, num_blocks=16, block_size=4)
+    assert "merge-parallel-linears" in merged.runner.compiled.summary()
+    prompts = _prompts(512)
+    assert _tokens(llm, prompts) == _tokens(merged, prompts)
+    with pytest.raises(kiln.ConfigError, match="compile_config"):
+        kiln.LLM(model, num_blocks=16, block_size=4, tensor_parallel_size=2, compile_config=live)

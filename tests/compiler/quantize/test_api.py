@@ -20,7 +20,9 @@ IDS = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(5))
 
 def test_compile_pipeline_has_the_quantization_phase() -> None:
     names = pass_names(kiln.CompileConfig(quant=QuantConfig.preset("w8a16")))
-    assert names[-3:] == ["insert-qdq", "lower-qdq", "eliminate-dead-code"]
+    at = names.index("insert-qdq")
+    assert names[at : at + 3] == ["insert-qdq", "lower-qdq", "eliminate-dead-code"]
+    assert names.index("fuse-attention") < at < names.index("merge-parallel-linears")  # after fusion, before merging
     assert "insert-qdq" not in pass_names(kiln.CompileConfig())
 
 
