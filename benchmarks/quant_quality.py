@@ -7,7 +7,8 @@ and compare with full precision. Targets (issue #7): W8A16 <= +0.5%, W8A8 <= +1.
 W4A16-g128 RTN <= +6%, GPTQ and AWQ at most half of RTN's increase, and quantization-aware
 training recovering at least half of RTN's loss (so, too, at most half of RTN's increase).
 
-QAT (``w4a16-g128 qat``): :func:`kiln.quantize.prepare_qat` on the RTN starting point, trained
+QAT (``w4a16-g128 qat``): :func:`kiln.quantize.prepare_qat` on the RTN starting point (the quantized
+linears' weights and their LSQ step sizes trained; embeddings and norms frozen), trained
 with :func:`kiln.train.train` on the *train* split with the teacher's own validation documents
 held out (``kiln.data.holdout(train, 0.04)``, as ``examples/train_reference_models.py`` does), the
 loss being the KL divergence from the full-precision model's next-token distribution
@@ -125,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     qat = parser.add_argument_group("quantization-aware training (the 'w4a16-g128 qat' row)")
-    qat.add_argument("--qat-steps", type=int, default=150)
-    qat.add_argument("--qat-lr", type=float, default=2e-5, help="peak learning rate (cosine to a tenth)")
-    qat.add_argument("--qat-batch-size", type=int, default=4)
+    qat.add_argument("--qat-steps", type=int, default=300)
+    qat.add_argument("--qat-lr", type=float, default=5e-5, help="peak learning rate (cosine to a tenth)")
+    qat.add_argument("--qat-batch-size", type=int, default=8)
     qat.add_argument("--qat-seq-len", type=int, default=256)
     qat.add_argument("--qat-tokens", type=int, default=1_000_000, help="train-split tokens to draw windows from")
     qat.add_argument("--qat-loss", choices=["kl", "ce"], default="kl", help="KL from the fp model, or cross-entropy")
-    qat.add_argument("--qat-learn-scales", action="store_true", help="also learn the weight scales (LSQ)")
-    qat.add_argument("--qat-trainable", default="all", choices=["all", "quantized", "scales"],
+    qat.add_argument("--qat-learn-scales", action=argparse.BooleanOptionalAction, default=True,
+                     help="also learn the weight scales (LSQ)")
+    qat.add_argument("--qat-trainable", default="quantized", choices=["all", "quantized", "scales"],
                      help="prepare_qat(trainable=): every weight, the quantized linears' weights, or the scales alone")
     qat.add_argument("--qat-valid-batches", type=int, default=8, help="validation batches scored after training")
     args = parser.parse_args(argv)
