@@ -57,11 +57,14 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
             from kiln.passes.sequence_parallel import SequenceParallel
 
             passes += [SequenceParallel(tp, rank), EliminateDeadCode()]
-    # Phase 4: one linear per input (Q/K/V, gate/up): after quantization (plain linears only) and
-    # sharding (each rank merges its shards), so decode runs one bigger GEMV instead of three / two
-    from kiln.passes.merge_parallel_linears import MergeParallelLinears
+    if config.kv_cache:
+        # Phase 4: one linear per input (Q/K/V, gate/up) in the runtime's step graph: after quantization
+        # (plain linears only) and sharding (each rank merges its shards), so decode runs one bigger GEMV
+        # instead of three / two. Not in other graphs: the merged weights are new tensors, so a graph
+        # that trains (QAT, distillation) would no longer reach the model's parameters.
+        from kiln.passes.merge_parallel_linears import MergeParallelLinears
 
-    passes += [MergeParallelLinears()]
+        passes += [MergeParallelLinears()]
     kv_quant = quant.kv_cache if quant is not None else None
     if config.kv_cache:  # Phase 4: the paged KV cache, quantized by QuantConfig.kv_cache (int8 / fp8)
         from kiln.passes.kv_cache import PageKVCache

@@ -294,6 +294,9 @@ class LLM:
             raise ConfigError(f"params must be kiln.SamplingParams, got {type(params).__name__}")
         ids, text = self._tokenize(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._in_flight_ids():  # its old step's tokens would land on the new request
+            raise ConfigError(f"request id {rid!r} was aborted while a step for it is still running; "
+                              "call step() once more or use another id")
         request = Request(
             request_id=rid, prompt_token_ids=ids, sampling_params=params, eos_token_id=self.eos_token_id,
             cache_salt=cache_salt,
@@ -538,6 +541,12 @@ class LLM:
         if self._lookahead is None:
             self._propose()
         return results
+
+    def _in_flight_ids(self) -> set[str]:
+        """Requests that a launched, not yet applied step computes for."""
+        pending = [p.scheduler_output for p in (self._inflight,) if p is not None]
+        pending += [p.scheduler_output for p in (self._lookahead,) if p is not None]
+        return {rid for so in pending for rid in so.num_scheduled_tokens}
 
     def _schedule(self) -> SchedulerOutput:
         """Schedule a lockstep step; tell the drafter whom the scheduler preempted or finished."""

@@ -110,7 +110,8 @@ class PipelineStageRunner(ModelRunner):
             per_block = max(cache_bytes_per_block(mine, block_size, dtype), 1)  # a stage without layers: any count
             num_blocks = self.blocks_for_memory(mine, block_size, dtype, int(kv_cache_memory)) if self.layers else \
                 int(kv_cache_memory) // per_block  # fmt: skip
-            agreed = torch.tensor([num_blocks], dtype=torch.int64)
+            on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL reduces CUDA tensors only
+            agreed = torch.tensor([num_blocks], dtype=torch.int64, device=on)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # every rank's scheduler block ids must fit every cache
             num_blocks = int(agreed)
         self.block_size = block_size

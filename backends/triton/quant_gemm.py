@@ -139,6 +139,9 @@ class WeightOnly:
 # --------------------------------------------------------------------------------------
 
 _COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+#: Outgrown counter buffers, kept alive: CUDA graphs captured while they were current still read them,
+#: and freeing one would let a later capture reuse its memory under those graphs.
+_RETIRED: list[torch.Tensor] = []
 
 
 def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -152,6 +155,8 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     key = (str(device), stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf

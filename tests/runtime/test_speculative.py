@@ -433,3 +433,22 @@ def test_stop_strings_end_speculative_requests_while_the_next_step_runs() -> Non
     assert again[0].outputs[0].text == want[0].outputs[0].text
     manager = spec.scheduler.kv_cache_manager
     assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_an_aborted_id_is_refused_while_its_step_is_in_flight() -> None:
+    llm = kiln.LLM(_model(), num_blocks=64, block_size=4,
+                   speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False))
+    llm.add_request(_repetitive(12, 7), GREEDY, request_id="a")
+    llm.add_request(_repetitive(12, 8), GREEDY, request_id="b")
+    for _ in range(3):
+        llm.step()  # speculative steps: the next one is launched before step() returns
+    assert "a" in llm._in_flight_ids()
+    llm.abort_request("a")
+    with pytest.raises(kiln.ConfigError, match="still running"):
+        llm.add_request(_repetitive(5, 9), GREEDY, request_id="a")
+    llm.step()  # applies the step in flight (its tokens for "a" are dropped)
+    llm.add_request(_repetitive(5, 9), GREEDY, request_id="a")  # now a new request may take the id
+    while llm.has_unfinished_requests():
+        llm.step()
+    manager = llm.scheduler.kv_cache_manager
+    assert manager.num_free_blocks == manager.num_blocks

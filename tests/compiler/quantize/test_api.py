@@ -22,7 +22,9 @@ def test_compile_pipeline_has_the_quantization_phase() -> None:
     names = pass_names(kiln.CompileConfig(quant=QuantConfig.preset("w8a16")))
     at = names.index("insert-qdq")
     assert names[at : at + 3] == ["insert-qdq", "lower-qdq", "eliminate-dead-code"]
-    assert names.index("fuse-attention") < at < names.index("merge-parallel-linears")  # after fusion, before merging
+    assert names.index("fuse-attention") < at and "merge-parallel-linears" not in names  # merging: step graphs only
+    step = pass_names(kiln.CompileConfig(quant=QuantConfig.preset("w8a16"), kv_cache=True))
+    assert step.index("insert-qdq") < step.index("merge-parallel-linears") < step.index("kv-cache")
     assert "insert-qdq" not in pass_names(kiln.CompileConfig())
 
 
