@@ -13,7 +13,9 @@ Matches: two or more ``aten.linear(x, W_i, b_i)`` that read the same value ``x``
 Rewrites to: ``y = aten.linear(x, W, b)`` over ``W = cat(W_1 .. W_n)`` (rows, stored once as a new
     buffer ``<common prefix>merged_<names>``) and ``b = cat(b_1 .. b_n)``, then
     ``aten.split_with_sizes(y, [N_1 .. N_n], -1)``; each old linear's users read its piece
-    (``getitem``). The original weights are deleted from the module when nothing else reads them.
+    (``getitem``). The original weights are deleted from the module when nothing else reads them,
+    and the tensors they were (the model's own parameters) become views of their rows of ``W``
+    (and ``b``): the values do not change, and the weights are not held twice in memory.
 Requires: canonical forms (``canonicalize``): linears as ``aten.linear`` over ``get_attr`` weights.
     Runs after quantization lowering (only plain float linears merge; a ``kiln.qlinear_*`` stays
     as it is) and after tensor/sequence-parallel sharding (it then merges each rank's shards).
@@ -46,6 +48,17 @@ def _attr(gm: torch.nn.Module, target: str) -> object:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _share(originals: list[torch.Tensor], merged: torch.Tensor) -> None:
+    """Point each original tensor at its rows of ``merged`` (equal values), so one copy stays in memory."""
+    at, done = 0, set()
+    for t in originals:
+        rows = merged[at : at + t.shape[0]]
+        at += t.shape[0]
+        if id(t) not in done:  # a weight used twice in the group takes its first rows
+            done.add(id(t))
+            t.data = rows
 
 
 def _delete_attr(gm: GraphModule, target: str) -> None:
@@ -138,11 +151,14 @@ class MergeParallelLinears(Pass):
         name = self._name(gm, weights)  # type: ignore[arg-type]
         merged_w = torch.cat(w_vals, 0).contiguous()  # type: ignore[arg-type]  # (sum N_i, K)
         w_node = self._buffer(gm, f"{name}_weight", merged_w, first)
+        _share(w_vals, _attr(gm, f"{name}_weight"))  # type: ignore[arg-type]
         stats["bytes_merged"] += merged_w.numel() * merged_w.element_size()
         b_node = None
         if biases[0] is not None:
-            merged_b = torch.cat([_constant(gm, b) for b in biases], 0).contiguous()  # type: ignore[misc]
+            b_vals = [_constant(gm, b) for b in biases]
+            merged_b = torch.cat(b_vals, 0).contiguous()  # type: ignore[arg-type]
             b_node = self._buffer(gm, f"{name}_bias", merged_b, first)
+            _share(b_vals, _attr(gm, f"{name}_bias"))  # type: ignore[arg-type]
             stats["bytes_merged"] += merged_b.numel() * merged_b.element_size()
         with gm.graph.inserting_before(first):
             y = gm.graph.call_function(LINEAR, (x, w_node, b_node))

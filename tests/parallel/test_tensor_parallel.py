@@ -53,8 +53,8 @@ def _params(compiled: kiln.CompiledModel) -> dict[str, torch.Tensor]:
 
 def test_ir_has_two_all_reduces_per_layer_and_sliced_heads(llama: tuple[torch.nn.Module, kiln.Capture]) -> None:
     model, cap = llama
-    # merge-parallel-linears off: the checks below read each projection's shard by its weight's name
-    shards = compile_shards(cap, config=kiln.CompileConfig(parallel=TP2, disable=("merge-parallel-linears",)))
+    # no kv cache, no merged linears: the checks below read each projection's shard by its weight's name
+    shards = compile_shards(cap, config=kiln.CompileConfig(parallel=TP2))
     ir = shards[1].ir
     per_layer: dict[str, int] = {}
     for line in ir.splitlines():
@@ -90,8 +90,8 @@ def test_ir_has_two_all_reduces_per_layer_and_sliced_heads(llama: tuple[torch.nn
 
 def test_gqa_replicates_kv_heads_when_a_group_spans_ranks(llama: tuple[torch.nn.Module, kiln.Capture]) -> None:
     model, cap = llama  # 4 query heads, 2 kv heads, 4 ranks: ranks 0, 1 read kv head 0; ranks 2, 3 kv head 1
-    config = kiln.CompileConfig(parallel=kiln.ParallelConfig(tensor_parallel_size=4), disable=("merge-parallel-linears",))
-    (shard,) = compile_shards(cap, config=config, ranks=[2])  # unmerged: k_proj's shard keeps its name
+    config = kiln.CompileConfig(parallel=kiln.ParallelConfig(tensor_parallel_size=4))
+    (shard,) = compile_shards(cap, config=config, ranks=[2])  # k_proj's shard keeps its name
     assert shard.stats["shard-tensor-parallel"]["kv_heads_replicated"] == 2
     k = model.model.layers[0].self_attn.k_proj.weight
     torch.testing.assert_close(_params(shard)["model.layers.0.self_attn.k_proj.weight"], k[16:32], rtol=0, atol=0)

@@ -26,6 +26,8 @@ def test_llama_qkv_and_gate_up_become_one_linear_each(llama) -> None:
     gm = canonical_graph(llama, torch.randint(0, 512, (1, 8)))
     assert count_op(print_ir(gm), "aten.linear") == 15  # 7 per layer x 2 + lm_head
     want = {n: gm(input_ids=X[:, :n]) for n in (1, 5, 13)}  # decode, short, longer than the capture
+    attn = llama.model.layers[0].self_attn
+    saved = {p: p.weight.detach().clone() for p in (attn.q_proj, attn.k_proj, attn.v_proj)}
     result = MergeParallelLinears()(gm)
     verify(result.gm)
     ir = print_ir(result.gm)
@@ -43,6 +45,13 @@ def test_llama_qkv_and_gate_up_become_one_linear_each(llama) -> None:
     # memory: the originals are gone from the module, the merged copies replace them
     assert not has_attr(result.gm, "model.layers.0.self_attn.q_proj.weight")
     assert has_attr(result.gm, "model.layers.0.self_attn.o_proj.weight")
+    # ... and the model's own q/k/v and gate/up weights are now views of the merged tensors: one copy in memory
+    merged = result.gm.get_buffer("model_layers_0_self_attn_merged_q_proj_k_proj_v_proj_weight")
+    attn = llama.model.layers[0].self_attn
+    for proj, rows in ((attn.q_proj, slice(0, 64)), (attn.k_proj, slice(64, 96)), (attn.v_proj, slice(96, 128))):
+        assert proj.weight.untyped_storage().data_ptr() == merged.untyped_storage().data_ptr()
+        torch.testing.assert_close(proj.weight, saved[proj], rtol=0, atol=0)
+        assert torch.equal(merged[rows], saved[proj])
     # numerics: the unmerged graph's outputs at every length
     for n, ref in want.items():
         torch.testing.assert_close(result.gm(input_ids=X[:, :n]), ref, rtol=1e-5, atol=1e-5)
