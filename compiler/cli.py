@@ -3,7 +3,7 @@
     kiln compile MODEL [--dump-dir D] [--print-ir-after all|change|NAMES] [--disable NAMES]
     kiln ir MODEL [--captured] [--mlir DIALECT]
     kiln export-onnx MODEL -o PATH [--kv-cache]
-    kiln generate MODEL "prompt" [--max-tokens N] [--temperature T] [--stream]
+    kiln generate MODEL "prompt" [--max-tokens N] [--temperature T] [--stream] [--speculative ngram|DRAFT]
     kiln eval MODEL [--draft DRAFT]
     kiln quantize MODEL --preset w4a16-g128 [--method gptq] --report [--mlir torch|linalg|stablehlo|tosa]
     kiln distill STUDENT --teacher TEACHER --method hard|kd|data|on-policy|qat --out DIR [--steps N]
@@ -94,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
+    g.add_argument("--speculative", metavar="ngram|DRAFT", default=None,
+                   help="speculative decoding: 'ngram' (prompt lookup) or a draft model's folder or preset")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step at most (k)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="store the paged KV cache quantized")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     g.set_defaults(list_presets=False)
 
     v = sub.add_parser("eval", help="perplexity on the committed eval split (and agreement with a draft)")
@@ -209,8 +217,18 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
     if not args.prompt:
         console.print("[red]error:[/] give at least one prompt")
         return 2
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    spec = None
+    if args.speculative == "ngram":
+        spec = kiln.SpeculativeConfig(method="ngram", num_speculative_tokens=args.num_speculative_tokens)
+    elif args.speculative:
+        spec = kiln.SpeculativeConfig(method="draft_model", draft_model=args.speculative,
+                                      num_speculative_tokens=args.num_speculative_tokens)
     with console.status(f"loading and compiling {args.model}"):
-        llm = kiln.LLM(args.model)
+        llm = kiln.LLM(args.model, device=device, dtype=dtype, speculative=spec, kv_cache_dtype=args.kv_cache_dtype)
     params = kiln.SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
         seed=args.seed, stop=tuple(args.stop),
@@ -233,6 +251,10 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     console.print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s), {llm.stats['steps']} steps")
+    if spec is not None:
+        s = llm.stats
+        console.print(f"speculative ({args.speculative}): acceptance {s['acceptance_rate']:.2f}, "
+                      f"{s['accepted_tokens_per_step']:.2f} tokens per verified step")
     return 0
 
 

@@ -36,6 +36,17 @@ def test_generate_streams_text_from_the_shipped_teacher(capsys) -> None:
     assert "6 tokens in" in out and "steps" in out
 
 
+def test_generate_speculates_with_a_draft_model(capsys) -> None:
+    args = ["generate", "models/kiln-teacher", "def read_config(path):", "--max-tokens", "12", "--device", "cpu"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative", "models/kiln-drafter", "--num-speculative-tokens", "3"]) == 0
+    spec = capsys.readouterr().out
+    assert "acceptance" in spec and "tokens per verified step" in spec
+    text = [line for line in plain.splitlines() if line.startswith("def read_config")]
+    assert text and text == [line for line in spec.splitlines() if line.startswith("def read_config")]  # greedy
+
+
 def test_eval_reports_perplexity_and_agreement(capsys) -> None:
     assert main(["eval", "models/kiln-teacher", "--draft", "models/kiln-drafter", "--max-tokens", "1100",
                  "--seq-len", "256"]) == 0
