@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -278,13 +279,15 @@ class LLM:
             if self.tokenizer is None:
                 raise ConfigError("this LLM has no tokenizer: pass prompts as lists of token ids, or give tokenizer=")
             return list(self.tokenizer.encode(prompt)), prompt
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        ids = [int(t) for t in prompt]
+        arr = prompt.flatten().cpu().numpy() if isinstance(prompt, torch.Tensor) else np.asarray(prompt)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ConfigError(f"a prompt is a string or a flat sequence of int token ids, got {type(prompt).__name__} "
+                              f"of {arr.dtype} with shape {arr.shape}")
         vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
-        if vocab is not None and any(t >= vocab for t in ids):
-            raise ConfigError(f"prompt token ids must be below the vocabulary size {vocab}")
-        return ids, None
+        if arr.size and (int(arr.min()) < 0 or (vocab is not None and int(arr.max()) >= vocab)):
+            raise ConfigError(f"prompt token ids must be in [0, {vocab}) (the vocabulary)" if vocab is not None
+                              else "prompt token ids must not be negative")
+        return arr.astype(np.int64).tolist(), None
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
                     cache_salt: str | None = None) -> str:

@@ -37,6 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NewType
 
+import numpy as np
+
 from kiln.errors import CapacityError, ConfigError
 from kiln.runtime.block_pool import BlockPool, KVCacheBlock
 from kiln.runtime.request import Request
@@ -82,9 +84,17 @@ def hash_block_sequence(
     """
     out: list[BlockHash] = []
     parent = parent_hash
-    for j in range(len(token_ids) // block_size):
-        extra: ExtraKeys = (salt,) if (first_block + j == 0 and salt is not None) else ()
-        parent = hash_block_tokens(parent, token_ids[j * block_size : (j + 1) * block_size], extra)
+    n = len(token_ids) // block_size
+    if first_block == 0 and salt is not None and n:  # block 0 carries the salt: the general encoding
+        parent = hash_block_tokens(parent, token_ids[:block_size], (salt,))
+        out.append(parent)
+    # The other blocks: hash_block_tokens' bytes (length, int64 tokens, no extra keys), packed once for all.
+    raw = np.asarray(token_ids[len(out) * block_size : n * block_size], dtype="<i8").tobytes()
+    head, tail, step = struct.pack("<I", block_size), struct.pack("<I", 0), 8 * block_size
+    for j in range(n - len(out)):
+        h = hashlib.sha256(parent if parent is not None else _ROOT_PARENT)
+        h.update(head + raw[j * step : (j + 1) * step] + tail)
+        parent = BlockHash(h.digest())
         out.append(parent)
     return out
 

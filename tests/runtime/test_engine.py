@@ -114,6 +114,12 @@ def test_bad_requests_are_rejected_while_the_others_complete() -> None:
         llm.add_request([1, 2, 3], kiln.SamplingParams(temperature=-1.0))
     with pytest.raises(kiln.ConfigError, match="no tokenizer"):
         llm.add_request("text without a tokenizer", GREEDY)
+    for bad in ([1, 128, 2], [3, -1]):  # outside the vocabulary of 128
+        with pytest.raises(kiln.ConfigError, match=r"in \[0, 128\)"):
+            llm.add_request(bad, GREEDY)
+    for bad in ([1.5, 2.0], [[1, 2], [3, 4]]):
+        with pytest.raises(kiln.ConfigError, match="flat sequence of int token ids"):
+            llm.add_request(bad, GREEDY)
     done = {}
     while llm.has_unfinished_requests():
         for out in llm.step():

@@ -3,6 +3,8 @@ import random
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kiln.errors import CapacityError, ConfigError
 from kiln.runtime import KVCacheManager, Request, hash_block_sequence, hash_block_tokens
@@ -175,3 +177,18 @@ def test_pin_errors_are_clear() -> None:
     kv.pin_prefix(tokens(12))
     with pytest.raises(CapacityError, match="would reserve 5 of the 4 KV blocks"):
         kv.pin_prefix(tokens(8, seed=5))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-3, 2**40), max_size=70), st.sampled_from([1, 4, 16]), st.sampled_from([None, "salt"]),
+       st.booleans())
+def test_sequence_hashes_equal_the_chain_of_block_hashes(tokens, block_size, salt, continued) -> None:
+    # hash_block_sequence packs the tokens once; each digest must equal hash_block_tokens' for its block
+    first, parent = (2, hash_block_tokens(None, [7, 8])) if continued else (0, None)
+    got = hash_block_sequence(tokens, block_size, salt=salt, first_block=first, parent_hash=parent)
+    want = []
+    for j in range(len(tokens) // block_size):
+        extra = (salt,) if (first + j == 0 and salt is not None) else ()
+        parent = hash_block_tokens(parent, tokens[j * block_size : (j + 1) * block_size], extra)
+        want.append(parent)
+    assert got == want
