@@ -42,6 +42,16 @@ def _warm(runner: ModelRunner, vocab: int, lengths: list[int]) -> tuple[list[lis
     return seqs, tables
 
 
+def _poisoned(name: str, lengths: list[int]) -> tuple[ModelRunner, int, list[list[int]], list[list[int]]]:
+    """A runner of model ``name`` whose caches hold NaN except for prefilled sequences of ``lengths`` tokens."""
+    model = MODELS[name]()
+    runner = ModelRunner(model, num_blocks=40, block_size=4)
+    for c in runner.caches:
+        c.fill_(float("nan"))  # a read of an unwritten slot poisons the logits
+    seqs, tables = _warm(runner, model.config.vocab_size, lengths)
+    return runner, model.config.vocab_size, seqs, tables
+
+
 def _changed_slots(after: torch.Tensor, before: torch.Tensor) -> set[int]:
     """Flat slots whose keys or values differ (NaN equal to NaN)."""
     same = (after == before) | (after.isnan() & before.isnan())
@@ -64,12 +74,7 @@ def _run_both(runner: ModelRunner, steps: list[SequenceStep]) -> tuple[torch.Ten
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_padded_decode_rows_match_unpadded_steps_and_touch_only_the_scratch_block(name: str) -> None:
-    model = MODELS[name]()
-    vocab = model.config.vocab_size
-    runner = ModelRunner(model, num_blocks=40, block_size=4)
-    for c in runner.caches:
-        c.fill_(float("nan"))  # a read of an unwritten slot poisons the logits
-    seqs, tables = _warm(runner, vocab, [5, 12, 3])
+    runner, vocab, seqs, tables = _poisoned(name, [5, 12, 3])
     graphs = runner.enable_cuda_graphs(max_num_seqs=8, max_model_len=32, capture=False)
     assert graphs.seq_buckets == [1, 2, 4, 8] and graphs.max_blocks == 8 and not graphs.captured
     new = torch.randint(0, vocab, (3,)).tolist()
@@ -87,12 +92,7 @@ def test_padded_decode_rows_match_unpadded_steps_and_touch_only_the_scratch_bloc
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_padded_mixed_steps_match_unpadded_steps_and_write_nothing_else(name: str) -> None:
-    model = MODELS[name]()
-    vocab = model.config.vocab_size
-    runner = ModelRunner(model, num_blocks=40, block_size=4)
-    for c in runner.caches:
-        c.fill_(float("nan"))
-    seqs, tables = _warm(runner, vocab, [5, 9])
+    runner, vocab, seqs, tables = _poisoned(name, [5, 9])
     graphs = runner.enable_cuda_graphs(max_num_seqs=4, max_model_len=32, max_num_tokens=40, capture=False)
     assert graphs.token_buckets == [16, 32, 40]
     fresh = torch.randint(0, vocab, (7,)).tolist()
@@ -116,12 +116,7 @@ def test_padded_mixed_steps_match_unpadded_steps_and_write_nothing_else(name: st
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_verification_steps_with_several_logits_rows_match_unpadded_steps(name: str) -> None:
-    model = MODELS[name]()
-    vocab = model.config.vocab_size
-    runner = ModelRunner(model, num_blocks=40, block_size=4)
-    for c in runner.caches:
-        c.fill_(float("nan"))
-    seqs, tables = _warm(runner, vocab, [5, 9, 6])
+    runner, vocab, seqs, tables = _poisoned(name, [5, 9, 6])
     graphs = runner.enable_cuda_graphs(max_num_seqs=4, max_model_len=32, max_num_tokens=40, max_num_logits=20,
                                        capture=False)
     assert graphs.logits_buckets == [1, 2, 4, 8, 16, 20]
