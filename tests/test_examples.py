@@ -6,7 +6,7 @@ import sys
 import pytest
 
 EXAMPLES = ["examples/compile_and_inspect.py", "examples/bisect_a_bad_pass.py", "examples/serve_with_prefix_cache.py",
-            "examples/speculative_decoding.py", "examples/quantize_and_export.py"]
+            "examples/speculative_decoding.py", "examples/quantize_and_export.py", "examples/parallel_generate.py"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES)
@@ -21,6 +21,8 @@ def test_example_runs(path: str, capsys: pytest.CaptureFixture[str], monkeypatch
         assert out.count("48 prompt tokens from the prefix cache") == 2  # the questions after the first
     elif "speculative" in path:
         assert out.count("same tokens as plain: True") == 2
+    elif "parallel" in path:
+        assert out.count("same tokens as one device: True") == 2
     elif "quantize" in path:
         assert "quantized linears: 42" in out and "42 MatMulNBits" in out
     else:
