@@ -27,14 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.errors import ConfigError
+from kiln.runtime.drafters import Drafter, DraftRequest
 from kiln.runtime.model_runner import ModelRunner, SequenceStep
 from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
 from kiln.runtime.sampler import compute_logprobs, make_generator, sample, to_device
 from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from kiln.runtime.scheduler_output import ModelRunnerOutput, PendingOutput, SchedulerOutput
 from kiln.runtime.speculative import (
-    Drafter,
-    DraftRequest,
     SpeculationPolicy,
     SpeculativeConfig,
     default_draft_cost,
@@ -297,7 +296,7 @@ class LLM:
             raise ConfigError(f"params must be kiln.SamplingParams, got {type(params).__name__}")
         ids, text = self._tokenize(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._in_flight_ids():  # its old step's tokens would land on the new request
+        if self._in_flight(rid):  # its old step's tokens would land on the new request
             raise ConfigError(f"request id {rid!r} was aborted while a step for it is still running; "
                               "call step() once more or use another id")
         request = Request(
@@ -545,14 +544,13 @@ class LLM:
             self._propose()
         return results
 
-    def _in_flight_ids(self) -> set[str]:
-        """Requests that a launched, not yet applied step computes for."""
-        pending = [p.scheduler_output for p in (self._inflight,) if p is not None]
-        pending += [p.scheduler_output for p in (self._lookahead,) if p is not None]
-        return {rid for so in pending for rid in so.num_scheduled_tokens}
+    def _in_flight(self, request_id: str) -> bool:
+        """Whether a launched, not yet applied step computes for ``request_id``."""
+        return any(p is not None and request_id in p.scheduler_output.num_scheduled_tokens
+                   for p in (self._inflight, self._lookahead))
 
     def _schedule(self) -> SchedulerOutput:
-        """Schedule a lockstep step; tell the drafter whom the scheduler preempted or finished."""
+        """Schedule a step; tell the drafter (speculative steps run in lockstep) whom it preempted or finished."""
         so = self.scheduler.schedule()
         self.stats["steps"] += 1
         self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
@@ -565,9 +563,7 @@ class LLM:
 
     def _async_step(self) -> list:
         """Schedule and launch a step, then apply the previous one's tokens while it runs."""
-        so = self.scheduler.schedule()
-        self.stats["steps"] += 1
-        self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
+        so = self._schedule()
         prev, self._inflight = self._inflight, None
         if so.total_num_scheduled_tokens:
             self._inflight = self._launch(so, prev)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.runtime.request import Logprob, SamplingParams, TokenLogprobs
@@ -204,6 +205,43 @@ def compute_logprobs(logits: Tensor, tokens: Tensor, params: Sequence[SamplingPa
     )
 
 
+def processed_probs(logits: Tensor, params: Sequence[SamplingParams], seen: Sequence[Sequence[int]] | None = None
+                    ) -> Tensor:
+    """The distribution :func:`kiln.runtime.sampler.sample` draws row i from, (N, V) fp32.
+
+    Repetition penalty (over ``seen[i]``: prompt + output + drafts before this position),
+    temperature, top-k, top-p, min-p; a greedy row (temperature 0) is the one-hot argmax of
+    its penalized logits, as the sampler picks it.
+    """
+    n, v = logits.shape
+    if len(params) != n:
+        raise ValueError(f"{n} rows of logits but {len(params)} SamplingParams")
+    device = logits.device
+    x = logits.float()
+    penalty = [p.repetition_penalty for p in params]
+    if any(r != 1.0 for r in penalty):
+        if seen is None:
+            raise ValueError("repetition_penalty needs the seen token ids of every row")
+        x = apply_repetition_penalty(x, torch.tensor(penalty), [seen[i] if penalty[i] != 1.0 else [] for i in range(n)])
+    greedy = [p.temperature < _GREEDY_EPS for p in params]
+    onehot = F.one_hot(x.argmax(dim=-1), v).float()  # (N, V)
+    if all(greedy):
+        return onehot
+    temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device=device)
+    y = x / temps.unsqueeze(1)
+    top_k = [p.top_k if p.top_k > 0 else v for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k < v for k in top_k) or any(q < 1.0 for q in top_p):
+        y = apply_top_k_top_p(
+            y,
+            torch.tensor(top_k, device=device) if any(k < v for k in top_k) else None,
+            torch.tensor(top_p, device=device) if any(q < 1.0 for q in top_p) else None,
+        )
+    if any(p.min_p > 0 for p in params):
+        y = apply_min_p(y, torch.tensor([p.min_p for p in params], device=device))
+    return torch.where(torch.tensor(greedy, device=device).unsqueeze(1), onehot, y.softmax(dim=-1))
+
+
 __all__ = [
     "LogprobsTensors",
     "SamplerOutput",
@@ -212,6 +250,7 @@ __all__ = [
     "apply_top_k_top_p",
     "compute_logprobs",
     "make_generator",
+    "processed_probs",
     "random_sample",
     "sample",
     "to_device",

@@ -3,9 +3,9 @@
 The target is a KV-cache decoder (``export_onnx(compiled, path, kv_cache=True)``) driven by
 :class:`kiln.backends.onnx.OrtGenerator`. Everything that decides tokens is the GPU
 runtime's own (:mod:`kiln.runtime.speculative`): the drafters' interface,
-:class:`~kiln.runtime.speculative.NgramDrafter` (prompt lookup),
+:class:`~kiln.runtime.drafters.NgramDrafter` (prompt lookup),
 :func:`~kiln.runtime.speculative.verify` (greedy acceptance and exact speculative
-sampling, Leviathan et al. 2023 / Chen et al. 2023), :func:`~kiln.runtime.speculative.processed_probs`
+sampling, Leviathan et al. 2023 / Chen et al. 2023), :func:`~kiln.runtime.sampler.processed_probs`
 and :class:`~kiln.runtime.speculative.SpeculationPolicy` (k adapted to the acceptance). What
 is ONNX-specific:
 
@@ -34,18 +34,10 @@ import torch
 from torch import Tensor
 
 from kiln.errors import ConfigError
+from kiln.runtime.drafters import Draft, Drafter, DraftRequest, NgramDrafter
 from kiln.runtime.request import Request, RequestMetrics, SamplingParams
-from kiln.runtime.sampler import _GREEDY_EPS, random_sample
-from kiln.runtime.speculative import (
-    Draft,
-    Drafter,
-    DraftRequest,
-    NgramDrafter,
-    SpeculationPolicy,
-    SpeculativeConfig,
-    processed_probs,
-    verify,
-)
+from kiln.runtime.sampler import _GREEDY_EPS, processed_probs, random_sample
+from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig, verify
 
 if TYPE_CHECKING:
     from kiln.backends.onnx.generator import OrtGenerator
@@ -73,7 +65,7 @@ class OrtDraftModelDrafter(Drafter):
     at first, then the accepted drafts and the target's own token), after cutting it back to
     the prefix the request still agrees with, then drafts ``num_tokens`` tokens one call at a
     time: the argmax for a greedy request, else a draw from the request's processed
-    distribution (:func:`~kiln.runtime.speculative.processed_probs`), whose rows are returned
+    distribution (:func:`~kiln.runtime.sampler.processed_probs`), whose rows are returned
     as ``q`` for verification.
 
     Args:

@@ -14,8 +14,10 @@ import transformers
 import kiln
 from kiln.backends.onnx import OrtDraftModelDrafter, OrtGenerator, export_onnx
 from kiln.backends.onnx.speculative import truncate
+from kiln.runtime.drafters import DraftRequest
 from kiln.runtime.request import Request
-from kiln.runtime.speculative import DraftRequest, SpeculativeConfig, processed_probs
+from kiln.runtime.sampler import processed_probs
+from kiln.runtime.speculative import SpeculativeConfig
 
 V = 12  # a small vocabulary: the chi-square test sees every token
 
