@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kiln.runtime import SamplingParams, make_generator, sample
-from kiln.runtime.sampler import apply_min_p, apply_repetition_penalty, apply_top_k_top_p
+from kiln.runtime.sampler import _argmax_chunk, apply_min_p, apply_repetition_penalty, apply_top_k_top_p, greedy_argmax
 
 V = 64
 
@@ -136,3 +136,17 @@ def test_logprobs_of_the_sampled_token_and_top_n_come_from_the_raw_logits() -> N
     assert dicts[1][t1].rank == 1 + int((lp[1] > lp[1, t1]).sum())
     assert math.isclose(sum(math.exp(d.logprob) for d in dicts[0].values()),
                         float(lp[0, top2].exp().sum()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1000, 16411, 32000, 128256])  # below the threshold, no divisor (prime), chunked
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_argmax_equals_argmax_ties_included(vocab: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab, generator=g).to(dtype)
+    top = logits.max(dim=-1, keepdim=True).values
+    logits[1, vocab // 3] = top[1, 0]  # a tie with the row's maximum: the first one wins
+    logits[1, vocab - 1] = top[1, 0]
+    logits[2, :] = logits[2, 0]  # a constant row: index 0
+    assert torch.equal(greedy_argmax(logits), logits.argmax(dim=-1))
+    assert greedy_argmax(logits)[2] == 0
+    assert (_argmax_chunk(vocab) > 0) == (vocab in (32000, 128256))  # the two-stage path ran where meant
