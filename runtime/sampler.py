@@ -60,7 +60,9 @@ class SamplerOutput:
     logprobs: LogprobsTensors | None  # None when no row set SamplingParams.logprobs
 
 
-def to_device(values: Sequence[object], device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+def to_device(
+    values: Sequence[object], device: torch.device | str, dtype: torch.dtype | None = None
+) -> Tensor:
     """``torch.tensor(values)`` on ``device`` through pinned memory: no wait for the device's queued work.
 
     (A copy from pageable memory makes the host wait until the stream is idle, which would
@@ -185,7 +187,9 @@ def sample(
             )
         if any(p.min_p > 0 for p in params):
             y = apply_min_p(y, to_device([p.min_p for p in params], device))
-        gens = [None if g else (generators[i] if generators is not None else None) for i, g in enumerate(greedy)]
+        gens = [
+            None if g else (generators[i] if generators is not None else None) for i, g in enumerate(greedy)
+        ]
         sampled = random_sample(y.softmax(dim=-1), gens)
         tokens = torch.where(to_device(greedy, device), x.argmax(dim=-1), sampled)
 
@@ -220,7 +224,9 @@ def greedy_argmax(logits: Tensor) -> Tensor:
     return (chunk * c + where.gather(1, chunk)).squeeze(1)
 
 
-def compute_logprobs(logits: Tensor, tokens: Tensor, params: Sequence[SamplingParams]) -> LogprobsTensors | None:
+def compute_logprobs(
+    logits: Tensor, tokens: Tensor, params: Sequence[SamplingParams]
+) -> LogprobsTensors | None:
     """Logprobs of the sampled ``tokens`` (N,) and the top-k under the raw ``logits`` (N, V)."""
     ks = [p.logprobs for p in params if p.logprobs is not None]
     if not ks:
@@ -236,8 +242,9 @@ def compute_logprobs(logits: Tensor, tokens: Tensor, params: Sequence[SamplingPa
     )
 
 
-def processed_probs(logits: Tensor, params: Sequence[SamplingParams], seen: Sequence[Sequence[int]] | None = None
-                    ) -> Tensor:
+def processed_probs(
+    logits: Tensor, params: Sequence[SamplingParams], seen: Sequence[Sequence[int]] | None = None
+) -> Tensor:
     """The distribution :func:`kiln.runtime.sampler.sample` draws row i from, (N, V) fp32.
 
     Repetition penalty (over ``seen[i]``: prompt + output + drafts before this position),
@@ -253,12 +260,16 @@ def processed_probs(logits: Tensor, params: Sequence[SamplingParams], seen: Sequ
     if any(r != 1.0 for r in penalty):
         if seen is None:
             raise ValueError("repetition_penalty needs the seen token ids of every row")
-        x = apply_repetition_penalty(x, torch.tensor(penalty), [seen[i] if penalty[i] != 1.0 else [] for i in range(n)])
+        x = apply_repetition_penalty(
+            x, torch.tensor(penalty), [seen[i] if penalty[i] != 1.0 else [] for i in range(n)]
+        )
     greedy = [p.temperature < _GREEDY_EPS for p in params]
     onehot = F.one_hot(x.argmax(dim=-1), v).float()  # (N, V)
     if all(greedy):
         return onehot
-    temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device=device)
+    temps = torch.tensor(
+        [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device=device
+    )
     y = x / temps.unsqueeze(1)
     top_k = [p.top_k if p.top_k > 0 else v for p in params]
     top_p = [p.top_p for p in params]

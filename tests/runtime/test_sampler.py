@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from kiln.runtime import SamplingParams, make_generator, sample
-from kiln.runtime.sampler import _argmax_chunk, apply_min_p, apply_repetition_penalty, apply_top_k_top_p, greedy_argmax
+from kiln.runtime.sampler import (
+    _argmax_chunk,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_top_k_top_p,
+    greedy_argmax,
+)
 
 V = 64
 
@@ -23,8 +29,14 @@ def test_greedy_is_argmax_and_leaves_the_logits_alone() -> None:
     assert torch.equal(sample(half, [SamplingParams(temperature=0)] * 7).token_ids, half.float().argmax(-1))
 
 
-@pytest.mark.parametrize("params", [SamplingParams(top_k=1, temperature=1.5), SamplingParams(top_p=1e-6),
-                                    SamplingParams(min_p=1.0, temperature=2.0)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_k=1, temperature=1.5),
+        SamplingParams(top_p=1e-6),
+        SamplingParams(min_p=1.0, temperature=2.0),
+    ],
+)
 def test_degenerate_filters_are_greedy(params: SamplingParams) -> None:
     x = logits(16)
     gens = [make_generator(i) for i in range(16)]
@@ -33,8 +45,12 @@ def test_degenerate_filters_are_greedy(params: SamplingParams) -> None:
 
 def test_mixed_batch_applies_each_rows_params() -> None:
     x = logits(4)
-    params = [SamplingParams(temperature=0), SamplingParams(top_k=3), SamplingParams(top_p=0.5, seed=1),
-              SamplingParams(temperature=0.5)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=3),
+        SamplingParams(top_p=0.5, seed=1),
+        SamplingParams(temperature=0.5),
+    ]
     for _ in range(20):
         t = sample(x, params).token_ids
         assert t[0] == x[0].argmax()
@@ -47,7 +63,9 @@ def test_mixed_batch_applies_each_rows_params() -> None:
 
 def test_top_k_top_p_and_min_p_masks() -> None:
     x = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
-    assert apply_top_k_top_p(x, torch.tensor([2]), None).isfinite().tolist() == [[True, False, False, False, True]]
+    assert apply_top_k_top_p(x, torch.tensor([2]), None).isfinite().tolist() == [
+        [True, False, False, False, True]
+    ]
     p = x.softmax(-1)[0]  # [0.23, 0.086, 0.032, 0.012, 0.64]
     kept = apply_top_k_top_p(x, None, torch.tensor([0.8])).isfinite()[0].tolist()
     assert kept == [True, False, False, False, True]  # 0.64 < 0.8 <= 0.64 + 0.23
@@ -119,8 +137,11 @@ def test_temperature_sampling_matches_softmax() -> None:
 
 def test_logprobs_of_the_sampled_token_and_top_n_come_from_the_raw_logits() -> None:
     x = logits(3)
-    params = [SamplingParams(temperature=0, logprobs=2), SamplingParams(logprobs=0, top_k=4, seed=3),
-              SamplingParams(temperature=0)]
+    params = [
+        SamplingParams(temperature=0, logprobs=2),
+        SamplingParams(logprobs=0, top_k=4, seed=3),
+        SamplingParams(temperature=0),
+    ]
     out = sample(x, params, [None, make_generator(3), None])
     lp = x.log_softmax(-1)
     assert out.logprobs is not None and out.logprobs.token_ids.shape == (3, 3)
@@ -134,11 +155,14 @@ def test_logprobs_of_the_sampled_token_and_top_n_come_from_the_raw_logits() -> N
     t1 = int(out.token_ids[1])
     assert list(dicts[1]) == [t1] and dicts[1][t1].logprob == pytest.approx(float(lp[1, t1]))
     assert dicts[1][t1].rank == 1 + int((lp[1] > lp[1, t1]).sum())
-    assert math.isclose(sum(math.exp(d.logprob) for d in dicts[0].values()),
-                        float(lp[0, top2].exp().sum()), rel_tol=1e-5)
+    assert math.isclose(
+        sum(math.exp(d.logprob) for d in dicts[0].values()), float(lp[0, top2].exp().sum()), rel_tol=1e-5
+    )
 
 
-@pytest.mark.parametrize("vocab", [1000, 16411, 32000, 128256])  # below the threshold, no divisor (prime), chunked
+@pytest.mark.parametrize(
+    "vocab", [1000, 16411, 32000, 128256]
+)  # below the threshold, no divisor (prime), chunked
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_argmax_equals_argmax_ties_included(vocab: int, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(vocab)
