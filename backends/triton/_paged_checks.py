@@ -18,6 +18,12 @@ DECODE_MIN_SPLIT_KEYS = 256
 """Fewest keys per split the heuristic chooses: below this the partial outputs cost more than they save."""
 DECODE_PROGRAMS_PER_SM = 4
 """The heuristic splits until there are about this many decode programs per SM (or keys run short)."""
+PREFILL_MAX_SPLITS = 16
+"""Most splits of the keys of a prefill row block (each split is one more partial output per query row)."""
+PREFILL_MIN_SPLIT_KEYS = 512
+"""Fewest keys per prefill split: about eight key tiles, so a split's loop outweighs the combine."""
+PREFILL_MIN_QUERY_LEN = 32
+"""Shorter queries (decode-like steps, k + 1 verification rows) are not split: their steps are many and short."""
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _QUANTIZED_CACHE_DTYPES = tuple(KV_CACHE_QMAX)  # int8, float8_e4m3fn: codes with kv_scales
 _INTERPRET = interpret_mode()
@@ -166,3 +172,27 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     by_occupancy = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(1, num_seqs * num_kv_heads))
     by_length = triton.cdiv(max(1, max_seq_len), DECODE_MIN_SPLIT_KEYS)
     return max(1, min(by_occupancy, by_length, DECODE_MAX_SPLITS))
+
+
+def prefill_num_splits(
+    max_query_len: int, num_seqs: int, num_q_heads: int, max_seq_len: int, num_sms: int
+) -> int:
+    """How many splits of each row block's keys the prefill kernel uses.
+
+    A prompt chunk computed over a long cached prefix (a question after a cached document: 128
+    new tokens over 2k cached ones) has few query row blocks, so the plain grid (row blocks x
+    sequences x query heads, 64 programs there) leaves most SMs idle while each program walks
+    every cached key. As flash-decoding does for one query, the keys are then split until there
+    are about two programs per SM, none with fewer than ``PREFILL_MIN_SPLIT_KEYS`` keys (counting
+    ``max_seq_len``, the cache's capacity under a CUDA graph); a combine kernel merges the splits'
+    partial outputs by their log-sum-exps. Long prompts (enough row blocks) and short queries
+    (decode-like steps) keep one split and no combine.
+    """
+    if max_query_len < PREFILL_MIN_QUERY_LEN:
+        return 1
+    programs = triton.cdiv(max_query_len, 64) * max(1, num_seqs) * num_q_heads  # 64: a typical BLOCK_M
+    if programs >= num_sms:
+        return 1
+    by_occupancy = triton.cdiv(2 * num_sms, programs)
+    by_length = triton.cdiv(max(1, max_seq_len), PREFILL_MIN_SPLIT_KEYS)
+    return max(1, min(by_occupancy, by_length, PREFILL_MAX_SPLITS))

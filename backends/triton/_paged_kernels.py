@@ -408,8 +408,13 @@ def _paged_decode_combine_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr = False,  # leave rows whose splits are all empty unwritten (prefill: unowned tokens)
 ):  # fmt: skip
-    """One program: one (sequence, query head). out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max)."""
+    """One program: one (sequence, query head). out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
+
+    Prefill combines per token (grid (T, Hq), no query starts); a token owned by no sequence has
+    every log-sum-exp at its initial -inf and, with ``SKIP_EMPTY``, is not written.
+    """
     seq = tl.program_id(0)
     h = tl.program_id(1)
     if HAS_QUERY_START:
@@ -426,6 +431,9 @@ def _paged_decode_combine_kernel(
     s_ok = offs_s < num_splits
     lse = tl.load(Lse + t64 * stride_lt + h * stride_lh + offs_s * stride_ls, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
+    if SKIP_EMPTY:
+        if m == float("-inf"):
+            return
     m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
     w = tl.math.exp2(lse - m)  # (SPLITS_PAD,)
     denom = tl.sum(w, 0)
@@ -441,19 +449,21 @@ def _paged_decode_combine_kernel(
 
 @triton.autotune(
     configs=_prefill_configs(),
-    key=["Q_BUCKET", "HEAD_DIM_PAD", "PAGE_SIZE"],
+    key=["Q_BUCKET", "HEAD_DIM_PAD", "PAGE_SIZE", "WRITE_LSE"],
     prune_configs_by={"early_config_prune": _prune_prefill_configs},
 )
-@triton.jit(do_not_specialize=["Q_BUCKET"])
+@triton.jit(do_not_specialize=["Q_BUCKET", "num_splits"])
 def _paged_prefill_kernel(
-    Q, Cache, BlockTables, SeqLens, QueryStart, Out, Scales,
+    Q, Cache, BlockTables, SeqLens, QueryStart, Out, Lse, Scales,
     stride_qh, stride_qt, stride_qd,
     stride_cc, stride_cb, stride_cs, stride_ch, stride_cd,
     stride_sc, stride_sb, stride_ss, stride_sh,
     stride_bt,
-    stride_oh, stride_ot, stride_od,
-    group_size, qk_scale,
+    stride_oh, stride_ot, stride_os, stride_od,  # Out: final (1, Hq, T, D) or partial (T, Hq, splits, D)
+    stride_lt, stride_lh, stride_ls,
+    group_size, num_splits, qk_scale,
     Q_BUCKET,  # autotune key: next power of two of the longest query
+    WRITE_LSE: tl.constexpr,  # several splits: write partial outputs and log-sum-exps
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -465,10 +475,15 @@ def _paged_prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_M query rows of one (sequence, query head). Grid (query blocks, S, Hq)."""
+    """One program: BLOCK_M query rows of one (sequence, query head), over one split of their keys.
+
+    Grid (query blocks, S, Hq x splits). With one split the program writes the output; with
+    several it writes its partial output and log-sum-exp per row for the combine kernel.
+    """
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) rows launch first
     seq = tl.program_id(1)
-    h = tl.program_id(2)
+    h = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
     q_start = tl.load(QueryStart + seq)
     q_len = tl.load(QueryStart + seq + 1) - q_start
     if start_m * BLOCK_M >= q_len:
@@ -501,10 +516,14 @@ def _paged_prefill_kernel(
     s_base = Scales + kvh * stride_sh
     table = BlockTables + seq.to(tl.int64) * stride_bt
     qk_scale, v_scale = _static_scales(Scales, stride_sc, qk_scale, SCALE_MODE)
+    # This split's keys: whole tiles [k_lo, k_hi) of the row block's [0, hi); unmasked below lo_mask.
+    per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N), num_splits) * BLOCK_N
+    k_lo = split * per_split
+    k_hi = tl.minimum(k_lo + per_split, hi)
     acc, l_i, m_i = _paged_attn_inner(
         acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
         s_base, stride_sc, stride_sb, stride_ss,
-        last_key, seq_len, 0, lo_mask, qk_scale,
+        last_key, seq_len, k_lo, tl.maximum(k_lo, tl.minimum(k_hi, lo_mask)), qk_scale,
         False, True, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, tl.float16 if DOT_FP16 else Q.dtype.element_ty,
         DOT_PRECISION, UPCAST_DOT,
         SCALE_MODE == 2, INT_CODES,
@@ -512,13 +531,17 @@ def _paged_prefill_kernel(
     acc, l_i, m_i = _paged_attn_inner(
         acc, l_i, m_i, q, k_base, k_base + stride_cc, table, stride_cb, stride_cs, stride_cd,
         s_base, stride_sc, stride_sb, stride_ss,
-        last_key, seq_len, lo_mask, hi, qk_scale,
+        last_key, seq_len, tl.maximum(k_lo, lo_mask), k_hi, qk_scale,
         True, True, PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, tl.float16 if DOT_FP16 else Q.dtype.element_ty,
         DOT_PRECISION, UPCAST_DOT,
         SCALE_MODE == 2, INT_CODES,
     )  # fmt: skip
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that see no key output 0
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]  # rows that see no key (of this split) output 0
     if SCALE_MODE == 1:
         out = out * v_scale
-    tl.store(Out + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
+    tl.store(Out + h * stride_oh + rows[:, None] * stride_ot + split * stride_os + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=mask)  # fmt: skip
+    if WRITE_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 domain; no key: -inf
+        tl.store(Lse + rows * stride_lt + h * stride_lh + split * stride_ls, lse, mask=offs_m < q_len)

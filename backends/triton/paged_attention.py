@@ -63,6 +63,7 @@ from kiln.backends.triton import _paged_checks
 from kiln.backends.triton._paged_checks import (
     DECODE_MAX_SPLITS,
     DECODE_MIN_SPLIT_KEYS,
+    PREFILL_MAX_SPLITS,
     _cache_strides,
     _check_attention_inputs,
     _check_cache,
@@ -77,6 +78,7 @@ from kiln.backends.triton._paged_checks import (
     _scale_args,
     _upcast_dot,
     decode_num_splits,
+    prefill_num_splits,
 )
 from kiln.backends.triton._paged_kernels import (
     _paged_decode_combine_kernel,
@@ -263,6 +265,8 @@ def paged_prefill_attention(
     *,
     kv_scales: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
 
@@ -270,8 +274,10 @@ def paged_prefill_attention(
     (1, Hq, T, D), already written to the cache, and attends over its first ``seq_lens[s]``
     cached keys; query ``i`` of ``n`` sees keys ``j <= i + seq_lens[s] - n``. Any query length
     works, one included. ``max_query_len`` (the longest query) sizes the grid: a smaller value
-    drops rows. Rows of tokens owned by no sequence are not written. Other arguments as in
-    :func:`paged_decode_attention`.
+    drops rows. Rows of tokens owned by no sequence are not written. ``num_splits``: splits of
+    each row block's keys (1..``PREFILL_MAX_SPLITS``, merged by a combine kernel); default
+    :func:`prefill_num_splits` of ``max_seq_len`` (default: the block table's capacity, which
+    is what a CUDA graph must assume). Other arguments as in :func:`paged_decode_attention`.
     """
     name = "paged_prefill_attention"
     scale_mode = _check_attention_inputs(
@@ -285,21 +291,43 @@ def paged_prefill_attention(
     if num_seqs == 0 or max_query_len == 0 or out.numel() == 0:
         return out
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if num_splits is None:
+        bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page_size
+        num_splits = prefill_num_splits(max_query_len, num_seqs, hq, bound, _num_sms(q.device))
+    _check_count(name, "num_splits", num_splits, 1, PREFILL_MAX_SPLITS)
+    t = q.shape[2]
+    if num_splits == 1:
+        part, lse = out, out  # written directly; lse unused
+        part_strides = (out.stride(1), out.stride(2), 0, out.stride(3))
+        lse_strides = (0, 0, 0)
+    else:
+        part = torch.empty(t, hq, num_splits, d, dtype=torch.float32, device=q.device)  # (T, Hq, splits, D)
+        lse = torch.full(
+            (t, hq, num_splits), float("-inf"), dtype=torch.float32, device=q.device
+        )  # unowned: -inf
+        part_strides = (part.stride(1), part.stride(0), part.stride(2), part.stride(3))
+        lse_strides = lse.stride()
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(max_query_len, meta["BLOCK_M"]), num_seqs, hq)
+        return (triton.cdiv(max_query_len, meta["BLOCK_M"]), num_seqs, hq * num_splits)
 
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     _paged_prefill_kernel[grid](
-        q, kv_cache, block_tables, seq_lens, query_start_loc, out, scales,
+        q, kv_cache, block_tables, seq_lens, query_start_loc, part, lse, scales,
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
-        out.stride(1), out.stride(2), out.stride(3),
-        hq // hkv, scale * _LOG2E, next_power_of_2(max_query_len),
-        PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
+        *part_strides, *lse_strides,
+        hq // hkv, num_splits, scale * _LOG2E, next_power_of_2(max_query_len),
+        WRITE_LSE=num_splits > 1, PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
         DOT_FP16=scale_mode > 0 and q.dtype != torch.float32,
     )  # fmt: skip
+    if num_splits > 1:  # per token: every split's partial, weighted by its log-sum-exp
+        _paged_decode_combine_kernel[(t, hq)](
+            part, lse, query_start_loc, out, *part.stride(), *lse.stride(), out.stride(1), out.stride(2),
+            out.stride(3), num_splits, HAS_QUERY_START=False, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
+            SPLITS_PAD=next_power_of_2(num_splits), SKIP_EMPTY=True, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -364,4 +392,5 @@ def paged_attention(
         scale,
         kv_scales=kv_scales,
         out=out,
+        max_seq_len=max_seq_len,
     )

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 
 from kiln.backends.triton import _paged_checks  # noqa: E402
+from kiln.backends.triton._paged_checks import PREFILL_MAX_SPLITS, prefill_num_splits  # noqa: E402
 from kiln.backends.triton.paged_attention import (  # noqa: E402
     decode_num_splits,
     paged_attention,
@@ -238,6 +239,32 @@ def test_prefill_long_query_spans_query_blocks() -> None:
     _assert_close(
         paged_prefill_attention(*args, out=_poisoned_like(b.q)), paged_prefill_attention_reference(*args)
     )
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_split_keys_match_reference(num_splits: int, dtype: torch.dtype) -> None:
+    # A question after a long cached prefix (the prefix-cache hit), a fresh prompt, a decode token, and two
+    # padding tokens owned by no sequence: splits hold whole key tiles, some of them empty for short rows.
+    b = _batch([70, 0, 33], [40, 9, 1], 4, 2, 16, dtype, seed=num_splits)
+    reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping)
+    pad = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(9)).to(dtype)
+    q = torch.cat([b.q, pad], dim=2)  # (1, Hq, T + 2, D): the last two rows belong to no sequence
+    args = (q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
+    out = paged_prefill_attention(*args, out=_poisoned_like(q), num_splits=num_splits)
+    t = b.q.shape[2]
+    _assert_close(out[:, :, :t], paged_prefill_attention_reference(*args)[:, :, :t])
+    assert out[:, :, t:].isnan().all()  # unowned rows are not written, as with one split
+    one = paged_prefill_attention(*args, out=_poisoned_like(q), num_splits=1)
+    _assert_close(out[:, :, :t], one[:, :, :t])
+
+
+def test_prefill_num_splits_heuristic() -> None:
+    assert prefill_num_splits(128, 1, 32, 2192, 132) == 5  # 64 programs: split up to ~2 per SM
+    assert prefill_num_splits(128, 1, 32, 1024, 132) == 2  # no split under PREFILL_MIN_SPLIT_KEYS keys
+    assert prefill_num_splits(2304, 1, 32, 4096, 132) == 1  # a long prompt fills the GPU by itself
+    assert prefill_num_splits(5, 1, 32, 32768, 132) == 1  # verification rows: decode-like, not split
+    assert prefill_num_splits(64, 1, 2, 1 << 20, 132) == PREFILL_MAX_SPLITS  # capped
 
 
 # ----------------------------------------------------------------------------- the op

@@ -217,8 +217,11 @@ def test_prefill_reads_quantized_cache_like_the_reference(fmt: tuple, dtype: tor
     b = _batch([20, 0, 30], [7, 13, 1], 4, 2, 16, dtype, fmt, seed=zlib.crc32(f"pre{fmt}{dtype}".encode()))
     reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping, b.kv_scales)
     args = (b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
-    out = paged_prefill_attention(*args, kv_scales=b.kv_scales, out=torch.full_like(b.q, math.nan))
-    _assert_close(out, paged_prefill_attention_reference(*args, kv_scales=b.kv_scales))
+    ref = paged_prefill_attention_reference(*args, kv_scales=b.kv_scales)
+    for splits in (1, 3):  # split keys: scaled partials merged by their log-sum-exps
+        out = paged_prefill_attention(*args, kv_scales=b.kv_scales, out=torch.full_like(b.q, math.nan),
+                                      num_splits=splits)  # fmt: skip
+        _assert_close(out, ref)
 
 
 @pytest.mark.parametrize("fmt", [(INT8, "token"), (FP8, "tensor")], ids=_fid)
