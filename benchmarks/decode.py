@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 import kiln
 from kiln.models import from_preset
-from kiln.runtime.model_runner import SequenceStep
+from kiln.runtime.model_runner import COMPILE_MODES, SequenceStep
 
 TARGET_ROOFLINE, TARGET_VS_COMPILE = 0.70, 1.0  # issue #6
 SYSTEMS = ("kiln-eager", "kiln-graphs", "kiln-compile", "hf-eager", "hf-compile")
@@ -160,8 +160,11 @@ def profile_steps(fn: Callable[[int], list[int]], steps: int, device: torch.devi
             rows.append((name, (c - c0) / steps, (us - us0) / steps))
     rows.sort(key=lambda r: -r[2])
     total = sum(r[2] for r in rows)
-    lines = [f"GPU kernel time per decode token: {total:.1f} us in {sum(r[1] for r in rows):.0f} launches",
-             "| kernel | launches/token | us/token | share |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"GPU kernel time per decode token: {total:.1f} us in {sum(r[1] for r in rows):.0f} launches",
+        "| kernel | launches/token | us/token | share |",
+        "| --- | --- | --- | --- |",
+    ]
     lines += [f"| {n[:90]} | {c:.1f} | {us:.1f} | {us / total:.1%} |" for n, c, us in rows[:30]]
     return "\n".join(lines)
 
@@ -175,7 +178,9 @@ def hf_twin(model: torch.nn.Module) -> torch.nn.Module:
         hf = transformers.LlamaForCausalLM(cfg)
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False, assign=True)
     if unexpected or any(k != "lm_head.weight" for k in missing):
-        raise RuntimeError(f"weights do not map onto transformers' Llama: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"weights do not map onto transformers' Llama: missing {missing}, unexpected {unexpected}"
+        )
     if cfg.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     device = model.model.embed_tokens.weight.device
@@ -184,7 +189,9 @@ def hf_twin(model: torch.nn.Module) -> torch.nn.Module:
     return hf.eval()
 
 
-def timed(fn: Callable[[int], list[int]], n: int, repeats: int, device: torch.device) -> tuple[float, list[int]]:
+def timed(
+    fn: Callable[[int], list[int]], n: int, repeats: int, device: torch.device
+) -> tuple[float, list[int]]:
     """Median seconds of ``fn(n)`` over ``repeats`` runs, and its tokens."""
     times, tokens = [], []
     for _ in range(repeats):
@@ -211,7 +218,9 @@ def measure(fn: Callable[[int], list[int]], args: argparse.Namespace, device: to
     return Result(system="", ms_per_token=(t_long - t_short) / (n - half) * 1e3, tokens=tokens)
 
 
-def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, bw: float) -> dict:
+def run_model(
+    name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, bw: float
+) -> dict:
     """Every system on preset ``name``; returns the model's report."""
     import transformers
 
@@ -247,11 +256,20 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
         return float((x - y).norm() / y.norm())
 
     def close_enough(label: str, err: float, baseline: float, baseline_name: str) -> None:
-        report["checks"].append((f"{label}: relative error to fp32 {err:.2e}, {baseline_name} {baseline:.2e} "
-                                 f"(allowed {1.25 * baseline + floor:.2e})", err <= 1.25 * baseline + floor))
+        report["checks"].append(
+            (
+                f"{label}: relative error to fp32 {err:.2e}, {baseline_name} {baseline:.2e} "
+                f"(allowed {1.25 * baseline + floor:.2e})",
+                err <= 1.25 * baseline + floor,
+            )
+        )
 
-    close_enough(f"prefill logits ({dtype}), same argmax as fp32: {bool(got.argmax() == ref[0].argmax())}",
-                 rel_err(got, ref[0]), rel_err(hf_low, ref[0]), "transformers")
+    close_enough(
+        f"prefill logits ({dtype}), same argmax as fp32: {bool(got.argmax() == ref[0].argmax())}",
+        rel_err(got, ref[0]),
+        rel_err(hf_low, ref[0]),
+        "transformers",
+    )
 
     def kiln_fn(n: int) -> list[int]:
         params = kiln.SamplingParams(temperature=0, ignore_eos=True, max_tokens=n)
@@ -267,8 +285,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
 
         def fn(n: int) -> list[int]:
             with torch.no_grad():
-                out = hf.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
-            return out[0, len(prompt):].tolist()
+                out = hf.generate(
+                    ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, **kw
+                )
+            return out[0, len(prompt) :].tolist()
 
         return fn
 
@@ -292,10 +312,12 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
         if system == "kiln-eager":
             runner.graphs = None
         elif system == "kiln-graphs":
-            runner.enable_cuda_graphs(max_num_seqs=1, max_model_len=llm.max_model_len, capture=device.type == "cuda")
+            runner.enable_cuda_graphs(
+                max_num_seqs=1, max_model_len=llm.max_model_len, capture=device.type == "cuda"
+            )
         elif system == "kiln-compile":
             runner.enable_cuda_graphs(max_num_seqs=1, max_model_len=llm.max_model_len, capture=device.type == "cuda",
-                                      torch_compile=True)  # fmt: skip
+                                      torch_compile=args.compile_mode or True)  # fmt: skip
         else:
             return hf_fn(static=system == "hf-compile")
         return kiln_fn
@@ -324,14 +346,18 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     for system in ("kiln-graphs", "kiln-compile"):
         r = report["results"].get(system)
         if ref is not None and ref.error is None and r is not None and r.error is None:
-            same = next((i for i, (a, b) in enumerate(zip(ref.tokens, r.tokens, strict=True)) if a != b), None)
+            same = next(
+                (i for i, (a, b) in enumerate(zip(ref.tokens, r.tokens, strict=True)) if a != b), None
+            )
             # random weights give near-uniform logits: a bf16 rounding difference may flip a near-tie
             report["checks"].append((f"{system} greedy tokens vs kiln op by op: "
                                      + ("identical" if same is None else f"first differ at token {same} (informative)"),
                                      True))  # fmt: skip
     hf_eager = report["results"].get("hf-eager")
     if ref is not None and ref.error is None and hf_eager is not None and hf_eager.error is None:
-        same = next((i for i, (a, b) in enumerate(zip(ref.tokens, hf_eager.tokens, strict=True)) if a != b), None)
+        same = next(
+            (i for i, (a, b) in enumerate(zip(ref.tokens, hf_eager.tokens, strict=True)) if a != b), None
+        )
         report["checks"].append(("kiln greedy tokens vs transformers eager: "
                                  + ("identical" if same is None else f"first differ at token {same} (informative)"),
                                  True))  # fmt: skip
@@ -359,7 +385,9 @@ def print_report(reports: list[dict], bw: float, args: argparse.Namespace, devic
               f"-> roofline {rep['roofline_ms']:.3f} ms/token ({1e3 / rep['roofline_ms']:.0f} tokens/s); "
               f"{rep['seconds']:.0f} s")  # fmt: skip
         res = rep["results"]
-        base = {k: res[k].ms_per_token for k in ("hf-eager", "hf-compile") if k in res and res[k].error is None}
+        base = {
+            k: res[k].ms_per_token for k in ("hf-eager", "hf-compile") if k in res and res[k].error is None
+        }
         print("\n| system | tokens/s | ms/token | % roofline | vs HF eager | vs HF compile |")
         print("| --- | --- | --- | --- | --- | --- |")
         for system, r in res.items():
@@ -376,7 +404,9 @@ def print_report(reports: list[dict], bw: float, args: argparse.Namespace, devic
         for text, passed in rep["checks"]:
             print(f"- check: {text}: {'ok' if passed else 'FAILED'}")
             ok &= passed
-        best = min((r.ms_per_token for s, r in res.items() if s.startswith("kiln") and r.error is None), default=None)
+        best = min(
+            (r.ms_per_token for s, r in res.items() if s.startswith("kiln") and r.error is None), default=None
+        )
         if best is not None:
             frac = rep["roofline_ms"] / best
             line = f"- best kiln: {frac:.0%} of roofline (target >= {TARGET_ROOFLINE:.0%}: " \
@@ -398,10 +428,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-mib", type=int, default=256)
     p.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS)
     p.add_argument("--quick", action="store_true", help="CPU smoke run: llama-tiny, fp32, short prompt")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after timing each kiln system, print its GPU kernels per decode token over N tokens")
-    p.add_argument("--disable", nargs="*", default=[], metavar="PASS",
-                   help="build kiln's step graph without these passes (ablation, e.g. merge-parallel-linears)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing each kiln system, print its GPU kernels per decode token over N tokens",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=COMPILE_MODES,
+        help="inductor mode of kiln-compile's step graph (default: torch.compile's default)",
+    )
+    p.add_argument(
+        "--disable",
+        nargs="*",
+        default=[],
+        metavar="PASS",
+        help="build kiln's step graph without these passes (ablation, e.g. merge-parallel-linears)",
+    )
     args = p.parse_args(argv)
     if args.disable:
         disable_passes(args.disable)

@@ -109,7 +109,9 @@ class LLM:
         enforce_eager: launch every step op by op (no CUDA graphs, no ``torch_compile``).
         torch_compile: fuse the decode graph's pointwise operations with ``torch.compile``
             (inductor) before capturing it; costs a compile at start-up (tens of seconds for
-            a 1B model), needs ``cuda_graphs``.
+            a 1B model), needs ``cuda_graphs``. A string picks inductor's mode
+            (``kiln.runtime.model_runner.COMPILE_MODES``): ``"max-autotune-no-cudagraphs"``
+            also times Triton GEMM templates against cuBLAS for each linear.
         async_scheduling: schedule and launch each step before the last one's tokens reach
             the host (they feed the next step on the device), so the host's work overlaps
             the device's; outputs arrive one step later. Default: on a GPU without
@@ -151,7 +153,7 @@ class LLM:
         speculative: SpeculativeConfig | None = None,
         cuda_graphs: bool | None = None,
         enforce_eager: bool = False,
-        torch_compile: bool = False,
+        torch_compile: bool | str = False,
         async_scheduling: bool | None = None,
         kv_cache_dtype: str | Any = "auto",
         tensor_parallel_size: int = 1,
@@ -159,7 +161,9 @@ class LLM:
         compile_config: Any = None,
     ) -> None:
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
-            raise ConfigError(f"speculative must be a SpeculativeConfig or None, got {type(speculative).__name__}")
+            raise ConfigError(
+                f"speculative must be a SpeculativeConfig or None, got {type(speculative).__name__}"
+            )
         source = None
         if not isinstance(model, torch.nn.Module):
             from kiln.models import load_model
@@ -171,22 +175,35 @@ class LLM:
         self.tokenizer = self._load_tokenizer(tokenizer, source)
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         if enforce_eager and (cuda_graphs or torch_compile):
-            raise ConfigError("enforce_eager=True runs without CUDA graphs and torch_compile; do not ask for them too")
+            raise ConfigError(
+                "enforce_eager=True runs without CUDA graphs and torch_compile; do not ask for them too"
+            )
         if cuda_graphs and dev.type != "cuda":
             raise ConfigError(f"cuda_graphs=True needs a CUDA device; the model runs on {dev}")
-        for name, size in (("tensor_parallel_size", tensor_parallel_size), ("pipeline_parallel_size", pipeline_parallel_size)):
+        for name, size in (
+            ("tensor_parallel_size", tensor_parallel_size),
+            ("pipeline_parallel_size", pipeline_parallel_size),
+        ):
             if not isinstance(size, int) or size < 1:
                 raise ConfigError(f"{name} must be a positive int, got {size!r}")
         ranks = tensor_parallel_size * pipeline_parallel_size
         if cuda_graphs and ranks > 1:
-            raise ConfigError("CUDA graphs under tensor or pipeline parallelism are not implemented yet: leave cuda_graphs unset")
+            raise ConfigError(
+                "CUDA graphs under tensor or pipeline parallelism are not implemented yet: leave cuda_graphs unset"
+            )
         use_graphs = (dev.type == "cuda" and ranks == 1) if cuda_graphs is None else bool(cuda_graphs)
         if torch_compile and not use_graphs:
-            raise ConfigError("torch_compile=True compiles the CUDA-graph decode step: it needs cuda_graphs on a GPU")
+            raise ConfigError(
+                "torch_compile=True compiles the CUDA-graph decode step: it needs cuda_graphs on a GPU"
+            )
         if async_scheduling and speculative is not None:
-            raise ConfigError("async_scheduling does not combine with speculative decoding yet; leave it unset")
+            raise ConfigError(
+                "async_scheduling does not combine with speculative decoding yet; leave it unset"
+            )
         if async_scheduling and ranks > 1:
-            raise ConfigError("async_scheduling feeds tokens on one device; tensor and pipeline ranks take them from the host")
+            raise ConfigError(
+                "async_scheduling feeds tokens on one device; tensor and pipeline ranks take them from the host"
+            )
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = _default_memory(dev)
         if compile_config is not None and ranks > 1:
@@ -205,7 +222,9 @@ class LLM:
                 kv_cache_dtype=kv_cache_dtype, compile_config=compile_config,
             )  # fmt: skip
         config = getattr(model, "config", None)
-        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        context = (
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        )
         capacity = self.runner.num_blocks * block_size
         self.max_model_len = int(max_model_len or min(context, capacity))
         eos = getattr(config, "eos_token_id", None)
@@ -216,20 +235,34 @@ class LLM:
         self.eos_token_id: int | None = eos
         feeds = isinstance(self.runner, ModelRunner)  # its steps can take tokens from the device
         if async_scheduling and not feeds:
-            raise ConfigError(f"async_scheduling needs a runner that feeds tokens on the device, not {type(self.runner).__name__}")
+            raise ConfigError(
+                f"async_scheduling needs a runner that feeds tokens on the device, not {type(self.runner).__name__}"
+            )
         #: whether steps are scheduled before the previous step's tokens reach the host
         self.async_scheduling = (dev.type == "cuda" and speculative is None and feeds) if async_scheduling is None \
             else bool(async_scheduling)  # fmt: skip
         self._inflight: PendingOutput | None = None  # the launched step whose tokens have not been applied
-        self._lookahead: _Launched | None = None  # speculative: the next lockstep step, launched before this one's text
+        self._lookahead: _Launched | None = (
+            None  # speculative: the next lockstep step, launched before this one's text
+        )
         self._sync_ids: set[str] = set()  # requests whose sampling needs every token on the host
         self.cuda_graphs = use_graphs and not enforce_eager  # whether pure-decode steps replay CUDA graphs
-        graph_args: dict[str, Any] | None = None  # enable_cuda_graphs' arguments, for the drafter's runner too
+        graph_args: dict[str, Any] | None = (
+            None  # enable_cuda_graphs' arguments, for the drafter's runner too
+        )
         if self.cuda_graphs:
-            graph_args = dict(max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
-                              max_num_tokens=max_num_batched_tokens, torch_compile=torch_compile)
-            spec_rows = max_num_seqs * (speculative.num_speculative_tokens + 1) if speculative is not None else None
-            self.runner.enable_cuda_graphs(**graph_args, max_num_logits=spec_rows)  # verification: k + 1 rows each
+            graph_args = dict(
+                max_num_seqs=max_num_seqs,
+                max_model_len=self.max_model_len,
+                max_num_tokens=max_num_batched_tokens,
+                torch_compile=torch_compile,
+            )
+            spec_rows = (
+                max_num_seqs * (speculative.num_speculative_tokens + 1) if speculative is not None else None
+            )
+            self.runner.enable_cuda_graphs(
+                **graph_args, max_num_logits=spec_rows
+            )  # verification: k + 1 rows each
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=self.runner.num_blocks,
@@ -243,20 +276,38 @@ class LLM:
         )
         self._seqs: dict[str, _Sequence] = {}
         self._ids = itertools.count()
-        self.stats: dict[str, float] = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "scheduled_tokens": 0}
+        self.stats: dict[str, float] = {
+            "steps": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "scheduled_tokens": 0,
+        }
         self.speculative = speculative
         self.drafter: Drafter | None = None  # proposes drafts when speculative is set
         self.policy: SpeculationPolicy | None = None  # how many, per request and step
         if speculative is not None:
             k = speculative.num_speculative_tokens
             self.drafter = make_drafter(
-                speculative, block_size=block_size,
+                speculative,
+                block_size=block_size,
                 num_blocks=self.runner.num_blocks + max_num_seqs * -(-k // block_size),
-                vocab_size=getattr(config, "vocab_size", None), device=dev, dtype=dtype, cuda_graphs=graph_args,
+                vocab_size=getattr(config, "vocab_size", None),
+                device=dev,
+                dtype=dtype,
+                cuda_graphs=graph_args,
             )
-            self.policy = SpeculationPolicy(k, default_draft_cost(speculative, model, self.drafter), speculative.adaptive)
-            self.stats.update(spec_steps=0, draft_tokens=0, accepted_tokens=0, spec_rejections=0,
-                              acceptance_rate=0.0, alpha=0.0, accepted_tokens_per_step=0.0)
+            self.policy = SpeculationPolicy(
+                k, default_draft_cost(speculative, model, self.drafter), speculative.adaptive
+            )
+            self.stats.update(
+                spec_steps=0,
+                draft_tokens=0,
+                accepted_tokens=0,
+                spec_rejections=0,
+                acceptance_rate=0.0,
+                alpha=0.0,
+                accepted_tokens_per_step=0.0,
+            )
 
     @staticmethod
     def _load_tokenizer(tokenizer: Any, source: object) -> Any:
@@ -276,20 +327,33 @@ class LLM:
     def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ConfigError("this LLM has no tokenizer: pass prompts as lists of token ids, or give tokenizer=")
+                raise ConfigError(
+                    "this LLM has no tokenizer: pass prompts as lists of token ids, or give tokenizer="
+                )
             return list(self.tokenizer.encode(prompt)), prompt
         arr = prompt.flatten().cpu().numpy() if isinstance(prompt, torch.Tensor) else np.asarray(prompt)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise ConfigError(f"a prompt is a string or a flat sequence of int token ids, got {type(prompt).__name__} "
-                              f"of {arr.dtype} with shape {arr.shape}")
+            raise ConfigError(
+                f"a prompt is a string or a flat sequence of int token ids, got {type(prompt).__name__} "
+                f"of {arr.dtype} with shape {arr.shape}"
+            )
         vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
         if arr.size and (int(arr.min()) < 0 or (vocab is not None and int(arr.max()) >= vocab)):
-            raise ConfigError(f"prompt token ids must be in [0, {vocab}) (the vocabulary)" if vocab is not None
-                              else "prompt token ids must not be negative")
+            raise ConfigError(
+                f"prompt token ids must be in [0, {vocab}) (the vocabulary)"
+                if vocab is not None
+                else "prompt token ids must not be negative"
+            )
         return arr.astype(np.int64).tolist(), None
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
-                    cache_salt: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> str:
         """Queue a prompt; returns its request id. Raises (changing nothing) when the request cannot run."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -297,10 +361,15 @@ class LLM:
         ids, text = self._tokenize(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if self._in_flight(rid):  # its old step's tokens would land on the new request
-            raise ConfigError(f"request id {rid!r} was aborted while a step for it is still running; "
-                              "call step() once more or use another id")
+            raise ConfigError(
+                f"request id {rid!r} was aborted while a step for it is still running; "
+                "call step() once more or use another id"
+            )
         request = Request(
-            request_id=rid, prompt_token_ids=ids, sampling_params=params, eos_token_id=self.eos_token_id,
+            request_id=rid,
+            prompt_token_ids=ids,
+            sampling_params=params,
+            eos_token_id=self.eos_token_id,
             cache_salt=cache_salt,
         )
         self.scheduler.add_request(request)
@@ -341,8 +410,9 @@ class LLM:
 
     # -- one step -------------------------------------------------------------------------
 
-    def _steps(self, so: SchedulerOutput) -> tuple[list[SequenceStep], list[tuple[int, _Sequence]],
-                                                   list[tuple[int, _Sequence, list[int]]]]:
+    def _steps(
+        self, so: SchedulerOutput
+    ) -> tuple[list[SequenceStep], list[tuple[int, _Sequence]], list[tuple[int, _Sequence, list[int]]]]:
         """The runner's steps for ``so``; the rows to sample and the rows (with drafts) to verify."""
         steps: list[SequenceStep] = []
         wanted: list[tuple[int, _Sequence]] = []  # (first logits row, sequence) of rows to sample
@@ -359,8 +429,14 @@ class LLM:
             seq = self._seqs[cached.request_id]
             seq.block_ids.extend(cached.new_block_ids)
             drafts = so.scheduled_spec_decode_tokens.get(cached.request_id, [])
-            steps.append(SequenceStep(list(cached.new_token_ids), cached.num_computed_tokens, seq.block_ids,
-                                      num_logits=len(drafts) + 1))
+            steps.append(
+                SequenceStep(
+                    list(cached.new_token_ids),
+                    cached.num_computed_tokens,
+                    seq.block_ids,
+                    num_logits=len(drafts) + 1,
+                )
+            )
             if drafts:
                 spec.append((num_rows, seq, list(drafts)))
             elif cached.sample:
@@ -421,16 +497,25 @@ class LLM:
                 [s.request.output_token_ids for s in seqs],
                 [s.request.prompt_token_ids for s in seqs],
             )
-            sampled.update((s.request.request_id, [t]) for s, t in zip(seqs, out.token_ids.tolist(), strict=True))
+            sampled.update(
+                (s.request.request_id, [t]) for s, t in zip(seqs, out.token_ids.tolist(), strict=True)
+            )
             if out.logprobs is not None:
                 entries = out.logprobs.to_dicts([s.request.sampling_params.logprobs for s in seqs])
-                logprobs.update((s.request.request_id, [e]) for s, e in zip(seqs, entries, strict=True) if e is not None)
+                logprobs.update(
+                    (s.request.request_id, [e]) for s, e in zip(seqs, entries, strict=True) if e is not None
+                )
         if spec:
             self._verify(logits, spec, sampled, logprobs)
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs or None)
 
-    def _verify(self, logits: torch.Tensor, spec: list[tuple[int, _Sequence, list[int]]],
-                sampled: dict[str, list[int]], logprobs: dict[str, list]) -> None:
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        spec: list[tuple[int, _Sequence, list[int]]],
+        sampled: dict[str, list[int]],
+        logprobs: dict[str, list],
+    ) -> None:
         """Rejection-sample the drafted requests' rows; record what each accepted."""
         rows = [r + j for r, _, d in spec for j in range(len(d) + 1)]
         seqs = [s for _, s, _ in spec]
@@ -442,9 +527,15 @@ class LLM:
             rows_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
         penalized = any(p.repetition_penalty != 1.0 for p in params)
         generated = verify(
-            rows_logits, drafts,
-            [s.draft_probs[: len(d)] if s.draft_probs is not None else None for s, d in zip(seqs, drafts, strict=True)],
-            params, [s.generator for s in seqs], [s.request.all_token_ids for s in seqs] if penalized else None,
+            rows_logits,
+            drafts,
+            [
+                s.draft_probs[: len(d)] if s.draft_probs is not None else None
+                for s, d in zip(seqs, drafts, strict=True)
+            ],
+            params,
+            [s.generator for s in seqs],
+            [s.request.all_token_ids for s in seqs] if penalized else None,
         )
         assert self.policy is not None
         step = int(self.stats["steps"])
@@ -465,12 +556,19 @@ class LLM:
         s["acceptance_rate"] = s["accepted_tokens"] / max(s["draft_tokens"], 1)
         s["alpha"] = s["accepted_tokens"] / max(s["accepted_tokens"] + s["spec_rejections"], 1)
         s["accepted_tokens_per_step"] = (s["accepted_tokens"] + s["spec_steps"]) / max(s["spec_steps"], 1)
-        if any(p.logprobs is not None for p in params):  # each token's logprobs come from the row that chose it
-            starts = itertools.accumulate((len(d) + 1 for d in drafts[:-1]), initial=0)  # first rows in rows_logits
+        if any(
+            p.logprobs is not None for p in params
+        ):  # each token's logprobs come from the row that chose it
+            starts = itertools.accumulate(
+                (len(d) + 1 for d in drafts[:-1]), initial=0
+            )  # first rows in rows_logits
             used = [start + j for start, t in zip(starts, generated, strict=True) for j in range(len(t))]
             flat_params = [p for p, t in zip(params, generated, strict=True) for _ in t]
-            lp = compute_logprobs(rows_logits.index_select(0, torch.tensor(used, device=logits.device)),
-                                  torch.tensor([x for t in generated for x in t], device=logits.device), flat_params)
+            lp = compute_logprobs(
+                rows_logits.index_select(0, torch.tensor(used, device=logits.device)),
+                torch.tensor([x for t in generated for x in t], device=logits.device),
+                flat_params,
+            )
             entries = iter(lp.to_dicts([p.logprobs for p in flat_params]) if lp is not None else [])
             for seq, p, t in zip(seqs, params, generated, strict=True):
                 got = [next(entries) for _ in t]
@@ -488,14 +586,25 @@ class LLM:
         step = int(self.stats["steps"])
         batch = []
         for request in running:
-            if not request.sampling_params.speculative or request.num_computed_tokens != request.num_tokens - 1:
+            if (
+                not request.sampling_params.speculative
+                or request.num_computed_tokens != request.num_tokens - 1
+            ):
                 continue  # opted out, or still prefilling
-            room = min(request.sampling_params.max_tokens - request.num_output_tokens,
-                       self.max_model_len - request.num_tokens) - 1  # a step yields drafts + 1 tokens
+            room = (
+                min(
+                    request.sampling_params.max_tokens - request.num_output_tokens,
+                    self.max_model_len - request.num_tokens,
+                )
+                - 1
+            )  # a step yields drafts + 1 tokens
             k = min(self.policy.num_drafts(request.request_id, step), room)
             if k > 0:
-                batch.append(DraftRequest(request=request, num_tokens=k,
-                                          generator=self._seqs[request.request_id].generator))
+                batch.append(
+                    DraftRequest(
+                        request=request, num_tokens=k, generator=self._seqs[request.request_id].generator
+                    )
+                )
         if not batch:
             return
         for d in batch:
@@ -546,8 +655,10 @@ class LLM:
 
     def _in_flight(self, request_id: str) -> bool:
         """Whether a launched, not yet applied step computes for ``request_id``."""
-        return any(p is not None and request_id in p.scheduler_output.num_scheduled_tokens
-                   for p in (self._inflight, self._lookahead))
+        return any(
+            p is not None and request_id in p.scheduler_output.num_scheduled_tokens
+            for p in (self._inflight, self._lookahead)
+        )
 
     def _schedule(self) -> SchedulerOutput:
         """Schedule a step; tell the drafter (speculative steps run in lockstep) whom it preempted or finished."""
@@ -603,8 +714,11 @@ class LLM:
 
     # -- whole prompts ---------------------------------------------------------------------
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
-               ) -> Iterator[RequestOutput]:
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[RequestOutput]:
         """Yield a :class:`RequestOutput` snapshot every time one of ``prompts`` gains tokens or finishes."""
         ids = self._add_all(prompts, params)
         pending = set(ids)
@@ -615,8 +729,13 @@ class LLM:
                         pending.discard(out.request_id)
                     yield out
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Run ``prompts`` to completion; outputs in prompt order."""
         ids = self._add_all(prompts, params)
         final: dict[str, RequestOutput] = {}
@@ -635,9 +754,12 @@ class LLM:
                     pending.discard(out.request_id)
                     yield out
 
-    def _add_all(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
-                 ) -> list[str]:
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+    def _add_all(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[str]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if isinstance(params, Sequence):

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     import kiln
 
 
+#: inductor modes the decode step graph may be compiled with (modes that capture CUDA graphs of their own clash
+#: with the step graphs').
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class SequenceStep:
     """One sequence's share of a step."""
@@ -36,7 +41,9 @@ class SequenceStep:
     token_ids: list[int]  # the tokens to compute now, at positions start_position, start_position + 1, ...
     start_position: int  # tokens of this sequence already in the cache (num_computed_tokens)
     block_ids: list[int]  # the sequence's block table: block i holds positions i*block_size ...
-    num_logits: int = 1  # logits wanted for the last num_logits of token_ids (1 <= num_logits <= len(token_ids))
+    num_logits: int = (
+        1  # logits wanted for the last num_logits of token_ids (1 <= num_logits <= len(token_ids))
+    )
 
 
 def cache_bytes_per_block(layout: KVCacheLayout, block_size: int, dtype: torch.dtype) -> int:
@@ -44,7 +51,9 @@ def cache_bytes_per_block(layout: KVCacheLayout, block_size: int, dtype: torch.d
     if layout.kv_quant is not None:
         return layout.bytes_per_block(block_size)
     elem = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * block_size * h * d * elem for h, d in zip(layout.num_kv_heads, layout.head_dim, strict=True))
+    return sum(
+        2 * block_size * h * d * elem for h, d in zip(layout.num_kv_heads, layout.head_dim, strict=True)
+    )
 
 
 def _example_call(model: torch.nn.Module, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -57,7 +66,9 @@ def _example_call(model: torch.nn.Module, vocab: int, device: torch.device) -> d
     ids = torch.randint(0, vocab, (1, 8), device=device)
     params = inspect.signature(model.forward).parameters
     if "input_ids" not in params:
-        raise ConfigError(f"{type(model).__name__}.forward takes no input_ids; the runtime needs a token-id model")
+        raise ConfigError(
+            f"{type(model).__name__}.forward takes no input_ids; the runtime needs a token-id model"
+        )
     pos = params.get("position_ids")
     if pos is not None and pos.default is inspect.Parameter.empty:
         return {"input_ids": ids, "position_ids": torch.arange(8, device=device)[None]}
@@ -83,15 +94,23 @@ def _with_kv_cache_dtype(config: kiln.CompileConfig, kv_cache_dtype: object) -> 
                 "(QuantConfig(weights=None, kv_cache=QuantSpec(...), calibration=...))"
             )
         if config.quant is not None:
-            raise ConfigError("give the KV-cache QuantConfig either as kv_cache_dtype or in compile_config, not both")
+            raise ConfigError(
+                "give the KV-cache QuantConfig either as kv_cache_dtype or in compile_config, not both"
+            )
         return dataclasses.replace(config, quant=given)
     spec = kv_cache_spec(kv_cache_dtype)  # type: ignore[arg-type]
     if spec is None:
         return config
     quant = config.quant
     if quant is not None and quant.kv_cache is not None and quant.kv_cache != spec:
-        raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} conflicts with QuantConfig.kv_cache={quant.kv_cache!r}")
-    quant = kiln.QuantConfig(weights=None, kv_cache=spec) if quant is None else dataclasses.replace(quant, kv_cache=spec)
+        raise ConfigError(
+            f"kv_cache_dtype={kv_cache_dtype!r} conflicts with QuantConfig.kv_cache={quant.kv_cache!r}"
+        )
+    quant = (
+        kiln.QuantConfig(weights=None, kv_cache=spec)
+        if quant is None
+        else dataclasses.replace(quant, kv_cache=spec)
+    )
     return dataclasses.replace(config, quant=quant)
 
 
@@ -124,7 +143,9 @@ class ModelRunner:
         if not step_config.kv_cache:
             raise ConfigError("the model runner's compile_config needs kv_cache=True")
         if block_size <= 0 or (num_blocks is not None and num_blocks <= 0):
-            raise ConfigError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
+            raise ConfigError(
+                f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}"
+            )
         if (num_blocks is None) == (kv_cache_memory is None):
             raise ConfigError("give exactly one of num_blocks and kv_cache_memory")
         param = next(model.parameters())
@@ -135,12 +156,16 @@ class ModelRunner:
         self.layout = layout_of(self.gm)
         dtype = cache_dtype or self.layout.storage_dtype
         if self.layout.kv_quant is not None and dtype != self.layout.storage_dtype:
-            raise ConfigError(f"cache_dtype={cache_dtype} conflicts with the quantized cache's {self.layout.storage_dtype}")
+            raise ConfigError(
+                f"cache_dtype={cache_dtype} conflicts with the quantized cache's {self.layout.storage_dtype}"
+            )
         if num_blocks is None:
             num_blocks = self.blocks_for_memory(self.layout, block_size, dtype, int(kv_cache_memory))  # type: ignore[arg-type]
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.scratch_block = num_blocks  # one more block than the scheduler knows: written by graph padding rows
+        self.scratch_block = (
+            num_blocks  # one more block than the scheduler knows: written by graph padding rows
+        )
         self.caches = [
             torch.zeros(2, num_blocks + 1, block_size, h, d, dtype=dtype, device=self.device)
             for h, d in zip(self.layout.num_kv_heads, self.layout.head_dim, strict=True)
@@ -150,12 +175,16 @@ class ModelRunner:
             for h in self.layout.num_kv_heads
         ] if self.layout.per_token_scales else []  # fmt: skip
         self.constants = dict(self.compiled.capture.constants)  # e.g. use_cache=False for HF models
-        self.step_gm = specialize_attention(self.gm)  # the graph the runner calls: max_query_len as last input
+        self.step_gm = specialize_attention(
+            self.gm
+        )  # the graph the runner calls: max_query_len as last input
         self.input_names = (*self.layout.input_names, MAX_QUERY_LEN)
         self.graphs: StepGraphs | None = None  # static-buffer (CUDA-graph) steps, see enable_cuda_graphs
 
     @staticmethod
-    def blocks_for_memory(model_layout: KVCacheLayout, block_size: int, dtype: torch.dtype, memory_bytes: int) -> int:
+    def blocks_for_memory(
+        model_layout: KVCacheLayout, block_size: int, dtype: torch.dtype, memory_bytes: int
+    ) -> int:
         """How many blocks fit in ``memory_bytes``."""
         n = memory_bytes // cache_bytes_per_block(model_layout, block_size, dtype)
         if n < 1:
@@ -190,9 +219,13 @@ class ModelRunner:
             n = len(s.token_ids)
             end = s.start_position + n
             if n == 0 or end > len(s.block_ids) * bs:
-                raise CapacityError(f"sequence {i}: {end} tokens do not fit its {len(s.block_ids)} blocks of {bs}")
+                raise CapacityError(
+                    f"sequence {i}: {end} tokens do not fit its {len(s.block_ids)} blocks of {bs}"
+                )
             if not 1 <= s.num_logits <= n:
-                raise ConfigError(f"sequence {i}: num_logits must be in [1, {n}] (its token count), got {s.num_logits}")
+                raise ConfigError(
+                    f"sequence {i}: num_logits must be in [1, {n}] (its token count), got {s.num_logits}"
+                )
             blocks = np.asarray(s.block_ids, dtype=np.int64)
             p = np.arange(s.start_position, end)
             ids[t : t + n] = s.token_ids
@@ -204,8 +237,15 @@ class ModelRunner:
             starts[i + 1] = t
             last[r : r + s.num_logits] = np.arange(t - s.num_logits, t)
             r += s.num_logits
-        arrays = {"input_ids": ids.reshape(1, -1), "position_ids": pos.reshape(1, -1), "slot_mapping": slots,
-                  "block_tables": tables, "seq_lens": lens, "query_start_loc": starts, "logits_indices": last}
+        arrays = {
+            "input_ids": ids.reshape(1, -1),
+            "position_ids": pos.reshape(1, -1),
+            "slot_mapping": slots,
+            "block_tables": tables,
+            "seq_lens": lens,
+            "query_start_loc": starts,
+            "logits_indices": last,
+        }
         fed = [(src, int(starts[i])) for i, src in enumerate(feed[1]) if src >= 0] if feed is not None else []
         if fed:
             arrays["feed_src"] = np.array([f[0] for f in fed], dtype=np.int64)
@@ -223,7 +263,7 @@ class ModelRunner:
         max_model_len: int,
         max_num_tokens: int | None = None,
         capture: bool | None = None,
-        torch_compile: bool = False,
+        torch_compile: bool | str = False,
         capture_now: bool = True,
         max_num_logits: int | None = None,
     ) -> StepGraphs:
@@ -236,12 +276,22 @@ class ModelRunner:
         graphs, all of them now when ``capture_now``, else each at its first use;
         ``capture=False`` runs the same padded static inputs without a graph.
         ``torch_compile`` first fuses the decode graph's pointwise operations with
-        ``torch.compile`` (inductor); attention stays kiln's kernel.
+        ``torch.compile`` (inductor); attention stays kiln's kernel. A string is inductor's mode:
+        ``"max-autotune-no-cudagraphs"`` also times Triton GEMM templates against cuBLAS per shape
+        and fuses epilogues (e.g. the residual add) into the chosen ones (longer start-up).
         """
         if not self.layout.gather_logits:
-            raise ConfigError("step graphs need a step graph that gathers logits (PageKVCache(gather_logits=True))")
+            raise ConfigError(
+                "step graphs need a step graph that gathers logits (PageKVCache(gather_logits=True))"
+            )
         capture = self.device.type == "cuda" if capture is None else capture
-        decode = torch.compile(self.step_gm, fullgraph=True) if torch_compile else self.step_gm
+        if isinstance(torch_compile, str) and torch_compile not in COMPILE_MODES:
+            raise ConfigError(
+                f"torch_compile mode must be one of {COMPILE_MODES} (the step graphs are CUDA graphs "
+                f"already: no inductor mode that captures its own), got {torch_compile!r}"
+            )
+        mode = torch_compile if isinstance(torch_compile, str) else None
+        decode = torch.compile(self.step_gm, fullgraph=True, mode=mode) if torch_compile else self.step_gm
         self.graphs = StepGraphs(
             decode, self.step_gm, self.input_names, self.state_inputs(),
             max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
@@ -254,7 +304,9 @@ class ModelRunner:
         return self.graphs
 
     @torch.no_grad()
-    def execute(self, steps: list[SequenceStep], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
+    def execute(
+        self, steps: list[SequenceStep], feed: tuple[torch.Tensor, list[int]] | None = None
+    ) -> torch.Tensor:
         """Run one step; the logits of each sequence's last ``num_logits`` tokens, in order: (sum num_logits, V) fp32.
 
         ``feed = (tokens, sources)`` takes sequence ``i``'s first token from ``tokens[sources[i]]``
@@ -273,4 +325,4 @@ class ModelRunner:
         return logits[0].float()  # (S, V)
 
 
-__all__ = ["ModelRunner", "SequenceStep", "cache_bytes_per_block"]
+__all__ = ["COMPILE_MODES", "ModelRunner", "SequenceStep", "cache_bytes_per_block"]

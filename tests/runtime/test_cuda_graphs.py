@@ -183,6 +183,10 @@ def test_engine_cuda_graph_options_are_validated() -> None:
         kiln.LLM(model, num_blocks=8, torch_compile=True)
     with pytest.raises(kiln.ConfigError, match="CUDA graphs need a CUDA device"):
         ModelRunner(model, num_blocks=8, block_size=4).enable_cuda_graphs(max_num_seqs=2, max_model_len=8, capture=True)
+    with pytest.raises(kiln.ConfigError, match="max-autotune-no-cudagraphs"):  # inductor's own graphs would clash
+        ModelRunner(model, num_blocks=8, block_size=4).enable_cuda_graphs(
+            max_num_seqs=2, max_model_len=8, capture=False, torch_compile="reduce-overhead"
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
