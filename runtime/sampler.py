@@ -17,6 +17,7 @@ Logprobs are the model's: ``log_softmax`` of the raw logits, before penalties an
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -196,6 +197,7 @@ def sample(
     return SamplerOutput(token_ids=tokens, logprobs=compute_logprobs(raw, tokens, params))
 
 
+@functools.lru_cache(maxsize=64)
 def _argmax_chunk(v: int) -> int:
     """The chunk width of :func:`greedy_argmax` for a vocabulary of ``v`` (0: one plain argmax)."""
     if v < 16384:

@@ -183,7 +183,7 @@ def prefill_num_splits(
     new tokens over 2k cached ones) has few query row blocks, so the plain grid (row blocks x
     sequences x query heads, 64 programs there) leaves most SMs idle while each program walks
     every cached key. As flash-decoding does for one query, the keys are then split until there
-    are about two programs per SM, none with fewer than ``PREFILL_MIN_SPLIT_KEYS`` keys (counting
+    are about two programs per SM, with about ``PREFILL_MIN_SPLIT_KEYS`` keys or more per split (counting
     ``max_seq_len``, the cache's capacity under a CUDA graph); a combine kernel merges the splits'
     partial outputs by their log-sum-exps. Long prompts (enough row blocks) and short queries
     (decode-like steps) keep one split and no combine.
