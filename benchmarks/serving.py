@@ -131,7 +131,8 @@ def prefix_caching(name: str, args: argparse.Namespace, device: torch.device, dt
         return torch.randint(0, vocab, (k,), generator=g).tolist()
 
     kw = dict(max_num_seqs=4, max_num_batched_tokens=args.prefix_budget, max_model_len=doc_len + q_len + 16,
-              kv_cache_memory=args.prefix_kv_cache_mib * 2**20, async_scheduling=True)  # fmt: skip
+              kv_cache_memory=args.prefix_kv_cache_mib * 2**20, async_scheduling=True,
+              torch_compile=args.torch_compile)  # fmt: skip
     on = kiln.LLM(model, enable_prefix_caching=True, **kw)
     off = kiln.LLM(model, enable_prefix_caching=False, **kw)
     doc = rand(doc_len)
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-budget", type=int, default=4096)
     p.add_argument("--prefix-kv-cache-mib", type=int, default=4096)
     p.add_argument("--skip-batching", action="store_true")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="prefix caching: kiln.LLM(torch_compile=True), inductor-fused decode and mixed step graphs")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: llama-tiny, fp32, small workload")
     args = p.parse_args(argv)
     if args.quick:

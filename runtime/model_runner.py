@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +34,23 @@ if TYPE_CHECKING:
 #: with the step graphs').
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
+
+
+def _compile_dynamic(gm: torch.fx.GraphModule, mode: str | None) -> Callable[..., object]:
+    """``gm`` under ``torch.compile`` with dynamic sizes: one compile serves every mixed bucket.
+
+    Sizes of 1 are specialized by design (a bucket of one sequence compiles apart from larger
+    ones). Duck sizing is off while it runs: without that, a token count that happens to equal
+    a cache dimension (16 tokens, head_dim 16) would be traced as equal to it and recompile.
+    """
+    compiled = torch.compile(gm, fullgraph=True, mode=mode, dynamic=True)
+    from torch.fx.experimental import _config as fx_config
+
+    def step(*inputs: object) -> object:
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*inputs)
+
+    return step
 
 @dataclass
 class SequenceStep:
@@ -276,7 +294,8 @@ class ModelRunner:
         graphs, all of them now when ``capture_now``, else each at its first use;
         ``capture=False`` runs the same padded static inputs without a graph.
         ``torch_compile`` first fuses the decode graph's pointwise operations with
-        ``torch.compile`` (inductor); attention stays kiln's kernel. A string is inductor's mode:
+        ``torch.compile`` (inductor), and the mixed steps' graph too, compiled once for every
+        token count (dynamic shapes); attention stays kiln's kernel. A string is inductor's mode:
         ``"max-autotune-no-cudagraphs"`` also times Triton GEMM templates against cuBLAS per shape
         and fuses epilogues (e.g. the residual add) into the chosen ones (longer start-up).
         """
@@ -292,8 +311,11 @@ class ModelRunner:
             )
         mode = torch_compile if isinstance(torch_compile, str) else None
         decode = torch.compile(self.step_gm, fullgraph=True, mode=mode) if torch_compile else self.step_gm
+        mixed = self.step_gm
+        if torch_compile and max_num_tokens is not None:
+            mixed = _compile_dynamic(self.step_gm, mode)
         self.graphs = StepGraphs(
-            decode, self.step_gm, self.input_names, self.state_inputs(),
+            decode, mixed, self.input_names, self.state_inputs(),
             max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
             max_blocks=-(-max_model_len // self.block_size), block_size=self.block_size,
             scratch_block=self.scratch_block, num_blocks=self.num_blocks, device=self.device, capture=capture,
