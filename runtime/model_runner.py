@@ -14,8 +14,8 @@ steps replay CUDA graphs captured per bucket of batch and token counts.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
