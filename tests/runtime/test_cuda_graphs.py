@@ -59,7 +59,9 @@ def _changed_slots(after: torch.Tensor, before: torch.Tensor) -> set[int]:
     return {int(i) for i in changed.flatten().nonzero()}
 
 
-def _run_both(runner: ModelRunner, steps: list[SequenceStep]) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+def _run_both(
+    runner: ModelRunner, steps: list[SequenceStep]
+) -> tuple[torch.Tensor, torch.Tensor, list, list]:
     """(padded logits, unpadded logits, caches before, caches after the padded run), from one cache state."""
     before = [c.clone() for c in runner.caches]
     got = runner.execute(steps)
@@ -98,7 +100,9 @@ def test_padded_mixed_steps_match_unpadded_steps_and_write_nothing_else(name: st
     fresh = torch.randint(0, vocab, (7,)).tolist()
     steps = [
         SequenceStep(fresh, 0, [30, 31]),  # a new prompt
-        SequenceStep(torch.randint(0, vocab, (3,)).tolist(), len(seqs[0]), tables[0]),  # a chunk after a prefix
+        SequenceStep(
+            torch.randint(0, vocab, (3,)).tolist(), len(seqs[0]), tables[0]
+        ),  # a chunk after a prefix
         SequenceStep([11], len(seqs[1]), tables[1]),  # a decode
     ]
     assert graphs.key_for(steps) == (False, (16, 4, 4))  # 11 tokens of 3 sequences: padded to 16 and 4
@@ -110,15 +114,21 @@ def test_padded_mixed_steps_match_unpadded_steps_and_write_nothing_else(name: st
     for a, b in zip(after, before, strict=True):
         assert _changed_slots(a, b) == written  # padding tokens wrote nothing
     assert graphs.key_for([SequenceStep(list(range(41)), 0, list(range(11)))]) is None  # over the token cap
-    assert graphs.key_for([SequenceStep([1, 2], 0, [0], num_logits=2)]) == (False, (16, 1, 2))  # 2 logits rows
-    assert graphs.key_for([SequenceStep(list(range(6)), 0, [0, 1], num_logits=5)]) is None  # over max_num_logits 4
+    assert graphs.key_for([SequenceStep([1, 2], 0, [0], num_logits=2)]) == (
+        False,
+        (16, 1, 2),
+    )  # 2 logits rows
+    assert (
+        graphs.key_for([SequenceStep(list(range(6)), 0, [0, 1], num_logits=5)]) is None
+    )  # over max_num_logits 4
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_verification_steps_with_several_logits_rows_match_unpadded_steps(name: str) -> None:
     runner, vocab, seqs, tables = _poisoned(name, [5, 9, 6])
-    graphs = runner.enable_cuda_graphs(max_num_seqs=4, max_model_len=32, max_num_tokens=40, max_num_logits=20,
-                                       capture=False)
+    graphs = runner.enable_cuda_graphs(
+        max_num_seqs=4, max_model_len=32, max_num_tokens=40, max_num_logits=20, capture=False
+    )
     assert graphs.logits_buckets == [1, 2, 4, 8, 16, 20]
     steps = [  # a verified token + 3 drafts, one + 1 draft, and a plain decode in one step
         SequenceStep(torch.randint(0, vocab, (4,)).tolist(), len(seqs[0]), tables[0], num_logits=4),
@@ -139,12 +149,15 @@ def test_engine_with_static_step_buffers_generates_the_same_tokens(name: str) ->
     vocab = model.config.vocab_size
     prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (3, 14, 7)]
     params = [kiln.SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (9, 4, 6)]
-    want = [o.outputs[0].token_ids for o in kiln.LLM(model, num_blocks=48, block_size=4).generate(
-        prompts, params, use_tqdm=False)]
+    want = [
+        o.outputs[0].token_ids
+        for o in kiln.LLM(model, num_blocks=48, block_size=4).generate(prompts, params, use_tqdm=False)
+    ]
     llm = kiln.LLM(model, num_blocks=48, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
     assert not llm.cuda_graphs and llm.runner.graphs is None  # off on the CPU by default
-    graphs = llm.runner.enable_cuda_graphs(max_num_seqs=4, max_model_len=llm.max_model_len, max_num_tokens=16,
-                                           capture=False)
+    graphs = llm.runner.enable_cuda_graphs(
+        max_num_seqs=4, max_model_len=llm.max_model_len, max_num_tokens=16, capture=False
+    )
     used: list = []
     fill = graphs.fill
     graphs.fill = lambda steps, sources=None, key=None: used.append(fill(steps, sources, key)) or used[-1]  # type: ignore[method-assign]
@@ -153,8 +166,12 @@ def test_engine_with_static_step_buffers_generates_the_same_tokens(name: str) ->
     llm.runner.step_gm = lambda *a: calls.append(1) or step_gm(*a)  # the op-by-op path
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == want
-    assert {(True, (4, 4, 4)), (True, (2, 2, 2)), (True, (1, 1, 1))} <= set(used)  # decode batches of 3, 2 and 1 rows
-    assert any(not decode for decode, _ in used) and not calls  # prompts ran in mixed buckets, nothing op by op
+    assert {(True, (4, 4, 4)), (True, (2, 2, 2)), (True, (1, 1, 1))} <= set(
+        used
+    )  # decode batches of 3, 2 and 1 rows
+    assert (
+        any(not decode for decode, _ in used) and not calls
+    )  # prompts ran in mixed buckets, nothing op by op
     manager = llm.scheduler.kv_cache_manager
     assert manager.num_free_blocks == manager.num_blocks
 
@@ -182,8 +199,12 @@ def test_engine_cuda_graph_options_are_validated() -> None:
     with pytest.raises(kiln.ConfigError, match="torch_compile"):
         kiln.LLM(model, num_blocks=8, torch_compile=True)
     with pytest.raises(kiln.ConfigError, match="CUDA graphs need a CUDA device"):
-        ModelRunner(model, num_blocks=8, block_size=4).enable_cuda_graphs(max_num_seqs=2, max_model_len=8, capture=True)
-    with pytest.raises(kiln.ConfigError, match="max-autotune-no-cudagraphs"):  # inductor's own graphs would clash
+        ModelRunner(model, num_blocks=8, block_size=4).enable_cuda_graphs(
+            max_num_seqs=2, max_model_len=8, capture=True
+        )
+    with pytest.raises(
+        kiln.ConfigError, match="max-autotune-no-cudagraphs"
+    ):  # inductor's own graphs would clash
         ModelRunner(model, num_blocks=8, block_size=4).enable_cuda_graphs(
             max_num_seqs=2, max_model_len=8, capture=False, torch_compile="reduce-overhead"
         )
@@ -218,15 +239,30 @@ def test_captured_decode_graphs_match_eager_steps_on_the_gpu() -> None:
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 9), st.integers(0, 20), st.integers(1, 9)), min_size=1, max_size=9))
 def test_loop_and_vectorized_mixed_fills_write_the_same_buffers(rows) -> None:
-    graphs = StepGraphs(lambda *a: None, lambda *a: None, [], {}, max_num_seqs=16, max_num_tokens=128, max_blocks=8,
-                        block_size=4, scratch_block=99, num_blocks=64, device=torch.device("cpu"), capture=False,
-                        max_num_logits=128)
+    graphs = StepGraphs(
+        lambda *a: None,
+        lambda *a: None,
+        [],
+        {},
+        max_num_seqs=16,
+        max_num_tokens=128,
+        max_blocks=8,
+        block_size=4,
+        scratch_block=99,
+        num_blocks=64,
+        device=torch.device("cpu"),
+        capture=False,
+        max_num_logits=128,
+    )
     g = torch.Generator().manual_seed(len(rows))
     steps = []
     for n, start, logits in rows:
         blocks = torch.randperm(64, generator=g)[: -(-(start + n) // 4)].tolist()
-        steps.append(SequenceStep(torch.randint(0, 500, (n,), generator=g).tolist(), start, blocks,
-                                  num_logits=min(logits, n)))
+        steps.append(
+            SequenceStep(
+                torch.randint(0, 500, (n,), generator=g).tolist(), start, blocks, num_logits=min(logits, n)
+            )
+        )
     written = []
     for fill in (graphs._fill_mixed_loop, graphs._fill_mixed_vectorized):
         for a in graphs.buffer.host.values():
@@ -237,3 +273,32 @@ def test_loop_and_vectorized_mixed_fills_write_the_same_buffers(rows) -> None:
     assert (t1, r1) == (t2, r2) == (sum(n for n, _, _ in rows), sum(s.num_logits for s in steps))
     for name in h1:
         np.testing.assert_array_equal(h1[name], h2[name], err_msg=name)
+
+
+def test_torch_compile_fuses_mixed_steps_with_one_compile_per_batch_kind() -> None:
+    """torch_compile compiles the mixed step graph with dynamic sizes: token buckets share one compile
+    (buckets of one sequence compile apart, sizes of 1 being specialized), and the logits are the
+    op-by-op step's."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    runner = ModelRunner(from_preset("llama-tiny").eval(), num_blocks=64, block_size=4)
+    steps = [
+        [SequenceStep(list(range(1, 10)), 0, [0, 1, 2])],  # 9 tokens: bucket 16
+        [SequenceStep(list(range(1, 30)), 0, list(range(8)))],  # 29 tokens: bucket 32
+        [
+            SequenceStep(list(range(5, 12)), 8, list(range(10, 14))),
+            SequenceStep([3], 5, [20, 21]),
+        ],  # 2 sequences
+        [
+            SequenceStep(list(range(1, 60)), 0, list(range(30, 46)))
+        ],  # 59 tokens: bucket 64, the first compile reused
+    ]
+    want = [runner.execute(s) for s in steps]
+    runner.enable_cuda_graphs(
+        max_num_seqs=4, max_model_len=64, max_num_tokens=128, capture=False, torch_compile=True
+    )
+    before = counters["stats"]["unique_graphs"]
+    for s, w in zip(steps, want, strict=True):
+        torch.testing.assert_close(runner.execute(s), w, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] - before == 2  # one sequence, several sequences
