@@ -27,19 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.errors import ConfigError
-from kiln.runtime.drafters import Drafter, DraftRequest
+from kiln.runtime.drafters import Drafter
 from kiln.runtime.model_runner import ModelRunner, SequenceStep
 from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
-from kiln.runtime.sampler import compute_logprobs, make_generator, sample, to_device
+from kiln.runtime.sampler import make_generator, sample, to_device
 from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from kiln.runtime.scheduler_output import ModelRunnerOutput, PendingOutput, SchedulerOutput
-from kiln.runtime.speculative import (
-    SpeculationPolicy,
-    SpeculativeConfig,
-    default_draft_cost,
-    make_drafter,
-    verify,
-)
+from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig
+from kiln.runtime.speculator import Speculator
 from kiln.runtime.stop import find_stop_string
 
 Prompt = str | Sequence[int]
@@ -283,31 +278,17 @@ class LLM:
             "scheduled_tokens": 0,
         }
         self.speculative = speculative
-        self.drafter: Drafter | None = None  # proposes drafts when speculative is set
-        self.policy: SpeculationPolicy | None = None  # how many, per request and step
+        #: drafting and verification when ``speculative`` is set (``kiln.runtime.speculator``)
+        self.speculator: Speculator | None = None
         if speculative is not None:
             k = speculative.num_speculative_tokens
-            self.drafter = make_drafter(
-                speculative,
-                block_size=block_size,
+            self.speculator = Speculator(
+                speculative, model, self.stats, block_size=block_size,
                 num_blocks=self.runner.num_blocks + max_num_seqs * -(-k // block_size),
-                vocab_size=getattr(config, "vocab_size", None),
-                device=dev,
-                dtype=dtype,
-                cuda_graphs=graph_args,
-            )
-            self.policy = SpeculationPolicy(
-                k, default_draft_cost(speculative, model, self.drafter), speculative.adaptive
-            )
-            self.stats.update(
-                spec_steps=0,
-                draft_tokens=0,
-                accepted_tokens=0,
-                spec_rejections=0,
-                acceptance_rate=0.0,
-                alpha=0.0,
-                accepted_tokens_per_step=0.0,
-            )
+                vocab_size=getattr(config, "vocab_size", None), device=dev, dtype=dtype, cuda_graphs=graph_args,
+            )  # fmt: skip
+        self.drafter: Drafter | None = self.speculator.drafter if self.speculator else None
+        self.policy: SpeculationPolicy | None = self.speculator.policy if self.speculator else None
 
     @staticmethod
     def _load_tokenizer(tokenizer: Any, source: object) -> Any:
@@ -388,9 +369,8 @@ class LLM:
         return self.scheduler.abort_request(request_id)
 
     def _forget_drafts(self, request_id: str) -> None:
-        if self.drafter is not None and self.policy is not None:
-            self.drafter.on_finished(request_id)
-            self.policy.forget(request_id)
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
 
     def pin_prefix(self, prompt: Prompt, *, cache_salt: str | None = None) -> Any:
         """Keep the KV of ``prompt`` (e.g. a document many questions follow) cached until released.
@@ -506,113 +486,9 @@ class LLM:
                     (s.request.request_id, [e]) for s, e in zip(seqs, entries, strict=True) if e is not None
                 )
         if spec:
-            self._verify(logits, spec, sampled, logprobs)
+            assert self.speculator is not None
+            self.speculator.verify(logits, spec, sampled, logprobs, self._seqs)
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs or None)
-
-    def _verify(
-        self,
-        logits: torch.Tensor,
-        spec: list[tuple[int, _Sequence, list[int]]],
-        sampled: dict[str, list[int]],
-        logprobs: dict[str, list],
-    ) -> None:
-        """Rejection-sample the drafted requests' rows; record what each accepted."""
-        rows = [r + j for r, _, d in spec for j in range(len(d) + 1)]
-        seqs = [s for _, s, _ in spec]
-        drafts = [d for _, _, d in spec]
-        params = [s.request.sampling_params for s in seqs]
-        if len(rows) == logits.shape[0]:  # every row verifies, in order (rows ascend)
-            rows_logits = logits
-        else:
-            rows_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        penalized = any(p.repetition_penalty != 1.0 for p in params)
-        generated = verify(
-            rows_logits,
-            drafts,
-            [
-                s.draft_probs[: len(d)] if s.draft_probs is not None else None
-                for s, d in zip(seqs, drafts, strict=True)
-            ],
-            params,
-            [s.generator for s in seqs],
-            [s.request.all_token_ids for s in seqs] if penalized else None,
-        )
-        assert self.policy is not None
-        step = int(self.stats["steps"])
-        for seq, d, tokens in zip(seqs, drafts, generated, strict=True):
-            rid, metrics, accepted = seq.request.request_id, seq.request.metrics, len(tokens) - 1
-            sampled[rid] = tokens
-            seq.draft_probs = None
-            metrics.num_draft_tokens += len(d)
-            metrics.num_accepted_tokens += accepted
-            metrics.num_spec_steps += 1
-            self.stats["spec_steps"] += 1
-            self.stats["draft_tokens"] += len(d)
-            self.stats["accepted_tokens"] += accepted
-            self.stats["spec_rejections"] += accepted < len(d)
-            if rid in self._seqs:  # not aborted while its step ran
-                self.policy.observe(rid, len(d), accepted, step)
-        s = self.stats
-        s["acceptance_rate"] = s["accepted_tokens"] / max(s["draft_tokens"], 1)
-        s["alpha"] = s["accepted_tokens"] / max(s["accepted_tokens"] + s["spec_rejections"], 1)
-        s["accepted_tokens_per_step"] = (s["accepted_tokens"] + s["spec_steps"]) / max(s["spec_steps"], 1)
-        if any(
-            p.logprobs is not None for p in params
-        ):  # each token's logprobs come from the row that chose it
-            starts = itertools.accumulate(
-                (len(d) + 1 for d in drafts[:-1]), initial=0
-            )  # first rows in rows_logits
-            used = [start + j for start, t in zip(starts, generated, strict=True) for j in range(len(t))]
-            flat_params = [p for p, t in zip(params, generated, strict=True) for _ in t]
-            lp = compute_logprobs(
-                rows_logits.index_select(0, torch.tensor(used, device=logits.device)),
-                torch.tensor([x for t in generated for x in t], device=logits.device),
-                flat_params,
-            )
-            entries = iter(lp.to_dicts([p.logprobs for p in flat_params]) if lp is not None else [])
-            for seq, p, t in zip(seqs, params, generated, strict=True):
-                got = [next(entries) for _ in t]
-                if p.logprobs is not None:
-                    logprobs[seq.request.request_id] = got
-
-    def _propose(self) -> None:
-        """Ask the drafter for the next step's drafts of every decoding request that may speculate."""
-        cfg = self.speculative
-        if self.drafter is None or self.policy is None or cfg is None:
-            return
-        running = self.scheduler.running
-        if cfg.disable_by_batch_size is not None and len(running) > cfg.disable_by_batch_size:
-            return
-        step = int(self.stats["steps"])
-        batch = []
-        for request in running:
-            if (
-                not request.sampling_params.speculative
-                or request.num_computed_tokens != request.num_tokens - 1
-            ):
-                continue  # opted out, or still prefilling
-            room = (
-                min(
-                    request.sampling_params.max_tokens - request.num_output_tokens,
-                    self.max_model_len - request.num_tokens,
-                )
-                - 1
-            )  # a step yields drafts + 1 tokens
-            k = min(self.policy.num_drafts(request.request_id, step), room)
-            if k > 0:
-                batch.append(
-                    DraftRequest(
-                        request=request, num_tokens=k, generator=self._seqs[request.request_id].generator
-                    )
-                )
-        if not batch:
-            return
-        for d in batch:
-            self._seqs[d.request.request_id].draft_probs = None
-        for rid, draft in self.drafter.propose(batch).items():
-            seq = self._seqs[rid]
-            seq.request.spec_token_ids = list(draft.token_ids)
-            seq.draft_probs = draft.probs
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every request that changed."""
@@ -665,12 +541,17 @@ class LLM:
         so = self.scheduler.schedule()
         self.stats["steps"] += 1
         self.stats["scheduled_tokens"] += so.total_num_scheduled_tokens
-        if self.drafter is not None:
+        if self.speculator is not None:
             for rid in so.preempted_req_ids:
-                self.drafter.on_preempted(rid)
+                self.speculator.on_preempted(rid)
             for rid in so.finished_req_ids:
-                self._forget_drafts(rid)
+                self.speculator.forget(rid)
         return so
+
+    def _propose(self) -> None:
+        """Draft the next step's tokens (speculative decoding)."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self._seqs, self.max_model_len)
 
     def _async_step(self) -> list:
         """Schedule and launch a step, then apply the previous one's tokens while it runs."""
