@@ -123,10 +123,13 @@ class _NgramIndex:
             self.tokens, self.starts = [], {}  # not the tokens indexed before: start over
             old = 0
         self.tokens += request.token_slice(old, length)
-        toks = self.tokens
-        for end in range(old, length):  # every n-gram that ends at a new token
-            for n in range(self.min_n, min(self.max_n, end + 1) + 1):
-                self.starts.setdefault(tuple(toks[end - n + 1 : end + 1]), []).append(end - n + 1)
+        toks, starts = self.tokens, self.starts
+        for n in range(self.min_n, self.max_n + 1):  # every n-gram that ends at a new token, by start
+            first = max(old - n + 1, 0)
+            # tuples without per-gram slicing; the slices' lengths differ only when no n-gram fits (zip stops)
+            grams = zip(*(toks[first + j : length - n + 1 + j] for j in range(n)), strict=False)
+            for start, gram in enumerate(grams, first):
+                starts.setdefault(gram, []).append(start)  # ascending per n-gram (one n per tuple length)
 
     def lookup(self, request: Request, k: int) -> list[int]:
         """As :meth:`NgramDrafter.lookup` over the request's tokens."""
@@ -242,7 +245,9 @@ class DraftModelDrafter(Drafter):
             steps.append(SequenceStep(tokens[c:], c, state.block_ids))
         if not jobs:
             return {}
-        drafted: list[list[int]] = [[] for _ in jobs]  # filled on the host at the end (or each step, see above)
+        drafted: list[list[int]] = [
+            [] for _ in jobs
+        ]  # filled on the host at the end (or each step, see above)
         probs: list[list[Tensor]] = [[] for _ in jobs]
         picked: list[tuple[list[int], Tensor]] = []  # (active jobs, their picks (len(active),) on the device)
         on_host = any(d.request.sampling_params.repetition_penalty != 1.0 for d, _, _ in jobs)
@@ -275,9 +280,12 @@ class DraftModelDrafter(Drafter):
                 break
             active = [i for _, i in nxt]
             if on_host:
-                logits = self.runner.execute([
-                    SequenceStep([drafted[i][-1]], len(jobs[i][2]) + j, jobs[i][1].block_ids) for i in active
-                ])
+                logits = self.runner.execute(
+                    [
+                        SequenceStep([drafted[i][-1]], len(jobs[i][2]) + j, jobs[i][1].block_ids)
+                        for i in active
+                    ]
+                )
             else:  # the input token is this step's pick, copied on the device
                 logits = self.runner.execute(
                     [SequenceStep([0], len(jobs[i][2]) + j, jobs[i][1].block_ids) for i in active],
