@@ -164,8 +164,10 @@ class StepGraphs:
         t, n = self.max_tokens, self.max_seqs
         self.buffer = StagingBuffer(
             {
-                "input_ids": (torch.int64, (1, t)),
-                "position_ids": (torch.int64, (1, t)),
+                # one spare column: no bucket's (1, tokens) view is the whole row, so all views share one stride
+                # relation (a compiled step would otherwise guard on stride == size and recompile for the largest)
+                "input_ids": (torch.int64, (1, t + 1)),
+                "position_ids": (torch.int64, (1, t + 1)),
                 "slot_mapping": (torch.int64, (t,)),
                 "logits_indices": (torch.int64, (self.max_logits,)),
                 "seq_lens": (torch.int32, (n,)),

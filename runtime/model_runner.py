@@ -33,24 +33,30 @@ if TYPE_CHECKING:
 #: inductor modes the decode step graph may be compiled with (modes that capture CUDA graphs of their own clash
 #: with the step graphs').
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+#: compiles a step graph's ``forward`` may collect (decode batch sizes, mixed steps of one and of several sequences)
+RECOMPILE_LIMIT = 32
 
 
-
-def _compile_dynamic(gm: torch.fx.GraphModule, mode: str | None) -> Callable[..., object]:
-    """``gm`` under ``torch.compile`` with dynamic sizes: one compile serves every mixed bucket.
+def _compile(gm: torch.fx.GraphModule, mode: str | None, *, dynamic: bool | None) -> Callable[..., object]:
+    """``gm`` under ``torch.compile`` (``dynamic=True``: one compile serves every mixed bucket).
 
     Sizes of 1 are specialized by design (a bucket of one sequence compiles apart from larger
     ones). Duck sizing is off while it runs: without that, a token count that happens to equal
     a cache dimension (16 tokens, head_dim 16) would be traced as equal to it and recompile.
+    The decode and mixed compiles of one graph share its ``forward``'s compile cache, so its
+    recompile limit is raised from dynamo's 8 while they run (``fullgraph`` has no eager
+    fallback past the limit).
     """
-    compiled = torch.compile(gm, fullgraph=True, mode=mode, dynamic=True)
+    compiled = torch.compile(gm, fullgraph=True, mode=mode, dynamic=dynamic)
+    from torch._dynamo import config as dynamo_config
     from torch.fx.experimental import _config as fx_config
 
     def step(*inputs: object) -> object:
-        with fx_config.patch(use_duck_shape=False):
+        with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(*inputs)
 
     return step
+
 
 @dataclass
 class SequenceStep:
@@ -310,10 +316,10 @@ class ModelRunner:
                 f"already: no inductor mode that captures its own), got {torch_compile!r}"
             )
         mode = torch_compile if isinstance(torch_compile, str) else None
-        decode = torch.compile(self.step_gm, fullgraph=True, mode=mode) if torch_compile else self.step_gm
+        decode = _compile(self.step_gm, mode, dynamic=None) if torch_compile else self.step_gm
         mixed = self.step_gm
         if torch_compile and max_num_tokens is not None:
-            mixed = _compile_dynamic(self.step_gm, mode)
+            mixed = _compile(self.step_gm, mode, dynamic=True)
         self.graphs = StepGraphs(
             decode, mixed, self.input_names, self.state_inputs(),
             max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,

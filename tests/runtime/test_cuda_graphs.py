@@ -278,25 +278,20 @@ def test_loop_and_vectorized_mixed_fills_write_the_same_buffers(rows) -> None:
 def test_torch_compile_fuses_mixed_steps_with_one_compile_per_batch_kind() -> None:
     """torch_compile compiles the mixed step graph with dynamic sizes: token buckets share one compile
     (buckets of one sequence compile apart, sizes of 1 being specialized), and the logits are the
-    op-by-op step's."""
+    op-by-op step's. The largest bucket runs first, as capture_all captures it."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     runner = ModelRunner(from_preset("llama-tiny").eval(), num_blocks=64, block_size=4)
     steps = [
-        [SequenceStep(list(range(1, 10)), 0, [0, 1, 2])],  # 9 tokens: bucket 16
+        [SequenceStep(list(range(1, 60)), 0, list(range(30, 46)))],  # 59 tokens: the largest bucket (64)
+        [SequenceStep(list(range(1, 10)), 0, [0, 1, 2])],  # 9 tokens: bucket 16, the first compile reused
         [SequenceStep(list(range(1, 30)), 0, list(range(8)))],  # 29 tokens: bucket 32
-        [
-            SequenceStep(list(range(5, 12)), 8, list(range(10, 14))),
-            SequenceStep([3], 5, [20, 21]),
-        ],  # 2 sequences
-        [
-            SequenceStep(list(range(1, 60)), 0, list(range(30, 46)))
-        ],  # 59 tokens: bucket 64, the first compile reused
+        [SequenceStep(list(range(5, 12)), 8, list(range(10, 14))), SequenceStep([3], 5, [20, 21])],  # 2 sequences
     ]
     want = [runner.execute(s) for s in steps]
     runner.enable_cuda_graphs(
-        max_num_seqs=4, max_model_len=64, max_num_tokens=128, capture=False, torch_compile=True
+        max_num_seqs=4, max_model_len=64, max_num_tokens=64, capture=False, torch_compile=True
     )
     before = counters["stats"]["unique_graphs"]
     for s, w in zip(steps, want, strict=True):
