@@ -91,12 +91,12 @@ def hash_block_sequence(
     # The other blocks: hash_block_tokens' bytes (length, int64 tokens, no extra keys), packed once for all.
     raw = np.asarray(token_ids[len(out) * block_size : n * block_size], dtype="<i8").tobytes()
     head, tail, step = struct.pack("<I", block_size), struct.pack("<I", 0), 8 * block_size
+    sha256, append = hashlib.sha256, out.append  # one digest call per block: this runs for every prompt block
+    prev = parent if parent is not None else _ROOT_PARENT
     for j in range(n - len(out)):
-        h = hashlib.sha256(parent if parent is not None else _ROOT_PARENT)
-        h.update(head + raw[j * step : (j + 1) * step] + tail)
-        parent = BlockHash(h.digest())
-        out.append(parent)
-    return out
+        prev = sha256(b"".join((prev, head, raw[j * step : (j + 1) * step], tail))).digest()
+        append(prev)
+    return out  # type: ignore[return-value]  # BlockHash is bytes
 
 
 @dataclass
