@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = [prefix_caching(name, args, device, dtype) for name in args.prefix_models]
     lines += [
         f"\n## Prefix caching: {args.doc_len}-token shared document + {args.question_len} unique tokens, "
-        f"{args.questions} requests one at a time ({dev_name})",
+        f"{args.questions} requests one at a time ({dev_name}"
+        f"{', torch_compile=True: inductor-fused step graphs' if args.torch_compile else ''})",
         "",
         "| model | TTFT p50 off | p50 on | speed-up | p90 off | p90 on | zero hits: p50 off | p50 on | overhead |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
