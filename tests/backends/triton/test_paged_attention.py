@@ -299,6 +299,28 @@ def test_paged_attention_padding_tokens_are_zero() -> None:
     _assert_close(out, ref)
 
 
+def test_paged_attention_splits_a_short_query_over_a_long_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The op's heuristic on a GPU-sized device: 40 new tokens over 1,100 cached ones (a prefix-cache hit), a fresh
+    # 3-token prompt and two padding tokens; eager (lengths read back) and CUDA-graph style (max_query_len given).
+    import kiln.backends.triton.paged_attention as pa
+
+    chosen: list[int] = []
+    heuristic = pa.prefill_num_splits
+    monkeypatch.setattr(pa, "_num_sms", lambda device: 512)
+    monkeypatch.setattr(pa, "prefill_num_splits", lambda *a: chosen.append(heuristic(*a)) or chosen[-1])
+    b = _batch([1100, 0], [40, 3], 2, 1, 16, torch.float32, seed=11)
+    q = torch.cat([b.q, torch.randn_like(b.q[:, :, :2])], dim=2)
+    k, v = torch.cat([b.k, b.k[:, :, :2]], dim=2), torch.cat([b.v, b.v[:, :, :2]], dim=2)
+    slots = torch.cat([b.slot_mapping, torch.full((2,), -1, dtype=b.slot_mapping.dtype)])
+    meta = (slots, b.block_tables, b.seq_lens, b.query_start_loc)
+    ref = paged_attention_reference(q, k, v, b.kv_cache.clone(), *meta)
+    for kw in ({}, {"max_query_len": 64}):
+        out = paged_attention(q, k, v, b.kv_cache.clone(), *meta, **kw)
+        assert torch.equal(out[:, :, -2:], torch.zeros_like(out[:, :, -2:]))  # padding rows: zero, as before
+        _assert_close(out, ref)
+    assert len(chosen) == 2 and all(n > 1 for n in chosen), chosen  # both calls split the keys
+
+
 def test_registered_as_the_cuda_kernel_of_the_op() -> None:
     from kiln.backends.triton import KERNELS, register_cuda_kernels
 
