@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step at most (k)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="store the paged KV cache quantized")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="fuse the step graphs with inductor before capturing them (a GPU; longer start-up)")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
@@ -228,7 +230,8 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
         spec = kiln.SpeculativeConfig(method="draft_model", draft_model=args.speculative,
                                       num_speculative_tokens=args.num_speculative_tokens)
     with console.status(f"loading and compiling {args.model}"):
-        llm = kiln.LLM(args.model, device=device, dtype=dtype, speculative=spec, kv_cache_dtype=args.kv_cache_dtype)
+        llm = kiln.LLM(args.model, device=device, dtype=dtype, speculative=spec, kv_cache_dtype=args.kv_cache_dtype,
+                       torch_compile=args.torch_compile)
     params = kiln.SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
         seed=args.seed, stop=tuple(args.stop),

@@ -47,6 +47,12 @@ def test_generate_speculates_with_a_draft_model(capsys) -> None:
     assert text and text == [line for line in spec.splitlines() if line.startswith("def read_config")]  # greedy
 
 
+def test_generate_torch_compile_on_the_cpu_is_a_clear_error(capsys) -> None:
+    args = ["generate", "models/kiln-teacher", "hello", "--max-tokens", "2", "--device", "cpu", "--torch-compile"]
+    assert main(args) == 1
+    assert "torch_compile" in capsys.readouterr().out  # it needs CUDA graphs on a GPU: said, not ignored
+
+
 def test_eval_reports_perplexity_and_agreement(capsys) -> None:
     assert main(["eval", "models/kiln-teacher", "--draft", "models/kiln-drafter", "--max-tokens", "1100",
                  "--seq-len", "256"]) == 0
