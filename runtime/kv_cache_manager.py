@@ -94,9 +94,9 @@ def hash_block_sequence(
     sha256, append = hashlib.sha256, out.append  # one digest call per block: this runs for every prompt block
     prev = parent if parent is not None else _ROOT_PARENT
     for j in range(n - len(out)):
-        prev = sha256(b"".join((prev, head, raw[j * step : (j + 1) * step], tail))).digest()
+        prev = BlockHash(sha256(b"".join((prev, head, raw[j * step : (j + 1) * step], tail))).digest())
         append(prev)
-    return out  # type: ignore[return-value]  # BlockHash is bytes
+    return out
 
 
 @dataclass

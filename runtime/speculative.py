@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from kiln.errors import ConfigError
 from kiln.runtime.drafters import Drafter, DraftModelDrafter, NgramDrafter
-from kiln.runtime.request import SamplingParams
+from kiln.runtime.request import RequestMetrics, SamplingParams
 from kiln.runtime.sampler import _GREEDY_EPS, processed_probs, random_sample
 
 # The adaptive policy's running acceptance estimate (see SpeculationPolicy).
@@ -292,12 +292,33 @@ def default_draft_cost(config: SpeculativeConfig, target: nn.Module, drafter: Dr
     return 0.02
 
 
+def record_verification(metrics: RequestMetrics, stats: dict[str, float], num_drafts: int, accepted: int) -> None:
+    """Count one verification of ``num_drafts`` drafts, ``accepted`` of them kept, on a request and in ``stats``."""
+    metrics.num_draft_tokens += num_drafts
+    metrics.num_accepted_tokens += accepted
+    metrics.num_spec_steps += 1
+    stats["spec_steps"] += 1
+    stats["draft_tokens"] += num_drafts
+    stats["accepted_tokens"] += accepted
+    stats["spec_rejections"] += accepted < num_drafts
+
+
+def derive_rates(stats: dict[str, float]) -> None:
+    """Fill in ``stats``' derived figures: acceptance rate, alpha, accepted tokens per verify step."""
+    s = stats
+    s["acceptance_rate"] = s["accepted_tokens"] / max(s["draft_tokens"], 1)
+    s["alpha"] = s["accepted_tokens"] / max(s["accepted_tokens"] + s["spec_rejections"], 1)
+    s["accepted_tokens_per_step"] = (s["accepted_tokens"] + s["spec_steps"]) / max(s["spec_steps"], 1)
+
+
 __all__ = [
     "SpeculationPolicy",
     "SpeculativeConfig",
     "default_draft_cost",
+    "derive_rates",
     "expected_speedup",
     "make_drafter",
+    "record_verification",
     "rejection_sample",
     "verify",
 ]

@@ -25,7 +25,9 @@ from kiln.runtime.speculative import (
     SpeculationPolicy,
     SpeculativeConfig,
     default_draft_cost,
+    derive_rates,
     make_drafter,
+    record_verification,
     verify,
 )
 
@@ -120,23 +122,14 @@ class Speculator:
             params, [s.generator for s in seqs], [s.request.all_token_ids for s in seqs] if penalized else None,
         )  # fmt: skip
         step = int(self.stats["steps"])
-        st = self.stats
         for seq, d, tokens in zip(seqs, drafts, generated, strict=True):
-            rid, metrics, accepted = seq.request.request_id, seq.request.metrics, len(tokens) - 1
+            rid, accepted = seq.request.request_id, len(tokens) - 1
             sampled[rid] = tokens
             seq.draft_probs = None
-            metrics.num_draft_tokens += len(d)
-            metrics.num_accepted_tokens += accepted
-            metrics.num_spec_steps += 1
-            st["spec_steps"] += 1
-            st["draft_tokens"] += len(d)
-            st["accepted_tokens"] += accepted
-            st["spec_rejections"] += accepted < len(d)
+            record_verification(seq.request.metrics, self.stats, len(d), accepted)
             if rid in live:  # not aborted while its step ran
                 self.policy.observe(rid, len(d), accepted, step)
-        st["acceptance_rate"] = st["accepted_tokens"] / max(st["draft_tokens"], 1)
-        st["alpha"] = st["accepted_tokens"] / max(st["accepted_tokens"] + st["spec_rejections"], 1)
-        st["accepted_tokens_per_step"] = (st["accepted_tokens"] + st["spec_steps"]) / max(st["spec_steps"], 1)
+        derive_rates(self.stats)
         if any(
             p.logprobs is not None for p in params
         ):  # each token's logprobs come from the row that chose it

@@ -37,7 +37,13 @@ from kiln.errors import ConfigError
 from kiln.runtime.drafters import Draft, Drafter, DraftRequest, NgramDrafter
 from kiln.runtime.request import Request, RequestMetrics, SamplingParams
 from kiln.runtime.sampler import _GREEDY_EPS, processed_probs, random_sample
-from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig, verify
+from kiln.runtime.speculative import (
+    SpeculationPolicy,
+    SpeculativeConfig,
+    derive_rates,
+    record_verification,
+    verify,
+)
 
 if TYPE_CHECKING:
     from kiln.backends.onnx.generator import OrtGenerator
@@ -239,13 +245,7 @@ def speculative_generate(
             # roll the rejected drafts back: keep the known tokens and the accepted drafts
             past = truncate(past, cached + len(feed[0]) - len(drafts) + accepted)
             if drafts:
-                metrics.num_draft_tokens += len(drafts)
-                metrics.num_accepted_tokens += accepted
-                metrics.num_spec_steps += 1
-                stats["spec_steps"] += 1
-                stats["draft_tokens"] += len(drafts)
-                stats["accepted_tokens"] += accepted
-                stats["spec_rejections"] += accepted < len(drafts)
+                record_verification(metrics, stats, len(drafts), accepted)
                 policy.observe(request_id, len(drafts), accepted, step)
             tokens = tokens[: max_new_tokens - len(out)]
             if eos_token_id is not None and eos_token_id in tokens:
@@ -263,10 +263,7 @@ def finish_stats(stats: dict[str, float], drafter: Drafter, calls_before: int) -
     """Fill in the derived figures (acceptance rate, alpha, accepted tokens per step)."""
     if isinstance(drafter, OrtDraftModelDrafter):
         stats["draft_calls"] = drafter.calls - calls_before
-    s = stats
-    s["acceptance_rate"] = s["accepted_tokens"] / max(s["draft_tokens"], 1)
-    s["alpha"] = s["accepted_tokens"] / max(s["accepted_tokens"] + s["spec_rejections"], 1)
-    s["accepted_tokens_per_step"] = (s["accepted_tokens"] + s["spec_steps"]) / max(s["spec_steps"], 1)
+    derive_rates(stats)
 
 
 __all__ = [
