@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from kiln.errors import CapacityError, ConfigError
-from kiln.runtime.step_inputs import MAX_QUERY_LEN, StagingBuffer
+from kiln.runtime.step_inputs import MAX_QUERY_LEN, DeviceFeed, StagingBuffer, apply_feed
 
 # ------------------------------------------------------------------ step graphs
 
@@ -172,8 +172,8 @@ class StepGraphs:
                 "logits_indices": (torch.int64, (self.max_logits,)),
                 "seq_lens": (torch.int32, (n,)),
                 "query_start_loc": (torch.int32, (n + 1,)),
-                "feed_src": (torch.int64, (n,)),  # rows of the last step's tokens ...
-                "feed_dst": (torch.int64, (t,)),  # ... that become these input tokens (see run)
+                "feed_tok": (torch.int64, (4, t)),  # tokens fed from the last step's results (DeviceFeed.fill) ...
+                "feed_seq": (torch.int64, (2, n)),  # ... and the sequences they belong to (see run)
                 "block_tables": (torch.int32, (n, max_blocks)),  # last: a step uploads only its rows
             },
             device,
@@ -184,7 +184,7 @@ class StepGraphs:
         self._graphs: dict[tuple[bool, Key], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
         self._logits: Tensor | None = None  # (max_logits, V): the graphs' logits
-        self._num_fed = 0  # tokens of the filled step fed from the last step's output
+        self._num_fed = (0, 0)  # tokens and sequences of the filled step fed from the last step's results
 
     # -- buckets -------------------------------------------------------------------------------
 
@@ -248,13 +248,12 @@ class StepGraphs:
         self._input_lists[key] = [views[name] for name in self.input_names]
         return self._input_lists[key]
 
-    def fill(self, steps: Sequence[StepLike], sources: Sequence[int] | None = None,
+    def fill(self, steps: Sequence[StepLike], feed: DeviceFeed | None = None,
              key: tuple[bool, Key] | None = None) -> tuple[bool, Key]:
         """Write ``steps`` (padded to their bucket) into the static inputs and upload them; returns the bucket.
 
-        ``sources[i] >= 0`` marks sequence ``i``'s first token as fed from row ``sources[i]``
-        of the last step's tokens (see :meth:`run`). ``key``: the bucket, when the caller
-        already asked :meth:`key_for`.
+        ``feed``: the tokens to take from the last step's results on the device (see :meth:`run`).
+        ``key``: the bucket, when the caller already asked :meth:`key_for`.
         """
         key = key or self.key_for(steps)
         if key is None:
@@ -269,14 +268,9 @@ class StepGraphs:
             self._fill_decode(steps, s)
         else:
             self._fill_mixed(steps, t, s, rows)
-        self._num_fed = 0
-        if sources is not None:
-            starts = h["query_start_loc"]
-            for i, src in enumerate(sources):
-                if src >= 0:
-                    h["feed_src"][self._num_fed] = src
-                    h["feed_dst"][self._num_fed] = starts[i]
-                    self._num_fed += 1
+        self._num_fed = (0, 0)
+        if feed is not None:
+            self._num_fed = feed.fill(h["query_start_loc"], h["feed_tok"], h["feed_seq"])
         self.buffer.upload(self._table_offset + s * self.max_blocks * 4)
         return key
 
@@ -376,18 +370,17 @@ class StepGraphs:
     # -- running -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, steps: Sequence[StepLike], feed: tuple[Tensor, Sequence[int]] | None = None,
+    def run(self, steps: Sequence[StepLike], feed: DeviceFeed | None = None,
             key: tuple[bool, Key] | None = None) -> Tensor:
         """Logits (sum of num_logits, V) of one step, in the model's dtype (a view: read it before the next run).
 
-        ``feed = (tokens, sources)``: sequence ``i``'s first input token is ``tokens[sources[i]]``
-        where ``sources[i] >= 0``, copied on the device (a token sampled by the last step that
-        the host has not seen yet: asynchronous scheduling).
+        ``feed``: input tokens copied on the device from the last step's results, which the host
+        has not seen yet (asynchronous scheduling; :class:`~kiln.runtime.step_inputs.DeviceFeed`).
         """
-        key = self.fill(steps, feed[1] if feed is not None else None, key)
-        if self._num_fed:
-            d, k = self.buffer.device_views, self._num_fed
-            d["input_ids"][0].index_copy_(0, d["feed_dst"][:k], feed[0].index_select(0, d["feed_src"][:k]))  # type: ignore[index]
+        key = self.fill(steps, feed, key)
+        if self._num_fed[0]:
+            d, (nt, ns) = self.buffer.device_views, self._num_fed
+            apply_feed(d, feed, d["feed_tok"][:, :nt], d["feed_seq"][:, :ns], self.block_size)  # type: ignore[arg-type]
         rows = sum(s.num_logits for s in steps)
         if not self.capture:
             return _logits(self._step(key)(*self._inputs(key)))[:rows]

@@ -24,7 +24,7 @@ import torch
 from kiln.errors import CapacityError, ConfigError
 from kiln.passes.kv_cache import KVCacheLayout, layout_of
 from kiln.runtime.cuda_graphs import StepGraphs
-from kiln.runtime.step_inputs import MAX_QUERY_LEN, specialize_attention, stage
+from kiln.runtime.step_inputs import MAX_QUERY_LEN, DeviceFeed, apply_feed, as_feed, specialize_attention, stage
 
 if TYPE_CHECKING:
     import kiln
@@ -221,7 +221,7 @@ class ModelRunner:
         return {**{f"kv_cache_{i}": c for i, c in enumerate(self.caches)}, **scales, **self.constants}
 
     def build_inputs(
-        self, steps: list[SequenceStep], feed: tuple[torch.Tensor, list[int]] | None = None
+        self, steps: list[SequenceStep], feed: DeviceFeed | tuple[torch.Tensor, list[int]] | None = None
     ) -> list[object]:
         """The step graph's flat inputs for ``steps``, in ``input_names`` order (one host-to-device copy).
 
@@ -270,13 +270,15 @@ class ModelRunner:
             "query_start_loc": starts,
             "logits_indices": last,
         }
-        fed = [(src, int(starts[i])) for i, src in enumerate(feed[1]) if src >= 0] if feed is not None else []
-        if fed:
-            arrays["feed_src"] = np.array([f[0] for f in fed], dtype=np.int64)
-            arrays["feed_dst"] = np.array([f[1] for f in fed], dtype=np.int64)
+        feed = as_feed(feed)
+        fed = (0, 0)
+        if feed is not None:
+            tok, seq = np.empty((4, num_tokens), dtype=np.int64), np.empty((2, len(steps)), dtype=np.int64)
+            fed = feed.fill(starts, tok, seq)
+            arrays["feed_tok"], arrays["feed_seq"] = tok[:, : fed[0]].copy(), seq[:, : fed[1]].copy()
         dev = stage(arrays, self.device)  # fmt: skip
-        if fed:  # tokens the last step sampled on the device
-            dev["input_ids"][0].index_copy_(0, dev["feed_dst"], feed[0].index_select(0, dev["feed_src"]))  # type: ignore[index]
+        if fed[0]:  # tokens the last step made on the device
+            apply_feed(dev, feed, dev["feed_tok"], dev["feed_seq"], bs)  # type: ignore[arg-type]
         values = {**dev, **self.state_inputs(), MAX_QUERY_LEN: max(len(s.token_ids) for s in steps)}
         return [values[name] for name in self.input_names]
 
@@ -333,13 +335,15 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(
-        self, steps: list[SequenceStep], feed: tuple[torch.Tensor, list[int]] | None = None
+        self, steps: list[SequenceStep], feed: DeviceFeed | tuple[torch.Tensor, list[int]] | None = None
     ) -> torch.Tensor:
         """Run one step; the logits of each sequence's last ``num_logits`` tokens, in order: (sum num_logits, V) fp32.
 
         ``feed = (tokens, sources)`` takes sequence ``i``'s first token from ``tokens[sources[i]]``
         (a device tensor, e.g. the last step's samples) where ``sources[i] >= 0``: the host
-        need not know it (asynchronous scheduling). Nothing here waits for the device.
+        need not know it (asynchronous scheduling); a :class:`~kiln.runtime.step_inputs.DeviceFeed`
+        also takes several tokens per sequence and rolls back positions (asynchronous speculation).
+        Nothing here waits for the device.
         """
         if not steps:
             raise ConfigError("execute needs at least one sequence")
@@ -347,7 +351,7 @@ class ModelRunner:
             raise ConfigError("the step graph must gather logits (PageKVCache(gather_logits=True))")
         key = self.graphs.key_for(steps) if self.graphs is not None else None
         if key is not None:
-            return self.graphs.run(steps, feed, key).float()  # type: ignore[union-attr]  # (S, V)
+            return self.graphs.run(steps, as_feed(feed), key).float()  # type: ignore[union-attr]  # (S, V)
         out = self.step_gm(*self.build_inputs(steps, feed))
         logits = out[0] if isinstance(out, (list, tuple)) else out
         return logits[0].float()  # (S, V)

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -198,4 +200,74 @@ def stage(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, Tens
     return {k: dev[offsets[k] : offsets[k] + a.nbytes].view(dtypes[a.dtype]).view(a.shape) for k, a in arrays.items()}
 
 
-__all__ = ["MAX_QUERY_LEN", "StagingBuffer", "paged_attention_known", "specialize_attention", "stage"]
+# ------------------------------------------------------------------ tokens fed on the device
+
+
+@dataclass
+class DeviceFeed:
+    """Input tokens a step takes from the last step's results on the device (the runner's ``feed``).
+
+    ``tokens`` (R, W) int64 on the device: row ``j`` holds the input tokens made for the
+    last step's sequence ``j`` (asynchronous decoding: W = 1, the token it sampled;
+    asynchronous speculation: the new last token, then the drafts). ``sources[i]``: the row
+    feeding this step's sequence ``i`` (-1: none); its first ``counts[i]`` tokens (default
+    1) come from that row. ``rollback`` (R,), when given: positions the host counted for
+    row ``j``'s sequence that the device did not keep (rejected drafts), by which the fed
+    sequences' positions, slots and lengths are moved back on the device.
+    """
+
+    tokens: Tensor
+    sources: Sequence[int]
+    counts: Sequence[int] | None = None
+    rollback: Tensor | None = None
+
+    def fill(self, starts: Sequence[int], tok: np.ndarray, seq: np.ndarray) -> tuple[int, int]:
+        """Write the fed tokens' (destination row, flat source, source row, destination sequence) into
+        ``tok`` (4, T) and the fed sequences' (sequence, source row) into ``seq`` (2, S); returns the counts.
+
+        ``starts[i]``: the first token row of this step's sequence ``i``.
+        """
+        width = self.tokens.shape[1] if self.tokens.dim() == 2 else 1
+        cols: list[tuple[int, int, int, int]] = []
+        rows: list[tuple[int, int]] = []
+        for i, j in enumerate(self.sources):
+            if j < 0:
+                continue
+            s0 = int(starts[i])
+            for c in range(self.counts[i] if self.counts is not None else 1):
+                cols.append((s0 + c, j * width + c, j, i))
+            rows.append((i, j))
+        if cols:
+            tok[:, : len(cols)] = np.array(cols, dtype=np.int64).T
+            seq[:, : len(rows)] = np.array(rows, dtype=np.int64).T
+        return len(cols), len(rows)
+
+
+def as_feed(feed: DeviceFeed | tuple[Tensor, Sequence[int]] | None) -> DeviceFeed | None:
+    """A :class:`DeviceFeed` from the runner's ``feed`` argument (``(tokens, sources)``: one token per source)."""
+    if feed is None or isinstance(feed, DeviceFeed):
+        return feed
+    tokens, sources = feed
+    return DeviceFeed(tokens.reshape(-1, 1), list(sources))
+
+
+def apply_feed(views: dict[str, Tensor], feed: DeviceFeed, tok: Tensor, seq: Tensor, block_size: int) -> None:
+    """Write the fed tokens into a step's device inputs; roll their positions back by ``feed.rollback``.
+
+    ``tok`` (4, n) / ``seq`` (2, m): :meth:`DeviceFeed.fill`'s arrays on the device. ``views``: the
+    step's ``input_ids`` (1, T), ``position_ids`` (1, T), ``slot_mapping``, ``seq_lens`` and ``block_tables``.
+    """
+    dst = tok[0]
+    views["input_ids"][0].index_copy_(0, dst, feed.tokens.reshape(-1).index_select(0, tok[1]))
+    if feed.rollback is None:
+        return
+    back = feed.rollback.to(torch.int64)
+    positions = views["position_ids"][0]
+    pos = positions.index_select(0, dst) - back.index_select(0, tok[2])
+    positions.index_copy_(0, dst, pos)
+    blocks = views["block_tables"][tok[3], pos // block_size].to(torch.int64)
+    views["slot_mapping"].index_copy_(0, dst, blocks * block_size + pos % block_size)
+    lens = views["seq_lens"]
+    lens.index_copy_(0, seq[0], lens.index_select(0, seq[0]) - back.index_select(0, seq[1]).to(lens.dtype))
+
+__all__ = ["MAX_QUERY_LEN", "DeviceFeed", "StagingBuffer", "apply_feed", "as_feed", "paged_attention_known", "specialize_attention", "stage"]

@@ -1,0 +1,86 @@
+"""The asynchronous-speculation kernel against its plain-Python reference (interpreted on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.runtime.drafters import NgramDrafter
+from kiln.runtime.spec_async import DeviceHistory, spec_advance_reference
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _case(seed: int, k: int, vocab: int, lengths: list[int]):  # noqa: ANN202
+    """A step over len(lengths) sequences (one not sampling), histories of small-vocabulary random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    hist = DeviceHistory(len(lengths) + 2, 600, k, torch.device("cpu"))
+    rows, ids, info = [], [], []
+    for i, n in enumerate(lengths):
+        slot = hist.slot(f"r{i}", torch.randint(0, vocab, (n,), generator=g).tolist())
+        hist.real[slot] = int(torch.randint(0, k + 1, (1,), generator=g))
+        kd = int(torch.randint(0, k + 1, (1,), generator=g))
+        # the step's tokens: the last known token, then kd drafts; rows: kd + 1 argmax rows
+        d0 = len(ids) + 1
+        drafts = torch.randint(0, vocab, (kd,), generator=g).tolist()
+        ids += [0, *drafts]
+        preds = torch.randint(0, vocab, (kd + 1,), generator=g)
+        m = int(torch.randint(0, kd + 1, (1,), generator=g))  # make a prefix of the drafts match
+        preds[:m] = torch.tensor(drafts[:m], dtype=torch.int64)
+        info.append([slot if i != 1 else -1, len(rows), kd, d0])
+        rows += preds.tolist()
+    return torch.tensor(rows), torch.tensor(ids), torch.tensor(info), hist
+
+
+@pytest.mark.parametrize(("min_n", "max_n"), [(1, 3), (2, 3), (1, 1), (1, 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spec_advance_kernel_equals_reference(min_n: int, max_n: int, seed: int, monkeypatch) -> None:  # noqa: ANN001
+    import kiln.backends.triton.spec_kernels as sk
+
+    monkeypatch.setattr(sk, "_BLOCK", 64)  # the 300-token history takes several search blocks
+    k = 4
+    lengths = [1, 7, 2, 300, 41, 3]
+    best, ids, info, hist = _case(seed, k, vocab=5, lengths=lengths)
+    ref_hist = DeviceHistory(len(lengths) + 2, 600, k, torch.device("cpu"))
+    ref_hist.tokens.copy_(hist.tokens)
+    ref_hist.lengths.copy_(hist.lengths)
+    ref_hist.real.copy_(hist.real)
+    want_out, want_next = spec_advance_reference(best, ids, info, ref_hist, min_n, max_n)
+    dev_hist = DeviceHistory(len(lengths) + 2, 600, k, DEV)
+    dev_hist.tokens.copy_(hist.tokens)
+    dev_hist.lengths.copy_(hist.lengths)
+    dev_hist.real.copy_(hist.real)
+    got_out, got_next = sk.spec_advance_triton(best.to(DEV), ids.to(DEV), info.to(DEV), dev_hist, min_n, max_n)
+    rows = info[:, 0] >= 0
+    torch.testing.assert_close(got_out.cpu()[rows], want_out[rows])
+    torch.testing.assert_close(got_next.cpu()[rows], want_next[rows])
+    torch.testing.assert_close(dev_hist.lengths.cpu(), ref_hist.lengths)
+    torch.testing.assert_close(dev_hist.real.cpu(), ref_hist.real)
+    for s in range(len(lengths)):
+        n = int(ref_hist.lengths[s])
+        assert dev_hist.tokens[s, :n].cpu().tolist() == ref_hist.tokens[s, :n].tolist()
+    # the drafts are NgramDrafter's proposal over the grown history (padding after it)
+    for i, (slot, *_rest) in enumerate(info.tolist()):
+        if slot < 0:
+            continue
+        history = ref_hist.tokens[slot, : int(ref_hist.lengths[slot])].tolist()
+        prop = NgramDrafter(min_n=min_n, max_n=max_n).lookup(history, k)
+        assert got_next[i, 1 : 1 + len(prop)].cpu().tolist() == prop
+        assert int(dev_hist.real[slot]) == len(prop)
+        assert int(got_next[i, 0]) == history[-1]
+
+
+def test_spec_advance_counts() -> None:
+    """Acceptance stops at the first mismatch and at the real (not padded) drafts."""
+    k = 3
+    hist = DeviceHistory(2, 64, k, torch.device("cpu"))
+    s = hist.slot("a", [5, 6, 7, 5, 6])
+    hist.real[s] = 2  # the last proposal had 2 real drafts, 1 padding token
+    ids = torch.tensor([6, 7, 5, 0])  # last token 6, drafts 7 5 | pad 0
+    best = torch.tensor([7, 5, 0, 9])  # the target agrees with all three (the pad included)
+    info = torch.tensor([[s, 0, 3, 1]])
+    out, nxt = spec_advance_reference(best, ids, info, hist, 1, 3)
+    assert out[0, : 3].tolist() == [7, 5, 0]  # 2 accepted (the pad never is), then the target's token 0
+    assert out[0, k + 1 :].tolist() == [3, 2, 1]  # 3 tokens out, 2 real drafts, 1 position rolled back
+    assert hist.tokens[s, :8].tolist() == [5, 6, 7, 5, 6, 7, 5, 0]
+    assert int(nxt[0, 0]) == 0
