@@ -30,10 +30,11 @@ from kiln.errors import ConfigError
 from kiln.runtime.drafters import Drafter
 from kiln.runtime.model_runner import ModelRunner, SequenceStep
 from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
-from kiln.runtime.sampler import make_generator, sample, to_device
+from kiln.runtime.sampler import _GREEDY_EPS, make_generator, sample, to_device
 from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from kiln.runtime.scheduler_output import ModelRunnerOutput, PendingOutput, SchedulerOutput
-from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig
+from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig, derive_rates, record_verification
+from kiln.runtime.spec_async import AsyncSpeculation, SpecPending
 from kiln.runtime.speculator import Speculator
 from kiln.runtime.stop import find_stop_string
 
@@ -191,9 +192,10 @@ class LLM:
             raise ConfigError(
                 "torch_compile=True compiles the CUDA-graph decode step: it needs cuda_graphs on a GPU"
             )
-        if async_scheduling and speculative is not None:
+        if async_scheduling and speculative is not None and speculative.method != "ngram":
             raise ConfigError(
-                "async_scheduling does not combine with speculative decoding yet; leave it unset"
+                "async_scheduling combines with prompt-lookup speculation (method='ngram') only: a draft model's "
+                "drafts need the verified tokens on the host; leave it unset"
             )
         if async_scheduling and ranks > 1:
             raise ConfigError(
@@ -234,9 +236,19 @@ class LLM:
                 f"async_scheduling needs a runner that feeds tokens on the device, not {type(self.runner).__name__}"
             )
         #: whether steps are scheduled before the previous step's tokens reach the host
-        self.async_scheduling = (dev.type == "cuda" and speculative is None and feeds) if async_scheduling is None \
-            else bool(async_scheduling)  # fmt: skip
-        self._inflight: PendingOutput | None = None  # the launched step whose tokens have not been applied
+        ngram = speculative is not None and speculative.method == "ngram"
+        self.async_scheduling = (dev.type == "cuda" and (speculative is None or ngram) and feeds) \
+            if async_scheduling is None else bool(async_scheduling)  # fmt: skip
+        #: asynchronous prompt-lookup speculation (``kiln.runtime.spec_async``): drafts made on the device
+        self._spec_async: AsyncSpeculation | None = None
+        if self.async_scheduling and ngram:
+            assert speculative is not None
+            self._spec_async = AsyncSpeculation(
+                num_drafts=speculative.num_speculative_tokens, min_n=speculative.prompt_lookup_min,
+                max_n=speculative.prompt_lookup_max, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
+                device=dev,
+            )  # fmt: skip
+        self._inflight: PendingOutput | SpecPending | None = None  # the launched step whose tokens have not been applied
         self._lookahead: _Launched | None = (
             None  # speculative: the next lockstep step, launched before this one's text
         )
@@ -356,7 +368,9 @@ class LLM:
         self.scheduler.add_request(request)
         gen = make_generator(params.seed, self.runner.device) if params.seed is not None else None
         self._seqs[rid] = _Sequence(request=request, prompt=text, generator=gen)
-        if params.logprobs is not None or params.repetition_penalty != 1.0:
+        if params.logprobs is not None or params.repetition_penalty != 1.0 or (
+            self._spec_async is not None and params.temperature >= _GREEDY_EPS
+        ):  # needs every token on the host; asynchronous speculation verifies greedy requests only
             self._sync_ids.add(rid)
         self.stats["prompt_tokens"] += len(ids)
         return rid
@@ -371,6 +385,8 @@ class LLM:
     def _forget_drafts(self, request_id: str) -> None:
         if self.speculator is not None:
             self.speculator.forget(request_id)
+        if self._spec_async is not None:
+            self._spec_async.release(request_id)
 
     def pin_prefix(self, prompt: Prompt, *, cache_salt: str | None = None) -> Any:
         """Keep the KV of ``prompt`` (e.g. a document many questions follow) cached until released.
@@ -497,12 +513,14 @@ class LLM:
     def _step(self, *, snapshots: bool) -> list[RequestOutput]:
         """One step; outputs of every changed request (``snapshots``) or of the finished ones only."""
         if self.async_scheduling and not self._sync_ids:
-            changed = self._async_step()
+            changed = self._async_spec_step() if self._spec_async is not None else self._async_step()
         else:
             changed = []
             if self._inflight is not None:  # drain: apply the launched step before running in lockstep
                 prev, self._inflight = self._inflight, None
-                changed += self.scheduler.update_from_output(prev.scheduler_output, prev.result())
+                changed += self._apply(prev)
+            if self._spec_async is not None:  # histories go stale in lockstep: uploaded afresh when it ends
+                self._spec_async.clear()
             launched, self._lookahead = self._lookahead, None
             if launched is None:
                 launched = self._launch_lockstep(self._schedule())
@@ -525,7 +543,8 @@ class LLM:
                 del self._seqs[delta.request_id]
                 self._sync_ids.discard(delta.request_id)
                 self._forget_drafts(delta.request_id)
-        if self._lookahead is None:
+        if self._lookahead is None and not (self._spec_async is not None and self.async_scheduling
+                                            and not self._sync_ids):  # asynchronous drafts: _propose_async
             self._propose()
         return results
 
@@ -544,8 +563,10 @@ class LLM:
         if self.speculator is not None:
             for rid in so.preempted_req_ids:
                 self.speculator.on_preempted(rid)
+                if self._spec_async is not None:  # re-admitted, it uploads its tokens again
+                    self._spec_async.release(rid)
             for rid in so.finished_req_ids:
-                self.speculator.forget(rid)
+                self._forget_drafts(rid)
         return so
 
     def _propose(self) -> None:
@@ -562,10 +583,66 @@ class LLM:
             self.scheduler.mark_pending(so)
         changed = []
         if prev is not None:
-            changed += self.scheduler.update_from_output(prev.scheduler_output, prev.result())
+            changed += self._apply(prev)
         if self._inflight is None:  # nothing launched: apply the empty step now (it may report aborts)
             changed += self.scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={}))
         return changed
+
+    def _async_spec_step(self) -> list:
+        """:meth:`_async_step` with prompt-lookup drafts made and verified on the device (``kiln.runtime.spec_async``)."""
+        assert self._spec_async is not None and self.speculator is not None
+        changed = []
+        if self._lookahead is not None:  # a lockstep step launched ahead: apply it first
+            launched, self._lookahead = self._lookahead, None
+            changed += self.scheduler.update_from_output(launched.scheduler_output, self._collect(launched))
+        self._propose_async()
+        so = self._schedule()
+        prev, self._inflight = self._inflight, None
+        if so.total_num_scheduled_tokens:
+            self._inflight = self._launch_spec(so, prev if isinstance(prev, SpecPending) else None)
+            self.scheduler.mark_pending(so)
+        if prev is not None:
+            changed += self._apply(prev)
+        if self._inflight is None:  # nothing launched: apply the empty step now (it may report aborts)
+            changed += self.scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={}))
+        return changed
+
+    def _propose_async(self) -> None:
+        """Drafts for the next asynchronous step: placeholders (made on the device) or the host's lookup."""
+        assert self._spec_async is not None and self.speculator is not None
+        step, policy, pending = int(self.stats["steps"]), self.speculator.policy, self.scheduler.num_pending
+        for request in self.scheduler.running:
+            p = pending.get(request.request_id, 0)
+            if not request.sampling_params.speculative or request.num_computed_tokens != request.num_tokens + p - 1:
+                continue  # opted out, or still prefilling
+            params = request.sampling_params
+            room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - p - 1
+            k = min(policy.num_drafts(request.request_id, step), room)
+            request.spec_token_ids = self._spec_async.drafts(request, k, p)
+
+    def _launch_spec(self, so: SchedulerOutput, prev: SpecPending | None) -> SpecPending:
+        """Launch an asynchronous speculative step and its device-side verification (nothing waits)."""
+        assert self._spec_async is not None
+        steps, _, _ = self._steps(so)
+        requests = [self._seqs[d.request_id].request for d in (*so.scheduled_new_reqs, *so.scheduled_cached_reqs)]
+        info, feed, rows, verified = self._spec_async.describe(so, steps, requests, prev)
+        logits = self.runner.execute(steps, feed)
+        return self._spec_async.advance(so, logits, self.runner.last_input_ids, info, rows, verified)
+
+    def _apply(self, prev: PendingOutput | SpecPending) -> list:
+        """Apply a launched asynchronous step's tokens (and, speculative, its acceptance counts)."""
+        out = self.scheduler.update_from_output(prev.scheduler_output, prev.result())
+        if isinstance(prev, SpecPending) and self.speculator is not None:
+            step, stats = int(self.stats["steps"]), self.stats
+            for rid, (drafted, accepted) in prev.counts.items():
+                if drafted <= 0:
+                    continue  # no real draft (the lookup found none): a plain decode step for this request
+                seq = self._seqs.get(rid)
+                if seq is not None:
+                    record_verification(seq.request.metrics, stats, drafted, accepted)
+                    self.speculator.policy.observe(rid, drafted, accepted, step)
+            derive_rates(stats)
+        return out
 
     def _detokenize(self, seq: _Sequence) -> None:
         """Extend ``seq.text`` with the new tokens' text, then apply stop strings.

@@ -204,6 +204,9 @@ class ModelRunner:
         )  # the graph the runner calls: max_query_len as last input
         self.input_names = (*self.layout.input_names, MAX_QUERY_LEN)
         self.graphs: StepGraphs | None = None  # static-buffer (CUDA-graph) steps, see enable_cuda_graphs
+        #: the last step's input tokens on the device (T,), as it ran them (fed tokens included); valid
+        #: until the next step (asynchronous speculation reads the drafts it verified from here)
+        self.last_input_ids: torch.Tensor | None = None
 
     @staticmethod
     def blocks_for_memory(
@@ -351,8 +354,12 @@ class ModelRunner:
             raise ConfigError("the step graph must gather logits (PageKVCache(gather_logits=True))")
         key = self.graphs.key_for(steps) if self.graphs is not None else None
         if key is not None:
-            return self.graphs.run(steps, as_feed(feed), key).float()  # type: ignore[union-attr]  # (S, V)
-        out = self.step_gm(*self.build_inputs(steps, feed))
+            logits = self.graphs.run(steps, as_feed(feed), key)  # type: ignore[union-attr]  # (S, V)
+            self.last_input_ids = self.graphs.buffer.device_views["input_ids"][0]  # type: ignore[union-attr]
+            return logits.float()
+        inputs = self.build_inputs(steps, feed)
+        self.last_input_ids = inputs[self.input_names.index("input_ids")][0]  # type: ignore[index]
+        out = self.step_gm(*inputs)
         logits = out[0] if isinstance(out, (list, tuple)) else out
         return logits[0].float()  # (S, V)
 

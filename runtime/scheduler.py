@@ -296,24 +296,30 @@ class Scheduler:
         )
 
     def _drafts(self, request: Request) -> list[int]:
-        """The request's draft tokens worth verifying: a step yields at most drafts + 1 tokens."""
+        """The request's draft tokens worth verifying: a step yields at most drafts + 1 tokens.
+
+        (Pending tokens count as made: asynchronous speculation counts every pending draft as accepted.)
+        """
+        pending = self.num_pending.get(request.request_id, 0)
         room = min(
             request.sampling_params.max_tokens - request.num_output_tokens,
             self.config.max_model_len - request.num_tokens,
-        )
+        ) - pending
         return request.spec_token_ids[: max(room - 1, 0)]
 
     def mark_pending(self, scheduler_output: SchedulerOutput) -> None:
         """Count the tokens ``scheduler_output``'s step samples as pending until its ``update_from_output``.
 
         Call it right after :meth:`schedule` to schedule the next step before applying this
-        one's output (asynchronous scheduling). Not for steps with draft tokens.
+        one's output (asynchronous scheduling). A request verifying ``k`` drafts counts ``k + 1``
+        pending tokens, all its drafts accepted (asynchronous speculation): an upper bound, so
+        blocks are allocated for it, and its ``update_from_output`` takes back what was rejected.
         """
-        if scheduler_output.scheduled_spec_decode_tokens:
-            raise ConfigError("asynchronous scheduling does not take steps with draft tokens")
+        spec = scheduler_output.scheduled_spec_decode_tokens
         for d in (*scheduler_output.scheduled_new_reqs, *scheduler_output.scheduled_cached_reqs):
             if d.sample:
-                self.num_pending[d.request_id] = self.num_pending.get(d.request_id, 0) + 1
+                made = 1 + len(spec.get(d.request_id, ()))
+                self.num_pending[d.request_id] = self.num_pending.get(d.request_id, 0) + made
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_output: ModelRunnerOutput | Mapping[str, Sequence[int]]
@@ -340,18 +346,21 @@ class Scheduler:
             d.request_id for d in (*scheduler_output.scheduled_new_reqs, *scheduler_output.scheduled_cached_reqs)
             if d.sample
         }  # fmt: skip
+        spec = scheduler_output.scheduled_spec_decode_tokens
         for rid in scheduler_output.num_scheduled_tokens:
-            if rid in sampling and rid in self.num_pending:  # its pending token arrives
-                self.num_pending[rid] -= 1
-                if not self.num_pending[rid]:
+            drafts = spec.get(rid, ())
+            if rid in sampling and rid in self.num_pending:  # its pending tokens arrive
+                self.num_pending[rid] -= 1 + len(drafts)
+                if self.num_pending[rid] <= 0:
                     del self.num_pending[rid]
             request = self.requests.get(rid)
             if request is None or request.is_finished:
                 continue  # finished or aborted since it was scheduled
-            # (a PREEMPTED request was preempted while this step's token was in flight: it keeps the token)
+            # (a PREEMPTED request was preempted while this step's tokens were in flight: it keeps the tokens,
+            # and its num_computed_tokens already went back to 0)
             generated = list(sampled.get(rid, ()))
-            drafts = scheduler_output.scheduled_spec_decode_tokens.get(rid, ())
-            if drafts:  # give back the rejected drafts: generated = accepted drafts + 1
+            if drafts and request.status is not RequestStatus.PREEMPTED:
+                # give back the rejected drafts: generated = accepted drafts + 1
                 request.num_computed_tokens -= len(drafts) + 1 - max(len(generated), 1)
             new_ids: list[int] = []
             new_lps = [] if request.sampling_params.logprobs is not None else None

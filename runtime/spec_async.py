@@ -30,12 +30,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kiln.errors import ConfigError
 from kiln.runtime.drafters import NgramDrafter
+from kiln.runtime.request import Request
+from kiln.runtime.sampler import greedy_argmax, to_device
+from kiln.runtime.scheduler import PLACEHOLDER
+from kiln.runtime.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from kiln.runtime.step_inputs import DeviceFeed
 
 #: Columns of :func:`spec_advance`'s host-bound result after the ``k + 1`` tokens.
 NUM_OUT, DRAFTED, ROLLBACK = 0, 1, 2
 #: Columns of the per-sequence step description (``info``) that :func:`spec_advance` reads.
-SLOT, FIRST_ROW, NUM_VERIFIED, DRAFT_ROW = 0, 1, 2, 3
+SLOT, FIRST_ROW, NUM_VERIFIED, DRAFT_ROW, NUM_REAL = 0, 1, 2, 3, 4
 
 
 class DeviceHistory:
@@ -87,8 +93,9 @@ def spec_advance(
     """Verify, append, look up and feed, for every sequence of a step (see the module docstring).
 
     ``best`` (rows,): the target's argmax per logits row; ``input_ids`` (T,): the step's tokens;
-    ``info`` (S, 4) int64: per sequence its history slot (-1: it sampled nothing), its first
-    logits row, how many drafts it verified, and the token row of its first draft.
+    ``info`` (S, 5) int64: per sequence its history slot (-1: it sampled nothing), its first
+    logits row, how many drafts it verified, the token row of its first draft, and how many
+    of them are real (-1: as many as the device's last lookup proposed; the rest are padding).
     Returns ``(result, nxt)``: result (S, k + 4) = the tokens made (first ``num_out``), then
     num_out, the real drafts verified, the positions to roll back; nxt (S, k + 1) = the next
     step's input tokens (the new last token, then k drafts). The histories advance in place.
@@ -109,10 +116,10 @@ def spec_advance_reference(
     nxt = torch.zeros(info.shape[0], k + 1, dtype=torch.int64)
     lookup = NgramDrafter(min_n=min_n, max_n=max_n).lookup
     best_l, ids_l = best.tolist(), input_ids.tolist()
-    for i, (slot, r0, kd, d0) in enumerate(info.tolist()):
+    for i, (slot, r0, kd, d0, given) in enumerate(info.tolist()):
         if slot < 0:
             continue
-        real = min(kd, int(history.real[slot]))
+        real = min(kd, given if given >= 0 else int(history.real[slot]))
         drafts = ids_l[d0 : d0 + kd]
         a = 0
         while a < real and drafts[a] == best_l[r0 + a]:
@@ -134,4 +141,128 @@ def spec_advance_reference(
     return result.to(dev), nxt.to(dev)
 
 
-__all__ = ["DeviceHistory", "spec_advance", "spec_advance_reference"]
+
+
+class SpecPending:
+    """An asynchronous speculative step's results, still on the device: a ModelRunnerOutput to come.
+
+    ``result`` (S, k + 4) and ``nxt`` (S, k + 1) as :func:`spec_advance` returns them; ``rows``
+    maps each sampling request to its row. A non-blocking copy of ``result`` to pinned host
+    memory starts at once; :meth:`result` waits for it.
+    """
+
+    def __init__(self, scheduler_output: SchedulerOutput, rows: dict[str, int], verified: dict[str, int],
+                 result: Tensor, nxt: Tensor, num_drafts: int) -> None:  # fmt: skip
+        self.scheduler_output = scheduler_output
+        self.rows = rows
+        self.verified = verified  # request id -> drafts it verified (padding included)
+        self.tokens = nxt  # the next step's input tokens per row (the runner's feed)
+        self.rollback = result[:, num_drafts + 1 + ROLLBACK]
+        self.k = num_drafts
+        self._event = None
+        if result.device.type == "cuda":
+            self._host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+            self._host.copy_(result, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = result
+        self.counts: dict[str, tuple[int, int]] = {}  # request id -> (real drafts verified, accepted), after result()
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for the tokens; the step's ModelRunnerOutput (``counts`` is filled too)."""
+        if self._event is not None:
+            self._event.synchronize()
+        values, k = self._host.tolist(), self.k
+        sampled = {}
+        for rid, r in self.rows.items():
+            row = values[r]
+            n = row[k + 1 + NUM_OUT]
+            sampled[rid] = row[:n]
+            if self.verified.get(rid):
+                self.counts[rid] = (row[k + 1 + DRAFTED], n - 1)
+        return ModelRunnerOutput(sampled_token_ids=sampled)
+
+
+class AsyncSpeculation:
+    """The engine's asynchronous prompt-lookup speculation: device histories, step descriptions, feeds.
+
+    Args:
+        num_drafts: k, drafts per request and step (the policy may ask fewer).
+        min_n, max_n: the n-gram sizes of the lookup (at most 3).
+        max_num_seqs: the engine's running requests at most (histories are kept for twice as many).
+        max_model_len: the longest request.
+        device: the target model's device.
+    """
+
+    def __init__(self, *, num_drafts: int, min_n: int, max_n: int, max_num_seqs: int, max_model_len: int,
+                 device: torch.device) -> None:  # fmt: skip
+        if max_n > 3:
+            raise ConfigError(
+                f"asynchronous prompt lookup searches n-grams of at most 3 tokens, got prompt_lookup_max={max_n}: "
+                "lower it or pass async_scheduling=False"
+            )
+        self.k, self.min_n, self.max_n = num_drafts, min_n, max_n
+        self.history = DeviceHistory(2 * max_num_seqs, max_model_len, num_drafts, device)
+        self.host_lookup = NgramDrafter(min_n=min_n, max_n=max_n)
+
+    def drafts(self, request: Request, k: int, pending: int) -> list[int]:
+        """The next step's drafts of a decoding request: placeholders filled on the device while its
+        tokens are pending, else the host's own lookup (its tokens are all known)."""
+        if k <= 0:
+            return []
+        if pending:
+            return [PLACEHOLDER] * k
+        return self.host_lookup.lookup(request.all_token_ids, k)
+
+    def describe(
+        self, so: SchedulerOutput, steps: list, requests: list[Request], prev: SpecPending | None
+    ) -> tuple[list[list[int]], DeviceFeed | None, dict[str, int], dict[str, int]]:
+        """Per sequence of the step ``so``: the ``info`` rows of :func:`spec_advance`, the feed from ``prev``,
+        the rows of the sampling requests, and the drafts each verifies."""
+        info: list[list[int]] = []
+        sources, counts = [-1] * len(steps), [0] * len(steps)
+        rows: dict[str, int] = {}
+        verified: dict[str, int] = {}
+        spec = so.scheduled_spec_decode_tokens
+        sample = {d.request_id: d.sample for d in (*so.scheduled_new_reqs, *so.scheduled_cached_reqs)}
+        row = tok = 0
+        for i, (step, request) in enumerate(zip(steps, requests, strict=True)):
+            rid, n = request.request_id, len(step.token_ids)
+            drafts = spec.get(rid, ())
+            if step.token_ids[0] == PLACEHOLDER:
+                if prev is None or rid not in prev.rows:
+                    raise RuntimeError(f"request {rid!r} has a pending token that no step in flight made")
+                sources[i], counts[i] = prev.rows[rid], n
+            slot = -1
+            if sample[rid]:
+                slot = self.history.slot(rid, request.all_token_ids)
+                rows[rid] = i
+                verified[rid] = len(drafts)
+            real = -1 if drafts and drafts[0] == PLACEHOLDER else len(drafts)
+            info.append([slot, row, len(drafts), tok + n - len(drafts), real])
+            row += step.num_logits
+            tok += n
+        feed = None
+        if any(s >= 0 for s in sources):
+            assert prev is not None
+            feed = DeviceFeed(prev.tokens, sources, counts, prev.rollback)
+        return info, feed, rows, verified
+
+    def advance(self, so: SchedulerOutput, logits: Tensor, input_ids: Tensor, info: list[list[int]],
+                rows: dict[str, int], verified: dict[str, int]) -> SpecPending:  # fmt: skip
+        """Verify the launched step on the device and make the next step's inputs (nothing waits)."""
+        best = greedy_argmax(logits)
+        info_t = to_device(info, logits.device, torch.int64)
+        result, nxt = spec_advance(best, input_ids, info_t, self.history, self.min_n, self.max_n)
+        return SpecPending(so, rows, verified, result, nxt, self.k)
+
+    def release(self, request_id: str) -> None:
+        self.history.release(request_id)
+
+    def clear(self) -> None:
+        """Forget every history (the engine ran a lockstep step: the next asynchronous one uploads afresh)."""
+        self.history.clear()
+
+
+__all__ = ["AsyncSpeculation", "DeviceHistory", "SpecPending", "spec_advance", "spec_advance_reference"]

@@ -29,17 +29,18 @@ def _spec_advance_kernel(
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
-    slot = tl.load(info_ptr + i * 4)
-    r0 = tl.load(info_ptr + i * 4 + 1)
-    kd = tl.load(info_ptr + i * 4 + 2)
-    d0 = tl.load(info_ptr + i * 4 + 3)
+    slot = tl.load(info_ptr + i * 5)
+    r0 = tl.load(info_ptr + i * 5 + 1)
+    kd = tl.load(info_ptr + i * 5 + 2)
+    d0 = tl.load(info_ptr + i * 5 + 3)
+    given = tl.load(info_ptr + i * 5 + 4)
     j = tl.arange(0, KP)
     out_row = out_ptr + i * (K + 4)
     nxt_row = nxt_ptr + i * (K + 1)
     if slot >= 0:
         hist = hist_ptr + slot * stride_hist
         length = tl.load(len_ptr + slot)
-        real = tl.minimum(kd, tl.load(real_ptr + slot))
+        real = tl.minimum(kd, tl.where(given >= 0, given, tl.load(real_ptr + slot)))
         preds = tl.load(best_ptr + r0 + j, mask=j <= kd, other=-1)
         drafts = tl.load(ids_ptr + d0 + j, mask=j < kd, other=-2)
         mismatch = (preds != drafts) | (j >= real)

@@ -118,7 +118,11 @@ def test_scheduler_counts_pending_tokens_and_feeds_placeholders() -> None:
 
 
 def test_async_scheduling_option_is_validated(model) -> None:
-    with pytest.raises(kiln.ConfigError, match="speculative"):
+    with pytest.raises(kiln.ConfigError, match="prompt-lookup"):
         kiln.LLM(model, num_blocks=8, async_scheduling=True,
-                 speculative=kiln.SpeculativeConfig(method="ngram", num_speculative_tokens=2))
+                 speculative=kiln.SpeculativeConfig(method="draft_model", draft_model="models/kiln-drafter",
+                                                    num_speculative_tokens=2))
+    with pytest.raises(kiln.ConfigError, match="at most 3 tokens"):
+        kiln.LLM(model, num_blocks=8, async_scheduling=True,
+                 speculative=kiln.SpeculativeConfig(method="ngram", num_speculative_tokens=2, prompt_lookup_max=4))
     assert not kiln.LLM(model, num_blocks=8).async_scheduling  # off on the CPU by default

@@ -27,7 +27,7 @@ def _case(seed: int, k: int, vocab: int, lengths: list[int]):  # noqa: ANN202
         preds = torch.randint(0, vocab, (kd + 1,), generator=g)
         m = int(torch.randint(0, kd + 1, (1,), generator=g))  # make a prefix of the drafts match
         preds[:m] = torch.tensor(drafts[:m], dtype=torch.int64)
-        info.append([slot if i != 1 else -1, len(rows), kd, d0])
+        info.append([slot if i != 1 else -1, len(rows), kd, d0, kd if i == 2 else -1])  # sequence 2: host drafts
         rows += preds.tolist()
     return torch.tensor(rows), torch.tensor(ids), torch.tensor(info), hist
 
@@ -78,7 +78,7 @@ def test_spec_advance_counts() -> None:
     hist.real[s] = 2  # the last proposal had 2 real drafts, 1 padding token
     ids = torch.tensor([6, 7, 5, 0])  # last token 6, drafts 7 5 | pad 0
     best = torch.tensor([7, 5, 0, 9])  # the target agrees with all three (the pad included)
-    info = torch.tensor([[s, 0, 3, 1]])
+    info = torch.tensor([[s, 0, 3, 1, -1]])
     out, nxt = spec_advance_reference(best, ids, info, hist, 1, 3)
     assert out[0, : 3].tolist() == [7, 5, 0]  # 2 accepted (the pad never is), then the target's token 0
     assert out[0, k + 1 :].tolist() == [3, 2, 1]  # 3 tokens out, 2 real drafts, 1 position rolled back
