@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per run at batch 1 (batch B runs max(B, this))")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: exact speculative sampling")
-    parser.add_argument("--workloads", default="ngram,draft")
+    parser.add_argument("--workloads", default="ngram,ngram-lockstep,draft",
+                        help="ngram (asynchronous on a GPU), ngram-lockstep, draft")
     parser.add_argument("--quick", action="store_true", help="4 prompts per run, 48 tokens each")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
@@ -135,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     tok = base.tokenizer
     room = base.max_model_len - args.max_tokens
     need = max(max(batches), args.prompts)
-    workloads = {
-        "ngram": (grounded_prompts(tok, need, room), SpeculativeConfig(
-            method="ngram", num_speculative_tokens=args.k, adaptive=args.adaptive, disable_by_batch_size=None)),
+    ngram = SpeculativeConfig(method="ngram", num_speculative_tokens=args.k, adaptive=args.adaptive,
+                              disable_by_batch_size=None)  # fmt: skip
+    workloads = {  # name: (prompts, config, other kiln.LLM arguments)
+        "ngram": (grounded_prompts(tok, need, room), ngram, {}),  # asynchronous on a GPU (drafts on the device)
+        "ngram-lockstep": (grounded_prompts(tok, need, room), ngram, {"async_scheduling": False}),
         "draft": (eval_prompts(tok, need), SpeculativeConfig(
             method="draft_model", draft_model=args.drafter, num_speculative_tokens=args.k, adaptive=args.adaptive,
-            disable_by_batch_size=None)),
+            disable_by_batch_size=None), {}),
     }
     print(f"teacher {args.teacher}, drafter {args.drafter}; {dev} {dtype}; k={args.k} T={args.temperature} "
           f"{'adaptive' if args.adaptive else 'fixed'}; {args.max_tokens} tokens per prompt; torch {torch.__version__}, "
@@ -148,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rows = []
     for name in [w.strip() for w in args.workloads.split(",") if w.strip()]:
-        prompts, spec = workloads[name]
-        llm = kiln.LLM(args.teacher, speculative=spec, **common)
+        prompts, spec, extra = workloads[name]
+        llm = kiln.LLM(args.teacher, speculative=spec, **common, **extra)
         for b in batches:
             batch_prompts = prompts[: max(b, args.prompts)]
             base.scheduler.config = _with_max_seqs(base.scheduler.config, b)
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mean_k": mean_k, "c": c, "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal,
             }
             rows.append(row)
-            print(f"{name:6s} batch {b:3d}: {row['ms_per_token_base']:.2f} -> {row['ms_per_token_spec']:.2f} ms/token "
+            print(f"{name:14s} batch {b:3d}: {row['ms_per_token_base']:.2f} -> {row['ms_per_token_spec']:.2f} ms/token "
                   f"(speedup {speedup:.2f}x), alpha {alpha:.3f}, accepted/drafted {row['acceptance_rate']:.3f}, "
                   f"{row['tokens_per_verify_step']:.2f} tokens/verify step, mean k {mean_k:.2f}, c {c:.3f}, "
                   f"ideal {ideal:.2f}x ({speedup / ideal:.2f} of it)", flush=True)
