@@ -33,8 +33,8 @@ from kiln.runtime.request import Request, RequestOutput, RequestStatus, Sampling
 from kiln.runtime.sampler import _GREEDY_EPS, make_generator, sample, to_device
 from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from kiln.runtime.scheduler_output import ModelRunnerOutput, PendingOutput, SchedulerOutput
-from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig, derive_rates, record_verification
 from kiln.runtime.spec_async import AsyncSpeculation, SpecPending
+from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig, derive_rates, record_verification
 from kiln.runtime.speculator import Speculator
 from kiln.runtime.stop import find_stop_string
 

@@ -24,7 +24,14 @@ import torch
 from kiln.errors import CapacityError, ConfigError
 from kiln.passes.kv_cache import KVCacheLayout, layout_of
 from kiln.runtime.cuda_graphs import StepGraphs
-from kiln.runtime.step_inputs import MAX_QUERY_LEN, DeviceFeed, apply_feed, as_feed, specialize_attention, stage
+from kiln.runtime.step_inputs import (
+    MAX_QUERY_LEN,
+    DeviceFeed,
+    apply_feed,
+    as_feed,
+    specialize_attention,
+    stage,
+)
 
 if TYPE_CHECKING:
     import kiln

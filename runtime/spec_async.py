@@ -55,7 +55,9 @@ class DeviceHistory:
         self.num_drafts = num_drafts
         self.tokens = torch.zeros(num_slots, max_len + num_drafts + 1, dtype=torch.int64, device=device)
         self.lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
-        self.real = torch.zeros(num_slots, dtype=torch.int64, device=device)  # drafts last proposed (not padding)
+        self.real = torch.zeros(
+            num_slots, dtype=torch.int64, device=device
+        )  # drafts last proposed (not padding)
         self.device = device
         self._free = list(range(num_slots - 1, -1, -1))
         self.slots: dict[str, int] = {}
@@ -141,8 +143,6 @@ def spec_advance_reference(
     return result.to(dev), nxt.to(dev)
 
 
-
-
 class SpecPending:
     """An asynchronous speculative step's results, still on the device: a ModelRunnerOutput to come.
 
@@ -167,7 +167,9 @@ class SpecPending:
             self._event.record()
         else:
             self._host = result
-        self.counts: dict[str, tuple[int, int]] = {}  # request id -> (real drafts verified, accepted), after result()
+        self.counts: dict[
+            str, tuple[int, int]
+        ] = {}  # request id -> (real drafts verified, accepted), after result()
 
     def result(self) -> ModelRunnerOutput:
         """Wait for the tokens; the step's ModelRunnerOutput (``counts`` is filled too)."""

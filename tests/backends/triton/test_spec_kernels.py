@@ -27,7 +27,9 @@ def _case(seed: int, k: int, vocab: int, lengths: list[int]):  # noqa: ANN202
         preds = torch.randint(0, vocab, (kd + 1,), generator=g)
         m = int(torch.randint(0, kd + 1, (1,), generator=g))  # make a prefix of the drafts match
         preds[:m] = torch.tensor(drafts[:m], dtype=torch.int64)
-        info.append([slot if i != 1 else -1, len(rows), kd, d0, kd if i == 2 else -1])  # sequence 2: host drafts
+        info.append(
+            [slot if i != 1 else -1, len(rows), kd, d0, kd if i == 2 else -1]
+        )  # sequence 2: host drafts
         rows += preds.tolist()
     return torch.tensor(rows), torch.tensor(ids), torch.tensor(info), hist
 
@@ -50,7 +52,9 @@ def test_spec_advance_kernel_equals_reference(min_n: int, max_n: int, seed: int,
     dev_hist.tokens.copy_(hist.tokens)
     dev_hist.lengths.copy_(hist.lengths)
     dev_hist.real.copy_(hist.real)
-    got_out, got_next = sk.spec_advance_triton(best.to(DEV), ids.to(DEV), info.to(DEV), dev_hist, min_n, max_n)
+    got_out, got_next = sk.spec_advance_triton(
+        best.to(DEV), ids.to(DEV), info.to(DEV), dev_hist, min_n, max_n
+    )
     rows = info[:, 0] >= 0
     torch.testing.assert_close(got_out.cpu()[rows], want_out[rows])
     torch.testing.assert_close(got_next.cpu()[rows], want_next[rows])
@@ -80,7 +84,7 @@ def test_spec_advance_counts() -> None:
     best = torch.tensor([7, 5, 0, 9])  # the target agrees with all three (the pad included)
     info = torch.tensor([[s, 0, 3, 1, -1]])
     out, nxt = spec_advance_reference(best, ids, info, hist, 1, 3)
-    assert out[0, : 3].tolist() == [7, 5, 0]  # 2 accepted (the pad never is), then the target's token 0
+    assert out[0, :3].tolist() == [7, 5, 0]  # 2 accepted (the pad never is), then the target's token 0
     assert out[0, k + 1 :].tolist() == [3, 2, 1]  # 3 tokens out, 2 real drafts, 1 position rolled back
     assert hist.tokens[s, :8].tolist() == [5, 6, 7, 5, 6, 7, 5, 0]
     assert int(nxt[0, 0]) == 0

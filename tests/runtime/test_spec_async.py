@@ -1,0 +1,232 @@
+"""Asynchronous prompt-lookup speculation: drafts made and verified on the device, steps launched ahead.
+
+On the CPU the device work runs at once, but the bookkeeping is the GPU's: the host counts
+every draft as accepted, the next step is scheduled before the verified tokens are seen, the
+runner feeds the next inputs and rolls positions back on the device. Greedy outputs must be
+exactly those of plain decoding.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kiln_testing import hf_llama
+
+import kiln
+from kiln.runtime.request import Request
+from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
+from kiln.runtime.scheduler_output import ModelRunnerOutput
+from kiln.runtime.speculative import SpeculativeConfig
+from kiln.runtime.step_inputs import DeviceFeed
+
+NGRAM = SpeculativeConfig(
+    method="ngram", num_speculative_tokens=3, adaptive=False, disable_by_batch_size=None
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(7)
+    return hf_llama(layers=1)
+
+
+def _repetitive(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(0, 128, (5,), generator=g).tolist()
+    return (motif * 8)[:n]
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [
+        _repetitive(23, 1),
+        _repetitive(17, 2),
+        torch.randint(0, 128, (9,), generator=g).tolist(),
+        _repetitive(30, 3),
+        torch.randint(0, 128, (4,), generator=g).tolist(),
+    ]
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _no_leaks(llm: kiln.LLM) -> None:
+    manager = llm.scheduler.kv_cache_manager
+    assert manager.num_free_blocks == manager.num_blocks
+    assert not llm.scheduler.num_pending or llm._inflight is not None
+
+
+def _spy_feeds(llm: kiln.LLM) -> list[int]:
+    """The most tokens one sequence took from the device, per step."""
+    seen: list[int] = []
+    execute = llm.runner.execute
+
+    def spy(steps, feed=None):  # noqa: ANN001, ANN202
+        if isinstance(feed, DeviceFeed):
+            seen.append(max(c for c, s in zip(feed.counts, feed.sources, strict=True) if s >= 0))
+        return execute(steps, feed)
+
+    llm.runner.execute = spy
+    return seen
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["op-by-op", "static-buffers"])
+def test_async_ngram_greedy_equals_plain_decoding(model, graphs: bool) -> None:
+    prompts = _prompts()
+    params = [
+        kiln.SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, speculative=s)
+        for m, s in zip([24, 9, 17, 24, 1], [True, True, True, False, True], strict=True)
+    ]
+    plain = kiln.LLM(model, num_blocks=96, block_size=4, enable_prefix_caching=False, async_scheduling=False)
+    want = _tokens(plain.generate(prompts, params, use_tqdm=False))
+    llm = kiln.LLM(
+        model,
+        num_blocks=96,
+        block_size=4,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        speculative=NGRAM,
+        async_scheduling=True,
+    )  # chunked prefill: prompts arrive in pieces
+    assert llm._spec_async is not None
+    if graphs:
+        llm.runner.enable_cuda_graphs(
+            max_num_seqs=4,
+            max_model_len=llm.max_model_len,
+            max_num_tokens=16,
+            max_num_logits=16,
+            capture=False,
+        )
+    fed = _spy_feeds(llm)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert _tokens(got) == want
+    assert max(fed) == 4  # the new last token and 3 drafts, all made on the device
+    s = llm.stats
+    assert s["spec_steps"] > 0 and 0 < s["accepted_tokens"] <= s["draft_tokens"]
+    assert s["generated_tokens"] == sum(len(w) for w in want) and s["accepted_tokens_per_step"] > 1.5
+    assert got[3].metrics.num_draft_tokens == 0  # opted out, in the same batches
+    assert s["steps"] < sum(len(w) for w in want[:4])  # fewer steps than tokens of the longest ones
+    _no_leaks(llm)
+    assert not llm._spec_async.history.slots  # every finished request gave its history back
+
+
+def test_async_ngram_under_prefix_caching_preemption_stops_and_abort(model) -> None:
+    prompts = _prompts()
+    plain = kiln.LLM(model, num_blocks=96, block_size=4, enable_prefix_caching=False, async_scheduling=False)
+    free = _tokens(plain.generate(prompts, kiln.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                                  use_tqdm=False))  # fmt: skip
+    tight = kiln.LLM(
+        model,
+        num_blocks=22,
+        block_size=4,
+        max_num_batched_tokens=32,
+        speculative=NGRAM,
+        async_scheduling=True,
+    )  # 88 slots for 5 requests of up to 50 tokens: preemption
+    got = tight.generate(
+        prompts, kiln.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
+    )
+    assert _tokens(got) == free
+    assert sum(o.metrics.num_preemptions for o in got) > 0
+    _no_leaks(tight)
+    roomy = kiln.LLM(model, num_blocks=96, block_size=4, speculative=NGRAM, async_scheduling=True)
+    greedy = kiln.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    shared = [prompts[3], prompts[3][:21] + prompts[0][:6]]  # the second starts with 5 of the first's blocks
+    roomy.generate(shared[:1], greedy, use_tqdm=False)
+    again = roomy.generate(shared, greedy, use_tqdm=False)
+    assert _tokens(again) == _tokens(plain.generate(shared, greedy, use_tqdm=False))
+    assert [o.num_cached_tokens for o in again] == [28, 20]  # prefix-cache hits
+    _no_leaks(roomy)
+    # stop tokens met inside an accepted run of drafts: the tokens after them are dropped
+    stops = [kiln.SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[t[5]]) for t in free]
+    want = [t[: t.index(t[5]) + 1] for t in free]
+    assert _tokens(tight.generate(prompts, stops, use_tqdm=False)) == want
+    _no_leaks(tight)
+    rid = tight.add_request(prompts[3], kiln.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    other = tight.add_request(prompts[0], kiln.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    for _ in range(4):
+        tight.step()
+    assert tight.abort_request(rid)
+    done = {}
+    while tight.has_unfinished_requests():
+        done.update((o.request_id, o) for o in tight.step() if o.finished)
+    assert done[other].outputs[0].token_ids == free[0] and rid not in done
+    tight.step()  # drains the step launched for the last request
+    _no_leaks(tight)
+    assert not tight.scheduler.num_pending and not tight._spec_async.history.slots
+
+
+def test_a_sampling_request_runs_the_batch_in_lockstep_and_async_resumes(model) -> None:
+    prompts = _prompts()
+    greedy = kiln.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = kiln.LLM(model, num_blocks=96, block_size=4, enable_prefix_caching=False, async_scheduling=False)
+    want = _tokens(plain.generate(prompts[:2], greedy, use_tqdm=False))
+    llm = kiln.LLM(model, num_blocks=96, block_size=4, speculative=NGRAM, async_scheduling=True)
+    ids = [llm.add_request(p, greedy) for p in prompts[:2]]
+    outs: dict = {}
+    for _ in range(3):
+        outs.update((o.request_id, o) for o in llm.step())
+    assert llm._inflight is not None  # running ahead
+    sampled = llm.add_request(
+        prompts[2], kiln.SamplingParams(temperature=0.8, max_tokens=4, seed=1, ignore_eos=True)
+    )
+    assert sampled in llm._sync_ids  # asynchronous verification is greedy: this one runs in lockstep
+    while llm.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in llm.step())
+    assert [outs[i].outputs[0].token_ids for i in ids] == want
+    assert len(outs[sampled].outputs[0].token_ids) == 4
+    _no_leaks(llm)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 20), st.integers(1, 12), st.booleans(), st.booleans(), st.sampled_from([0.0, 0.8])
+        ),
+        min_size=2,
+        max_size=6,
+    )
+)
+def test_random_async_speculative_workloads_leak_no_blocks(spec) -> None:
+    torch.manual_seed(11)
+    llm = kiln.LLM(hf_llama(layers=1), num_blocks=20, block_size=4, max_num_batched_tokens=24, speculative=NGRAM,
+                   async_scheduling=True)  # fmt: skip
+    ids = []
+    for n, max_tokens, abort, speculative, temperature in spec:
+        params = kiln.SamplingParams(temperature=temperature, max_tokens=max_tokens, speculative=speculative)
+        ids.append((llm.add_request(_repetitive(n, n), params), abort))
+    llm.step()
+    llm.step()
+    for rid, abort in ids:
+        if abort:
+            llm.abort_request(rid)
+    while llm.has_unfinished_requests():
+        llm.step()
+    llm.step()
+    _no_leaks(llm)
+    assert not llm._spec_async.history.slots
+
+
+def test_scheduler_counts_every_draft_pending_and_takes_back_the_rejected() -> None:
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_num_seqs=2, max_num_batched_tokens=64,
+                                      max_model_len=64))  # fmt: skip
+    req = Request(
+        request_id="a", prompt_token_ids=[1, 2, 3], sampling_params=kiln.SamplingParams(max_tokens=20)
+    )
+    sched.add_request(req)
+    s0 = sched.schedule()
+    sched.mark_pending(s0)
+    assert sched.num_pending == {"a": 1}
+    req.spec_token_ids = [PLACEHOLDER] * 3
+    s1 = sched.schedule()  # before s0's token is known: the pending token and 3 drafts, all placeholders
+    assert s1.scheduled_cached_reqs[0].new_token_ids == [PLACEHOLDER] * 4
+    assert s1.scheduled_spec_decode_tokens == {"a": [PLACEHOLDER] * 3}
+    sched.mark_pending(s1)
+    assert sched.num_pending == {"a": 5} and req.num_computed_tokens == 7
+    sched.update_from_output(s0, ModelRunnerOutput(sampled_token_ids={"a": [9]}))
+    assert sched.num_pending == {"a": 4}
+    sched.update_from_output(s1, ModelRunnerOutput(sampled_token_ids={"a": [4, 5]}))  # 1 of 3 drafts accepted
+    assert not sched.num_pending and req.output_token_ids == [9, 4, 5]
+    assert req.num_computed_tokens == 5  # prompt, 9 and 4 computed; 5 is the next input
