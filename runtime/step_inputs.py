@@ -257,6 +257,16 @@ def apply_feed(views: dict[str, Tensor], feed: DeviceFeed, tok: Tensor, seq: Ten
     ``tok`` (4, n) / ``seq`` (2, m): :meth:`DeviceFeed.fill`'s arrays on the device. ``views``: the
     step's ``input_ids`` (1, T), ``position_ids`` (1, T), ``slot_mapping``, ``seq_lens`` and ``block_tables``.
     """
+    if tok.device.type == "cuda":  # one launch instead of a dozen
+        from kiln.backends.triton.spec_kernels import apply_feed_triton
+
+        apply_feed_triton(views, feed, tok, seq, block_size)
+        return
+    apply_feed_reference(views, feed, tok, seq, block_size)
+
+
+def apply_feed_reference(views: dict[str, Tensor], feed: DeviceFeed, tok: Tensor, seq: Tensor, block_size: int) -> None:
+    """:func:`apply_feed` in torch operations (the CPU path and the kernel's reference)."""
     dst = tok[0]
     views["input_ids"][0].index_copy_(0, dst, feed.tokens.reshape(-1).index_select(0, tok[1]))
     if feed.rollback is None:
@@ -270,4 +280,4 @@ def apply_feed(views: dict[str, Tensor], feed: DeviceFeed, tok: Tensor, seq: Ten
     lens = views["seq_lens"]
     lens.index_copy_(0, seq[0], lens.index_select(0, seq[0]) - back.index_select(0, seq[1]).to(lens.dtype))
 
-__all__ = ["MAX_QUERY_LEN", "DeviceFeed", "StagingBuffer", "apply_feed", "as_feed", "paged_attention_known", "specialize_attention", "stage"]
+__all__ = ["MAX_QUERY_LEN", "DeviceFeed", "StagingBuffer", "apply_feed", "apply_feed_reference", "as_feed", "paged_attention_known", "specialize_attention", "stage"]

@@ -110,4 +110,49 @@ def spec_advance_triton(best, input_ids, info, history, min_n: int, max_n: int):
     return result, nxt
 
 
-__all__ = ["spec_advance_triton"]
+
+
+@triton.jit
+def _apply_feed_kernel(
+    tok_ptr, stride_tok, seq_ptr, stride_seq, nt, tokens_ptr, back_ptr, stride_back,
+    ids_ptr, pos_ptr, slots_ptr, lens_ptr, tables_ptr, stride_tables,
+    BLOCK_SIZE: tl.constexpr, HAS_BACK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    if pid < nt:  # one fed token: its input id, and (rolled back) its position and slot
+        dst = tl.load(tok_ptr + pid)
+        src = tl.load(tok_ptr + stride_tok + pid)
+        tl.store(ids_ptr + dst, tl.load(tokens_ptr + src))
+        if HAS_BACK:
+            row = tl.load(tok_ptr + 2 * stride_tok + pid)
+            seq = tl.load(tok_ptr + 3 * stride_tok + pid)
+            p = tl.load(pos_ptr + dst) - tl.load(back_ptr + row * stride_back)
+            tl.store(pos_ptr + dst, p)
+            block = tl.load(tables_ptr + seq * stride_tables + p // BLOCK_SIZE).to(tl.int64)
+            tl.store(slots_ptr + dst, block * BLOCK_SIZE + p % BLOCK_SIZE)
+    elif HAS_BACK:  # one fed sequence: its length
+        q = pid - nt
+        seq = tl.load(seq_ptr + q)
+        row = tl.load(seq_ptr + stride_seq + q)
+        length = tl.load(lens_ptr + seq)
+        tl.store(lens_ptr + seq, (length - tl.load(back_ptr + row * stride_back)).to(length.dtype))
+
+
+def apply_feed_triton(views, feed, tok, seq, block_size: int) -> None:  # type: ignore[no-untyped-def]
+    """:func:`kiln.runtime.step_inputs.apply_feed` as one Triton launch (a program per fed token and sequence)."""
+    nt, ns = tok.shape[1], seq.shape[1]
+    if not nt:
+        return
+    ids, pos = views["input_ids"][0], views["position_ids"][0]
+    tables, lens, slots = views["block_tables"], views["seq_lens"], views["slot_mapping"]
+    check_triton_device("apply_feed", _INTERPRET, tok, feed.tokens, ids)
+    back = feed.rollback
+    tokens = feed.tokens.contiguous()
+    _apply_feed_kernel[(nt + (ns if back is not None else 0),)](
+        tok, tok.stride(0), seq, seq.stride(0), nt, tokens, back if back is not None else tok,
+        back.stride(0) if back is not None else 0, ids, pos, slots, lens, tables, tables.stride(0),
+        BLOCK_SIZE=block_size, HAS_BACK=back is not None,
+    )  # fmt: skip
+
+
+__all__ = ["apply_feed_triton", "spec_advance_triton"]

@@ -88,3 +88,45 @@ def test_spec_advance_counts() -> None:
     assert out[0, k + 1 :].tolist() == [3, 2, 1]  # 3 tokens out, 2 real drafts, 1 position rolled back
     assert hist.tokens[s, :8].tolist() == [5, 6, 7, 5, 6, 7, 5, 0]
     assert int(nxt[0, 0]) == 0
+
+
+@pytest.mark.parametrize("rollback", [True, False])
+def test_apply_feed_kernel_equals_reference(rollback: bool) -> None:
+    import kiln.backends.triton.spec_kernels as sk
+    from kiln.runtime.step_inputs import DeviceFeed, apply_feed_reference
+
+    g = torch.Generator().manual_seed(5)
+    bs, t, n = 4, 24, 5
+
+    def views() -> dict[str, torch.Tensor]:
+        g.manual_seed(6)
+        return {
+            "input_ids": torch.randint(0, 50, (1, t), generator=g),
+            "position_ids": torch.randint(8, 30, (1, t), generator=g),
+            "slot_mapping": torch.randint(0, 99, (t,), generator=g),
+            "seq_lens": torch.randint(30, 40, (n,), generator=g, dtype=torch.int32),
+            "block_tables": torch.randint(0, 64, (n, 10), generator=g, dtype=torch.int32),
+        }
+
+    tokens = torch.randint(0, 50, (3, 4), generator=g)  # the last step's rows: new token + 3 drafts
+    back = (
+        torch.tensor([[9, 2], [9, 0], [9, 3]])[:, 1] if rollback else None
+    )  # a strided view, as the engine's
+    feed = DeviceFeed(tokens, [2, -1, 0, 1, -1], [4, 0, 2, 1, 0], back)
+    starts = [0, 4, 9, 13, 20]
+    tok, seq = torch.zeros(4, t, dtype=torch.int64), torch.zeros(2, n, dtype=torch.int64)
+    nt, ns = feed.fill(starts, tok.numpy(), seq.numpy())
+    assert (nt, ns) == (7, 3)
+    want, got = views(), views()
+    apply_feed_reference(want, feed, tok[:, :nt], seq[:, :ns], bs)
+    sk.apply_feed_triton(got, feed, tok[:, :nt], seq[:, :ns], bs)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    assert (
+        got["input_ids"][0, :4].tolist() == tokens[2].tolist()
+        and got["input_ids"][0, 9:11].tolist() == tokens[0, :2].tolist()
+    )
+    if rollback:
+        assert (
+            want["position_ids"] != views()["position_ids"]
+        ).sum() == 6  # sequence 0 (4 tokens) 3 back, sequence 2 (2 tokens) 2 back, 3: 0
