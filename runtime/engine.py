@@ -110,9 +110,11 @@ class LLM:
             also times Triton GEMM templates against cuBLAS for each linear.
         async_scheduling: schedule and launch each step before the last one's tokens reach
             the host (they feed the next step on the device), so the host's work overlaps
-            the device's; outputs arrive one step later. Default: on a GPU without
-            ``speculative``. Steps run synchronously while a request asks for logprobs or a
-            repetition penalty (both need every token on the host).
+            the device's; outputs arrive one step later. Default: on a GPU, without
+            ``speculative`` or with prompt lookup (``method="ngram"``, whose drafts are then made
+            and verified on the device: ``kiln.runtime.spec_async``). Steps run synchronously
+            while a request asks for logprobs or a repetition penalty (both need every token on
+            the host), or, with prompt lookup, samples (asynchronous verification is greedy).
         kv_cache_dtype: ``"auto"`` (the model's dtype), ``"int8"`` (a scale per token and KV
             head), ``"fp8"`` (e4m3, static per-layer k/v scales of 1.0, as vLLM without
             checkpoint scales), a ``kiln.QuantSpec``, or a KV-cache-only ``kiln.QuantConfig``
