@@ -34,7 +34,7 @@ from kiln.runtime.sampler import _GREEDY_EPS, make_generator, sample, to_device
 from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from kiln.runtime.scheduler_output import ModelRunnerOutput, PendingOutput, SchedulerOutput
 from kiln.runtime.spec_async import AsyncSpeculation, SpecPending
-from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig, derive_rates, record_verification
+from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig
 from kiln.runtime.speculator import Speculator
 from kiln.runtime.stop import find_stop_string
 
@@ -612,15 +612,8 @@ class LLM:
     def _propose_async(self) -> None:
         """Drafts for the next asynchronous step: placeholders (made on the device) or the host's lookup."""
         assert self._spec_async is not None and self.speculator is not None
-        step, policy, pending = int(self.stats["steps"]), self.speculator.policy, self.scheduler.num_pending
-        for request in self.scheduler.running:
-            p = pending.get(request.request_id, 0)
-            if not request.sampling_params.speculative or request.num_computed_tokens != request.num_tokens + p - 1:
-                continue  # opted out, or still prefilling
-            params = request.sampling_params
-            room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - p - 1
-            k = min(policy.num_drafts(request.request_id, step), room)
-            request.spec_token_ids = self._spec_async.drafts(request, k, p)
+        self._spec_async.propose(self.scheduler.running, self.scheduler.num_pending, self.speculator.policy,
+                                 int(self.stats["steps"]), self.max_model_len)  # fmt: skip
 
     def _launch_spec(self, so: SchedulerOutput, prev: SpecPending | None) -> SpecPending:
         """Launch an asynchronous speculative step and its device-side verification (nothing waits)."""
@@ -635,15 +628,8 @@ class LLM:
         """Apply a launched asynchronous step's tokens (and, speculative, its acceptance counts)."""
         out = self.scheduler.update_from_output(prev.scheduler_output, prev.result())
         if isinstance(prev, SpecPending) and self.speculator is not None:
-            step, stats = int(self.stats["steps"]), self.stats
-            for rid, (drafted, accepted) in prev.counts.items():
-                if drafted <= 0:
-                    continue  # no real draft (the lookup found none): a plain decode step for this request
-                seq = self._seqs.get(rid)
-                if seq is not None:
-                    record_verification(seq.request.metrics, stats, drafted, accepted)
-                    self.speculator.policy.observe(rid, drafted, accepted, step)
-            derive_rates(stats)
+            prev.record({rid: s.request.metrics for rid, s in self._seqs.items()}, self.stats,
+                        self.speculator.policy)  # fmt: skip
         return out
 
     def _detokenize(self, seq: _Sequence) -> None:

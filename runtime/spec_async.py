@@ -32,10 +32,11 @@ from torch import Tensor
 
 from kiln.errors import ConfigError
 from kiln.runtime.drafters import NgramDrafter
-from kiln.runtime.request import Request
+from kiln.runtime.request import Request, RequestMetrics
 from kiln.runtime.sampler import greedy_argmax, to_device
 from kiln.runtime.scheduler import PLACEHOLDER
 from kiln.runtime.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from kiln.runtime.speculative import SpeculationPolicy, derive_rates, record_verification
 from kiln.runtime.step_inputs import DeviceFeed
 
 #: Columns of :func:`spec_advance`'s host-bound result after the ``k + 1`` tokens.
@@ -185,6 +186,19 @@ class SpecPending:
                 self.counts[rid] = (row[k + 1 + DRAFTED], n - 1)
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
+    def record(
+        self, metrics: dict[str, RequestMetrics], stats: dict[str, float], policy: SpeculationPolicy
+    ) -> None:
+        """After :meth:`result`: count each verification with a real draft on the request (``metrics`` by
+        request id, finished ones absent), in ``stats`` and in the policy (a request whose lookup found
+        nothing ran a plain decode step)."""
+        step = int(stats["steps"])
+        for rid, (drafted, accepted) in self.counts.items():
+            if drafted > 0 and rid in metrics:
+                record_verification(metrics[rid], stats, drafted, accepted)
+                policy.observe(rid, drafted, accepted, step)
+        derive_rates(stats)
+
 
 class AsyncSpeculation:
     """The engine's asynchronous prompt-lookup speculation: device histories, step descriptions, feeds.
@@ -207,6 +221,24 @@ class AsyncSpeculation:
         self.k, self.min_n, self.max_n = num_drafts, min_n, max_n
         self.history = DeviceHistory(2 * max_num_seqs, max_model_len, num_drafts, device)
         self.host_lookup = NgramDrafter(min_n=min_n, max_n=max_n)
+
+    def propose(self, running: list[Request], num_pending: dict[str, int], policy: SpeculationPolicy, step: int,
+                max_model_len: int) -> None:  # fmt: skip
+        """Set the next step's ``spec_token_ids`` of every decoding request in ``running`` that speculates."""
+        for request in running:
+            p = num_pending.get(request.request_id, 0)
+            if (
+                not request.sampling_params.speculative
+                or request.num_computed_tokens != request.num_tokens + p - 1
+            ):
+                continue  # opted out, or still prefilling
+            params = request.sampling_params
+            room = (
+                min(params.max_tokens - request.num_output_tokens, max_model_len - request.num_tokens) - p - 1
+            )
+            request.spec_token_ids = self.drafts(
+                request, min(policy.num_drafts(request.request_id, step), room), p
+            )
 
     def drafts(self, request: Request, k: int, pending: int) -> list[int]:
         """The next step's drafts of a decoding request: placeholders filled on the device while its
