@@ -612,6 +612,9 @@ class LLM:
     def _propose_async(self) -> None:
         """Drafts for the next asynchronous step: placeholders (made on the device) or the host's lookup."""
         assert self._spec_async is not None and self.speculator is not None
+        limit = self.speculator.config.disable_by_batch_size
+        if limit is not None and len(self.scheduler.running) > limit:
+            return  # a batch this large is no longer memory-bound: plain decode steps
         self._spec_async.propose(self.scheduler.running, self.scheduler.num_pending, self.speculator.policy,
                                  int(self.stats["steps"]), self.max_model_len)  # fmt: skip
 
