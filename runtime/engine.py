@@ -538,7 +538,8 @@ class LLM:
             if seq is None:
                 continue
             self.stats["generated_tokens"] += len(delta.new_token_ids)
-            self._detokenize(seq)
+            if snapshots or seq.request.is_finished or seq.request.sampling_params.stop:
+                self._detokenize(seq)  # (generate() needs no text before the end, unless stop strings check it)
             if snapshots or seq.request.is_finished:
                 results.append(seq.request.to_output(text=seq.text, prompt=seq.prompt))
             if seq.request.is_finished:

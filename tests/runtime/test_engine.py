@@ -152,6 +152,19 @@ def test_text_prompts_stop_strings_and_streaming() -> None:
     snapshots = list(llm.stream(["hello kiln"], GREEDY))
     lengths = [len(s.outputs[0].token_ids) for s in snapshots]
     assert lengths == sorted(lengths) and lengths[-1] == 10 and snapshots[-1].finished
+    assert snapshots[-1].outputs[0].text == text  # generate() detokenizes once at the end, stream() per step
+
+
+def test_generate_text_equals_streamed_text_with_a_byte_level_tokenizer() -> None:
+    llm = kiln.LLM("models/kiln-teacher", num_blocks=64)
+    prompts = ["def read_config(path):", "Caf\u00e9 \u2014 na\u00efve r\u00e9sum\u00e9: \U0001f600"]  # multi-byte characters
+    params = kiln.SamplingParams(temperature=0.9, seed=3, max_tokens=40, ignore_eos=True)
+    full = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    last: dict = {}
+    for out in llm.stream(prompts, params):
+        last[out.prompt] = out.outputs[0]
+    for f, p in zip(full, prompts, strict=True):
+        assert f.text == last[p].text == llm.tokenizer.decode(f.token_ids, skip_special_tokens=True)
 
 
 def test_pinned_document_stays_cached_under_pressure() -> None:
