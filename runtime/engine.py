@@ -631,7 +631,8 @@ class LLM:
     def _apply(self, prev: PendingOutput | SpecPending) -> list:
         """Apply a launched asynchronous step's tokens (and, speculative, its acceptance counts)."""
         out = self.scheduler.update_from_output(prev.scheduler_output, prev.result())
-        if isinstance(prev, SpecPending) and self.speculator is not None:
+        if isinstance(prev, SpecPending) and self.speculator is not None and self._spec_async is not None:
+            self._spec_async.observe(prev)
             prev.record({rid: s.request.metrics for rid, s in self._seqs.items()}, self.stats,
                         self.speculator.policy)  # fmt: skip
         return out

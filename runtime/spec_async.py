@@ -40,7 +40,9 @@ from kiln.runtime.speculative import SpeculationPolicy, derive_rates, record_ver
 from kiln.runtime.step_inputs import DeviceFeed
 
 #: Columns of :func:`spec_advance`'s host-bound result after the ``k + 1`` tokens.
-NUM_OUT, DRAFTED, ROLLBACK = 0, 1, 2
+NUM_OUT, DRAFTED, ROLLBACK, NEXT_REAL = 0, 1, 2, 3
+#: After this many lookups in a row found no draft, a request's steps verify none (no padding) until one does.
+_DRY_STEPS = 2
 #: Columns of the per-sequence step description (``info``) that :func:`spec_advance` reads.
 SLOT, FIRST_ROW, NUM_VERIFIED, DRAFT_ROW, NUM_REAL = 0, 1, 2, 3, 4
 
@@ -99,8 +101,8 @@ def spec_advance(
     ``info`` (S, 5) int64: per sequence its history slot (-1: it sampled nothing), its first
     logits row, how many drafts it verified, the token row of its first draft, and how many
     of them are real (-1: as many as the device's last lookup proposed; the rest are padding).
-    Returns ``(result, nxt)``: result (S, k + 4) = the tokens made (first ``num_out``), then
-    num_out, the real drafts verified, the positions to roll back; nxt (S, k + 1) = the next
+    Returns ``(result, nxt)``: result (S, k + 5) = the tokens made (first ``num_out``), then
+    num_out, the real drafts verified, the positions to roll back, the real drafts in ``nxt``; nxt (S, k + 1) = the next
     step's input tokens (the new last token, then k drafts). The histories advance in place.
     """
     if best.device.type == "cuda":
@@ -115,7 +117,7 @@ def spec_advance_reference(
 ) -> tuple[Tensor, Tensor]:
     """:func:`spec_advance` one sequence at a time in plain Python (the CPU path and the kernels' reference)."""
     k = history.num_drafts
-    result = torch.zeros(info.shape[0], k + 4, dtype=torch.int64)
+    result = torch.zeros(info.shape[0], k + 5, dtype=torch.int64)
     nxt = torch.zeros(info.shape[0], k + 1, dtype=torch.int64)
     lookup = NgramDrafter(min_n=min_n, max_n=max_n).lookup
     best_l, ids_l = best.tolist(), input_ids.tolist()
@@ -138,6 +140,7 @@ def spec_advance_reference(
         result[i, k + 1 + NUM_OUT] = a + 1
         result[i, k + 1 + DRAFTED] = real
         result[i, k + 1 + ROLLBACK] = kd - a
+        result[i, k + 1 + NEXT_REAL] = len(proposal)
         nxt[i, 0] = made[-1]
         nxt[i, 1 : 1 + len(proposal)] = torch.tensor(proposal, dtype=torch.int64)
     dev = best.device
@@ -147,7 +150,7 @@ def spec_advance_reference(
 class SpecPending:
     """An asynchronous speculative step's results, still on the device: a ModelRunnerOutput to come.
 
-    ``result`` (S, k + 4) and ``nxt`` (S, k + 1) as :func:`spec_advance` returns them; ``rows``
+    ``result`` (S, k + 5) and ``nxt`` (S, k + 1) as :func:`spec_advance` returns them; ``rows``
     maps each sampling request to its row. A non-blocking copy of ``result`` to pinned host
     memory starts at once; :meth:`result` waits for it.
     """
@@ -168,6 +171,7 @@ class SpecPending:
             self._event.record()
         else:
             self._host = result
+        self.next_real: dict[str, int] = {}  # request id -> real drafts its lookup found for the next step
         self.counts: dict[
             str, tuple[int, int]
         ] = {}  # request id -> (real drafts verified, accepted), after result()
@@ -184,6 +188,7 @@ class SpecPending:
             sampled[rid] = row[:n]
             if self.verified.get(rid):
                 self.counts[rid] = (row[k + 1 + DRAFTED], n - 1)
+            self.next_real[rid] = row[k + 1 + NEXT_REAL]
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
     def record(
@@ -221,6 +226,15 @@ class AsyncSpeculation:
         self.k, self.min_n, self.max_n = num_drafts, min_n, max_n
         self.history = DeviceHistory(2 * max_num_seqs, max_model_len, num_drafts, device)
         self.host_lookup = NgramDrafter(min_n=min_n, max_n=max_n)
+        self.dry: dict[str, int] = {}  # request id -> lookups in a row (as last seen) that found nothing
+
+    def observe(self, done: SpecPending) -> None:
+        """After ``done.result()``: note whose lookups keep finding nothing (they stop paying for padding)."""
+        for rid, n in done.next_real.items():
+            if n:
+                self.dry.pop(rid, None)
+            else:
+                self.dry[rid] = self.dry.get(rid, 0) + 1
 
     def propose(self, running: list[Request], num_pending: dict[str, int], policy: SpeculationPolicy, step: int,
                 max_model_len: int) -> None:  # fmt: skip
@@ -236,6 +250,8 @@ class AsyncSpeculation:
             room = (
                 min(params.max_tokens - request.num_output_tokens, max_model_len - request.num_tokens) - p - 1
             )
+            if p and self.dry.get(request.request_id, 0) >= _DRY_STEPS:
+                continue  # its lookups found nothing lately: a plain decode step (the device keeps looking)
             request.spec_token_ids = self.drafts(
                 request, min(policy.num_drafts(request.request_id, step), room), p
             )
@@ -293,6 +309,7 @@ class AsyncSpeculation:
 
     def release(self, request_id: str) -> None:
         self.history.release(request_id)
+        self.dry.pop(request_id, None)
 
     def clear(self) -> None:
         """Forget every history (the engine ran a lockstep step: the next asynchronous one uploads afresh)."""

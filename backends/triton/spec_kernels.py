@@ -35,7 +35,7 @@ def _spec_advance_kernel(
     d0 = tl.load(info_ptr + i * 5 + 3)
     given = tl.load(info_ptr + i * 5 + 4)
     j = tl.arange(0, KP)
-    out_row = out_ptr + i * (K + 4)
+    out_row = out_ptr + i * (K + 5)
     nxt_row = nxt_ptr + i * (K + 1)
     if slot >= 0:
         hist = hist_ptr + slot * stride_hist
@@ -85,10 +85,11 @@ def _spec_advance_kernel(
         first = p_sel + n_sel
         num = tl.where(n_sel >= 0, tl.minimum(length - first, K), 0)
         tl.store(real_ptr + slot, num)
+        tl.store(out_row + K + 4, num)
         prop = tl.load(hist + first + j - 1, mask=(j >= 1) & (j - 1 < num), other=0)
         tl.store(nxt_row + j, tl.where(j == 0, bonus, prop), mask=j < K + 1)
     else:
-        tl.store(out_row + j, tl.zeros((KP,), tl.int64), mask=j < K + 4)
+        tl.store(out_row + j, tl.zeros((KP,), tl.int64), mask=j < K + 5)
         tl.store(nxt_row + j, tl.zeros((KP,), tl.int64), mask=j < K + 1)
 
 
@@ -99,13 +100,13 @@ def spec_advance_triton(best, input_ids, info, history, min_n: int, max_n: int):
     check_triton_device("spec_advance", _INTERPRET, best, input_ids, info, history.tokens)
     k = history.num_drafts
     s = info.shape[0]
-    result = torch.empty(s, k + 4, dtype=torch.int64, device=best.device)
+    result = torch.empty(s, k + 5, dtype=torch.int64, device=best.device)
     nxt = torch.empty(s, k + 1, dtype=torch.int64, device=best.device)
     if s:
         _spec_advance_kernel[(s,)](
             best.to(torch.int64), input_ids.to(torch.int64), info, history.tokens, history.lengths, history.real,
             result, nxt, history.tokens.stride(0),
-            K=k, KP=next_power_of_2(k + 4), MIN_N=min_n, MAX_N=max_n, NP=4, BLOCK=_BLOCK,
+            K=k, KP=next_power_of_2(k + 5), MIN_N=min_n, MAX_N=max_n, NP=4, BLOCK=_BLOCK,
         )  # fmt: skip
     return result, nxt
 

@@ -230,3 +230,27 @@ def test_scheduler_counts_every_draft_pending_and_takes_back_the_rejected() -> N
     sched.update_from_output(s1, ModelRunnerOutput(sampled_token_ids={"a": [4, 5]}))  # 1 of 3 drafts accepted
     assert not sched.num_pending and req.output_token_ids == [9, 4, 5]
     assert req.num_computed_tokens == 5  # prompt, 9 and 4 computed; 5 is the next input
+
+
+def test_requests_whose_lookups_find_nothing_stop_verifying_padding() -> None:
+    from kiln.runtime.spec_async import AsyncSpeculation
+    from kiln.runtime.speculative import SpeculationPolicy
+
+    spec = AsyncSpeculation(
+        num_drafts=3, min_n=1, max_n=3, max_num_seqs=2, max_model_len=64, device=torch.device("cpu")
+    )
+    req = Request(
+        request_id="a", prompt_token_ids=[1, 2, 3], sampling_params=kiln.SamplingParams(max_tokens=20)
+    )
+    req.num_computed_tokens = 3  # its first token is pending
+    policy = SpeculationPolicy(3, 0.0, adaptive=False)
+    spec.propose([req], {"a": 1}, policy, 0, 64)
+    assert req.spec_token_ids == [PLACEHOLDER] * 3
+    spec.dry["a"] = 2  # two lookups in a row found nothing
+    req.spec_token_ids = []
+    spec.propose([req], {"a": 1}, policy, 0, 64)
+    assert req.spec_token_ids == []  # a plain decode step
+    spec.propose(
+        [req], {}, policy, 0, 64
+    )  # no pending token: the host looks up itself (finds no 1-gram repeat)
+    assert req.spec_token_ids == []

@@ -85,7 +85,7 @@ def test_spec_advance_counts() -> None:
     info = torch.tensor([[s, 0, 3, 1, -1]])
     out, nxt = spec_advance_reference(best, ids, info, hist, 1, 3)
     assert out[0, :3].tolist() == [7, 5, 0]  # 2 accepted (the pad never is), then the target's token 0
-    assert out[0, k + 1 :].tolist() == [3, 2, 1]  # 3 tokens out, 2 real drafts, 1 position rolled back
+    assert out[0, k + 1 : k + 4].tolist() == [3, 2, 1]  # 3 tokens out, 2 real drafts, 1 position rolled back
     assert hist.tokens[s, :8].tolist() == [5, 6, 7, 5, 6, 7, 5, 0]
     assert int(nxt[0, 0]) == 0
 
