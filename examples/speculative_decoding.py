@@ -37,12 +37,16 @@ def main() -> None:
     prompt = both[: len(both) - size + size // 3]
     want = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
     print(f"plain: {plain.stats['steps']:.0f} steps for {len(want.token_ids)} tokens")
-    for name, spec in [
-        ("prompt lookup", SpeculativeConfig(method="ngram", num_speculative_tokens=4)),
+    ngram = SpeculativeConfig(method="ngram", num_speculative_tokens=4)
+    for name, spec, extra in [
+        ("prompt lookup", ngram, {"async_scheduling": False}),
+        # drafts looked up, verified and fed on the device, each step launched before the host sees the last
+        # one's tokens (the default on a GPU; on the CPU the same bookkeeping runs synchronously)
+        ("prompt lookup, asynchronous", ngram, {"async_scheduling": True}),
         ("draft model", SpeculativeConfig(method="draft_model", draft_model=str(MODELS / "kiln-drafter-distilled"),
-                                          num_speculative_tokens=4)),
+                                          num_speculative_tokens=4), {}),
     ]:
-        llm = kiln.LLM(str(MODELS / "kiln-teacher"), kv_cache_memory=16 * 2**20, speculative=spec)
+        llm = kiln.LLM(str(MODELS / "kiln-teacher"), kv_cache_memory=16 * 2**20, speculative=spec, **extra)
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         s = llm.stats
         print(f"{name}: {s['steps']:.0f} steps for {len(out.outputs[0].token_ids)} tokens, "
