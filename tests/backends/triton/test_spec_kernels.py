@@ -130,3 +130,49 @@ def test_apply_feed_kernel_equals_reference(rollback: bool) -> None:
         assert (
             want["position_ids"] != views()["position_ids"]
         ).sum() == 6  # sequence 0 (4 tokens) 3 back, sequence 2 (2 tokens) 2 back, 3: 0
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["op-by-op", "static-buffers"])
+def test_engine_async_speculation_through_the_kernels(graphs: bool, monkeypatch) -> None:  # noqa: ANN001
+    """The engine's asynchronous prompt lookup with the Triton kernels in place of the references (as on a GPU)."""
+    from kiln_testing import hf_llama
+
+    import kiln
+    import kiln.backends.triton.spec_kernels as sk
+    import kiln.runtime.cuda_graphs as cg
+    import kiln.runtime.model_runner as mr
+    import kiln.runtime.spec_async as sa
+    from kiln.runtime.speculative import SpeculativeConfig
+
+    used = {"advance": 0, "feed": 0}
+
+    def advance(*a):  # noqa: ANN002, ANN202
+        used["advance"] += 1
+        return sk.spec_advance_triton(*a)
+
+    def feed(*a):  # noqa: ANN002, ANN202
+        used["feed"] += 1
+        return sk.apply_feed_triton(*a)
+
+    monkeypatch.setattr(sa, "spec_advance", advance)
+    monkeypatch.setattr(cg, "apply_feed", feed)
+    monkeypatch.setattr(mr, "apply_feed", feed)
+    torch.manual_seed(7)
+    model = hf_llama(layers=1)
+    g = torch.Generator().manual_seed(3)
+    motif = torch.randint(0, 128, (5,), generator=g).tolist()
+    prompts = [(motif * 6)[:23], torch.randint(0, 128, (9,), generator=g).tolist(), (motif * 6)[:12]]
+    params = kiln.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = kiln.LLM(model, num_blocks=64, block_size=4, enable_prefix_caching=False, async_scheduling=False)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    spec = SpeculativeConfig(
+        method="ngram", num_speculative_tokens=3, adaptive=False, disable_by_batch_size=None
+    )
+    llm = kiln.LLM(model, num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, speculative=spec,
+                   async_scheduling=True)  # fmt: skip
+    if graphs:
+        llm.runner.enable_cuda_graphs(max_num_seqs=4, max_model_len=llm.max_model_len, max_num_tokens=16,
+                                      max_num_logits=16, capture=False)  # fmt: skip
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert used["advance"] > 5 and used["feed"] > 5 and llm.stats["accepted_tokens"] > 0
