@@ -33,7 +33,7 @@ from kiln.runtime.request import Request, RequestOutput, RequestStatus, Sampling
 from kiln.runtime.sampler import _GREEDY_EPS, make_generator, sample, to_device
 from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from kiln.runtime.scheduler_output import ModelRunnerOutput, PendingOutput, SchedulerOutput
-from kiln.runtime.spec_async import AsyncSpeculation, SpecPending
+from kiln.runtime.spec_async import MAX_DEVICE_NGRAM, AsyncSpeculation, SpecPending
 from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig
 from kiln.runtime.speculator import Speculator
 from kiln.runtime.stop import find_stop_string
@@ -111,8 +111,8 @@ class LLM:
         async_scheduling: schedule and launch each step before the last one's tokens reach
             the host (they feed the next step on the device), so the host's work overlaps
             the device's; outputs arrive one step later. Default: on a GPU, without
-            ``speculative`` or with prompt lookup (``method="ngram"``, whose drafts are then made
-            and verified on the device: ``kiln.runtime.spec_async``). Steps run synchronously
+            ``speculative`` or with prompt lookup (``method="ngram"`` with ``prompt_lookup_max <= 3``,
+            whose drafts are then made and verified on the device: ``kiln.runtime.spec_async``). Steps run synchronously
             while a request asks for logprobs or a repetition penalty (both need every token on
             the host), or, with prompt lookup, samples (asynchronous verification is greedy).
         kv_cache_dtype: ``"auto"`` (the model's dtype), ``"int8"`` (a scale per token and KV
@@ -239,7 +239,9 @@ class LLM:
             )
         #: whether steps are scheduled before the previous step's tokens reach the host
         ngram = speculative is not None and speculative.method == "ngram"
-        self.async_scheduling = (dev.type == "cuda" and (speculative is None or ngram) and feeds) \
+        # the device-side lookup searches n-grams of at most 3 tokens: longer ones default to lockstep
+        device_lookup = ngram and speculative.prompt_lookup_max <= MAX_DEVICE_NGRAM  # type: ignore[union-attr]
+        self.async_scheduling = (dev.type == "cuda" and (speculative is None or device_lookup) and feeds) \
             if async_scheduling is None else bool(async_scheduling)  # fmt: skip
         #: asynchronous prompt-lookup speculation (``kiln.runtime.spec_async``): drafts made on the device
         self._spec_async: AsyncSpeculation | None = None

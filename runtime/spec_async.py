@@ -41,6 +41,8 @@ from kiln.runtime.step_inputs import DeviceFeed
 
 #: Columns of :func:`spec_advance`'s host-bound result after the ``k + 1`` tokens.
 NUM_OUT, DRAFTED, ROLLBACK, NEXT_REAL = 0, 1, 2, 3
+#: The longest n-gram the device-side lookup searches (``SpeculativeConfig.prompt_lookup_max`` at most this).
+MAX_DEVICE_NGRAM = 3
 #: After this many lookups in a row found no draft, a request's steps verify none (no padding) until one does.
 _DRY_STEPS = 2
 #: Columns of the per-sequence step description (``info``) that :func:`spec_advance` reads.
@@ -218,7 +220,7 @@ class AsyncSpeculation:
 
     def __init__(self, *, num_drafts: int, min_n: int, max_n: int, max_num_seqs: int, max_model_len: int,
                  device: torch.device) -> None:  # fmt: skip
-        if max_n > 3:
+        if max_n > MAX_DEVICE_NGRAM:
             raise ConfigError(
                 f"asynchronous prompt lookup searches n-grams of at most 3 tokens, got prompt_lookup_max={max_n}: "
                 "lower it or pass async_scheduling=False"
@@ -316,4 +318,11 @@ class AsyncSpeculation:
         self.history.clear()
 
 
-__all__ = ["AsyncSpeculation", "DeviceHistory", "SpecPending", "spec_advance", "spec_advance_reference"]
+__all__ = [
+    "MAX_DEVICE_NGRAM",
+    "AsyncSpeculation",
+    "DeviceHistory",
+    "SpecPending",
+    "spec_advance",
+    "spec_advance_reference",
+]
