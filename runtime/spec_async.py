@@ -14,15 +14,18 @@ scheduling: after each step one kernel (:func:`spec_advance`)
 4. writes the next step's input tokens: the new last token, then ``k`` drafts.
 
 The host schedules the next step before it knows how many drafts were accepted: it counts
-every draft as accepted (an upper bound, which is what blocks are allocated for) and the
-runner's feed (:class:`kiln.runtime.step_inputs.DeviceFeed`) rolls the positions, slots and sequence lengths of the
-fed tokens back on the device by the rejections the previous step counted. The host learns
-the tokens one step later (one device-to-host copy per step) and takes back its over-count
-then, exactly as lockstep verification does.
+every draft as accepted (an upper bound, which is what blocks are allocated for), and the
+runner's feed (:class:`kiln.runtime.step_inputs.DeviceFeed`) moves the fed tokens'
+positions, slots and sequence lengths back on the device by the rejections the previous
+step counted. The host learns the tokens one step later (one device-to-host copy per step)
+and takes back its over-count then, exactly as lockstep verification does.
 
-Drafts are always ``k`` tokens per request: where the lookup finds fewer, the rest are
-padding that verification counts as rejected (their positions are rolled back like any
-rejected draft), so the step's shape never depends on the device's results.
+The host chooses how many drafts a request verifies (the policy's ``k``, capped by what it
+may still generate); where the lookup found fewer, the rest are padding that verification
+never accepts (their positions are rolled back like any rejected draft), so a step's shape
+never depends on the device's results. A request whose lookups keep finding nothing
+verifies no drafts until one does. Sampling requests (and those needing logprobs or a
+repetition penalty) run the batch in lockstep: the verification here is greedy.
 """
 
 from __future__ import annotations
@@ -60,9 +63,8 @@ class DeviceHistory:
         self.num_drafts = num_drafts
         self.tokens = torch.zeros(num_slots, max_len + num_drafts + 1, dtype=torch.int64, device=device)
         self.lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
-        self.real = torch.zeros(
-            num_slots, dtype=torch.int64, device=device
-        )  # drafts last proposed (not padding)
+        #: per slot, the real drafts (not padding) of the lookup's last proposal
+        self.real = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self.device = device
         self._free = list(range(num_slots - 1, -1, -1))
         self.slots: dict[str, int] = {}
@@ -103,9 +105,10 @@ def spec_advance(
     ``info`` (S, 5) int64: per sequence its history slot (-1: it sampled nothing), its first
     logits row, how many drafts it verified, the token row of its first draft, and how many
     of them are real (-1: as many as the device's last lookup proposed; the rest are padding).
-    Returns ``(result, nxt)``: result (S, k + 5) = the tokens made (first ``num_out``), then
-    num_out, the real drafts verified, the positions to roll back, the real drafts in ``nxt``; nxt (S, k + 1) = the next
-    step's input tokens (the new last token, then k drafts). The histories advance in place.
+    Returns ``(result, nxt)``. result (S, k + 5): the tokens made (the first ``num_out``), then
+    num_out, the real drafts verified, the positions to roll back and the real drafts in ``nxt``.
+    nxt (S, k + 1): the next step's input tokens (the new last token, then k drafts). The
+    histories advance in place.
     """
     if best.device.type == "cuda":
         from kiln.backends.triton.spec_kernels import spec_advance_triton
