@@ -61,7 +61,8 @@ class DeviceHistory:
 
     def __init__(self, num_slots: int, max_len: int, num_drafts: int, device: torch.device) -> None:
         self.num_drafts = num_drafts
-        self.tokens = torch.zeros(num_slots, max_len + num_drafts + 1, dtype=torch.int64, device=device)
+        # int32 token ids: half the memory of int64 (slots x max_model_len can be large for long contexts)
+        self.tokens = torch.zeros(num_slots, max_len + num_drafts + 1, dtype=torch.int32, device=device)
         self.lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
         #: per slot, the real drafts (not padding) of the lookup's last proposal
         self.real = torch.zeros(num_slots, dtype=torch.int64, device=device)
@@ -78,7 +79,7 @@ class DeviceHistory:
             raise RuntimeError("no free token-history slot for asynchronous speculation (more live requests "
                                "than slots)")  # fmt: skip
         s = self.slots[request_id] = self._free.pop()
-        t = torch.tensor(tokens, dtype=torch.int64)
+        t = torch.tensor(tokens, dtype=torch.int32)
         if self.device.type == "cuda":
             t = t.pin_memory()
         self.tokens[s, : len(tokens)].copy_(t, non_blocking=True)
