@@ -517,7 +517,7 @@ class LLM:
     def _step(self, *, snapshots: bool) -> list[RequestOutput]:
         """One step; outputs of every changed request (``snapshots``) or of the finished ones only."""
         if self.async_scheduling and not self._sync_ids:
-            changed = self._async_spec_step() if self._spec_async is not None else self._async_step()
+            changed = self._async_step()
         else:
             changed = []
             if self._inflight is not None:  # drain: apply the launched step before running in lockstep
@@ -580,31 +580,24 @@ class LLM:
             self.speculator.propose(self.scheduler.running, self._seqs, self.max_model_len)
 
     def _async_step(self) -> list:
-        """Schedule and launch a step, then apply the previous one's tokens while it runs."""
-        so = self._schedule()
-        prev, self._inflight = self._inflight, None
-        if so.total_num_scheduled_tokens:
-            self._inflight = self._launch(so, prev)
-            self.scheduler.mark_pending(so)
-        changed = []
-        if prev is not None:
-            changed += self._apply(prev)
-        if self._inflight is None:  # nothing launched: apply the empty step now (it may report aborts)
-            changed += self.scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={}))
-        return changed
+        """Schedule and launch a step, then apply the previous one's tokens while it runs.
 
-    def _async_spec_step(self) -> list:
-        """:meth:`_async_step` with prompt-lookup drafts made and verified on the device (``kiln.runtime.spec_async``)."""
-        assert self._spec_async is not None and self.speculator is not None
+        With asynchronous prompt lookup the step's drafts are placeholders made on the device
+        (``kiln.runtime.spec_async``), verified there after it.
+        """
         changed = []
         if self._lookahead is not None:  # a lockstep step launched ahead: apply it first
             launched, self._lookahead = self._lookahead, None
             changed += self.scheduler.update_from_output(launched.scheduler_output, self._collect(launched))
-        self._propose_async()
+        if self._spec_async is not None:
+            self._propose_async()
         so = self._schedule()
         prev, self._inflight = self._inflight, None
         if so.total_num_scheduled_tokens:
-            self._inflight = self._launch_spec(so, prev if isinstance(prev, SpecPending) else None)
+            if self._spec_async is not None:
+                self._inflight = self._launch_spec(so, prev if isinstance(prev, SpecPending) else None)
+            else:
+                self._inflight = self._launch(so, prev)  # type: ignore[arg-type]
             self.scheduler.mark_pending(so)
         if prev is not None:
             changed += self._apply(prev)
@@ -635,8 +628,7 @@ class LLM:
         out = self.scheduler.update_from_output(prev.scheduler_output, prev.result())
         if isinstance(prev, SpecPending) and self.speculator is not None and self._spec_async is not None:
             self._spec_async.observe(prev)
-            prev.record({rid: s.request.metrics for rid, s in self._seqs.items()}, self.stats,
-                        self.speculator.policy)  # fmt: skip
+            prev.record(self._seqs, self.stats, self.speculator.policy)
         return out
 
     def _detokenize(self, seq: _Sequence) -> None:

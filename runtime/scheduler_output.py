@@ -85,6 +85,28 @@ class ModelRunnerOutput:
     logprobs: Mapping[str, Sequence[TokenLogprobs]] | None = None  # id -> one entry per sampled token
 
 
+class HostCopy:
+    """A device tensor's copy to pinned host memory, started at once (non-blocking); :meth:`values` waits for it."""
+
+    def __init__(self, tensor: Any) -> None:
+        import torch
+
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def values(self) -> list:
+        """The tensor as (nested) Python lists, once the copy is done."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
 class PendingOutput:
     """A step's sampled tokens still on the device (asynchronous scheduling): a ModelRunnerOutput to come.
 
@@ -94,25 +116,14 @@ class PendingOutput:
     """
 
     def __init__(self, scheduler_output: SchedulerOutput, rows: Mapping[str, int], tokens: Any) -> None:
-        import torch
-
         self.scheduler_output = scheduler_output  # the step that sampled them
         self.rows = dict(rows)  # request id -> row of tokens
         self.tokens = tokens  # (N,) int64 on the device
-        self._event = None
-        if tokens.device.type == "cuda":
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = tokens
+        self._host = HostCopy(tokens)
 
     def result(self) -> ModelRunnerOutput:
         """Wait for the tokens; the step's ModelRunnerOutput."""
-        if self._event is not None:
-            self._event.synchronize()
-        values = self._host.tolist()
+        values = self._host.values()
         return ModelRunnerOutput(sampled_token_ids={rid: [values[r]] for rid, r in self.rows.items()})
 
 
@@ -132,4 +143,4 @@ class StepOutput:
         return self.finish_reason is not None
 
 
-__all__ = ["CachedRequestData", "ModelRunnerOutput", "NewRequestData", "PendingOutput", "SchedulerOutput", "StepOutput"]
+__all__ = ["CachedRequestData", "HostCopy", "ModelRunnerOutput", "NewRequestData", "PendingOutput", "SchedulerOutput", "StepOutput"]

@@ -30,15 +30,18 @@ repetition penalty) run the batch in lockstep: the verification here is greedy.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from kiln.errors import ConfigError
 from kiln.runtime.drafters import NgramDrafter
-from kiln.runtime.request import Request, RequestMetrics
+from kiln.runtime.request import Request
 from kiln.runtime.sampler import greedy_argmax, to_device
 from kiln.runtime.scheduler import PLACEHOLDER
-from kiln.runtime.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from kiln.runtime.scheduler_output import HostCopy, ModelRunnerOutput, SchedulerOutput
 from kiln.runtime.speculative import SpeculationPolicy, derive_rates, record_verification
 from kiln.runtime.step_inputs import DeviceFeed
 
@@ -169,14 +172,7 @@ class SpecPending:
         self.tokens = nxt  # the next step's input tokens per row (the runner's feed)
         self.rollback = result[:, num_drafts + 1 + ROLLBACK]
         self.k = num_drafts
-        self._event = None
-        if result.device.type == "cuda":
-            self._host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-            self._host.copy_(result, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = result
+        self._host = HostCopy(result)
         self.next_real: dict[str, int] = {}  # request id -> real drafts its lookup found for the next step
         self.counts: dict[
             str, tuple[int, int]
@@ -184,9 +180,7 @@ class SpecPending:
 
     def result(self) -> ModelRunnerOutput:
         """Wait for the tokens; the step's ModelRunnerOutput (``counts`` is filled too)."""
-        if self._event is not None:
-            self._event.synchronize()
-        values, k = self._host.tolist(), self.k
+        values, k = self._host.values(), self.k
         sampled = {}
         for rid, r in self.rows.items():
             row = values[r]
@@ -197,16 +191,15 @@ class SpecPending:
             self.next_real[rid] = row[k + 1 + NEXT_REAL]
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
-    def record(
-        self, metrics: dict[str, RequestMetrics], stats: dict[str, float], policy: SpeculationPolicy
-    ) -> None:
-        """After :meth:`result`: count each verification with a real draft on the request (``metrics`` by
-        request id, finished ones absent), in ``stats`` and in the policy (a request whose lookup found
-        nothing ran a plain decode step)."""
+    def record(self, seqs: Mapping[str, Any], stats: dict[str, float], policy: SpeculationPolicy) -> None:
+        """After :meth:`result`: count each verification with a real draft on its request (``seqs``: the
+        engine's live sequences by request id, each with a ``request``), in ``stats`` and in the policy
+        (a request whose lookup found nothing ran a plain decode step)."""
         step = int(stats["steps"])
         for rid, (drafted, accepted) in self.counts.items():
-            if drafted > 0 and rid in metrics:
-                record_verification(metrics[rid], stats, drafted, accepted)
+            seq = seqs.get(rid)
+            if drafted > 0 and seq is not None:
+                record_verification(seq.request.metrics, stats, drafted, accepted)
                 policy.observe(rid, drafted, accepted, step)
         derive_rates(stats)
 
