@@ -19,10 +19,8 @@ import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -36,9 +34,7 @@ from kiln.runtime.scheduler_output import ModelRunnerOutput, PendingOutput, Sche
 from kiln.runtime.spec_async import MAX_DEVICE_NGRAM, AsyncSpeculation, SpecPending
 from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig
 from kiln.runtime.speculator import Speculator
-from kiln.runtime.stop import find_stop_string
-
-Prompt = str | Sequence[int]
+from kiln.runtime.text import Prompt, detokenize, load_tokenizer, tokenize_prompt
 
 
 @dataclass
@@ -170,7 +166,7 @@ class LLM:
             model = load_model(str(model), dtype=dtype or torch.float32, device=device)
         model = model.eval()
         self.model = model
-        self.tokenizer = self._load_tokenizer(tokenizer, source)
+        self.tokenizer = load_tokenizer(tokenizer, source)
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         if enforce_eager and (cuda_graphs or torch_compile):
             raise ConfigError(
@@ -306,42 +302,10 @@ class LLM:
         self.drafter: Drafter | None = self.speculator.drafter if self.speculator else None
         self.policy: SpeculationPolicy | None = self.speculator.policy if self.speculator else None
 
-    @staticmethod
-    def _load_tokenizer(tokenizer: Any, source: object) -> Any:
-        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-            return tokenizer
-        path = tokenizer or source
-        if path is None or not (Path(str(path)) / "tokenizer.json").exists():
-            if tokenizer is not None:
-                raise ConfigError(f"no tokenizer.json in {path}")
-            return None
-        import transformers
-
-        return transformers.AutoTokenizer.from_pretrained(str(path))
-
     # -- requests -------------------------------------------------------------------------
 
     def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ConfigError(
-                    "this LLM has no tokenizer: pass prompts as lists of token ids, or give tokenizer="
-                )
-            return list(self.tokenizer.encode(prompt)), prompt
-        arr = prompt.flatten().cpu().numpy() if isinstance(prompt, torch.Tensor) else np.asarray(prompt)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise ConfigError(
-                f"a prompt is a string or a flat sequence of int token ids, got {type(prompt).__name__} "
-                f"of {arr.dtype} with shape {arr.shape}"
-            )
-        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
-        if arr.size and (int(arr.min()) < 0 or (vocab is not None and int(arr.max()) >= vocab)):
-            raise ConfigError(
-                f"prompt token ids must be in [0, {vocab}) (the vocabulary)"
-                if vocab is not None
-                else "prompt token ids must not be negative"
-            )
-        return arr.astype(np.int64).tolist(), None
+        return tokenize_prompt(prompt, self.tokenizer, getattr(getattr(self.model, "config", None), "vocab_size", None))
 
     def add_request(
         self,
@@ -632,30 +596,10 @@ class LLM:
         return out
 
     def _detokenize(self, seq: _Sequence) -> None:
-        """Extend ``seq.text`` with the new tokens' text, then apply stop strings.
-
-        Incremental (as HF's streamers and vLLM do): only a window of recent tokens is
-        decoded each step, and text is held back while it ends in an incomplete UTF-8
-        character, so the cost per token stays constant.
-        """
-        if self.tokenizer is None:
-            return
-        request, ids = seq.request, seq.request.output_token_ids
-        before = len(seq.text)
-        decode = self.tokenizer.decode
-        prefix = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
-        full = decode(ids[seq.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            seq.text += full[len(prefix) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        stops = request.sampling_params.stop
-        if not stops:
-            return
-        match = find_stop_string(seq.text, stops, new_text_len=len(seq.text) - before)
-        if match is not None:
-            seq.text = seq.text[: match.index]
-            if not request.is_finished:
-                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, match.stop)
+        """Extend ``seq.text`` with its new tokens' text (``kiln.runtime.text``); end it at a stop string."""
+        match = detokenize(seq, self.tokenizer)
+        if match is not None and not seq.request.is_finished:
+            self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_STOPPED, match.stop)
 
     # -- whole prompts ---------------------------------------------------------------------
 
