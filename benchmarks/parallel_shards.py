@@ -39,6 +39,7 @@ import kiln
 from kiln.models.presets import from_config, get_preset
 from kiln.parallel.tp_shards import compile_shards, run_lockstep, strip_collectives
 from kiln.passes.kv_cache import layout_of
+from kiln.runtime.model_runner import _compile
 
 
 @dataclasses.dataclass
@@ -90,8 +91,12 @@ def new_caches(gm: torch.fx.GraphModule, blocks: int, block_size: int, device: t
             for h, d in zip(layout.num_kv_heads, layout.head_dim, strict=True)]  # fmt: skip
 
 
-def measure(fn: Callable[[], Any], device: torch.device, reps: int) -> tuple[float, float]:
-    """(milliseconds per call, kernels per call): CUDA kernel time from the profiler, or CPU wall time."""
+def measure(fn: Callable[[], Any], device: torch.device, reps: int, top: int = 0,
+            label: str = "") -> tuple[float, float]:  # fmt: skip
+    """(milliseconds per call, kernels per call): CUDA kernel time from the profiler, or CPU wall time.
+
+    ``top`` > 0 prints the ``top`` kernels with the most device time per call (under ``label``).
+    """
     for _ in range(3):
         fn()
     if device.type != "cuda":
@@ -110,6 +115,13 @@ def measure(fn: Callable[[], Any], device: torch.device, reps: int) -> tuple[flo
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     us = sum(e.time_range.elapsed_us() for e in kernels)  # kernels, memsets and copies on the device
+    if top:
+        per: dict[str, list[float]] = {}
+        for e in kernels:
+            per.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        print(f"    top kernels, {label}: {us / reps:.1f} us per call in {len(kernels) / reps:.0f} kernels")
+        for name, ts in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:top]:
+            print(f"      {sum(ts) / reps:8.1f} us  {len(ts) / reps:5.1f} x  {name[:90]}")
     return us / reps / 1e3, len(kernels) / reps
 
 
@@ -149,25 +161,30 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
         par = kiln.ParallelConfig(tensor_parallel_size=tp, sequence_parallel=sp)
         return compile_shards(cap, config=kiln.CompileConfig(kv_cache=True, parallel=par))
 
-    def timed(gm: torch.fx.GraphModule, step: Step) -> tuple[float, float]:
+    def timed(gm: torch.fx.GraphModule, step: Step, label: str = "") -> tuple[float, float]:
         caches = new_caches(gm, step.num_blocks, bs, device)
         inputs = step_inputs(gm, step, bs, caches, ids, consts)
+        # inductor, as kiln.LLM(torch_compile=True) runs the step graph: one compile per graph and shape
+        fn = _compile(gm, None, dynamic=False) if args.torch_compile else gm
+        top = args.top_kernels if label else 0
         with torch.no_grad():
-            return measure(lambda: gm(*inputs), device, args.reps)
+            return measure(lambda: fn(*inputs), device, args.reps, top, label)
 
     (base,) = compiled(1, False)
-    base_ms = {p: timed(base.graph_module, s)[0] for p, s in phases.items()}
+    base_ms = {p: timed(base.graph_module, s, f"{name} {p} unsharded")[0] for p, s in phases.items()}
     rows = []
     for tp in args.tp:
         if config.num_attention_heads % tp:
             continue
-        for sp in (False, True):
+        for sp in args.sp:
             shards = compiled(tp, sp)
             err = check(base, shards, check_steps, bs, ids, consts, device)
             for s in shards:
                 strip_collectives(s.graph_module)
             for phase, step in phases.items():
-                per_rank = [timed(s.graph_module, step) for s in shards]
+                label = f"{name} {phase} tp={tp} sp={int(sp)} rank 0"
+                per_rank = [timed(s.graph_module, step, label if i == 0 and tp == args.tp[0] else "")
+                            for i, s in enumerate(shards)]  # fmt: skip
                 total = sum(ms for ms, _ in per_rank)
                 rows.append({"model": name, "phase": phase, "tp": tp, "sp": sp, "base_ms": base_ms[phase], "sum_ms": total,
                              "ratio": total / base_ms[phase], "max_ms": max(ms for ms, _ in per_rank),
@@ -191,11 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-context", type=int, default=1024)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--sp", default="0,1", help="sequence parallelism off (0) and/or on (1)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="run every graph (unsharded and shards) under torch.compile (inductor), as kiln.LLM(torch_compile=True)")
+    p.add_argument("--top-kernels", type=int, default=0,
+                   help="GPU: print the N kernels with the most time, unsharded and rank 0 at the first TP")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.tp, args.prefill_tokens, args.decode_batch, args.decode_context, args.block_size = (
             "llama-tiny", "2,4", 48, 4, 20, 4)  # fmt: skip
     args.tp = [int(t) for t in str(args.tp).split(",")]
+    args.sp = [bool(int(v)) for v in str(args.sp).split(",")]
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
@@ -205,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# parallel_shards: {gpu}, torch {torch.__version__}, {dtype}, layers={args.layers}, "
-          f"prefill {args.prefill_tokens} tokens, decode {args.decode_batch} x {args.decode_context} cached", flush=True)  # fmt: skip
+          f"prefill {args.prefill_tokens} tokens, decode {args.decode_batch} x {args.decode_context} cached"
+          f"{', torch.compile' if args.torch_compile else ''}", flush=True)  # fmt: skip
     rows = [r for name in args.models.split(",") for r in run_model(name, args, device, dtype)]
     print(f"\n{'model':10s} {'phase':7s} {'TP':>2s} {'SP':>2s} {'unsharded ms':>12s} {'sum shards ms':>13s} {'ratio':>6s} "
           f"{'max shard ms':>12s} {'kernels':>7s} {'rel err':>8s}")  # fmt: skip
