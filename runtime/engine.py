@@ -110,7 +110,7 @@ class LLM:
             ``speculative`` or with prompt lookup (``method="ngram"`` with ``prompt_lookup_max <= 3``,
             whose drafts are then made and verified on the device: ``kiln.runtime.spec_async``). Steps run synchronously
             while a request asks for logprobs or a repetition penalty (both need every token on
-            the host), or, with prompt lookup, samples (asynchronous verification is greedy).
+            the host).
         kv_cache_dtype: ``"auto"`` (the model's dtype), ``"int8"`` (a scale per token and KV
             head), ``"fp8"`` (e4m3, static per-layer k/v scales of 1.0, as vLLM without
             checkpoint scales), a ``kiln.QuantSpec``, or a KV-cache-only ``kiln.QuantConfig``
@@ -336,10 +336,8 @@ class LLM:
         self.scheduler.add_request(request)
         gen = make_generator(params.seed, self.runner.device) if params.seed is not None else None
         self._seqs[rid] = _Sequence(request=request, prompt=text, generator=gen)
-        if params.logprobs is not None or params.repetition_penalty != 1.0 or (
-            self._spec_async is not None and params.temperature >= _GREEDY_EPS
-        ):  # needs every token on the host; asynchronous speculation verifies greedy requests only
-            self._sync_ids.add(rid)
+        if params.logprobs is not None or params.repetition_penalty != 1.0:
+            self._sync_ids.add(rid)  # needs every token on the host (a penalty: every token before each draft)
         self.stats["prompt_tokens"] += len(ids)
         return rid
 
@@ -585,7 +583,11 @@ class LLM:
         requests = [self._seqs[d.request_id].request for d in (*so.scheduled_new_reqs, *so.scheduled_cached_reqs)]
         info, feed, rows, verified = self._spec_async.describe(so, steps, requests, prev)
         logits = self.runner.execute(steps, feed)
-        return self._spec_async.advance(so, logits, self.runner.last_input_ids, info, rows, verified)
+        params = None  # per logits row (None: all greedy): sampled rows verify with a draw from the target
+        if any(r.sampling_params.temperature >= _GREEDY_EPS for r in requests):
+            params = [(r.sampling_params, self._seqs[r.request_id].generator)
+                      for step, r in zip(steps, requests, strict=True) for _ in range(step.num_logits)]  # fmt: skip
+        return self._spec_async.advance(so, logits, self.runner.last_input_ids, info, rows, verified, params)
 
     def _apply(self, prev: PendingOutput | SpecPending) -> list:
         """Apply a launched asynchronous step's tokens (and, speculative, its acceptance counts)."""

@@ -2,12 +2,12 @@
 
 In lockstep speculation the host must see each step's verified tokens before it can draft,
 schedule and launch the next step, so all of its Python work adds to the GPU's time. For
-prompt lookup (``SpeculativeConfig(method="ngram")``) with greedy requests, everything the
+prompt lookup (``SpeculativeConfig(method="ngram")``), everything the
 next step needs can be made on the device instead, as vLLM v1 does for asynchronous
 scheduling: after each step one kernel (:func:`spec_advance`)
 
-1. verifies the step's drafts against the target's argmax rows (greedy acceptance:
-   the longest matching prefix, then the target's own token),
+1. verifies the step's drafts against the target's token per row (its argmax, or a draw
+   from it for a sampling request): the longest matching prefix, then the target's own token,
 2. appends the accepted tokens to the request's token history kept on the device,
 3. looks up the next drafts there (the same n-gram rule as
    :class:`kiln.runtime.drafters.NgramDrafter`), and
@@ -24,8 +24,9 @@ The host chooses how many drafts a request verifies (the policy's ``k``, capped 
 may still generate); where the lookup found fewer, the rest are padding that verification
 never accepts (their positions are rolled back like any rejected draft), so a step's shape
 never depends on the device's results. A request whose lookups keep finding nothing
-verifies no drafts until one does. Sampling requests (and those needing logprobs or a
-repetition penalty) run the batch in lockstep: the verification here is greedy.
+verifies no drafts until one does. Sampling requests verify by the same comparison against a
+draw from the target per position, which is exact speculative sampling for point-mass drafts
+(:func:`row_tokens`); requests needing logprobs or a repetition penalty run the batch in lockstep.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from torch import Tensor
 
 from kiln.errors import ConfigError
 from kiln.runtime.drafters import NgramDrafter
-from kiln.runtime.request import Request
-from kiln.runtime.sampler import greedy_argmax, to_device
+from kiln.runtime.request import Request, SamplingParams
+from kiln.runtime.sampler import _GREEDY_EPS, greedy_argmax, sample, to_device
 from kiln.runtime.scheduler import PLACEHOLDER
 from kiln.runtime.scheduler_output import HostCopy, ModelRunnerOutput, SchedulerOutput
 from kiln.runtime.speculative import SpeculationPolicy, derive_rates, record_verification
@@ -154,6 +155,23 @@ def spec_advance_reference(
         nxt[i, 1 : 1 + len(proposal)] = torch.tensor(proposal, dtype=torch.int64)
     dev = best.device
     return result.to(dev), nxt.to(dev)
+
+
+def row_tokens(logits: Tensor, params: list[tuple[SamplingParams, torch.Generator | None]] | None) -> Tensor:
+    """The token each logits row verifies with: its argmax, or a draw from its processed distribution.
+
+    Prompt-lookup drafts are point masses (q = 1 on the drafted token), so exact speculative
+    sampling needs no draft distribution: accepting draft ``d`` with probability
+    ``min(1, p(d) / q(d)) = p(d)`` and otherwise resampling from ``max(0, p - q)`` normalized
+    (``p`` without ``d``) is the same as drawing ``x ~ p`` at each position and keeping the
+    draft while ``x == d``: the first ``x`` that differs is the correction, distributed as
+    ``p`` conditioned on ``x != d``, and when every draft is kept the last row's draw is the
+    bonus token. So the greedy comparison of :func:`spec_advance` verifies sampled rows too,
+    exactly, on the device.
+    """
+    if params is None or all(p.temperature < _GREEDY_EPS for p, _ in params):
+        return greedy_argmax(logits)
+    return sample(logits, [p for p, _ in params], [g for _, g in params]).token_ids
 
 
 class SpecPending:
@@ -299,9 +317,15 @@ class AsyncSpeculation:
         return info, feed, rows, verified
 
     def advance(self, so: SchedulerOutput, logits: Tensor, input_ids: Tensor, info: list[list[int]],
-                rows: dict[str, int], verified: dict[str, int]) -> SpecPending:  # fmt: skip
-        """Verify the launched step on the device and make the next step's inputs (nothing waits)."""
-        best = greedy_argmax(logits)
+                rows: dict[str, int], verified: dict[str, int],
+                params: list[tuple[SamplingParams, torch.Generator | None]] | None = None) -> SpecPending:  # fmt: skip
+        """Verify the launched step on the device and make the next step's inputs (nothing waits).
+
+        ``params``: per logits row, the sampling parameters and generator of its request (None:
+        every row greedy). A sampled row's token is a draw from the target's processed
+        distribution there (:func:`row_tokens`).
+        """
+        best = row_tokens(logits, params)
         info_t = to_device(info, logits.device, torch.int64)
         result, nxt = spec_advance(best, input_ids, info_t, self.history, self.min_n, self.max_n)
         return SpecPending(so, rows, verified, result, nxt, self.k)
@@ -320,6 +344,7 @@ __all__ = [
     "AsyncSpeculation",
     "DeviceHistory",
     "SpecPending",
+    "row_tokens",
     "spec_advance",
     "spec_advance_reference",
 ]

@@ -6,14 +6,17 @@ runner feeds the next inputs and rolls positions back on the device. Greedy outp
 exactly those of plain decoding.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kiln_testing import hf_llama
+from kiln_testing import chi_square_p, hf_llama, tiny_vocab_llama
 
 import kiln
 from kiln.runtime.request import Request
+from kiln.runtime.sampler import processed_probs
 from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from kiln.runtime.scheduler_output import ModelRunnerOutput
 from kiln.runtime.speculative import SpeculativeConfig
@@ -157,7 +160,7 @@ def test_async_ngram_under_prefix_caching_preemption_stops_and_abort(model) -> N
     assert not tight.scheduler.num_pending and not tight._spec_async.history.slots
 
 
-def test_a_sampling_request_runs_the_batch_in_lockstep_and_async_resumes(model) -> None:
+def test_a_logprobs_request_runs_the_batch_in_lockstep_and_async_resumes(model) -> None:
     prompts = _prompts()
     greedy = kiln.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     plain = kiln.LLM(model, num_blocks=96, block_size=4, enable_prefix_caching=False, async_scheduling=False)
@@ -169,9 +172,9 @@ def test_a_sampling_request_runs_the_batch_in_lockstep_and_async_resumes(model) 
         outs.update((o.request_id, o) for o in llm.step())
     assert llm._inflight is not None  # running ahead
     sampled = llm.add_request(
-        prompts[2], kiln.SamplingParams(temperature=0.8, max_tokens=4, seed=1, ignore_eos=True)
+        prompts[2], kiln.SamplingParams(temperature=0.8, max_tokens=4, seed=1, ignore_eos=True, logprobs=2)
     )
-    assert sampled in llm._sync_ids  # asynchronous verification is greedy: this one runs in lockstep
+    assert sampled in llm._sync_ids  # its logprobs are made on the host: this one runs in lockstep
     while llm.has_unfinished_requests():
         outs.update((o.request_id, o) for o in llm.step())
     assert [outs[i].outputs[0].token_ids for i in ids] == want
@@ -254,3 +257,66 @@ def test_requests_whose_lookups_find_nothing_stop_verifying_padding() -> None:
         [req], {}, policy, 0, 64
     )  # no pending token: the host looks up itself (finds no 1-gram repeat)
     assert req.spec_token_ids == []
+
+
+LOOKUP = SpeculativeConfig(method="ngram", num_speculative_tokens=2, adaptive=False, disable_by_batch_size=None,
+                           prompt_lookup_min=1, prompt_lookup_max=3)  # fmt: skip
+
+
+def _tiny_target() -> tuple[torch.nn.Module, list[int]]:
+    """A 12-token model and a prompt whose lookups draft what it often samples: its own greedy
+    continuation of a start, then the start again."""
+    target = tiny_vocab_llama(11)
+    prompt = [3, 7, 1, 5]
+    with torch.no_grad():
+        for _ in range(20):
+            prompt.append(int(target(input_ids=torch.tensor([prompt])).logits[0, -1].argmax()))
+    return target, [*prompt, 3, 7, 1, 5]
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=0.9, top_p=0.9), dict(temperature=1.2, top_k=4, min_p=0.02)])
+def test_async_ngram_sampling_keeps_the_target_distribution(setting) -> None:
+    """Point-mass drafts verified against a draw per position: tokens 1-4 follow the target's chain."""
+    target, prompt = _tiny_target()
+    v, n = 12, 600
+    params = kiln.SamplingParams(max_tokens=4, ignore_eos=True, **setting)
+    llm = kiln.LLM(target, num_blocks=2000, block_size=4, max_num_seqs=n, max_num_batched_tokens=8192,
+                   speculative=LOOKUP, async_scheduling=True)  # fmt: skip
+    torch.manual_seed(0)
+    out = torch.tensor(_tokens(llm.generate([prompt] * n, params, use_tqdm=False)))  # (n, 4)
+    assert not llm._sync_ids and llm.stats["draft_tokens"] > n  # verified on the device, not in lockstep
+    assert 0.2 < llm.stats["acceptance_rate"] < 0.8  # drafts both kept and rejected
+    with torch.no_grad():  # the exact distributions of tokens 1-4 under the target
+        def probs(prefixes: list[list[int]]) -> torch.Tensor:
+            ctx = torch.tensor([prompt + list(p) for p in prefixes])
+            return processed_probs(target(input_ids=ctx).logits[:, -1], [params] * len(prefixes))
+
+        p1 = probs([[]])[0]
+        p2 = probs([[a] for a in range(v)])  # (a, b)
+        p3 = probs([[a, b] for a in range(v) for b in range(v)]).view(v, v, v)
+        p4 = probs([[a, b, c] for a in range(v) for b in range(v) for c in range(v)]).view(v, v, v, v)
+    joint = p1[:, None] * p2  # (a, b)
+    third = torch.einsum("ab,abc->abc", joint, p3)
+    assert chi_square_p(torch.bincount(out[:, 0] * v + out[:, 1], minlength=v * v), joint) > 1e-3
+    assert chi_square_p(torch.bincount(out[:, 2], minlength=v), third.sum((0, 1))) > 1e-3
+    assert chi_square_p(torch.bincount(out[:, 3], minlength=v), torch.einsum("abc,abcd->d", third, p4)) > 1e-3
+    _no_leaks(llm)
+
+
+def test_async_ngram_sampling_with_a_seed_is_reproducible_and_batch_invariant() -> None:
+    target, prompt = _tiny_target()
+    seeded = kiln.SamplingParams(temperature=0.8, top_p=0.95, max_tokens=16, seed=123, ignore_eos=True)
+    other = kiln.SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+
+    def run(batch: list[list[int]], params: list[kiln.SamplingParams]) -> list[list[int]]:
+        llm = kiln.LLM(target, num_blocks=96, block_size=4, speculative=LOOKUP, async_scheduling=True)
+        got = _tokens(llm.generate(batch, params, use_tqdm=False))
+        assert llm.stats["accepted_tokens"] > 0 and not llm._sync_ids
+        _no_leaks(llm)
+        return got
+
+    alone = run([prompt], [seeded])
+    assert run([prompt], [seeded]) == alone
+    with_others = run([prompt[4:], prompt, prompt[:9]], [other, seeded, other])
+    assert [with_others[1]] == alone
+    assert run([prompt], [dataclasses.replace(seeded, seed=124)]) != alone  # the seed decides

@@ -5,10 +5,9 @@ import dataclasses
 
 import pytest
 import torch
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kiln_testing import hf_llama
+from kiln_testing import chi_square_p, hf_llama, tiny_vocab_llama
 
 import kiln
 from kiln.runtime.drafters import DraftRequest, NgramDrafter
@@ -24,21 +23,6 @@ SETTINGS = [  # (temperature, top_p, top_k, min_p)
     dict(temperature=1.3, top_k=5),
     dict(temperature=0.9, top_p=0.9, min_p=0.05),
 ]
-
-
-def chi_square_p(observed: torch.Tensor, probs: torch.Tensor) -> float:
-    """p-value of Pearson's chi-square test of ``observed`` counts against ``probs``; outcomes with
-    probability 0 must never occur, and cells expecting fewer than 5 are pooled."""
-    observed, probs = observed.double().flatten(), probs.double().flatten()
-    assert observed[probs == 0].sum() == 0, "an outcome of probability 0 occurred"
-    expected = probs / probs.sum() * observed.sum()
-    small = (expected < 5) & (probs > 0)
-    obs = torch.cat([observed[expected >= 5], observed[small].sum().reshape(1)])
-    exp = torch.cat([expected[expected >= 5], expected[small].sum().reshape(1)])
-    obs, exp = obs[exp > 0], exp[exp > 0]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    dof = torch.tensor(float(len(obs) - 1), dtype=torch.double)
-    return float(torch.special.gammaincc(dof / 2, stat / 2))
 
 
 # -- the rejection sampler, many rows at once ---------------------------------------------------------
@@ -369,17 +353,8 @@ def test_random_workloads_with_speculation_leak_no_blocks(spec) -> None:
     assert llm.drafter.num_free_blocks == llm.drafter.num_blocks and not llm.drafter._states
 
 
-def _tiny_vocab_llama(layers: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.5,  # peaked distributions
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def test_engine_sampling_with_a_draft_model_keeps_the_target_distribution() -> None:
-    target = _tiny_vocab_llama(2, 11)
+    target = tiny_vocab_llama(11, layers=2, max_positions=64)
     draft = copy.deepcopy(target)  # a related but different drafter: the target's weights, perturbed
     with torch.no_grad():
         for w in draft.parameters():

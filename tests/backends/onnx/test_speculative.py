@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
+from kiln_testing import chi_square_p, tiny_vocab_llama
 
 import kiln
 from kiln.backends.onnx import OrtDraftModelDrafter, OrtGenerator, export_onnx
@@ -22,40 +22,10 @@ from kiln.runtime.speculative import SpeculativeConfig
 V = 12  # a small vocabulary: the chi-square test sees every token
 
 
-def _tiny_llama(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        initializer_range=0.5,  # peaked distributions
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def chi_square_p(observed: torch.Tensor, probs: torch.Tensor) -> float:
-    """p-value of Pearson's chi-square test of ``observed`` counts against ``probs`` (cells expecting < 5 pooled);
-    an outcome of probability 0 must never occur."""
-    observed, probs = observed.double().flatten(), probs.double().flatten()
-    assert observed[probs == 0].sum() == 0, "an outcome of probability 0 occurred"
-    expected = probs / probs.sum() * observed.sum()
-    small = (expected < 5) & (probs > 0)
-    obs = torch.cat([observed[expected >= 5], observed[small].sum().reshape(1)])
-    exp = torch.cat([expected[expected >= 5], expected[small].sum().reshape(1)])
-    obs, exp = obs[exp > 0], exp[exp > 0]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    dof = torch.tensor(float(len(obs) - 1), dtype=torch.double)
-    return float(torch.special.gammaincc(dof / 2, stat / 2))
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """The target and a related draft (the target's weights, perturbed), each exported as a KV-cache decoder."""
-    target = _tiny_llama(11)
+    target = tiny_vocab_llama(11)
     draft = copy.deepcopy(target)
     with torch.no_grad():
         for w in draft.parameters():
