@@ -39,7 +39,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.ir import infer_meta
 from kiln.parallel.tp_collectives import ALL_REDUCE, ROLE_KEY, WAIT, Emitter, default_group_name
-from kiln.parallel.tp_solver import LINEAR, RESHAPES
+from kiln.parallel.tp_solver import LINEARS, RESHAPES
 from kiln.parallel.tp_specs import operand_dims, reshape_groups, static, val
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 
@@ -201,7 +201,7 @@ class SequenceParallel(Pass):
     def _per_token(self, u: Node) -> tuple[int, list[tuple[Node, int]], tuple[Any, ...] | None] | None:
         """``(token axis of u, operands to slice locally, new args)`` when u acts per token, else None."""
         locals_ = [x for x in u.all_input_nodes if x in self.local]
-        if u.target == LINEAR:
+        if u.target in LINEARS:
             x = u.args[0]
             if u.meta.get(ROLE_KEY) in _REGION_ENTRIES or x not in self.local or len(locals_) != 1:
                 return None

@@ -44,7 +44,7 @@ from torch.fx import GraphModule, Node
 from kiln.errors import ConfigError
 from kiln.ir import infer_meta
 from kiln.parallel.tp_collectives import ALL_REDUCE, ROLE_KEY, Emitter, default_group_name
-from kiln.parallel.tp_solver import ATTENTION, LINEAR, RESHAPES, Solver, gqa, split_dim
+from kiln.parallel.tp_solver import ATTENTION, LINEAR, LINEARS, RESHAPES, Solver, bias_index, gqa, split_dim
 from kiln.parallel.tp_specs import Shard, static, val
 from kiln.pass_manager import Pass, PassResult, RewriteError
 
@@ -121,7 +121,7 @@ class ShardTensorParallel(Pass):
         for attn in [n for n in gm.graph.nodes if n.target == ATTENTION]:
             self._attention(solver, attn, stats)
         head = self._lm_head(gm)
-        for lin in [n for n in gm.graph.nodes if n.target == LINEAR]:
+        for lin in [n for n in gm.graph.nodes if n.target in LINEARS]:
             plan = solver.plan
             if lin is head or lin in plan.row or lin in plan.specs or _source(lin.args[1]) is None:
                 continue
@@ -217,8 +217,9 @@ class ShardTensorParallel(Pass):
         self._reinfer(gm, touched)
 
     def _all_reduce_after(self, gm: GraphModule, lin: Node, stats: Counter[str]) -> None:
-        bias = lin.args[2] if len(lin.args) > 2 else None
-        lin.args = lin.args[:2]
+        i = bias_index(lin)
+        bias = lin.args[i] if len(lin.args) > i else None
+        lin.args = lin.args[:2] if lin.target == LINEAR else (*lin.args[:i], None, *lin.args[i + 1 :])
         emit = Emitter(gm, lin, lin, self.world, self._group())
         out = emit.all_reduce(lin, "row")
         if isinstance(bias, Node):

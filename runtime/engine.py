@@ -126,7 +126,10 @@ class LLM:
         compile_config: the step graph's ``kiln.CompileConfig`` (``kv_cache=True``), e.g. to disable
             a pass: ``CompileConfig(kv_cache=True, disable=("merge-parallel-linears",))`` keeps
             the graph reading the model's own weight tensors, as training the model between
-            generations needs (one device; default: ``CompileConfig(kv_cache=True)``).
+            generations needs (default: ``CompileConfig(kv_cache=True)``). Under tensor or
+            pipeline parallelism every rank compiles it with its ``parallel`` set, e.g.
+            ``CompileConfig(quant=kiln.QuantConfig.preset("w4a16-g128"))`` shards the quantized
+            weights (weight-only quantization; the scales and packed codes split with them).
     """
 
     def __init__(
@@ -201,15 +204,16 @@ class LLM:
             )
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = _default_memory(dev)
-        if compile_config is not None and ranks > 1:
-            raise ConfigError("compile_config sets the one-device step graph; parallel ranks build their own")
+        if compile_config is not None and ranks > 1 and compile_config.parallel is not None:
+            raise ConfigError("compile_config.parallel is set by tensor_parallel_size and pipeline_parallel_size; "
+                              "leave it None")  # fmt: skip
         if ranks > 1:  # one process per rank, each with its shard (or stage) and its heads' (layers') cache
             from kiln.parallel.worker import ParallelModelRunner
 
             self.runner = ParallelModelRunner(
                 model, tensor_parallel_size=tensor_parallel_size, block_size=block_size, num_blocks=num_blocks,
                 kv_cache_memory=kv_cache_memory, device=dev, kv_cache_dtype=kv_cache_dtype,
-                pipeline_parallel_size=pipeline_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size, compile_config=compile_config,
             )  # fmt: skip
         else:
             self.runner = ModelRunner(

@@ -40,6 +40,10 @@ from kiln.parallel.tp_specs import (
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
+#: weight-only quantized linears (``lower-qdq``): ``(x, w, w_scale, w_zero_point, group_size, bias)``
+QLINEARS = frozenset({torch.ops.kiln.qlinear_w8a16.default, torch.ops.kiln.qlinear_w4a16.default})
+#: every linear the solver places: ``x`` first, the weight second, the bias at :func:`bias_index`
+LINEARS = frozenset({LINEAR, *QLINEARS})
 ATTENTION = torch.ops.kiln.attention.default
 RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
@@ -67,6 +71,51 @@ class Plan:
     param_users: dict[Node, set[Node]] = field(default_factory=dict)  # get_attr -> the users reading the slice
     column: set[Node] = field(default_factory=set)  # linears computing a slice of their outputs
     row: dict[Node, Shard] = field(default_factory=dict)  # linears contracting a sliced input -> the input's spec
+
+
+def bias_index(lin: Node) -> int:
+    """Where a linear of :data:`LINEARS` takes its bias."""
+    return 2 if lin.target == LINEAR else 5
+
+
+def _bias(lin: Node) -> object:
+    i = bias_index(lin)
+    return lin.args[i] if len(lin.args) > i else lin.kwargs.get("bias")
+
+
+def weight_specs(lin: Node, s: Shard, column: bool) -> list[tuple[object, Shard | None]]:
+    """The spec each weight-side operand of ``lin`` needs (weight, scale, zero point, bias).
+
+    ``column``: ``s`` slices the outputs (N): the weight's rows, a per-channel or group-wise
+    scale's rows and the bias follow; a per-tensor scale stays whole. Otherwise ``s`` slices the
+    contraction dim (K): the weight's columns follow (packed int4: two codes a byte, in blocks of
+    8 codes, so each boundary must fall on a block), a group-wise scale's group columns follow
+    (each boundary on a group), and a per-tensor or per-channel scale stays whole: each rank's
+    partial sum carries its output channel's scale, and the all-reduce adds them exactly. The
+    bias is added after the all-reduce.
+    """
+    w, b = lin.args[1], _bias(lin)
+    if lin.target == LINEAR:
+        return [(w, Shard(0, s.parts)), (b, Shard(0, s.parts))] if column else [(w, Shard(1, s.parts)), (b, None)]
+    scale, zero = lin.args[2], lin.args[3]
+    grouped = isinstance(scale, Node) and val(scale).dim() == 2  # type: ignore[union-attr]
+    if column:
+        per_row = None if isinstance(scale, Node) and val(scale).dim() == 0 else Shard(0, s.parts)  # type: ignore[union-attr]
+        return [(w, Shard(0, s.parts)), (scale, per_row), (zero, per_row), (b, Shard(0, s.parts))]
+    k = int(val(lin.args[0]).shape[-1])  # type: ignore[union-attr]
+    wspec: Shard | None = Shard(1, s.parts)
+    if lin.target == torch.ops.kiln.qlinear_w4a16.default:
+        if any(a % 8 or (b % 8 and b != k) for p in s.parts for a, b in p):
+            raise Rejected(f"packed int4 weights split K in blocks of 8 codes; the ranks' slices {s} do not", lin)
+        wspec = Shard(1, tuple(tuple((a // 2, b // 2) for a, b in p) for p in s.parts))
+    sspec = None
+    if grouped:
+        group = int(lin.args[4])  # type: ignore[arg-type]
+        sspec = s.descale(group)
+        if sspec is None:
+            raise Rejected(f"group-wise scales (group size {group}) need each rank's K slice {s} on whole groups", lin)
+        sspec = Shard(1, sspec.parts)
+    return [(w, wspec), (scale, sspec), (zero, sspec), (b, None)]
 
 
 def split_dim(n: Node) -> int:
@@ -179,7 +228,7 @@ class Solver:
         if x.target == operator.getitem:
             self._assign(x, s)
             return
-        if x.target == LINEAR and s.dim == val(x).dim() - 1:  # type: ignore[union-attr]
+        if x.target in LINEARS and s.dim == val(x).dim() - 1:  # type: ignore[union-attr]
             self.plan.column.add(x)
         self._assign(x, s)
 
@@ -191,12 +240,14 @@ class Solver:
             return
         if lin in self.plan.specs:
             raise Rejected("a linear would be both row- and column-parallel", lin)
-        x, w = lin.args[:2]
+        x = lin.args[0]
         k = static(val(x).shape[-1])  # type: ignore[union-attr]
         if k is None or not s.partitions(k):
             raise Rejected(f"the ranks' slices ({s}) do not partition the contraction dim of size {k}", lin)
+        specs = weight_specs(lin, s, column=False)
         self.plan.row[lin] = s
-        self._require(w, Shard(1, s.parts), lin)
+        for operand, spec in specs:
+            self._require(operand, spec, lin)
         self._require(x, s, lin)
 
     # -- propagation ------------------------------------------------------------------
@@ -219,11 +270,10 @@ class Solver:
     def _back(self, n: Node, s: Shard) -> list[tuple[object, Shard | None]]:
         """The spec each operand of ``n`` must have for ``n`` to have spec ``s``."""
         t, a = n.target, n.args
-        if t == LINEAR:
-            x, w, b = a[0], a[1], a[2] if len(a) > 2 else None
+        if t in LINEARS:
             if s.dim == val(n).dim() - 1:  # column-parallel  # type: ignore[union-attr]
-                return [(x, None), (w, Shard(0, s.parts)), (b, Shard(0, s.parts))]
-            return [(x, s), (w, None), (b, None)]  # per-token: sliced along another dim
+                return [(a[0], None), *weight_specs(n, s, column=True)]
+            return [(a[0], s), *((x, None) for x in a[1:] if isinstance(x, Node))]  # per-token: sliced along another dim
         if t == ATTENTION:
             return self._back_attention(n, s)
         if t == operator.getitem:
@@ -268,7 +318,7 @@ class Solver:
                 need = expected[0] if expected else "whole"
                 raise Rejected(f"%{u.name} needs %{n.name} as {need}, but it is {s}", u)
             return
-        if u.target == LINEAR:
+        if u.target in LINEARS:
             x, w = u.args[:2]
             if n is x:
                 if s.dim == val(n).dim() - 1:  # type: ignore[union-attr]
@@ -337,4 +387,5 @@ class Solver:
         self._require(t.args[0], concat([(offsets[i], cur.get(i)) for i in range(len(sizes))], dim, self.world), t)
 
 
-__all__ = ["ATTENTION", "LINEAR", "RESHAPES", "SPLITS", "Plan", "Rejected", "Solver", "gqa", "split_dim", "split_sizes"]
+__all__ = ["ATTENTION", "LINEAR", "LINEARS", "QLINEARS", "RESHAPES", "SPLITS", "Plan", "Rejected", "Solver", "bias_index",
+           "gqa", "split_dim", "split_sizes", "weight_specs"]

@@ -230,12 +230,16 @@ class ParallelModelRunner:
 
     def __init__(self, model: torch.nn.Module, *, tensor_parallel_size: int, block_size: int, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, device: torch.device | str | None = None,
-                 kv_cache_dtype: Any = None, pipeline_parallel_size: int = 1) -> None:  # fmt: skip
+                 kv_cache_dtype: Any = None, pipeline_parallel_size: int = 1, compile_config: Any = None) -> None:  # fmt: skip
+        import dataclasses
+
         import kiln
 
         device = torch.device(device) if device is not None else next(model.parameters()).device
         parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
-        config = kiln.CompileConfig(kv_cache=True, parallel=parallel)
+        # every rank compiles the same step graph (e.g. with compile_config's weight quantization), then its shard
+        base = compile_config if compile_config is not None else kiln.CompileConfig()
+        config = dataclasses.replace(base, kv_cache=True, parallel=parallel)
         self.output_rank = parallel.world_size - tensor_parallel_size  # shard 0 of the last stage
         self.group = WorkerGroup(parallel.world_size, device.type)
         infos = self.group.call("runner_init", model, block_size, num_blocks, kv_cache_memory, config, kv_cache_dtype)

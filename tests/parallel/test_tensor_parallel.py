@@ -192,3 +192,75 @@ def test_llm_generation_under_tp2_equals_single_device() -> None:
         sharded.runner.close()
     assert got == want
     assert all(len(t) == 6 for t in got)
+
+
+# -- weight-only quantized linears ------------------------------------------------------------
+
+
+def _int4(group: int) -> kiln.QuantConfig:
+    return kiln.QuantConfig.preset("w4a16-g128", weights=kiln.QuantSpec(dtype="int4", granularity=kiln.PerGroup(group)))
+
+
+QUANTIZED = {  # llama-tiny: K = 64 (attention output) and 176 (MLP down: 88 a rank = 11 groups of 8)
+    "w8a16-per-channel": kiln.QuantConfig.preset("w8a16"),
+    "w8a16-per-tensor": kiln.QuantConfig.preset("w8a16", weights=kiln.QuantSpec(dtype="int8", granularity=kiln.PerTensor())),
+    "w4a16-g8": _int4(8),
+}
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_quantized_shards_compute_the_single_device_quantized_model(name: str) -> None:
+    """Quantize first, then shard: each rank holds its slice of the codes, scales and zero points, and the
+    lockstep shards give the single-device quantized graph's logits (fp32)."""
+    model, quant = tiny_llama(), QUANTIZED[name]
+    ids = torch.randint(0, 100, (1, 6))
+    single = kiln.compile(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=quant))
+    shards = compile_shards(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=quant, parallel=TP2))
+    stats = shards[0].stats["shard-tensor-parallel"]
+    assert stats["attention_sharded"] == 2 and stats["mlp_sharded"] == 2 and stats["all_reduces"] == 5
+    gm = shards[1].graph_module
+    qlinears = [n for n in gm.graph.nodes if str(n.target).startswith("kiln.qlinear")]
+    assert len(qlinears) == 14  # 7 projections a layer; the LM head stays in full precision (skip)
+    for n in qlinears:  # every projection holds half of its weight: rows (column-parallel) or K (row-parallel)
+        full = next(m for m in single.graph_module.graph.nodes if m.name == n.name)
+        assert n.args[1].meta["val"].numel() * 2 == full.args[1].meta["val"].numel(), n.name
+    x = torch.randint(0, 500, (1, 9))
+    with torch.no_grad():
+        want = _logits(single(input_ids=x))
+        got = _logits(run_lockstep([s.graph_module for s in shards], [x])[0])
+    assert _rel(got, want) <= 1e-5
+    assert _rel(got, _logits(model(input_ids=x))) > 1e-4  # quantized: not the float model's logits
+
+
+def test_quantized_sharding_refuses_slices_off_the_groups() -> None:
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 100, (1, 6))
+    shards = compile_shards(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=_int4(16), parallel=TP2), ranks=[0])
+    stats = shards[0].stats["shard-tensor-parallel"]  # 88 of the MLP's 176 inputs a rank: 5.5 groups of 16
+    assert stats["attention_sharded"] == 1 and "mlp_sharded" not in stats
+    x = torch.randint(0, 500, (1, 7))
+    with torch.no_grad():  # the MLP stays whole on every rank: still the single-device model
+        single = kiln.compile(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=_int4(16)))
+        both = compile_shards(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=_int4(16), parallel=TP2))
+        assert _rel(_logits(run_lockstep([s.graph_module for s in both], [x])[0]), _logits(single(input_ids=x))) <= 1e-5
+    attn_only = dataclasses.replace(_int4(32), skip=("lm_head", "down_proj"))
+    tp4 = kiln.CompileConfig(quant=attn_only, parallel=kiln.ParallelConfig(tensor_parallel_size=4))
+    with pytest.raises(kiln.PassError, match="group-wise scales .group size 32. need each rank's K slice"):
+        compile_shards(model, {"input_ids": ids}, config=tp4, ranks=[0])  # 16 attention outputs a rank
+    with pytest.raises(kiln.ConfigError, match="quantized activations .* under tensor parallelism"):
+        kiln.CompileConfig(quant=kiln.QuantConfig.preset("w8a8"), parallel=TP2)
+
+
+def test_llm_generation_of_a_quantized_model_under_tp2_equals_single_device() -> None:
+    model = tiny_llama()
+    prompts = [[5, 17, 99, 3, 42, 7, 11], [200, 1, 2]]
+    params = kiln.SamplingParams(max_tokens=6, temperature=0.0)
+    config = kiln.CompileConfig(kv_cache=True, quant=_int4(8))
+    single = kiln.LLM(model, num_blocks=16, block_size=4, compile_config=config)
+    want = [o.outputs[0].token_ids for o in single.generate(prompts, params, use_tqdm=False)]
+    sharded = kiln.LLM(model, num_blocks=16, block_size=4, tensor_parallel_size=2, compile_config=config)
+    try:
+        got = [o.outputs[0].token_ids for o in sharded.generate(prompts, params, use_tqdm=False)]
+    finally:
+        sharded.runner.close()
+    assert got == want
