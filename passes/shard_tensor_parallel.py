@@ -17,6 +17,10 @@ Matches (by propagation on the graph, :mod:`kiln.parallel.tp_solver`; no module 
                 into a table of the same vocabulary size (tied or not).
 Rewrites to, for rank ``rank`` of ``world_size``:
     column-parallel linears (q, k, v, gate, up, fused QKV, fc): weight rows and bias sliced;
+    weight-only quantized linears (``kiln::qlinear_w8a16`` / ``_w4a16``, from ``lower-qdq``) are
+        placed like linears: their codes, per-channel or group-wise scales and zero points are
+        sliced with the weight (a row-parallel slice of packed int4 on 8-code blocks, of group-wise
+        scales on whole groups, else the region is rejected with that reason);
     row-parallel linears (o, down): weight columns sliced, then ``_c10d_functional.all_reduce`` +
         ``wait_tensor``, then the bias;
     heads: reshapes with head counts get the per-rank counts; kv heads are split when the ranks'
