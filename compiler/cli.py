@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step at most (k)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="store the paged KV cache quantized")
+    g.add_argument("--quant", help="quantize the weights first with this preset (w8a16, w4a16-g128, w8a8, fp8; "
+                   "round to nearest)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the model over this many ranks (worker processes; one GPU each on CUDA)")
     g.add_argument("--torch-compile", action="store_true",
                    help="fuse the step graphs with inductor before capturing them (a GPU; longer start-up)")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
@@ -229,9 +233,16 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
     elif args.speculative:
         spec = kiln.SpeculativeConfig(method="draft_model", draft_model=args.speculative,
                                       num_speculative_tokens=args.num_speculative_tokens)
+    config = kiln.CompileConfig(kv_cache=True, quant=kiln.QuantConfig.preset(args.quant)) if args.quant else None
     with console.status(f"loading and compiling {args.model}"):
         llm = kiln.LLM(args.model, device=device, dtype=dtype, speculative=spec, kv_cache_dtype=args.kv_cache_dtype,
-                       torch_compile=args.torch_compile)
+                       torch_compile=args.torch_compile, compile_config=config,
+                       tensor_parallel_size=args.tensor_parallel_size)
+    with llm:
+        return _generate(llm, args, spec, console)
+
+
+def _generate(llm: kiln.LLM, args: argparse.Namespace, spec: object, console: Console) -> int:
     params = kiln.SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
         seed=args.seed, stop=tuple(args.stop),

@@ -371,6 +371,18 @@ class LLM:
         """Release a pin from :meth:`pin_prefix`; its blocks become evictable (still cached)."""
         self.scheduler.kv_cache_manager.release(handle)
 
+    def close(self) -> None:
+        """Stop the worker processes of tensor- and pipeline-parallel ranks (nothing to do on one device)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

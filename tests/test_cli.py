@@ -47,6 +47,19 @@ def test_generate_speculates_with_a_draft_model(capsys) -> None:
     assert text and text == [line for line in spec.splitlines() if line.startswith("def read_config")]  # greedy
 
 
+def test_generate_quantized_and_sharded_over_two_ranks(capsys) -> None:
+    args = ["generate", "models/kiln-teacher", "def read_config(path):", "--max-tokens", "10", "--device", "cpu",
+            "--quant", "w8a16"]  # fmt: skip
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert main([*args, "--tensor-parallel-size", "2"]) == 0
+    two = capsys.readouterr().out
+    text = [line for line in one.splitlines() if line.startswith("def read_config")]
+    assert text and text == [line for line in two.splitlines() if line.startswith("def read_config")]  # greedy
+    assert main([*args[:-1], "w4a16-g128", "--tensor-parallel-size", "2"]) == 1  # 192 inputs a rank: 1.5 groups
+    assert "whole groups" in capsys.readouterr().out
+
+
 def test_generate_torch_compile_on_the_cpu_is_a_clear_error(capsys) -> None:
     args = ["generate", "models/kiln-teacher", "hello", "--max-tokens", "2", "--device", "cpu", "--torch-compile"]
     assert main(args) == 1
