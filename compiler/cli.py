@@ -99,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step at most (k)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="store the paged KV cache quantized")
-    g.add_argument("--quant", help="quantize the weights first with this preset (w8a16, w4a16-g128, w8a8, fp8; "
-                   "round to nearest)")
+    g.add_argument("--quant", help="quantize first with this preset, round to nearest: w8a16, w4a16-g128, fp8 "
+                   "(w8a8 smooths with calibration data: use kiln quantize)")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard the model over this many ranks (worker processes; one GPU each on CUDA)")
     g.add_argument("--torch-compile", action="store_true",

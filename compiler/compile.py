@@ -325,11 +325,6 @@ def _check_parallel(config: CompileConfig) -> None:
     if par.pipeline_parallel_size > 1 and par.sequence_parallel:
         raise ConfigError("sequence parallelism inside pipeline stages is not implemented; "
                           "use sequence_parallel with tensor parallelism alone")  # fmt: skip
-    quant = config.quant
-    if par.tensor_parallel_size > 1 and quant is not None and getattr(quant, "activations", None) is not None:
-        raise ConfigError("quantized activations (w8a8, fp8) under tensor parallelism are not implemented yet: "
-                          "a row-parallel linear's per-token activation scale would span the ranks' slices. Use "
-                          "weight-only quantization (w8a16, w4a16) with tensor_parallel_size, or one device")
 
 
 def compile_pipeline_names(config: CompileConfig | None = None) -> Sequence[str]:

@@ -17,10 +17,12 @@ Matches (by propagation on the graph, :mod:`kiln.parallel.tp_solver`; no module 
                 into a table of the same vocabulary size (tied or not).
 Rewrites to, for rank ``rank`` of ``world_size``:
     column-parallel linears (q, k, v, gate, up, fused QKV, fc): weight rows and bias sliced;
-    weight-only quantized linears (``kiln::qlinear_w8a16`` / ``_w4a16``, from ``lower-qdq``) are
-        placed like linears: their codes, per-channel or group-wise scales and zero points are
-        sliced with the weight (a row-parallel slice of packed int4 on 8-code blocks, of group-wise
-        scales on whole groups, else the region is rejected with that reason);
+    quantized linears (``kiln::qlinear_*``, from ``lower-qdq``) are placed like linears: their
+        codes, per-channel or group-wise scales and zero points are sliced with the weight (a
+        row-parallel slice of packed int4 on 8-code blocks, of group-wise scales on whole groups,
+        else the region is rejected with that reason); a row-parallel input's dynamic activation
+        scale (``kiln::dynamic_scale``, max|x| / qmax over its slice) gets an all-reduce of the
+        maximum, so every rank quantizes its slice with the whole input's scale;
     row-parallel linears (o, down): weight columns sliced, then ``_c10d_functional.all_reduce`` +
         ``wait_tensor``, then the bias;
     heads: reshapes with head counts get the per-rank counts; kv heads are split when the ranks'
@@ -33,7 +35,7 @@ Requires: canonical forms (``canonicalize``) and fused attention (``fuse-attenti
 Establishes: one all-reduce per row-parallel linear and per embedding; the graph computes, summed
     over ranks by those collectives, exactly the unsharded graph's outputs.
 Statistics: ``attention_sharded``, ``mlp_sharded``, ``column_linears``, ``row_linears``,
-    ``all_reduces``, ``all_gathers``, ``weights_sliced``, ``kv_heads_replicated``,
+    ``all_reduces``, ``scale_all_reduces``, ``all_gathers``, ``weights_sliced``, ``kv_heads_replicated``,
     ``vocab_parallel_embeddings``, ``vocab_parallel_lm_heads``, ``vocab_padding``.
 """
 
@@ -48,7 +50,17 @@ from torch.fx import GraphModule, Node
 from kiln.errors import ConfigError
 from kiln.ir import infer_meta
 from kiln.parallel.tp_collectives import ALL_REDUCE, ROLE_KEY, Emitter, default_group_name
-from kiln.parallel.tp_solver import ATTENTION, LINEAR, LINEARS, RESHAPES, Solver, bias_index, gqa, split_dim
+from kiln.parallel.tp_solver import (
+    ATTENTION,
+    LINEAR,
+    LINEARS,
+    RESHAPES,
+    Solver,
+    bias_index,
+    gqa,
+    split_dim,
+    weight_of,
+)
 from kiln.parallel.tp_specs import Shard, static, val
 from kiln.pass_manager import Pass, PassResult, RewriteError
 
@@ -127,7 +139,7 @@ class ShardTensorParallel(Pass):
         head = self._lm_head(gm)
         for lin in [n for n in gm.graph.nodes if n.target in LINEARS]:
             plan = solver.plan
-            if lin is head or lin in plan.row or lin in plan.specs or _source(lin.args[1]) is None:
+            if lin is head or lin in plan.row or lin in plan.specs or _source(weight_of(lin)) is None:
                 continue
             k = static(val(lin.args[0]).shape[-1])  # type: ignore[union-attr]
             spec = Shard.even(val(lin.args[0]).dim() - 1, k, self.world) if k else None  # type: ignore[union-attr]
@@ -216,8 +228,15 @@ class ShardTensorParallel(Pass):
             lin.meta[ROLE_KEY] = "column"  # its input is whole on every rank (sequence-parallel gathers it)
         for lin in plan.row:
             self._all_reduce_after(gm, lin, stats)
+        for scale in plan.max_scales:  # a sliced activation's dynamic scale: the maximum over every rank's slice
+            emit = Emitter(gm, scale, scale, self.world, self._group())
+            out = emit.all_reduce(scale, "activation_scale", op="max")
+            made = set(emit.created)
+            scale.replace_all_uses_with(out, delete_user_cb=lambda u, m=made: u not in m)  # type: ignore[misc]
+            stats["scale_all_reduces"] += 1
         touched |= set(plan.specs) | set(plan.tuples) | set(plan.row)
         self._embeddings(gm, plan.params, stats, touched)
+        self._expected_reduces += int(stats["scale_all_reduces"])
         self._reinfer(gm, touched)
 
     def _all_reduce_after(self, gm: GraphModule, lin: Node, stats: Counter[str]) -> None:

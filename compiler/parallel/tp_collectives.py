@@ -78,10 +78,10 @@ class Emitter:
         finally:
             self._unit = None
 
-    def all_reduce(self, x: Node, role: str) -> Node:
-        """``sum over ranks of x``: (all_reduce, wait)."""
+    def all_reduce(self, x: Node, role: str, op: str = "sum") -> Node:
+        """``op`` (``sum``, ``max``) over ranks of x: (all_reduce, wait)."""
         with self.unit():
-            ar = self(ALL_REDUCE, x, "sum", self.group)
+            ar = self(ALL_REDUCE, x, op, self.group)
             ar.meta[ROLE_KEY] = role
             return self(WAIT, ar)
 

@@ -48,7 +48,8 @@ def compile_shards(model: torch.nn.Module | Capture, example_inputs: Any = (), e
 def _collective(target: object, values: list[Any], args: list[tuple[Any, ...]]) -> list[Any]:
     world = len(values)
     if target == ALL_REDUCE:
-        total = torch.stack(values).sum(0)
+        stacked = torch.stack(values)
+        total = stacked.amax(0) if args[0][1] == "max" else stacked.sum(0)
         return [total.clone() for _ in range(world)]
     if target == ALL_GATHER:
         return [torch.cat(values, 0) for _ in range(world)]

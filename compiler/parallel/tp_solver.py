@@ -39,12 +39,24 @@ from kiln.parallel.tp_specs import (
 )
 
 aten = torch.ops.aten
+kiln_ops = torch.ops.kiln
 LINEAR = aten.linear.default
-#: weight-only quantized linears (``lower-qdq``): ``(x, w, w_scale, w_zero_point, group_size, bias)``
-QLINEARS = frozenset({torch.ops.kiln.qlinear_w8a16.default, torch.ops.kiln.qlinear_w4a16.default})
-#: every linear the solver places: ``x`` first, the weight second, the bias at :func:`bias_index`
-LINEARS = frozenset({LINEAR, *QLINEARS})
-ATTENTION = torch.ops.kiln.attention.default
+#: Argument positions of each linear the solver places (``lower-qdq``'s ``kiln::qlinear_*`` too):
+#: ``x`` (the activation, or its codes), its scale and zero point (quantized activations), the
+#: weight, its scale and zero point, and the bias.
+_SLOTS: dict[object, dict[str, int]] = {
+    LINEAR: {"x": 0, "w": 1, "bias": 2},
+    kiln_ops.qlinear_w8a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero": 3, "group": 4, "bias": 5},
+    kiln_ops.qlinear_w4a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero": 3, "group": 4, "bias": 5},
+    kiln_ops.qlinear_w8a8.default: {"x": 0, "x_scale": 1, "x_zero": 2, "w": 3, "w_scale": 4, "bias": 5},
+    kiln_ops.qlinear_fp8.default: {"x": 0, "x_scale": 1, "w": 2, "w_scale": 3, "bias": 4},
+}
+QLINEARS = frozenset(t for t in _SLOTS if t != LINEAR)
+LINEARS = frozenset(_SLOTS)
+#: ``kiln::dynamic_scale``: a per-token (or per-tensor) ``max|x| / qmax``; over a sliced input, each rank's
+#: value is its slice's maximum, and an all-reduce of the maximum gives every rank the whole input's scale.
+DYNAMIC_SCALE = kiln_ops.dynamic_scale.default
+ATTENTION = kiln_ops.attention.default
 RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 
@@ -71,16 +83,28 @@ class Plan:
     param_users: dict[Node, set[Node]] = field(default_factory=dict)  # get_attr -> the users reading the slice
     column: set[Node] = field(default_factory=set)  # linears computing a slice of their outputs
     row: dict[Node, Shard] = field(default_factory=dict)  # linears contracting a sliced input -> the input's spec
+    max_scales: set[Node] = field(default_factory=set)  # dynamic_scale nodes of sliced inputs: all-reduced (max)
 
 
 def bias_index(lin: Node) -> int:
     """Where a linear of :data:`LINEARS` takes its bias."""
-    return 2 if lin.target == LINEAR else 5
+    return _SLOTS[lin.target]["bias"]
+
+
+def operand(lin: Node, slot: str) -> object:
+    """The argument of linear ``lin`` in ``slot`` (``x``, ``w``, ``w_scale``, ...; None when it has none)."""
+    i = _SLOTS[lin.target].get(slot)
+    if i is None:
+        return None
+    return lin.args[i] if len(lin.args) > i else lin.kwargs.get("bias" if slot == "bias" else slot)
+
+
+def weight_of(lin: Node) -> object:
+    return operand(lin, "w")
 
 
 def _bias(lin: Node) -> object:
-    i = bias_index(lin)
-    return lin.args[i] if len(lin.args) > i else lin.kwargs.get("bias")
+    return operand(lin, "bias")
 
 
 def weight_specs(lin: Node, s: Shard, column: bool) -> list[tuple[object, Shard | None]]:
@@ -94,28 +118,29 @@ def weight_specs(lin: Node, s: Shard, column: bool) -> list[tuple[object, Shard 
     partial sum carries its output channel's scale, and the all-reduce adds them exactly. The
     bias is added after the all-reduce.
     """
-    w, b = lin.args[1], _bias(lin)
+    w, b = weight_of(lin), _bias(lin)
     if lin.target == LINEAR:
         return [(w, Shard(0, s.parts)), (b, Shard(0, s.parts))] if column else [(w, Shard(1, s.parts)), (b, None)]
-    scale, zero = lin.args[2], lin.args[3]
+    scale, zero = operand(lin, "w_scale"), operand(lin, "w_zero")
+    acts = [(operand(lin, "x_scale"), None), (operand(lin, "x_zero"), None)]  # the whole input's: see DYNAMIC_SCALE
     grouped = isinstance(scale, Node) and val(scale).dim() == 2  # type: ignore[union-attr]
     if column:
         per_row = None if isinstance(scale, Node) and val(scale).dim() == 0 else Shard(0, s.parts)  # type: ignore[union-attr]
-        return [(w, Shard(0, s.parts)), (scale, per_row), (zero, per_row), (b, Shard(0, s.parts))]
+        return [(w, Shard(0, s.parts)), (scale, per_row), (zero, per_row), (b, Shard(0, s.parts)), *acts]
     k = int(val(lin.args[0]).shape[-1])  # type: ignore[union-attr]
     wspec: Shard | None = Shard(1, s.parts)
-    if lin.target == torch.ops.kiln.qlinear_w4a16.default:
+    if lin.target == kiln_ops.qlinear_w4a16.default:
         if any(a % 8 or (b % 8 and b != k) for p in s.parts for a, b in p):
             raise Rejected(f"packed int4 weights split K in blocks of 8 codes; the ranks' slices {s} do not", lin)
         wspec = Shard(1, tuple(tuple((a // 2, b // 2) for a, b in p) for p in s.parts))
     sspec = None
     if grouped:
-        group = int(lin.args[4])  # type: ignore[arg-type]
+        group = int(operand(lin, "group"))  # type: ignore[call-overload]
         sspec = s.descale(group)
         if sspec is None:
             raise Rejected(f"group-wise scales (group size {group}) need each rank's K slice {s} on whole groups", lin)
         sspec = Shard(1, sspec.parts)
-    return [(w, wspec), (scale, sspec), (zero, sspec), (b, None)]
+    return [(w, wspec), (scale, sspec), (zero, sspec), (b, None), *acts]
 
 
 def split_dim(n: Node) -> int:
@@ -174,7 +199,8 @@ class Solver:
         """
         saved = copy.copy(self.plan)
         self.plan = Plan(dict(saved.specs), {k: dict(v) for k, v in saved.tuples.items()}, dict(saved.params),
-                         {k: set(v) for k, v in saved.param_users.items()}, set(saved.column), dict(saved.row))
+                         {k: set(v) for k, v in saved.param_users.items()}, set(saved.column), dict(saved.row),
+                         set(saved.max_scales))  # fmt: skip
         self._queue.clear()
         self._pending.clear()
         try:
@@ -318,8 +344,14 @@ class Solver:
                 need = expected[0] if expected else "whole"
                 raise Rejected(f"%{u.name} needs %{n.name} as {need}, but it is {s}", u)
             return
+        if u.target == DYNAMIC_SCALE and n is u.args[0]:
+            per_token = u.args[2] if len(u.args) > 2 else u.kwargs.get("per_token", True)
+            if per_token and s.dim != val(n).dim() - 1:  # type: ignore[union-attr]
+                raise Rejected(f"a per-token activation scale over tokens sliced along dim {s.dim}", u)
+            self.plan.max_scales.add(u)  # whole on every rank after an all-reduce of the maximum
+            return
         if u.target in LINEARS:
-            x, w = u.args[:2]
+            x, w = u.args[0], weight_of(u)
             if n is x:
                 if s.dim == val(n).dim() - 1:  # type: ignore[union-attr]
                     self._row(u, s)
@@ -387,5 +419,5 @@ class Solver:
         self._require(t.args[0], concat([(offsets[i], cur.get(i)) for i in range(len(sizes))], dim, self.world), t)
 
 
-__all__ = ["ATTENTION", "LINEAR", "LINEARS", "QLINEARS", "RESHAPES", "SPLITS", "Plan", "Rejected", "Solver", "bias_index",
-           "gqa", "split_dim", "split_sizes", "weight_specs"]
+__all__ = ["ATTENTION", "DYNAMIC_SCALE", "LINEAR", "LINEARS", "QLINEARS", "RESHAPES", "SPLITS", "Plan", "Rejected", "Solver",
+           "bias_index", "gqa", "operand", "split_dim", "split_sizes", "weight_of", "weight_specs"]

@@ -212,7 +212,10 @@ def operand_dims(n: Node) -> tuple[list[tuple[Node, DimMap]], set[int]] | None:
     t, a = n.target, n.args
     rank, shape = out.dim(), tuple(out.shape)
     ident: DimMap = lambda d: d  # noqa: E731
-    if t in ELEMENTWISE:
+    per_element_quantize = t == torch.ops.kiln.quantize.default and not any(
+        (a[i] if len(a) > i else n.kwargs.get(k)) is not None for i, k in ((6, "axis"), (7, "group_size"))
+    )  # an activation's quantize: its scale (and zero point) broadcast like a binary op's operand
+    if t in ELEMENTWISE or per_element_quantize:
         operands = [x for x in (*a, *n.kwargs.values()) if isinstance(x, Node) and val(x) is not None]
         if t == aten.type_as.default:
             operands = operands[:1]

@@ -19,6 +19,7 @@ from kiln.models.presets import from_config, get_preset
 from kiln.parallel.launch import launch
 from kiln.parallel.tp_collectives import collective_counts
 from kiln.parallel.tp_shards import compile_shards, run_lockstep
+from kiln.parallel.tp_solver import weight_of
 
 TP2 = kiln.ParallelConfig(tensor_parallel_size=2)
 
@@ -201,11 +202,21 @@ def _int4(group: int) -> kiln.QuantConfig:
     return kiln.QuantConfig.preset("w4a16-g128", weights=kiln.QuantSpec(dtype="int4", granularity=kiln.PerGroup(group)))
 
 
+_CALIBRATION = torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(3))
 QUANTIZED = {  # llama-tiny: K = 64 (attention output) and 176 (MLP down: 88 a rank = 11 groups of 8)
     "w8a16-per-channel": kiln.QuantConfig.preset("w8a16"),
     "w8a16-per-tensor": kiln.QuantConfig.preset("w8a16", weights=kiln.QuantSpec(dtype="int8", granularity=kiln.PerTensor())),
     "w4a16-g8": _int4(8),
+    # per-token dynamic activations: a row-parallel input's scale is all-reduced (max) over the ranks' slices
+    "w8a8-smoothquant": kiln.QuantConfig.preset("w8a8").with_calibration(_CALIBRATION),
+    "fp8": kiln.QuantConfig.preset("fp8"),
+    # a calibrated (static) per-tensor activation scale holds for every slice as it is
+    "w8a8-static": kiln.QuantConfig(
+        weights=kiln.QuantSpec(dtype="int8", granularity=kiln.PerAxis(0)),
+        activations=kiln.QuantSpec(dtype="int8", granularity=kiln.PerTensor(), dynamic=False),
+    ).with_calibration(_CALIBRATION),
 }
+_SCALE_REDUCES = {"w8a8-smoothquant": 4, "fp8": 4}  # o and down projections of 2 layers
 
 
 @pytest.mark.parametrize("name", list(QUANTIZED))
@@ -218,12 +229,13 @@ def test_quantized_shards_compute_the_single_device_quantized_model(name: str) -
     shards = compile_shards(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=quant, parallel=TP2))
     stats = shards[0].stats["shard-tensor-parallel"]
     assert stats["attention_sharded"] == 2 and stats["mlp_sharded"] == 2 and stats["all_reduces"] == 5
+    assert stats.get("scale_all_reduces", 0) == _SCALE_REDUCES.get(name, 0)
     gm = shards[1].graph_module
     qlinears = [n for n in gm.graph.nodes if str(n.target).startswith("kiln.qlinear")]
     assert len(qlinears) == 14  # 7 projections a layer; the LM head stays in full precision (skip)
     for n in qlinears:  # every projection holds half of its weight: rows (column-parallel) or K (row-parallel)
         full = next(m for m in single.graph_module.graph.nodes if m.name == n.name)
-        assert n.args[1].meta["val"].numel() * 2 == full.args[1].meta["val"].numel(), n.name
+        assert weight_of(n).meta["val"].numel() * 2 == weight_of(full).meta["val"].numel(), n.name
     x = torch.randint(0, 500, (1, 9))
     with torch.no_grad():
         want = _logits(single(input_ids=x))
@@ -247,8 +259,6 @@ def test_quantized_sharding_refuses_slices_off_the_groups() -> None:
     tp4 = kiln.CompileConfig(quant=attn_only, parallel=kiln.ParallelConfig(tensor_parallel_size=4))
     with pytest.raises(kiln.PassError, match="group-wise scales .group size 32. need each rank's K slice"):
         compile_shards(model, {"input_ids": ids}, config=tp4, ranks=[0])  # 16 attention outputs a rank
-    with pytest.raises(kiln.ConfigError, match="quantized activations .* under tensor parallelism"):
-        kiln.CompileConfig(quant=kiln.QuantConfig.preset("w8a8"), parallel=TP2)
 
 
 def test_llm_generation_of_a_quantized_model_under_tp2_equals_single_device() -> None:
