@@ -244,6 +244,19 @@ def test_quantized_shards_compute_the_single_device_quantized_model(name: str) -
     assert _rel(got, _logits(model(input_ids=x))) > 1e-4  # quantized: not the float model's logits
 
 
+@pytest.mark.parametrize("name", ["w4a16-g8", "fp8"])
+def test_quantized_shards_with_sequence_parallelism(name: str) -> None:
+    model, quant = tiny_llama(layers=1), QUANTIZED[name]
+    ids = torch.randint(0, 100, (1, 6))
+    single = kiln.compile(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=quant))
+    sp = kiln.ParallelConfig(tensor_parallel_size=2, sequence_parallel=True)
+    shards = compile_shards(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=quant, parallel=sp))
+    assert shards[0].stats["sequence-parallel"]["reduce_scatters"] == 3  # the embedding's, o's and down's
+    x = torch.randint(0, 500, (1, 9))
+    with torch.no_grad():
+        assert _rel(_logits(run_lockstep([s.graph_module for s in shards], [x])[0]), _logits(single(input_ids=x))) <= 1e-5
+
+
 def test_quantized_sharding_refuses_slices_off_the_groups() -> None:
     model = tiny_llama(layers=1)
     ids = torch.randint(0, 100, (1, 6))
