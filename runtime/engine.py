@@ -129,7 +129,7 @@ class LLM:
             generations needs (default: ``CompileConfig(kv_cache=True)``). Under tensor or
             pipeline parallelism every rank compiles it with its ``parallel`` set, e.g.
             ``CompileConfig(quant=kiln.QuantConfig.preset("w4a16-g128"))`` shards the quantized
-            weights (weight-only quantization; the scales and packed codes split with them).
+            model (its codes, scales and zero points split with the weights).
     """
 
     def __init__(
