@@ -274,16 +274,15 @@ def test_quantized_sharding_refuses_slices_off_the_groups() -> None:
         compile_shards(model, {"input_ids": ids}, config=tp4, ranks=[0])  # 16 attention outputs a rank
 
 
-def test_llm_generation_of_a_quantized_model_under_tp2_equals_single_device() -> None:
+@pytest.mark.parametrize(("quant", "tp", "pp"), [("w4a16-g8", 2, 1), ("fp8", 1, 2)])
+def test_llm_generation_of_a_quantized_model_under_tp_or_pp_equals_single_device(quant: str, tp: int, pp: int) -> None:
     model = tiny_llama()
     prompts = [[5, 17, 99, 3, 42, 7, 11], [200, 1, 2]]
     params = kiln.SamplingParams(max_tokens=6, temperature=0.0)
-    config = kiln.CompileConfig(kv_cache=True, quant=_int4(8))
+    config = kiln.CompileConfig(kv_cache=True, quant=QUANTIZED[quant])
     single = kiln.LLM(model, num_blocks=16, block_size=4, compile_config=config)
     want = [o.outputs[0].token_ids for o in single.generate(prompts, params, use_tqdm=False)]
-    sharded = kiln.LLM(model, num_blocks=16, block_size=4, tensor_parallel_size=2, compile_config=config)
-    try:
+    with kiln.LLM(model, num_blocks=16, block_size=4, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                  compile_config=config) as sharded:  # fmt: skip
         got = [o.outputs[0].token_ids for o in sharded.generate(prompts, params, use_tqdm=False)]
-    finally:
-        sharded.runner.close()
     assert got == want
