@@ -68,6 +68,9 @@ def _default_memory(device: torch.device) -> int:
     return 256 * 2**20
 
 
+_GREEDY_ROW = (SamplingParams(temperature=0.0), None)  # a logits row nothing samples from
+
+
 class LLM:
     """Generate text with a compiled model over a paged KV cache.
 
@@ -448,8 +451,9 @@ class LLM:
         seqs = [s for _, s in wanted]
         if not seqs:
             return PendingOutput(so, {}, torch.empty(0, dtype=torch.long, device=logits.device))
+        positions = [steps[r].start_position + len(steps[r].token_ids) for r, _ in wanted]  # one row a step
         out = sample(self._picked(logits, wanted), [s.request.sampling_params for s in seqs],
-                     [s.generator for s in seqs])  # fmt: skip
+                     [s.generator for s in seqs], positions=positions)  # fmt: skip
         return PendingOutput(so, {s.request.request_id: k for k, s in enumerate(seqs)}, out.token_ids)
 
     def _launch_lockstep(self, so: SchedulerOutput) -> _Launched:
@@ -474,6 +478,7 @@ class LLM:
                 [s.generator for s in seqs],
                 [s.request.output_token_ids for s in seqs],
                 [s.request.prompt_token_ids for s in seqs],
+                positions=[s.request.num_tokens for s in seqs],  # lockstep: every earlier token is known
             )
             sampled.update(
                 (s.request.request_id, [t]) for s, t in zip(seqs, out.token_ids.tolist(), strict=True)
@@ -600,10 +605,13 @@ class LLM:
         info, feed, rows, verified = self._spec_async.describe(so, steps, requests, prev)
         logits = self.runner.execute(steps, feed)
         params = None  # per logits row (None: all greedy): sampled rows verify with a draw from the target
-        if any(r.sampling_params.temperature >= _GREEDY_EPS for r in requests):
-            params = [(r.sampling_params, self._seqs[r.request_id].generator)
+        if any(r.sampling_params.temperature >= _GREEDY_EPS and r.request_id in rows for r in requests):
+            # only rows that sample draw (and use the generator): a prefill chunk's row is discarded
+            params = [(r.sampling_params, self._seqs[r.request_id].generator) if r.request_id in rows else _GREEDY_ROW
                       for step, r in zip(steps, requests, strict=True) for _ in range(step.num_logits)]  # fmt: skip
-        return self._spec_async.advance(so, logits, self.runner.last_input_ids, info, rows, verified, params)
+        positions = self.runner.logits_positions(logits.shape[0]) if params is not None else None
+        return self._spec_async.advance(so, logits, self.runner.last_input_ids, info, rows, verified, params,
+                                        positions)  # fmt: skip
 
     def _apply(self, prev: PendingOutput | SpecPending) -> list:
         """Apply a launched asynchronous step's tokens (and, speculative, its acceptance counts)."""

@@ -214,6 +214,7 @@ class ModelRunner:
         #: the last step's input tokens on the device (T,), as it ran them (fed tokens included); valid
         #: until the next step (asynchronous speculation reads the drafts it verified from here)
         self.last_input_ids: torch.Tensor | None = None
+        self._last_rows: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))  # positions, rows
 
     @staticmethod
     def blocks_for_memory(
@@ -343,6 +344,15 @@ class ModelRunner:
             self.graphs.capture_all()
         return self.graphs
 
+    def logits_positions(self, rows: int) -> torch.Tensor:
+        """Per logits row of the last :meth:`execute`, the position of the token it predicts (device, int64).
+
+        Read on the device: with a :class:`~kiln.runtime.step_inputs.DeviceFeed` the host does not
+        know the positions it rolled back.
+        """
+        positions, indices = self._last_rows
+        return positions.index_select(0, indices[:rows]) + 1
+
     @torch.no_grad()
     def execute(
         self, steps: list[SequenceStep], feed: DeviceFeed | tuple[torch.Tensor, list[int]] | None = None
@@ -362,10 +372,14 @@ class ModelRunner:
         key = self.graphs.key_for(steps) if self.graphs is not None else None
         if key is not None:
             logits = self.graphs.run(steps, as_feed(feed), key)  # type: ignore[union-attr]  # (S, V)
-            self.last_input_ids = self.graphs.buffer.device_views["input_ids"][0]  # type: ignore[union-attr]
+            views = self.graphs.buffer.device_views  # type: ignore[union-attr]
+            self.last_input_ids = views["input_ids"][0]
+            self._last_rows = (views["position_ids"][0], views["logits_indices"])
             return logits.float()
         inputs = self.build_inputs(steps, feed)
         self.last_input_ids = inputs[self.input_names.index("input_ids")][0]  # type: ignore[index]
+        self._last_rows = (inputs[self.input_names.index("position_ids")][0],  # type: ignore[index]
+                           inputs[self.input_names.index("logits_indices")])  # fmt: skip
         out = self.step_gm(*inputs)
         logits = out[0] if isinstance(out, (list, tuple)) else out
         return logits[0].float()  # (S, V)

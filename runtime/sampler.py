@@ -7,9 +7,11 @@ is greedy: the argmax of the penalized logits.
 
 Random rows draw with the exponential race (the Gumbel-max trick in exponential form, as
 vLLM does): ``argmax(p / q)`` with ``q ~ Exp(1)`` per vocabulary entry picks token ``i``
-with probability ``p_i``. A request with a seed draws its ``q`` from its own
-``torch.Generator``, so its tokens depend on its seed and its logits only, never on
-which other requests share the batch or where its row is.
+with probability ``p_i``. A request with a seed takes its ``q`` from a counter-based hash of
+(seed, position of the token, vocabulary index) (:func:`keyed_exponential`), so its token at
+each position depends on its seed and its logits there only: never on which other requests
+share the batch, where its row is, how its prompt was chunked, or whether prompt-lookup
+speculation verified it (a draft is kept exactly when it equals that draw).
 
 Logprobs are the model's: ``log_softmax`` of the raw logits, before penalties and filters
 (vLLM v1's default), reported for the sampled token plus the top ``k``.
@@ -128,13 +130,65 @@ def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def random_sample(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
-    """One token per row with probability ``probs[i]``; row ``i`` draws from ``generators[i]`` when given."""
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (the xor-shift-multiply mixer), on int64 tensors holding values < 2^32.
+
+    The multiplier is below 2^27, so no product leaves int64.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def keyed_exponential(seeds: Tensor, positions: Tensor, v: int) -> Tensor:
+    """Exp(1) noise (R, V) fp32 that depends only on each row's (seed, position) and the vocabulary index.
+
+    ``seeds``, ``positions``: (R,) int64 on the device of the result. A counter-based generator
+    (a hash of the key, as Philox is a cipher of its counter): the same request and position give
+    the same draw on any device, in any batch, in any step that computes it.
+    """
+    s = seeds.long()
+    key = _mix32((s & _M32) ^ _mix32((s >> 32) & _M32))
+    key = _mix32(key ^ _mix32((positions.long() + 0x632BE5AB) & _M32))  # (R,)
+    idx = (torch.arange(v, device=seeds.device, dtype=torch.int64) * 0x9E3779B1) & _M32  # (V,) spread apart
+    h = _mix32(_mix32(key.unsqueeze(1) ^ idx) ^ 0x27D4EB2F)  # (R, V) uniform 32-bit
+    u = (h.double() + 0.5) * (1.0 / 4294967296.0)  # in (0, 1)
+    return (-torch.log(u)).float()
+
+
+def random_sample(
+    probs: Tensor,
+    generators: Sequence[torch.Generator | None] | None = None,
+    *,
+    seeds: Sequence[int | None] | None = None,
+    positions: Tensor | Sequence[int] | None = None,
+) -> Tensor:
+    """One token per row with probability ``probs[i]``.
+
+    Row ``i`` with ``seeds[i]`` set draws from :func:`keyed_exponential` at ``positions[i]`` (the
+    index of the token it samples); else from ``generators[i]`` when given; else from the
+    global generator.
+    """
     q = torch.empty_like(probs)
     q.exponential_()  # unseeded rows share the global generator
-    for i, g in enumerate(generators):
-        if g is not None:
+    for i, g in enumerate(generators or ()):
+        if g is not None and (seeds is None or seeds[i] is None):
             q[i].exponential_(generator=g)
+    keyed = [i for i, sd in enumerate(seeds or ()) if sd is not None]
+    if keyed:
+        if positions is None:
+            raise ValueError("seeded rows need the positions of the tokens they sample")
+        dev = probs.device
+        pos = positions if isinstance(positions, Tensor) else torch.tensor(list(positions))
+        rows = torch.tensor(keyed, device=dev)
+        noise = keyed_exponential(to_device([seeds[i] for i in keyed], dev, torch.int64),  # type: ignore[index]
+                                  pos.to(dev).index_select(0, rows), probs.shape[-1])  # fmt: skip
+        q.index_copy_(0, rows, noise.to(q.dtype))
     return probs.div(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
 
 
@@ -144,13 +198,16 @@ def sample(
     generators: Sequence[torch.Generator | None] | None = None,
     output_token_ids: Sequence[Sequence[int]] | None = None,
     prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    positions: Tensor | Sequence[int] | None = None,
 ) -> SamplerOutput:
     """Sample one token per row of ``logits`` (N, V) under each row's ``params``.
 
-    ``generators[i]`` is row i's generator (from :func:`make_generator`) or None to use
-    the global one; a seeded row consumes its generator only when it samples randomly.
-    ``output_token_ids`` / ``prompt_token_ids`` are needed only by rows with a
-    repetition penalty. ``logits`` is not modified.
+    ``positions[i]``: the index (in its request) of the token row i samples; with it, a row
+    whose params carry a seed draws keyed noise (:func:`keyed_exponential`). Without it, a
+    seeded row uses ``generators[i]`` (from :func:`make_generator`), consumed only when it
+    samples randomly; None uses the global generator. ``output_token_ids`` /
+    ``prompt_token_ids`` are needed only by rows with a repetition penalty. ``logits`` is
+    not modified.
     """
     n, v = logits.shape
     if len(params) != n:
@@ -191,7 +248,8 @@ def sample(
         gens = [
             None if g else (generators[i] if generators is not None else None) for i, g in enumerate(greedy)
         ]
-        sampled = random_sample(y.softmax(dim=-1), gens)
+        seeds = [p.seed if positions is not None and not g else None for p, g in zip(params, greedy, strict=True)]
+        sampled = random_sample(y.softmax(dim=-1), gens, seeds=seeds, positions=positions)
         tokens = torch.where(to_device(greedy, device), x.argmax(dim=-1), sampled)
 
     return SamplerOutput(token_ids=tokens, logprobs=compute_logprobs(raw, tokens, params))
@@ -294,6 +352,7 @@ __all__ = [
     "apply_top_k_top_p",
     "compute_logprobs",
     "greedy_argmax",
+    "keyed_exponential",
     "make_generator",
     "processed_probs",
     "random_sample",

@@ -157,7 +157,8 @@ def spec_advance_reference(
     return result.to(dev), nxt.to(dev)
 
 
-def row_tokens(logits: Tensor, params: list[tuple[SamplingParams, torch.Generator | None]] | None) -> Tensor:
+def row_tokens(logits: Tensor, params: list[tuple[SamplingParams, torch.Generator | None]] | None,
+               positions: Tensor | None = None) -> Tensor:  # fmt: skip
     """The token each logits row verifies with: its argmax, or a draw from its processed distribution.
 
     Prompt-lookup drafts are point masses (q = 1 on the drafted token), so exact speculative
@@ -167,11 +168,13 @@ def row_tokens(logits: Tensor, params: list[tuple[SamplingParams, torch.Generato
     draft while ``x == d``: the first ``x`` that differs is the correction, distributed as
     ``p`` conditioned on ``x != d``, and when every draft is kept the last row's draw is the
     bonus token. So the greedy comparison of :func:`spec_advance` verifies sampled rows too,
-    exactly, on the device.
+    exactly, on the device. ``positions`` (rows,): the position of the token each row predicts;
+    a seeded request's draw there is keyed on it (:func:`kiln.runtime.sampler.keyed_exponential`),
+    so its tokens are the ones it samples without speculation.
     """
     if params is None or all(p.temperature < _GREEDY_EPS for p, _ in params):
         return greedy_argmax(logits)
-    return sample(logits, [p for p, _ in params], [g for _, g in params]).token_ids
+    return sample(logits, [p for p, _ in params], [g for _, g in params], positions=positions).token_ids
 
 
 class SpecPending:
@@ -318,14 +321,15 @@ class AsyncSpeculation:
 
     def advance(self, so: SchedulerOutput, logits: Tensor, input_ids: Tensor, info: list[list[int]],
                 rows: dict[str, int], verified: dict[str, int],
-                params: list[tuple[SamplingParams, torch.Generator | None]] | None = None) -> SpecPending:  # fmt: skip
+                params: list[tuple[SamplingParams, torch.Generator | None]] | None = None,
+                positions: Tensor | None = None) -> SpecPending:  # fmt: skip
         """Verify the launched step on the device and make the next step's inputs (nothing waits).
 
         ``params``: per logits row, the sampling parameters and generator of its request (None:
         every row greedy). A sampled row's token is a draw from the target's processed
-        distribution there (:func:`row_tokens`).
+        distribution there (:func:`row_tokens`), keyed on ``positions`` for seeded requests.
         """
-        best = row_tokens(logits, params)
+        best = row_tokens(logits, params, positions)
         info_t = to_device(info, logits.device, torch.int64)
         result, nxt = spec_advance(best, input_ids, info_t, self.history, self.min_n, self.max_n)
         return SpecPending(so, rows, verified, result, nxt, self.k)

@@ -163,13 +163,21 @@ def verify(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None] | None = None,
     token_ids: Sequence[Sequence[int]] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Verify the drafts of several requests from the target's logits; the tokens each yields.
 
     ``logits`` holds ``len(drafts[i]) + 1`` rows per request, in order: the target's logits
     after the last known token and after each draft. ``draft_probs[i]`` is (k_i, V') with
     V' <= V (None: a deterministic drafter). ``token_ids[i]`` (prompt + output) is needed only
-    for rows with a repetition penalty.
+    for rows with a repetition penalty. ``positions[i]``: the position of the token request
+    i's first row predicts (its known tokens).
+
+    When every drafter is deterministic (prompt lookup: ``q`` a point mass), exact speculative
+    sampling is a draw ``x ~ p`` per row, keeping the drafts while they equal it (see
+    :func:`kiln.runtime.spec_async.row_tokens`); a seeded request's draws are keyed on
+    ``positions``, so it yields the tokens it samples without speculation. Otherwise
+    :func:`rejection_sample` (``generators`` per request).
     """
     counts = [len(d) for d in drafts]
     n, kmax, v = len(drafts), max(counts, default=0), logits.shape[-1]
@@ -188,6 +196,15 @@ def verify(
     if token_ids is not None and any(p.repetition_penalty != 1.0 for p in params):
         seen = [list(t) + list(d[:j]) for t, d in zip(token_ids, drafts, strict=True) for j in range(len(d) + 1)]
     flat = processed_probs(logits, row_params, seen)  # (sum k_i + 1, V)
+    if all(q is None for q in draft_probs):  # point-mass drafts: compare them with a draw per row
+        seeds = [p.seed if positions is not None and p.temperature >= _GREEDY_EPS else None for p in row_params]
+        at = [positions[i] + j for i, c in enumerate(counts) for j in range(c + 1)] if positions is not None else None
+        draws, out, row = random_sample(flat, seeds=seeds, positions=at).tolist(), [], 0  # greedy rows: one-hot
+        for d in drafts:
+            a = next((j for j, t in enumerate(d) if t != draws[row + j]), len(d))
+            out.append(list(d[:a]) + [draws[row + a]])
+            row += len(d) + 1
+        return out
     req = torch.tensor([i for i, c in enumerate(counts) for _ in range(c + 1)], device=device)
     pos = torch.tensor([j for c in counts for j in range(c + 1)], device=device)
     target = torch.zeros(n, kmax + 1, v, device=device)

@@ -120,6 +120,7 @@ class Speculator:
             rows_logits, drafts,
             [s.draft_probs[: len(d)] if s.draft_probs is not None else None for s, d in zip(seqs, drafts, strict=True)],
             params, [s.generator for s in seqs], [s.request.all_token_ids for s in seqs] if penalized else None,
+            [s.request.num_tokens for s in seqs],
         )  # fmt: skip
         step = int(self.stats["steps"])
         for seq, d, tokens in zip(seqs, drafts, generated, strict=True):

@@ -303,20 +303,30 @@ def test_async_ngram_sampling_keeps_the_target_distribution(setting) -> None:
     _no_leaks(llm)
 
 
-def test_async_ngram_sampling_with_a_seed_is_reproducible_and_batch_invariant() -> None:
+def test_a_seeded_request_samples_the_same_tokens_with_or_without_speculation() -> None:
+    """Keyed draws (seed, position): speculation (lockstep or asynchronous), chunked prefill, the batch
+    and a lockstep switch forced by a neighbour change none of a seeded request's tokens."""
     target, prompt = _tiny_target()
     seeded = kiln.SamplingParams(temperature=0.8, top_p=0.95, max_tokens=16, seed=123, ignore_eos=True)
     other = kiln.SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
 
-    def run(batch: list[list[int]], params: list[kiln.SamplingParams]) -> list[list[int]]:
-        llm = kiln.LLM(target, num_blocks=96, block_size=4, speculative=LOOKUP, async_scheduling=True)
+    def run(batch: list[list[int]], params: list[kiln.SamplingParams], **kw) -> list[list[int]]:  # noqa: ANN003
+        llm = kiln.LLM(target, num_blocks=96, block_size=4, **kw)
         got = _tokens(llm.generate(batch, params, use_tqdm=False))
-        assert llm.stats["accepted_tokens"] > 0 and not llm._sync_ids
         _no_leaks(llm)
         return got
 
-    alone = run([prompt], [seeded])
-    assert run([prompt], [seeded]) == alone
-    with_others = run([prompt[4:], prompt, prompt[:9]], [other, seeded, other])
-    assert [with_others[1]] == alone
-    assert run([prompt], [dataclasses.replace(seeded, seed=124)]) != alone  # the seed decides
+    (alone,) = run([prompt], [seeded], async_scheduling=False)  # no speculation, lockstep
+    assert run([prompt], [seeded], async_scheduling=True) == [alone]  # no speculation, asynchronous
+    assert run([prompt], [seeded], speculative=LOOKUP, async_scheduling=False) == [alone]  # lockstep verification
+    assert run([prompt], [seeded], speculative=LOOKUP, async_scheduling=True) == [alone]  # on the device
+    chunked = run([prompt], [seeded], speculative=LOOKUP, async_scheduling=True, max_num_batched_tokens=8)
+    assert chunked == [alone]  # the prompt in 4 chunks
+    mixed = run([prompt[4:], prompt, prompt[:9]], [other, seeded, other], speculative=LOOKUP, async_scheduling=True)
+    assert mixed[1] == alone
+    logprobs = dataclasses.replace(other, logprobs=1)  # a neighbour that forces lockstep steps
+    assert run([prompt[:9], prompt], [logprobs, seeded], speculative=LOOKUP, async_scheduling=True)[1] == alone
+    assert run([prompt], [dataclasses.replace(seeded, seed=124)], async_scheduling=False) != [alone]  # the seed decides
+    llm = kiln.LLM(target, num_blocks=96, block_size=4, speculative=LOOKUP, async_scheduling=True)
+    llm.generate([prompt], [seeded], use_tqdm=False)
+    assert llm.stats["accepted_tokens"] > 0 and llm.stats["draft_tokens"] > llm.stats["accepted_tokens"]
