@@ -39,7 +39,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.ir import infer_meta
 from kiln.parallel.tp_collectives import ALL_REDUCE, ROLE_KEY, WAIT, Emitter, default_group_name
-from kiln.parallel.tp_solver import LINEARS, RESHAPES
+from kiln.parallel.tp_solver import LINEARS, RESHAPES, operand
 from kiln.parallel.tp_specs import operand_dims, reshape_groups, static, val
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 
@@ -203,10 +203,22 @@ class SequenceParallel(Pass):
         locals_ = [x for x in u.all_input_nodes if x in self.local]
         if u.target in LINEARS:
             x = u.args[0]
-            if u.meta.get(ROLE_KEY) in _REGION_ENTRIES or x not in self.local or len(locals_) != 1:
+            side = [a for a in (operand(u, "x_scale"), operand(u, "x_zero_point")) if isinstance(a, Node)]
+            if u.meta.get(ROLE_KEY) in _REGION_ENTRIES or x not in self.local or any(
+                a is not x and a not in side for a in locals_
+            ):
                 return None
             d = self.local[x]  # type: ignore[index]
-            return (d, [], None) if d != val(x).dim() - 1 else None  # type: ignore[union-attr]
+            if d == val(x).dim() - 1:  # type: ignore[union-attr]
+                return None
+            scatters = []  # a per-token activation scale follows its codes onto the rank's tokens
+            for a in side:
+                if a in self.local:
+                    if self.local[a] != d:
+                        return None
+                elif val(a).dim() == val(x).dim() and str(val(a).shape[d]) == self.token_size:  # type: ignore[union-attr]
+                    scatters.append((a, d))
+            return d, scatters, None
         if u.target in RESHAPES:
             return self._reshape(u)
         rule = operand_dims(u)

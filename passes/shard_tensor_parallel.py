@@ -58,6 +58,8 @@ from kiln.parallel.tp_solver import (
     Solver,
     bias_index,
     gqa,
+    operand,
+    slot_index,
     split_dim,
     weight_of,
 )
@@ -226,8 +228,8 @@ class ShardTensorParallel(Pass):
         stats["row_linears"] += len(plan.row)
         for lin in plan.column:
             lin.meta[ROLE_KEY] = "column"  # its input is whole on every rank (sequence-parallel gathers it)
-        for lin in plan.row:
-            self._all_reduce_after(gm, lin, stats)
+        for lin, spec in plan.row.items():
+            self._all_reduce_after(gm, lin, spec, stats)
         for scale in plan.max_scales:  # a sliced activation's dynamic scale: the maximum over every rank's slice
             emit = Emitter(gm, scale, scale, self.world, self._group())
             out = emit.all_reduce(scale, "activation_scale", op="max")
@@ -239,10 +241,18 @@ class ShardTensorParallel(Pass):
         self._expected_reduces += int(stats["scale_all_reduces"])
         self._reinfer(gm, touched)
 
-    def _all_reduce_after(self, gm: GraphModule, lin: Node, stats: Counter[str]) -> None:
+    def _all_reduce_after(self, gm: GraphModule, lin: Node, spec: Shard, stats: Counter[str]) -> None:
         i = bias_index(lin)
-        bias = lin.args[i] if len(lin.args) > i else None
-        lin.args = lin.args[:2] if lin.target == LINEAR else (*lin.args[:i], None, *lin.args[i + 1 :])
+        bias = operand(lin, "bias")
+        args = list(lin.args)
+        if lin.target == LINEAR:
+            args = args[:2]
+        elif len(args) > i:
+            args[i] = None
+        g = slot_index(lin, "group_size")
+        if g is not None and args[g] == sum(spec.local(r) for r in range(self.world)):
+            args[g] = spec.local(self.rank)  # per-channel int4: one group of the whole (now local) K
+        lin.args, lin.kwargs = tuple(args), {kw: v for kw, v in lin.kwargs.items() if kw != "bias"}
         emit = Emitter(gm, lin, lin, self.world, self._group())
         out = emit.all_reduce(lin, "row")
         if isinstance(bias, Node):

@@ -46,9 +46,9 @@ LINEAR = aten.linear.default
 #: weight, its scale and zero point, and the bias.
 _SLOTS: dict[object, dict[str, int]] = {
     LINEAR: {"x": 0, "w": 1, "bias": 2},
-    kiln_ops.qlinear_w8a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero": 3, "group": 4, "bias": 5},
-    kiln_ops.qlinear_w4a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero": 3, "group": 4, "bias": 5},
-    kiln_ops.qlinear_w8a8.default: {"x": 0, "x_scale": 1, "x_zero": 2, "w": 3, "w_scale": 4, "bias": 5},
+    kiln_ops.qlinear_w8a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero_point": 3, "group_size": 4, "bias": 5},
+    kiln_ops.qlinear_w4a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero_point": 3, "group_size": 4, "bias": 5},
+    kiln_ops.qlinear_w8a8.default: {"x": 0, "x_scale": 1, "x_zero_point": 2, "w": 3, "w_scale": 4, "bias": 5},
     kiln_ops.qlinear_fp8.default: {"x": 0, "x_scale": 1, "w": 2, "w_scale": 3, "bias": 4},
 }
 QLINEARS = frozenset(t for t in _SLOTS if t != LINEAR)
@@ -91,12 +91,17 @@ def bias_index(lin: Node) -> int:
     return _SLOTS[lin.target]["bias"]
 
 
+def slot_index(lin: Node, slot: str) -> int | None:
+    """The argument index of ``slot`` in linear ``lin`` (None when it has none)."""
+    return _SLOTS[lin.target].get(slot)
+
+
 def operand(lin: Node, slot: str) -> object:
     """The argument of linear ``lin`` in ``slot`` (``x``, ``w``, ``w_scale``, ...; None when it has none)."""
     i = _SLOTS[lin.target].get(slot)
     if i is None:
         return None
-    return lin.args[i] if len(lin.args) > i else lin.kwargs.get("bias" if slot == "bias" else slot)
+    return lin.args[i] if len(lin.args) > i else lin.kwargs.get(slot)
 
 
 def weight_of(lin: Node) -> object:
@@ -121,8 +126,8 @@ def weight_specs(lin: Node, s: Shard, column: bool) -> list[tuple[object, Shard 
     w, b = weight_of(lin), _bias(lin)
     if lin.target == LINEAR:
         return [(w, Shard(0, s.parts)), (b, Shard(0, s.parts))] if column else [(w, Shard(1, s.parts)), (b, None)]
-    scale, zero = operand(lin, "w_scale"), operand(lin, "w_zero")
-    acts = [(operand(lin, "x_scale"), None), (operand(lin, "x_zero"), None)]  # the whole input's: see DYNAMIC_SCALE
+    scale, zero = operand(lin, "w_scale"), operand(lin, "w_zero_point")
+    acts = [(operand(lin, "x_scale"), None), (operand(lin, "x_zero_point"), None)]  # the whole input's: see DYNAMIC_SCALE
     grouped = isinstance(scale, Node) and val(scale).dim() == 2  # type: ignore[union-attr]
     if column:
         per_row = None if isinstance(scale, Node) and val(scale).dim() == 0 else Shard(0, s.parts)  # type: ignore[union-attr]
@@ -134,8 +139,9 @@ def weight_specs(lin: Node, s: Shard, column: bool) -> list[tuple[object, Shard 
             raise Rejected(f"packed int4 weights split K in blocks of 8 codes; the ranks' slices {s} do not", lin)
         wspec = Shard(1, tuple(tuple((a // 2, b // 2) for a, b in p) for p in s.parts))
     sspec = None
-    if grouped:
-        group = int(operand(lin, "group"))  # type: ignore[call-overload]
+    group = operand(lin, "group_size")
+    if grouped and group != k:  # (N, K // g); one group of all K (per-channel int4) stays whole like (N,)
+        group = int(group)  # type: ignore[call-overload]
         sspec = s.descale(group)
         if sspec is None:
             raise Rejected(f"group-wise scales (group size {group}) need each rank's K slice {s} on whole groups", lin)
@@ -420,4 +426,4 @@ class Solver:
 
 
 __all__ = ["ATTENTION", "DYNAMIC_SCALE", "LINEAR", "LINEARS", "QLINEARS", "RESHAPES", "SPLITS", "Plan", "Rejected", "Solver",
-           "bias_index", "gqa", "operand", "split_dim", "split_sizes", "weight_of", "weight_specs"]
+           "bias_index", "gqa", "operand", "slot_index", "split_dim", "split_sizes", "weight_of", "weight_specs"]

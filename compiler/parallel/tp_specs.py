@@ -258,6 +258,8 @@ def operand_dims(n: Node) -> tuple[list[tuple[Node, DimMap]], set[int]] | None:
         return [(x, ident)], {a[1] % n_in}  # type: ignore[operator]
     if t == aten.expand.default:
         return [(x, _aligned(rank, x, shape))], set()
+    if t == torch.ops.kiln.dynamic_scale.default and (a[2] if len(a) > 2 else n.kwargs.get("per_token", True)):
+        return [(x, ident)], {n_in - 1}  # max |x| over the last dim, kept as size 1: per token
     if t in (aten.native_layer_norm.default, aten.layer_norm.default, aten.rms_norm.default):
         normalized = len(a[1])  # type: ignore[arg-type]
         return [(x, ident)], set(range(rank - normalized, rank))

@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from kiln_testing import hf_gpt2, hf_llama
+from kiln_testing import hf_gpt2, hf_llama, hf_qwen2
 
 import kiln
 from kiln.models.presets import from_config, get_preset
@@ -198,8 +198,11 @@ def test_llm_generation_under_tp2_equals_single_device() -> None:
 # -- weight-only quantized linears ------------------------------------------------------------
 
 
-def _int4(group: int) -> kiln.QuantConfig:
-    return kiln.QuantConfig.preset("w4a16-g128", weights=kiln.QuantSpec(dtype="int4", granularity=kiln.PerGroup(group)))
+def _int4(group: int | None) -> kiln.QuantConfig:
+    """Asymmetric int4 (zero points sliced with the scales), group-wise or per channel (None)."""
+    granularity = kiln.PerGroup(group) if group else kiln.PerAxis(0)
+    return kiln.QuantConfig.preset("w4a16-g128", weights=kiln.QuantSpec(dtype="int4", granularity=granularity,
+                                                                         symmetric=False))  # fmt: skip
 
 
 _CALIBRATION = torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(3))
@@ -207,6 +210,7 @@ QUANTIZED = {  # llama-tiny: K = 64 (attention output) and 176 (MLP down: 88 a r
     "w8a16-per-channel": kiln.QuantConfig.preset("w8a16"),
     "w8a16-per-tensor": kiln.QuantConfig.preset("w8a16", weights=kiln.QuantSpec(dtype="int8", granularity=kiln.PerTensor())),
     "w4a16-g8": _int4(8),
+    "w4a16-per-channel": _int4(None),  # one group of all K: stays whole on row-parallel linears, its size localized
     # per-token dynamic activations: a row-parallel input's scale is all-reduced (max) over the ranks' slices
     "w8a8-smoothquant": kiln.QuantConfig.preset("w8a8").with_calibration(_CALIBRATION),
     "fp8": kiln.QuantConfig.preset("fp8"),
@@ -244,14 +248,18 @@ def test_quantized_shards_compute_the_single_device_quantized_model(name: str) -
     assert _rel(got, _logits(model(input_ids=x))) > 1e-4  # quantized: not the float model's logits
 
 
-@pytest.mark.parametrize("name", ["w4a16-g8", "fp8"])
+@pytest.mark.parametrize("name", ["w4a16-g8", "fp8", "fp8-unsharded-mlp"])
 def test_quantized_shards_with_sequence_parallelism(name: str) -> None:
-    model, quant = tiny_llama(layers=1), QUANTIZED[name]
+    model, quant = tiny_llama(layers=1), QUANTIZED[name.removesuffix("-unsharded-mlp")]
+    if name.endswith("unsharded-mlp"):  # 175 hidden units do not split: the MLP runs on the rank's tokens, its
+        model = from_config(dataclasses.replace(get_preset("llama-tiny"), num_hidden_layers=1, intermediate_size=175),
+                            seed=1)  # per-token activation scales sliced with them  # fmt: skip
     ids = torch.randint(0, 100, (1, 6))
     single = kiln.compile(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=quant))
     sp = kiln.ParallelConfig(tensor_parallel_size=2, sequence_parallel=True)
     shards = compile_shards(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=quant, parallel=sp))
-    assert shards[0].stats["sequence-parallel"]["reduce_scatters"] == 3  # the embedding's, o's and down's
+    reduces = 2 if name.endswith("unsharded-mlp") else 3  # the embedding's, o's and down's
+    assert shards[0].stats["sequence-parallel"]["reduce_scatters"] == reduces
     x = torch.randint(0, 500, (1, 9))
     with torch.no_grad():
         assert _rel(_logits(run_lockstep([s.graph_module for s in shards], [x])[0]), _logits(single(input_ids=x))) <= 1e-5
@@ -272,6 +280,32 @@ def test_quantized_sharding_refuses_slices_off_the_groups() -> None:
     tp4 = kiln.CompileConfig(quant=attn_only, parallel=kiln.ParallelConfig(tensor_parallel_size=4))
     with pytest.raises(kiln.PassError, match="group-wise scales .group size 32. need each rank's K slice"):
         compile_shards(model, {"input_ids": ids}, config=tp4, ranks=[0])  # 16 attention outputs a rank
+
+
+def _quantized_rank_outputs(rank: int) -> dict[str, float]:
+    """Qwen2 (biased q/k/v) quantized, sharded over 2 real Gloo ranks: the max all-reduce of activation
+    scales and the row-parallel biases through c10d."""
+    torch.manual_seed(0)
+    model = hf_qwen2(layers=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)  # biases and norms away from their initial values
+    out = {}
+    for name in ("fp8", "w4a16-g8"):
+        ids = torch.randint(0, 100, (1, 6))
+        config = kiln.CompileConfig(quant=QUANTIZED[name])
+        single = kiln.compile(model, {"input_ids": ids}, config=config)
+        sharded = kiln.compile(model, {"input_ids": ids}, config=config, parallel=TP2)
+        x = torch.randint(0, 100, (1, 9))
+        with torch.no_grad():
+            out[name] = _rel(_logits(sharded(input_ids=x)), _logits(single(input_ids=x)))
+    return out
+
+
+def test_quantized_qwen2_with_biases_on_two_gloo_ranks() -> None:
+    for res in launch(_quantized_rank_outputs, 2):
+        assert all(v <= 1e-5 for v in res.values()), res
 
 
 @pytest.mark.parametrize(("quant", "tp", "pp"), [("w4a16-g8", 2, 1), ("fp8", 1, 2)])
