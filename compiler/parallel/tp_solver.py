@@ -353,7 +353,7 @@ class Solver:
         if u.target == DYNAMIC_SCALE and n is u.args[0]:
             per_token = u.args[2] if len(u.args) > 2 else u.kwargs.get("per_token", True)
             if per_token and s.dim != val(n).dim() - 1:  # type: ignore[union-attr]
-                raise Rejected(f"a per-token activation scale over tokens sliced along dim {s.dim}", u)
+                raise Rejected(f"a per-token activation scale of a value sliced along dim {s.dim}, not its last", u)
             self.plan.max_scales.add(u)  # whole on every rank after an all-reduce of the maximum
             return
         if u.target in LINEARS:

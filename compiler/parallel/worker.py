@@ -238,8 +238,10 @@ class ParallelModelRunner:
         device = torch.device(device) if device is not None else next(model.parameters()).device
         parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
         # every rank compiles the same step graph (e.g. with compile_config's weight quantization), then its shard
-        base = compile_config if compile_config is not None else kiln.CompileConfig()
-        config = dataclasses.replace(base, kv_cache=True, parallel=parallel)
+        if compile_config is not None and not compile_config.kv_cache:
+            raise ConfigError("the model runner's compile_config needs kv_cache=True")
+        base = compile_config if compile_config is not None else kiln.CompileConfig(kv_cache=True)
+        config = dataclasses.replace(base, parallel=parallel)
         self.output_rank = parallel.world_size - tensor_parallel_size  # shard 0 of the last stage
         self.group = WorkerGroup(parallel.world_size, device.type)
         infos = self.group.call("runner_init", model, block_size, num_blocks, kv_cache_memory, config, kv_cache_dtype)
