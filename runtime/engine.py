@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from kiln.errors import ConfigError
 from kiln.runtime.drafters import Drafter
+from kiln.runtime.fanout import Fanout
 from kiln.runtime.model_runner import ModelRunner, SequenceStep
 from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
 from kiln.runtime.sampler import _GREEDY_EPS, make_generator, sample, to_device
@@ -260,6 +261,7 @@ class LLM:
             None  # speculative: the next lockstep step, launched before this one's text
         )
         self._sync_ids: set[str] = set()  # requests whose sampling needs every token on the host
+        self._fanout = Fanout()  # requests with SamplingParams.n > 1: their completions' requests
         self.cuda_graphs = use_graphs and not enforce_eager  # whether pure-decode steps replay CUDA graphs
         graph_args: dict[str, Any] | None = (
             None  # enable_cuda_graphs' arguments, for the drafter's runner too
@@ -322,17 +324,40 @@ class LLM:
         request_id: str | None = None,
         cache_salt: str | None = None,
     ) -> str:
-        """Queue a prompt; returns its request id. Raises (changing nothing) when the request cannot run."""
+        """Queue a prompt; returns its request id. Raises (changing nothing) when the request cannot run.
+
+        With ``params.n > 1`` the prompt runs as ``n`` requests (``kiln.runtime.fanout``) reported
+        as one output with ``n`` completions.
+        """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be kiln.SamplingParams, got {type(params).__name__}")
         ids, text = self._tokenize(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if self._in_flight(rid):  # its old step's tokens would land on the new request
+        if any(self._in_flight(r) for r in self._fanout.ids_of(rid)):  # its old tokens would land on the new one
             raise ConfigError(
                 f"request id {rid!r} was aborted while a step for it is still running; "
                 "call step() once more or use another id"
             )
+        if params.n == 1:
+            self._add(rid, ids, text, params, cache_salt)
+            return rid
+        if rid in self._fanout.parents or any(c in self._seqs for c in self._fanout.ids_of(rid)):
+            raise ConfigError(f"request id {rid!r} is already running")
+        children = self._fanout.add(rid, params.n)
+        added: list[str] = []
+        try:
+            for i, child in enumerate(children):
+                self._add(child, ids, text, self._fanout.child_params(params, i), cache_salt)
+                added.append(child)
+        except Exception:
+            for child in added:
+                self.abort_request(child)
+            self._fanout.forget(rid)
+            raise
+        return rid
+
+    def _add(self, rid: str, ids: list[int], text: str | None, params: SamplingParams, cache_salt: str | None) -> None:
         request = Request(
             request_id=rid,
             prompt_token_ids=ids,
@@ -346,10 +371,13 @@ class LLM:
         if params.logprobs is not None or params.repetition_penalty != 1.0:
             self._sync_ids.add(rid)  # needs every token on the host (a penalty: every token before each draft)
         self.stats["prompt_tokens"] += len(ids)
-        return rid
 
     def abort_request(self, request_id: str) -> bool:
-        """Cancel a request; its blocks are freed at once. False if it is unknown or finished."""
+        """Cancel a request (every completion of it); its blocks are freed at once. False if it is unknown or finished."""
+        if request_id in self._fanout.parents:
+            aborted = [self.abort_request(c) for c in self._fanout.ids_of(request_id)]
+            self._fanout.forget(request_id)
+            return any(aborted)
         self._forget_drafts(request_id)
         self._seqs.pop(request_id, None)
         self._sync_ids.discard(request_id)
@@ -526,7 +554,9 @@ class LLM:
             if snapshots or seq.request.is_finished or seq.request.sampling_params.stop:
                 self._detokenize(seq)  # (generate() needs no text before the end, unless stop strings check it)
             if snapshots or seq.request.is_finished:
-                results.append(seq.request.to_output(text=seq.text, prompt=seq.prompt))
+                merged = self._fanout.merge(seq.request.to_output(text=seq.text, prompt=seq.prompt), snapshots)
+                if merged is not None:  # (a completion's output waits for its siblings unless snapshots)
+                    results.append(merged)
             if seq.request.is_finished:
                 del self._seqs[delta.request_id]
                 self._sync_ids.discard(delta.request_id)

@@ -38,7 +38,7 @@ class SamplingParams:
     ``stop_token_ids`` accept a single value or any sequence and are stored as tuples.
     """
 
-    n: int = 1  # completions per prompt; only 1 for now
+    n: int = 1  # completions per prompt (child requests sharing the prompt; completion i seeds with seed + i)
     temperature: float = 1.0  # >= 0; 0 picks the argmax (greedy)
     top_p: float = 1.0  # nucleus: smallest set of tokens whose probability reaches top_p, in (0, 1]
     top_k: int = 0  # keep the k most likely tokens; 0 or -1 keeps all
@@ -56,8 +56,8 @@ class SamplingParams:
         def bad(name: str, rule: str) -> ConfigError:
             return ConfigError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
 
-        if not _is_int(self.n) or self.n != 1:
-            raise bad("n", "must be 1 (several completions per prompt are not supported yet)")
+        if not _is_int(self.n) or self.n < 1:
+            raise bad("n", "must be an int >= 1 (completions per prompt)")
         if not _is_real(self.temperature) or self.temperature < 0:
             raise bad("temperature", "must be a number >= 0 (0 means greedy)")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
@@ -248,7 +248,7 @@ class Request:
 class CompletionOutput:
     """One completion of a prompt."""
 
-    index: int = 0  # which completion (always 0 while n == 1)
+    index: int = 0  # which completion of the prompt (0 .. n - 1)
     token_ids: list[int]  # generated token ids
     text: str = ""  # detokenized output, filled by the engine (stop string excluded)
     finish_reason: FinishReason | None = None  # None while generating
@@ -274,7 +274,7 @@ class RequestOutput:
     request_id: str  # the request's id
     prompt: str | None = None  # the prompt text, when it was given as text
     prompt_token_ids: list[int]  # the tokenized prompt
-    outputs: list[CompletionOutput]  # one completion per prompt (n == 1)
+    outputs: list[CompletionOutput]  # SamplingParams.n completions of the prompt, by index
     finished: bool  # whether every completion has finished
     metrics: RequestMetrics | None = None  # timings and counters
 

@@ -64,6 +64,38 @@ def test_batched_request_equals_alone_also_when_sampling_with_seeds() -> None:
     assert together == alone
 
 
+def test_n_completions_of_one_prompt() -> None:
+    """SamplingParams(n=3): three child requests reported as one output; completion i seeds with seed + i."""
+    model = hf_llama()
+    prompts = _prompts(128, (6, 13))
+    params = kiln.SamplingParams(n=3, temperature=0.9, max_tokens=7, seed=40, ignore_eos=True)
+    llm = kiln.LLM(model, num_blocks=64, block_size=4)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.request_id for o in outs] == ["req-0", "req-1"] and all(o.finished for o in outs)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert [c.index for c in out.outputs] == [0, 1, 2] and out.prompt_token_ids == prompt
+        alone = [_tokens(kiln.LLM(model, num_blocks=64, block_size=4), [prompt],
+                         kiln.SamplingParams(temperature=0.9, max_tokens=7, seed=40 + i, ignore_eos=True))[0]
+                 for i in range(3)]  # fmt: skip
+        assert [c.token_ids for c in out.outputs] == alone
+        assert len({tuple(t) for t in alone}) > 1  # the completions differ
+    assert llm.scheduler.kv_cache_manager.num_free_blocks == 64 and not llm._fanout.parents
+
+    greedy = kiln.SamplingParams(n=2, temperature=0, max_tokens=5, ignore_eos=True)
+    snaps = list(llm.stream([prompts[0]], greedy))
+    assert {o.request_id for o in snaps} == {"req-2"} and snaps[-1].finished and not snaps[0].finished
+    final = snaps[-1].outputs
+    assert len(final) == 2 and final[0].token_ids == final[1].token_ids  # greedy: the same twice
+
+    rid = llm.add_request(prompts[1], params)
+    llm.step()
+    assert llm.abort_request(rid) and not llm.has_unfinished_requests()
+    assert llm.scheduler.kv_cache_manager.num_free_blocks == 64 and not llm._fanout.parents
+    with pytest.raises(kiln.KilnError, match="more than max_model_len"):  # a bad prompt adds no completion
+        llm.add_request(list(range(100)) * 30, params)
+    assert not llm._seqs and not llm._fanout.parents
+
+
 def test_preemption_does_not_change_outputs() -> None:
     model = hf_llama()
     prompts = _prompts(128, (9, 14, 12, 10))
@@ -189,5 +221,6 @@ def test_compile_config_chooses_the_step_graph_passes() -> None:
     assert "merge-parallel-linears" in merged.runner.compiled.summary()
     prompts = _prompts(512)
     assert _tokens(llm, prompts) == _tokens(merged, prompts)
-    with pytest.raises(kiln.ConfigError, match="compile_config"):
-        kiln.LLM(model, num_blocks=16, block_size=4, tensor_parallel_size=2, compile_config=live)
+    sharded = kiln.CompileConfig(kv_cache=True, parallel=kiln.ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(kiln.ConfigError, match="compile_config.parallel is set by tensor_parallel_size"):
+        kiln.LLM(model, num_blocks=16, block_size=4, tensor_parallel_size=2, compile_config=sharded)

@@ -25,7 +25,7 @@ from kiln.runtime import (
         ("repetition_penalty", 0.0, "repetition_penalty must be > 0"),
         ("max_tokens", 0, "max_tokens must be an int >= 1"),
         ("max_tokens", True, "max_tokens"),
-        ("n", 2, "n must be 1"),
+        ("n", 0, "n must be an int >= 1"),
         ("seed", 1.5, "seed must be an int or None"),
         ("logprobs", -1, "logprobs must be None or an int >= 0"),
         ("stop", ["ok", ""], "stop must be a non-empty string"),

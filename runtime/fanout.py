@@ -1,0 +1,90 @@
+"""Several completions of one prompt (``SamplingParams(n=...)``): child requests, one merged output.
+
+As vLLM v1 does for parallel sampling, a request with ``n > 1`` becomes ``n`` child requests
+that the scheduler runs like any others (prefix caching shares the prompt's full blocks once
+they are computed); the engine reports them as one :class:`RequestOutput` whose ``outputs``
+hold completion ``i`` at index ``i``. Completion ``i`` of a seeded request samples with seed
+``seed + i``, so the completions differ and each is reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from kiln.runtime.request import CompletionOutput, RequestOutput, SamplingParams
+
+
+@dataclass
+class _Parent:
+    n: int
+    latest: dict[int, CompletionOutput] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+    first: RequestOutput | None = None  # completion 0's latest output (prompt, metrics)
+
+
+class Fanout:
+    """Which requests are completions of which parent, and their merged outputs."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, tuple[str, int]] = {}  # child id -> (parent id, completion index)
+        self.parents: dict[str, _Parent] = {}
+
+    @staticmethod
+    def child_id(parent: str, index: int) -> str:
+        return f"{parent}#{index}"
+
+    @staticmethod
+    def child_params(params: SamplingParams, index: int) -> SamplingParams:
+        seed = None if params.seed is None else params.seed + index
+        return dataclasses.replace(params, n=1, seed=seed)
+
+    def add(self, parent: str, n: int) -> list[str]:
+        """Register ``parent``'s ``n`` children; their ids."""
+        ids = [self.child_id(parent, i) for i in range(n)]
+        self.parents[parent] = _Parent(n)
+        self.children.update((c, (parent, i)) for i, c in enumerate(ids))
+        return ids
+
+    def ids_of(self, request_id: str) -> list[str]:
+        """The engine's request ids behind a user's id (its children, or itself)."""
+        p = self.parents.get(request_id)
+        return [self.child_id(request_id, i) for i in range(p.n)] if p is not None else [request_id]
+
+    def forget(self, parent: str) -> None:
+        p = self.parents.pop(parent, None)
+        if p is not None:
+            for i in range(p.n):
+                self.children.pop(self.child_id(parent, i), None)
+
+    def merge(self, out: RequestOutput, snapshots: bool) -> RequestOutput | None:
+        """``out`` as its parent's output (None while others are unfinished and ``snapshots`` is off)."""
+        hit = self.children.get(out.request_id)
+        if hit is None:
+            return out
+        parent, index = hit
+        p = self.parents[parent]
+        completion = dataclasses.replace(out.outputs[0], index=index)
+        p.latest[index] = completion
+        if index == 0 or p.first is None:
+            p.first = out
+        if out.finished:
+            p.done.add(index)
+        finished = len(p.done) == p.n
+        if not (snapshots or finished):
+            return None
+        first = p.first
+        merged = RequestOutput(
+            request_id=parent,
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=[p.latest.get(i) or CompletionOutput(index=i, token_ids=[]) for i in range(p.n)],
+            finished=finished,
+            metrics=first.metrics,
+        )
+        if finished:
+            self.forget(parent)
+        return merged
+
+
+__all__ = ["Fanout"]
