@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from kiln.errors import ConfigError
 from kiln.runtime.drafters import Drafter
-from kiln.runtime.fanout import Fanout
+from kiln.runtime.fanout import Fanout, Held
 from kiln.runtime.model_runner import ModelRunner, SequenceStep
 from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
 from kiln.runtime.sampler import _GREEDY_EPS, make_generator, sample, to_device
@@ -345,9 +345,10 @@ class LLM:
         if rid in self._fanout.parents or any(c in self._seqs for c in self._fanout.ids_of(rid)):
             raise ConfigError(f"request id {rid!r} is already running")
         children = self._fanout.add(rid, params.n)
+        hold = self.scheduler.kv_cache_manager.enable_prefix_caching  # the others reuse completion 0's prompt
         added: list[str] = []
         try:
-            for i, child in enumerate(children):
+            for i, child in enumerate(children[: 1 if hold else None]):
                 self._add(child, ids, text, self._fanout.child_params(params, i), cache_salt)
                 added.append(child)
         except Exception:
@@ -355,7 +356,20 @@ class LLM:
                 self.abort_request(child)
             self._fanout.forget(rid)
             raise
+        if hold:
+            later = [(c, self._fanout.child_params(params, i)) for i, c in enumerate(children) if i]
+            self._fanout.held[rid] = Held(children[0], later, ids, text, cache_salt)
         return rid
+
+    def _release_held(self) -> None:
+        """Queue held completions whose completion 0 has its whole prompt scheduled (or is gone)."""
+        for parent, held in list(self._fanout.held.items()):
+            first = self._seqs.get(held.first)
+            if first is not None and first.request.num_computed_tokens < len(held.token_ids):
+                continue
+            del self._fanout.held[parent]
+            for child, params in held.children:
+                self._add(child, held.token_ids, held.text, params, held.cache_salt)
 
     def _add(self, rid: str, ids: list[int], text: str | None, params: SamplingParams, cache_salt: str | None) -> None:
         request = Request(
@@ -415,7 +429,7 @@ class LLM:
         self.close()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._fanout.held)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -527,6 +541,8 @@ class LLM:
 
     def _step(self, *, snapshots: bool) -> list[RequestOutput]:
         """One step; outputs of every changed request (``snapshots``) or of the finished ones only."""
+        if self._fanout.held:
+            self._release_held()
         if self.async_scheduling and not self._sync_ids:
             changed = self._async_step()
         else:

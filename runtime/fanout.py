@@ -1,10 +1,13 @@
 """Several completions of one prompt (``SamplingParams(n=...)``): child requests, one merged output.
 
 As vLLM v1 does for parallel sampling, a request with ``n > 1`` becomes ``n`` child requests
-that the scheduler runs like any others (prefix caching shares the prompt's full blocks once
-they are computed); the engine reports them as one :class:`RequestOutput` whose ``outputs``
-hold completion ``i`` at index ``i``. Completion ``i`` of a seeded request samples with seed
-``seed + i``, so the completions differ and each is reproducible.
+that the scheduler runs like any others; the engine reports them as one :class:`RequestOutput`
+whose ``outputs`` hold completion ``i`` at index ``i``. Completion ``i`` of a seeded request
+samples with seed ``seed + i``, so the completions differ and each is reproducible.
+
+With prefix caching on, completions 1 .. n-1 are held back until completion 0's prompt has
+been scheduled: they then find its full blocks in the prefix cache, so the prompt is computed
+once rather than n times (the blocks' KV is written by a step queued before theirs).
 """
 
 from __future__ import annotations
@@ -13,6 +16,17 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from kiln.runtime.request import CompletionOutput, RequestOutput, SamplingParams
+
+
+@dataclass
+class Held:
+    """Completions of a parent not yet given to the scheduler (waiting for completion 0's prompt)."""
+
+    first: str  # completion 0's request id
+    children: list[tuple[str, SamplingParams]]  # (request id, params) of the others
+    token_ids: list[int]
+    text: str | None
+    cache_salt: str | None
 
 
 @dataclass
@@ -29,6 +43,7 @@ class Fanout:
     def __init__(self) -> None:
         self.children: dict[str, tuple[str, int]] = {}  # child id -> (parent id, completion index)
         self.parents: dict[str, _Parent] = {}
+        self.held: dict[str, Held] = {}  # parent id -> completions waiting for completion 0's prompt
 
     @staticmethod
     def child_id(parent: str, index: int) -> str:
@@ -52,6 +67,7 @@ class Fanout:
         return [self.child_id(request_id, i) for i in range(p.n)] if p is not None else [request_id]
 
     def forget(self, parent: str) -> None:
+        self.held.pop(parent, None)
         p = self.parents.pop(parent, None)
         if p is not None:
             for i in range(p.n):
@@ -87,4 +103,4 @@ class Fanout:
         return merged
 
 
-__all__ = ["Fanout"]
+__all__ = ["Fanout", "Held"]

@@ -80,6 +80,16 @@ def test_n_completions_of_one_prompt() -> None:
         assert [c.token_ids for c in out.outputs] == alone
         assert len({tuple(t) for t in alone}) > 1  # the completions differ
     assert llm.scheduler.kv_cache_manager.num_free_blocks == 64 and not llm._fanout.parents
+    # completions 1 and 2 wait for completion 0's prompt, then find its 4 full blocks in the prefix cache
+    long = prompts[1] + prompts[0]  # 19 tokens
+    cold = kiln.LLM(model, num_blocks=64, block_size=4, enable_prefix_caching=False)
+    want = cold.generate([long], params, use_tqdm=False)[0]
+    warm = kiln.LLM(model, num_blocks=64, block_size=4)
+    got = warm.generate([long], params, use_tqdm=False)[0]
+    assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
+    assert warm.stats["scheduled_tokens"] == cold.stats["scheduled_tokens"] - 2 * 16
+    short = kiln.SamplingParams(n=2, max_tokens=1, seed=3)  # completion 0 ends in its first step
+    assert len(warm.generate([long], short, use_tqdm=False)[0].outputs[1].token_ids) == 1
 
     greedy = kiln.SamplingParams(n=2, temperature=0, max_tokens=5, ignore_eos=True)
     snaps = list(llm.stream([prompts[0]], greedy))
