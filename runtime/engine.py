@@ -334,16 +334,17 @@ class LLM:
             raise ConfigError(f"params must be kiln.SamplingParams, got {type(params).__name__}")
         ids, text = self._tokenize(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if any(self._in_flight(r) for r in self._fanout.ids_of(rid)):  # its old tokens would land on the new one
+        engine_ids = [rid] if params.n == 1 else [Fanout.child_id(rid, i) for i in range(params.n)]
+        if any(self._in_flight(r) for r in [rid, *engine_ids]):  # its old tokens would land on the new one
             raise ConfigError(
                 f"request id {rid!r} was aborted while a step for it is still running; "
                 "call step() once more or use another id"
             )
+        if rid in self._fanout.parents or rid in self._fanout.children or any(r in self._seqs for r in engine_ids):
+            raise ConfigError(f"request id {rid!r} is already running (or names a completion of one)")
         if params.n == 1:
             self._add(rid, ids, text, params, cache_salt)
             return rid
-        if rid in self._fanout.parents or any(c in self._seqs for c in self._fanout.ids_of(rid)):
-            raise ConfigError(f"request id {rid!r} is already running")
         children = self._fanout.add(rid, params.n)
         hold = self.scheduler.kv_cache_manager.enable_prefix_caching  # the others reuse completion 0's prompt
         added: list[str] = []
@@ -353,7 +354,7 @@ class LLM:
                 added.append(child)
         except Exception:
             for child in added:
-                self.abort_request(child)
+                self._abort(child)
             self._fanout.forget(rid)
             raise
         if hold:
@@ -365,7 +366,9 @@ class LLM:
         """Queue held completions whose completion 0 has its whole prompt scheduled (or is gone)."""
         for parent, held in list(self._fanout.held.items()):
             first = self._seqs.get(held.first)
-            if first is not None and first.request.num_computed_tokens < len(held.token_ids):
+            # its first token applied: the prompt's full blocks are in the prefix cache (cached when a step's
+            # output is applied, which asynchronous scheduling does a step after scheduling it)
+            if first is not None and first.request.num_output_tokens == 0:
                 continue
             del self._fanout.held[parent]
             for child, params in held.children:
@@ -388,8 +391,14 @@ class LLM:
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request (every completion of it); its blocks are freed at once. False if it is unknown or finished."""
+        if request_id in self._fanout.children:
+            raise ConfigError(f"{request_id!r} is one completion of {self._fanout.children[request_id][0]!r}: "
+                              "abort that request (all its completions)")  # fmt: skip
+        return self._abort(request_id)
+
+    def _abort(self, request_id: str) -> bool:
         if request_id in self._fanout.parents:
-            aborted = [self.abort_request(c) for c in self._fanout.ids_of(request_id)]
+            aborted = [self._abort(c) for c in self._fanout.ids_of(request_id)]
             self._fanout.forget(request_id)
             return any(aborted)
         self._forget_drafts(request_id)
@@ -561,7 +570,7 @@ class LLM:
                 # launch the next step now, and detokenize this one's tokens while it runs.
                 self._propose()
                 self._lookahead = self._launch_lockstep(self._schedule())
-        results = []
+        results: dict[str, RequestOutput] = {}  # by request id: a parent's last merge holds every completion's news
         for delta in changed:
             seq = self._seqs.get(delta.request_id)
             if seq is None:
@@ -572,7 +581,8 @@ class LLM:
             if snapshots or seq.request.is_finished:
                 merged = self._fanout.merge(seq.request.to_output(text=seq.text, prompt=seq.prompt), snapshots)
                 if merged is not None:  # (a completion's output waits for its siblings unless snapshots)
-                    results.append(merged)
+                    results.pop(merged.request_id, None)
+                    results[merged.request_id] = merged
             if seq.request.is_finished:
                 del self._seqs[delta.request_id]
                 self._sync_ids.discard(delta.request_id)
@@ -580,7 +590,7 @@ class LLM:
         if self._lookahead is None and not (self._spec_async is not None and self.async_scheduling
                                             and not self._sync_ids):  # asynchronous drafts: _propose_async
             self._propose()
-        return results
+        return list(results.values())
 
     def _in_flight(self, request_id: str) -> bool:
         """Whether a launched, not yet applied step computes for ``request_id``."""

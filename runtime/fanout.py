@@ -51,7 +51,7 @@ class Fanout:
 
     @staticmethod
     def child_params(params: SamplingParams, index: int) -> SamplingParams:
-        seed = None if params.seed is None else params.seed + index
+        seed = None if params.seed is None else (params.seed + index) % (1 << 64)
         return dataclasses.replace(params, n=1, seed=seed)
 
     def add(self, parent: str, n: int) -> list[str]:

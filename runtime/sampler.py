@@ -79,7 +79,7 @@ def to_device(
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The per-request generator for ``SamplingParams.seed``; keep it for the request's whole life."""
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed % (1 << 64))
 
 
 def apply_repetition_penalty(logits: Tensor, penalties: Tensor, seen: Sequence[Sequence[int]]) -> Tensor:
@@ -145,6 +145,12 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def as_int64(seed: int) -> int:
+    """``seed`` modulo 2^64 as a signed 64-bit int (any Python int is a valid seed)."""
+    s = seed % (1 << 64)
+    return s - (1 << 64) if s >= 1 << 63 else s
+
+
 def keyed_exponential(seeds: Tensor, positions: Tensor, v: int) -> Tensor:
     """Exp(1) noise (R, V) fp32 that depends only on each row's (seed, position) and the vocabulary index.
 
@@ -152,11 +158,13 @@ def keyed_exponential(seeds: Tensor, positions: Tensor, v: int) -> Tensor:
     (a hash of the key, as Philox is a cipher of its counter): the same request and position give
     the same draw on any device, in any batch, in any step that computes it.
     """
-    s = seeds.long()
-    key = _mix32((s & _M32) ^ _mix32((s >> 32) & _M32))
-    key = _mix32(key ^ _mix32((positions.long() + 0x632BE5AB) & _M32))  # (R,)
+    s, pos = seeds.long(), positions.long() & _M32
+    lo, hi = _mix32(s & _M32), _mix32(((s >> 32) & _M32) ^ 0x5BD1E995)
+    # two 32-bit keys per row, each mixing seed and position asymmetrically (a product, then a xor)
+    k1 = _mix32(((lo * 0x2C1B3C6D) & _M32) ^ pos).unsqueeze(1)  # (R, 1); multipliers < 2^31: no int64 overflow
+    k2 = _mix32(((hi * 0x297A2D39) & _M32) ^ _mix32(pos ^ 0x632BE5AB)).unsqueeze(1)
     idx = (torch.arange(v, device=seeds.device, dtype=torch.int64) * 0x9E3779B1) & _M32  # (V,) spread apart
-    h = _mix32(_mix32(key.unsqueeze(1) ^ idx) ^ 0x27D4EB2F)  # (R, V) uniform 32-bit
+    h = _mix32(_mix32(k1 ^ idx) ^ k2)  # (R, V) uniform 32-bit
     u = (h.double() + 0.5) * (1.0 / 4294967296.0)  # in (0, 1)
     return (-torch.log(u)).float()
 
@@ -183,11 +191,14 @@ def random_sample(
     if keyed:
         if positions is None:
             raise ValueError("seeded rows need the positions of the tokens they sample")
-        dev = probs.device
-        pos = positions if isinstance(positions, Tensor) else torch.tensor(list(positions))
-        rows = torch.tensor(keyed, device=dev)
-        noise = keyed_exponential(to_device([seeds[i] for i in keyed], dev, torch.int64),  # type: ignore[index]
-                                  pos.to(dev).index_select(0, rows), probs.shape[-1])  # fmt: skip
+        dev = probs.device  # (host values reach the device through pinned memory: nothing waits)
+        rows = to_device(keyed, dev, torch.int64)
+        if isinstance(positions, Tensor):
+            pos = positions.to(dev).index_select(0, rows)
+        else:
+            pos = to_device([positions[i] for i in keyed], dev, torch.int64)
+        folded = [as_int64(seeds[i]) for i in keyed]  # type: ignore[index, arg-type]
+        noise = keyed_exponential(to_device(folded, dev, torch.int64), pos, probs.shape[-1])
         q.index_copy_(0, rows, noise.to(q.dtype))
     return probs.div(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
 

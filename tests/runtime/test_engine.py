@@ -88,22 +88,56 @@ def test_n_completions_of_one_prompt() -> None:
     got = warm.generate([long], params, use_tqdm=False)[0]
     assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
     assert warm.stats["scheduled_tokens"] == cold.stats["scheduled_tokens"] - 2 * 16
+    ahead = kiln.LLM(model, num_blocks=64, block_size=4, async_scheduling=True)  # blocks cached a step later
+    assert [c.token_ids for c in ahead.generate([long], params, use_tqdm=False)[0].outputs] == [
+        c.token_ids for c in want.outputs]  # fmt: skip
+    assert ahead.stats["scheduled_tokens"] == cold.stats["scheduled_tokens"] - 2 * 16
+    huge = kiln.SamplingParams(n=2, max_tokens=3, seed=2**64 - 1, ignore_eos=True)  # completion 1: seed 2^64 -> 0
+    assert len(warm.generate([long], huge, use_tqdm=False)[0].outputs[1].token_ids) == 3
     short = kiln.SamplingParams(n=2, max_tokens=1, seed=3)  # completion 0 ends in its first step
     assert len(warm.generate([long], short, use_tqdm=False)[0].outputs[1].token_ids) == 1
 
     greedy = kiln.SamplingParams(n=2, temperature=0, max_tokens=5, ignore_eos=True)
-    snaps = list(llm.stream([prompts[0]], greedy))
-    assert {o.request_id for o in snaps} == {"req-2"} and snaps[-1].finished and not snaps[0].finished
+    rid = llm.add_request(prompts[0], greedy)
+    snaps = []
+    while llm.has_unfinished_requests():
+        step = llm.step()
+        assert len(step) <= 1  # one merged snapshot a step, holding every completion's news
+        snaps += step
+    assert {o.request_id for o in snaps} == {rid} and snaps[-1].finished and not snaps[0].finished
     final = snaps[-1].outputs
     assert len(final) == 2 and final[0].token_ids == final[1].token_ids  # greedy: the same twice
 
     rid = llm.add_request(prompts[1], params)
     llm.step()
+    with pytest.raises(kiln.ConfigError, match="already running"):
+        llm.add_request(prompts[0], request_id=rid)
+    with pytest.raises(kiln.ConfigError, match="already running .or names a completion"):
+        llm.add_request(prompts[0], request_id=f"{rid}#1")
+    with pytest.raises(kiln.ConfigError, match="one completion of"):
+        llm.abort_request(f"{rid}#0")
     assert llm.abort_request(rid) and not llm.has_unfinished_requests()
     assert llm.scheduler.kv_cache_manager.num_free_blocks == 64 and not llm._fanout.parents
     with pytest.raises(kiln.KilnError, match="more than max_model_len"):  # a bad prompt adds no completion
         llm.add_request(list(range(100)) * 30, params)
     assert not llm._seqs and not llm._fanout.parents
+
+
+def test_a_completions_id_is_refused_while_its_aborted_step_runs() -> None:
+    llm = kiln.LLM(hf_llama(), num_blocks=64, block_size=4, async_scheduling=True)
+    params = kiln.SamplingParams(n=2, max_tokens=6, ignore_eos=True)
+    llm.add_request([1, 2, 3], params, request_id="a")
+    llm.step()  # launched, not yet applied
+    assert llm.abort_request("a")
+    with pytest.raises(kiln.ConfigError, match="still running"):
+        llm.add_request([4, 5], params, request_id="a")  # its old step's tokens would land on "a#0"
+    llm.step()
+    llm.add_request([4, 5], params, request_id="a")
+    outs = []
+    while llm.has_unfinished_requests():
+        outs += llm.step()
+    assert [len(c.token_ids) for c in outs[-1].outputs] == [6, 6] and outs[-1].prompt_token_ids == [4, 5]
+    assert llm.scheduler.kv_cache_manager.num_free_blocks == 64
 
 
 def test_preemption_does_not_change_outputs() -> None:
