@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--n", type=int, default=1, help="completions per prompt (completion i samples with seed + i)")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
     g.add_argument("--speculative", metavar="ngram|DRAFT", default=None,
@@ -245,9 +246,12 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
 def _generate(llm: kiln.LLM, args: argparse.Namespace, spec: object, console: Console) -> int:
     params = kiln.SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
-        seed=args.seed, stop=tuple(args.stop),
+        seed=args.seed, stop=tuple(args.stop), n=args.n,
     )
     start = time.perf_counter()
+    if args.stream and args.n > 1:
+        console.print("[red]error:[/] --stream shows one completion; drop it or --n")
+        return 2
     if args.stream:
         shown = 0
         for out in llm.stream(args.prompt[0], params):
@@ -260,10 +264,11 @@ def _generate(llm: kiln.LLM, args: argparse.Namespace, spec: object, console: Co
     else:
         outs = llm.generate(args.prompt, params)
         for prompt, out in zip(args.prompt, outs, strict=True):
-            console.rule(repr(prompt)[:60])
-            sys.stdout.write(prompt + out.outputs[0].text + "\n")
+            for c in out.outputs:
+                console.rule(repr(prompt)[:60] + (f" (completion {c.index})" if args.n > 1 else ""))
+                sys.stdout.write(prompt + c.text + "\n")
     seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     console.print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s), {llm.stats['steps']} steps")
     if spec is not None:
         s = llm.stats

@@ -47,6 +47,14 @@ def test_generate_speculates_with_a_draft_model(capsys) -> None:
     assert text and text == [line for line in spec.splitlines() if line.startswith("def read_config")]  # greedy
 
 
+def test_generate_several_completions(capsys) -> None:
+    args = ["generate", "models/kiln-teacher", "def main():", "--max-tokens", "5", "--device", "cpu",
+            "--temperature", "1.0", "--seed", "3", "--n", "3"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "(completion 2)" in out and "15 tokens in" in out
+
+
 def test_generate_quantized_and_sharded_over_two_ranks(capsys) -> None:
     args = ["generate", "models/kiln-teacher", "def read_config(path):", "--max-tokens", "10", "--device", "cpu",
             "--quant", "w8a16"]  # fmt: skip
