@@ -29,7 +29,8 @@ Rewrites to, for rank ``rank`` of ``world_size``:
         query heads cover whole GQA groups, replicated (a rank keeps the kv head its query heads
         read) when a group spans ranks;
     embedding: rows ``[r*V/w, (r+1)*V/w)``; ids outside give zeros; all-reduce;
-    LM head: rows sliced; ``all_gather_into_tensor`` along the vocabulary (padded to a multiple
+    LM head: rows sliced (a quantized head's per-row scales and zero points with them);
+        ``all_gather_into_tensor`` along the vocabulary (padded to a multiple
         of ``world_size`` with zero rows, sliced back to V).
 Requires: canonical forms (``canonicalize``) and fused attention (``fuse-attention``).
 Establishes: one all-reduce per row-parallel linear and per embedding; the graph computes, summed
@@ -186,7 +187,7 @@ class ShardTensorParallel(Pass):
             n = leaf
             while n.target in _PASS_THROUGH and isinstance(n.args[0], Node):
                 n = n.args[0]
-            if n.target == LINEAR and _source(n.args[1]) is not None and static(val(n).shape[-1]) in tables:  # type: ignore[union-attr]
+            if n.target in LINEARS and _source(weight_of(n)) is not None and static(val(n).shape[-1]) in tables:  # type: ignore[union-attr]
                 return n
         return None
 
@@ -311,8 +312,7 @@ class ShardTensorParallel(Pass):
             self._expected_reduces += 1
 
     def _vocab_parallel(self, gm: GraphModule, head: Node, stats: Counter[str]) -> None:
-        x, w = head.args[:2]
-        bias = head.args[2] if len(head.args) > 2 else None
+        w = weight_of(head)
         src, transposed = _source(w)  # type: ignore[misc]
         vocab = int(val(head).shape[-1])  # type: ignore[union-attr]
         chunk, padded = self._vocab(vocab)
@@ -321,10 +321,16 @@ class ShardTensorParallel(Pass):
             with gm.graph.inserting_before(head):
                 local_w = gm.graph.call_function(aten.permute.default, (local_w, [1, 0]))
             infer_meta(local_w)
-        args: list[object] = [x, local_w]
-        if isinstance(bias, Node):
-            args.append(self._vocab_weight(gm, bias, False, self._cache))
+        args = list(head.args)
+        args[slot_index(head, "w")] = local_w  # type: ignore[index]
+        for slot in ("w_scale", "w_zero_point", "bias"):  # a quantized head's per-row scales follow its rows
+            t, i = operand(head, slot), slot_index(head, slot)
+            if isinstance(t, Node) and i is not None and val(t).dim() > 0 and static(val(t).shape[0]) == vocab:  # type: ignore[union-attr]
+                if i >= len(args):
+                    args += [None] * (i + 1 - len(args))
+                args[i] = self._vocab_weight(gm, t, False, self._cache)
         head.args = tuple(args)
+        head.kwargs = {k: v for k, v in head.kwargs.items() if k not in ("w", "w_scale", "w_zero_point", "bias")}
         head.meta[ROLE_KEY] = "lm_head"
         infer_meta(head)
         emit = Emitter(gm, head, head, self.world, self._group())

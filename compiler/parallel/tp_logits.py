@@ -15,6 +15,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.ir import fake_mode
 from kiln.parallel.tp_collectives import ROLE_KEY
+from kiln.parallel.tp_solver import operand
 
 aten = torch.ops.aten
 
@@ -34,16 +35,22 @@ def select_rows_before_gather(gm: GraphModule) -> int:
             continue
         head, hidden = n, n.args[0]
         tokens = str(hidden.meta["val"].shape[dim])  # type: ignore[union-attr]
-        with gm.graph.inserting_before(head):
-            picked = gm.graph.call_function(aten.index_select.default, (hidden, dim, idx))
-        picked.meta.update({k: v for k, v in sel.meta.items() if k != "val"})
+        # the activation, and a quantized head's per-token activation scale / zero point with it
+        per_token = [hidden, *(a for a in (operand(head, "x_scale"), operand(head, "x_zero_point"))
+                               if isinstance(a, Node) and a.meta["val"].dim() > dim
+                               and str(a.meta["val"].shape[dim]) == tokens)]  # fmt: skip
         rows = idx.meta["val"].shape[0]  # type: ignore[union-attr]
+        for value in per_token:
+            with gm.graph.inserting_before(head):
+                picked = gm.graph.call_function(aten.index_select.default, (value, dim, idx))
+            picked.meta.update({k: v for k, v in sel.meta.items() if k != "val"})
+            with mode:
+                picked.meta["val"] = aten.index_select.default(value.meta["val"], dim, idx.meta["val"])  # type: ignore[union-attr]
+            head.replace_input_with(value, picked)  # type: ignore[arg-type]
         with mode:
-            picked.meta["val"] = aten.index_select.default(hidden.meta["val"], dim, idx.meta["val"])  # type: ignore[union-attr]
             for node in [head, *reversed(chain)]:  # built, not re-run: fake kernels guard on the unbacked row count
                 old = node.meta["val"]
                 node.meta["val"] = old.new_empty([rows if str(s) == tokens else s for s in old.shape])
-        head.replace_input_with(hidden, picked)  # type: ignore[arg-type]
         sel.replace_all_uses_with(x)
         gm.graph.erase_node(sel)
         moved += 1

@@ -220,7 +220,9 @@ QUANTIZED = {  # llama-tiny: K = 64 (attention output) and 176 (MLP down: 88 a r
         activations=kiln.QuantSpec(dtype="int8", granularity=kiln.PerTensor(), dynamic=False),
     ).with_calibration(_CALIBRATION),
 }
-_SCALE_REDUCES = {"w8a8-smoothquant": 4, "fp8": 4}  # o and down projections of 2 layers
+QUANTIZED["fp8-lm-head"] = dataclasses.replace(QUANTIZED["fp8"], skip=())  # the LM head too: vocabulary-parallel
+QUANTIZED["w4a16-g8-lm-head"] = dataclasses.replace(QUANTIZED["w4a16-g8"], skip=())
+_SCALE_REDUCES = {"w8a8-smoothquant": 4, "fp8": 4, "fp8-lm-head": 4}  # o and down projections of 2 layers
 
 
 @pytest.mark.parametrize("name", list(QUANTIZED))
@@ -236,7 +238,9 @@ def test_quantized_shards_compute_the_single_device_quantized_model(name: str) -
     assert stats.get("scale_all_reduces", 0) == _SCALE_REDUCES.get(name, 0)
     gm = shards[1].graph_module
     qlinears = [n for n in gm.graph.nodes if str(n.target).startswith("kiln.qlinear")]
-    assert len(qlinears) == 14  # 7 projections a layer; the LM head stays in full precision (skip)
+    head = name.endswith("lm-head")
+    assert len(qlinears) == 14 + head  # 7 projections a layer (and the LM head unless skipped)
+    assert stats["vocab_parallel_lm_heads"] == 1
     for n in qlinears:  # every projection holds half of its weight: rows (column-parallel) or K (row-parallel)
         full = next(m for m in single.graph_module.graph.nodes if m.name == n.name)
         assert weight_of(n).meta["val"].numel() * 2 == weight_of(full).meta["val"].numel(), n.name
@@ -308,7 +312,7 @@ def test_quantized_qwen2_with_biases_on_two_gloo_ranks() -> None:
         assert all(v <= 1e-5 for v in res.values()), res
 
 
-@pytest.mark.parametrize(("quant", "tp", "pp"), [("w4a16-g8", 2, 1), ("fp8", 1, 2)])
+@pytest.mark.parametrize(("quant", "tp", "pp"), [("w4a16-g8", 2, 1), ("fp8", 1, 2), ("fp8-lm-head", 2, 1)])
 def test_llm_generation_of_a_quantized_model_under_tp_or_pp_equals_single_device(quant: str, tp: int, pp: int) -> None:
     model = tiny_llama()
     prompts = [[5, 17, 99, 3, 42, 7, 11], [200, 1, 2]]
