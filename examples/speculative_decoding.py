@@ -2,8 +2,9 @@
 
     python examples/speculative_decoding.py
 
-Greedy speculative decoding is token-identical to plain decoding; what changes is how many
-tokens each target step yields. Prints both, with the acceptance the engine measured.
+Greedy speculative decoding is token-identical to plain decoding, and so is seeded sampling with
+prompt lookup; what changes is how many tokens each target step yields. Prints both, with the
+acceptance the engine measured.
 """
 
 from pathlib import Path
@@ -52,6 +53,14 @@ def main() -> None:
         print(f"{name}: {s['steps']:.0f} steps for {len(out.outputs[0].token_ids)} tokens, "
               f"acceptance {s['acceptance_rate']:.2f}, {s['accepted_tokens_per_step']:.2f} tokens per verified step, "
               f"same tokens as plain: {out.outputs[0].token_ids == want.token_ids}")
+    # Sampling with a seed: a prompt-lookup draft is kept exactly when it equals the target's own draw at its
+    # position (keyed on the seed and the position), so the request samples the same tokens as without drafts.
+    seeded = kiln.SamplingParams(temperature=0.8, top_p=0.95, max_tokens=40, seed=7, ignore_eos=True)
+    alone = plain.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    llm = kiln.LLM(str(MODELS / "kiln-teacher"), kv_cache_memory=16 * 2**20, speculative=ngram, async_scheduling=True)
+    got = llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    print(f"sampling (T 0.8, seed 7), prompt lookup, asynchronous: acceptance {llm.stats['acceptance_rate']:.2f}, "
+          f"same tokens as plain: {got == alone}")
     print("continuation:", repr(want.text))
 
 

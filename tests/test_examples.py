@@ -20,7 +20,8 @@ def test_example_runs(path: str, capsys: pytest.CaptureFixture[str], monkeypatch
     elif "prefix_cache" in path:
         assert out.count("48 prompt tokens from the prefix cache") == 2  # the questions after the first
     elif "speculative" in path:
-        assert out.count("same tokens as plain: True") == 3  # prompt lookup (lockstep, asynchronous), draft model
+        assert out.count("same tokens as plain: True") == 4  # prompt lookup (lockstep, asynchronous), draft model,
+        # seeded sampling with prompt lookup
     elif "parallel" in path:
         assert out.count("same tokens as one device: True") == 2
     elif "quantize" in path:
