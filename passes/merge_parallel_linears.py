@@ -16,11 +16,14 @@ Rewrites to: ``y = aten.linear(x, W, b)`` over ``W = cat(W_1 .. W_n)`` (rows, st
     (``getitem``). The original weights are deleted from the module when nothing else reads them,
     and the tensors they were (the model's own parameters) become views of their rows of ``W``
     (and ``b``): the values do not change, and the weights are not held twice in memory.
+    Quantized linears (``kiln.qlinear_*`` from ``lower-qdq``) of one kind merge the same way: their
+    codes, per-row scales and zero points are concatenated along N (same group size, activation
+    codes and scale; a per-tensor weight scale keeps its linear apart).
 Requires: canonical forms (``canonicalize``): linears as ``aten.linear`` over ``get_attr`` weights.
-    Runs after quantization lowering (only plain float linears merge; a ``kiln.qlinear_*`` stays
-    as it is) and after tensor/sequence-parallel sharding (it then merges each rank's shards).
-Establishes: no two plain linears with constant weights and matching keys (dtype, device, K,
-    bias or not) read the same value; the outputs equal the unmerged graph's (each output column
+    Runs after quantization lowering and after tensor/sequence-parallel sharding (it then merges
+    each rank's shards).
+Establishes: no two linears with constant weights and matching keys (kind, dtype, device, K,
+    bias or not, scale layout) read the same value; the outputs equal the unmerged graph's (each output column
     is the same dot product over K; GEMM kernels may still round differently at other N).
 Statistics: ``groups_merged``, ``linears_merged``, ``weights_deleted``, ``bytes_merged`` (bytes of
     the concatenated weights and biases).
@@ -36,10 +39,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from kiln.ir import PASS_KEY, infer_meta
+from kiln.parallel.tp_solver import LINEAR, LINEARS, operand, slot_index, weight_of
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 
 aten = torch.ops.aten
-LINEAR = aten.linear.default
+kiln_ops = torch.ops.kiln
 _NOT_CANONICAL = (aten.addmm.default, aten.t.default, aten.mm.default)
 
 
@@ -77,18 +81,43 @@ def _constant(gm: GraphModule, arg: object) -> torch.Tensor | None:
     return None
 
 
+#: per-output-row operands of a linear, concatenated along N when linears merge
+_ROW_SLOTS = ("w", "w_scale", "w_zero_point", "bias")
+
+
 def _key(gm: GraphModule, lin: Node) -> tuple | str:
-    """The merge key of a linear (linears merge when their keys are equal), or why it cannot merge."""
-    if lin.op != "call_function" or lin.target != LINEAR:
+    """The merge key of a linear (linears merge when their keys are equal), or why it cannot merge.
+
+    A quantized linear (``kiln::qlinear_*``) merges with its kind only, with the same group size,
+    output dtype and activation codes / scale nodes, when its weight scales (and zero points) have
+    one row per output (per channel or per group): a per-tensor scale differs between linears.
+    """
+    if lin.op != "call_function" or lin.target not in LINEARS:
         return "not a linear"
-    w = _constant(gm, lin.args[1])
+    w = _constant(gm, weight_of(lin))
     if w is None or w.dim() != 2:
         return "the weight is not a 2-D constant"
-    bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    bias = operand(lin, "bias")
     b = _constant(gm, bias)
-    if bias is not None and (b is None or b.dim() != 1 or b.dtype != w.dtype):
-        return "the bias is not a 1-D constant of the weight's dtype"
-    return (w.dtype, w.device, w.shape[1], bias is not None)
+    if bias is not None and (b is None or b.dim() != 1):
+        return "the bias is not a 1-D constant"
+    if lin.target == LINEAR:
+        if b is not None and b.dtype != w.dtype:
+            return "the bias is not of the weight's dtype"
+        return (LINEAR, w.dtype, w.device, w.shape[1], bias is not None)
+    rows = []
+    for slot in ("w_scale", "w_zero_point"):
+        t = operand(lin, slot)
+        if t is None:
+            rows.append(None)
+            continue
+        v = _constant(gm, t)
+        if v is None or v.dim() == 0 or v.shape[0] != w.shape[0]:
+            return f"its {slot} is not a constant with a row per output"
+        rows.append((v.dtype, tuple(v.shape[1:])))
+    shared = tuple(operand(lin, s) for s in ("x_scale", "x_zero_point", "group_size"))  # the same nodes / ints
+    out_dtype = lin.args[-1] if lin.target in (kiln_ops.qlinear_w8a8.default, kiln_ops.qlinear_fp8.default) else None
+    return (lin.target, w.dtype, w.device, w.shape[1], bias is not None, *rows, shared, out_dtype)
 
 
 class MergeParallelLinears(Pass):
@@ -112,7 +141,7 @@ class MergeParallelLinears(Pass):
         for x in gm.graph.nodes:
             by_key: dict[tuple, list[Node]] = defaultdict(list)
             for user in x.users:  # insertion order: deterministic
-                if user.op == "call_function" and user.target == LINEAR and user.args[0] is x:
+                if user.op == "call_function" and user.target in LINEARS and user.args[0] is x:
                     key = _key(gm, user)
                     if isinstance(key, tuple):
                         by_key[key].append(user)
@@ -143,25 +172,27 @@ class MergeParallelLinears(Pass):
 
     def _merge(self, gm: GraphModule, group: list[Node], stats: Counter[str]) -> None:
         first = group[0]
-        x = first.args[0]
-        weights = [lin.args[1] for lin in group]
-        biases = [lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias") for lin in group]
-        w_vals = [_constant(gm, w) for w in weights]
-        sizes = [int(w.shape[0]) for w in w_vals]  # type: ignore[union-attr]
+        weights = [weight_of(lin) for lin in group]
+        sizes = [int(_constant(gm, w).shape[0]) for w in weights]  # type: ignore[union-attr]
         name = self._name(gm, weights)  # type: ignore[arg-type]
-        merged_w = torch.cat(w_vals, 0).contiguous()  # type: ignore[arg-type]  # (sum N_i, K)
-        w_node = self._buffer(gm, f"{name}_weight", merged_w, first)
-        _share(w_vals, _attr(gm, f"{name}_weight"))  # type: ignore[arg-type]
-        stats["bytes_merged"] += merged_w.numel() * merged_w.element_size()
-        b_node = None
-        if biases[0] is not None:
-            b_vals = [_constant(gm, b) for b in biases]
-            merged_b = torch.cat(b_vals, 0).contiguous()  # type: ignore[arg-type]
-            b_node = self._buffer(gm, f"{name}_bias", merged_b, first)
-            _share(b_vals, _attr(gm, f"{name}_bias"))  # type: ignore[arg-type]
-            stats["bytes_merged"] += merged_b.numel() * merged_b.element_size()
+        args = list(first.args)
+        consts: list[object] = []
+        for slot in _ROW_SLOTS:  # each per-row operand: concatenated rows, stored once
+            nodes = [operand(lin, slot) for lin in group]
+            i = slot_index(first, slot)
+            if i is None or nodes[0] is None:
+                continue
+            vals = [_constant(gm, n) for n in nodes]
+            merged = torch.cat(vals, 0).contiguous()  # type: ignore[arg-type]  # (sum N_i, ...)
+            suffix = {"w": "weight", "bias": "bias"}.get(slot, slot)
+            node = self._buffer(gm, f"{name}_{suffix}", merged, first)
+            _share(vals, _attr(gm, f"{name}_{suffix}"))  # type: ignore[arg-type]
+            stats["bytes_merged"] += merged.numel() * merged.element_size()
+            args += [None] * (i + 1 - len(args))
+            args[i] = node
+            consts += nodes
         with gm.graph.inserting_before(first):
-            y = gm.graph.call_function(LINEAR, (x, w_node, b_node))
+            y = gm.graph.call_function(first.target, tuple(args))
             pieces = gm.graph.call_function(aten.split_with_sizes.default, (y, sizes, -1))
             outs = [gm.graph.call_function(operator.getitem, (pieces, i)) for i in range(len(group))]
         for new, origin in ((y, first), (pieces, first), *zip(outs, group, strict=True)):
@@ -171,7 +202,7 @@ class MergeParallelLinears(Pass):
         for lin, out in zip(group, outs, strict=True):
             lin.replace_all_uses_with(out)
             gm.graph.erase_node(lin)
-        for const in {n for n in (*weights, *biases) if isinstance(n, Node)}:
+        for const in {n for n in consts if isinstance(n, Node)}:
             if not const.users:
                 target = str(const.target)
                 gm.graph.erase_node(const)

@@ -148,3 +148,29 @@ def test_each_tensor_parallel_rank_merges_its_shards(llama) -> None:
     assert shard.stats["merge-parallel-linears"]["linears_merged"] == 10
     names = [r.name for r in shard.report.records]
     assert names.index("shard-tensor-parallel") < names.index("merge-parallel-linears")
+
+
+@pytest.mark.parametrize(
+    ("preset", "granularity", "groups"),
+    [("w4a16-g128", kiln.PerGroup(16), 4), ("w4a16-g128", kiln.PerAxis(0), 4), ("fp8", None, 4),
+     ("w8a16", kiln.PerTensor(), 0)],  # a per-tensor scale differs between linears: nothing merges
+)  # fmt: skip
+def test_quantized_linears_merge_with_their_scales(preset: str, granularity: object, groups: int) -> None:
+    model = from_preset("llama-tiny").eval()
+    quant = kiln.QuantConfig.preset(preset)
+    if granularity is not None:
+        quant = kiln.QuantConfig.preset(preset, weights=kiln.QuantSpec(dtype=quant.weights.dtype, granularity=granularity,
+                                                                        symmetric=quant.weights.symmetric))  # fmt: skip
+    ids = torch.randint(0, 100, (1, 6))
+    plain = kiln.compile(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=quant))
+    merged = kiln.compile(model, {"input_ids": ids}, config=kiln.CompileConfig(quant=quant,
+                                                                                extra_passes=(MergeParallelLinears(),)))  # fmt: skip
+    stats = merged.stats.get("merge-parallel-linears", {})
+    assert stats.get("groups_merged", 0) == groups  # Q/K/V and gate/up of 2 layers
+    qlinears = [n for n in merged.graph_module.graph.nodes if str(n.target).startswith("kiln.qlinear")]
+    assert len(qlinears) == (8 if groups else 14)  # 7 a layer -> merged Q/K/V and gate/up, o, down
+    x = torch.randint(0, 500, (1, 9))
+    with torch.no_grad():
+        want, got = plain(input_ids=x), merged(input_ids=x)
+    want, got = (t[0] if isinstance(t, (tuple, list)) else t for t in (want, got))
+    assert float((got - want).norm() / want.norm()) <= 1e-5
