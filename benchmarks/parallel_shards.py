@@ -21,6 +21,7 @@ communication), kernels per call of one shard, and the check's relative error.
 
     python benchmarks/parallel_shards.py            # H100, bf16: llama-1b and llama-8b shapes, 2 layers
     python benchmarks/parallel_shards.py --quick    # CPU smoke run: llama-tiny, fp32, TP = 2, 4
+    python benchmarks/parallel_shards.py --quant w4a16-g128 --torch-compile --top-kernels 10  # quantized shards, inductor
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
 
     def compiled(tp: int, sp: bool) -> list[Any]:
         par = kiln.ParallelConfig(tensor_parallel_size=tp, sequence_parallel=sp)
-        return compile_shards(cap, config=kiln.CompileConfig(kv_cache=True, parallel=par))
+        quant = kiln.QuantConfig.preset(args.quant) if args.quant else None
+        return compile_shards(cap, config=kiln.CompileConfig(kv_cache=True, parallel=par, quant=quant))
 
     def timed(gm: torch.fx.GraphModule, step: Step, label: str = "") -> tuple[float, float]:
         caches = new_caches(gm, step.num_blocks, bs, device)
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sp", default="0,1", help="sequence parallelism off (0) and/or on (1)")
     p.add_argument("--torch-compile", action="store_true",
                    help="run every graph (unsharded and shards) under torch.compile (inductor), as kiln.LLM(torch_compile=True)")
+    p.add_argument("--quant", default=None, help="quantize first with this preset (w8a16, w4a16-g128, fp8): the shards "
+                   "hold slices of the codes and scales")
     p.add_argument("--top-kernels", type=int, default=0,
                    help="GPU: print the N kernels with the most time, unsharded and rank 0 at the first TP")
     args = p.parse_args(argv)
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# parallel_shards: {gpu}, torch {torch.__version__}, {dtype}, layers={args.layers}, "
           f"prefill {args.prefill_tokens} tokens, decode {args.decode_batch} x {args.decode_context} cached"
-          f"{', torch.compile' if args.torch_compile else ''}", flush=True)  # fmt: skip
+          f"{', torch.compile' if args.torch_compile else ''}{', ' + args.quant if args.quant else ''}", flush=True)  # fmt: skip
     rows = [r for name in args.models.split(",") for r in run_model(name, args, device, dtype)]
     print(f"\n{'model':10s} {'phase':7s} {'TP':>2s} {'SP':>2s} {'unsharded ms':>12s} {'sum shards ms':>13s} {'ratio':>6s} "
           f"{'max shard ms':>12s} {'kernels':>7s} {'rel err':>8s}")  # fmt: skip
