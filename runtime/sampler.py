@@ -131,6 +131,7 @@ def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
 
 
 _M32 = 0xFFFFFFFF
+_KEYED_ELEMENTS = 1 << 22  # keyed noise for at most this many (row, token) pairs at once: ~32 MB per temporary
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -197,9 +198,11 @@ def random_sample(
             pos = positions.to(dev).index_select(0, rows)
         else:
             pos = to_device([positions[i] for i in keyed], dev, torch.int64)
-        folded = [as_int64(seeds[i]) for i in keyed]  # type: ignore[index, arg-type]
-        noise = keyed_exponential(to_device(folded, dev, torch.int64), pos, probs.shape[-1])
-        q.index_copy_(0, rows, noise.to(q.dtype))
+        folded = to_device([as_int64(seeds[i]) for i in keyed], dev, torch.int64)  # type: ignore[index, arg-type]
+        step = max(1, _KEYED_ELEMENTS // probs.shape[-1])  # rows at a time: bounded int64 temporaries
+        for a in range(0, len(keyed), step):
+            noise = keyed_exponential(folded[a : a + step], pos[a : a + step], probs.shape[-1])
+            q.index_copy_(0, rows[a : a + step], noise.to(q.dtype))
     return probs.div(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
 
 
