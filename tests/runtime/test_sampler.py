@@ -174,3 +174,19 @@ def test_greedy_argmax_equals_argmax_ties_included(vocab: int, dtype: torch.dtyp
     assert torch.equal(greedy_argmax(logits), logits.argmax(dim=-1))
     assert greedy_argmax(logits)[2] == 0
     assert (_argmax_chunk(vocab) > 0) == (vocab in (32000, 128256))  # the two-stage path ran where meant
+
+
+def test_keyed_noise_is_exponential_and_depends_on_seed_and_position_only() -> None:
+    from kiln.runtime.sampler import keyed_exponential
+
+    seeds, positions = torch.tensor([7, 7, 8, 0x632BE5AB + 5, 0x632BE5AB + 10]), torch.tensor([3, 4, 3, 10, 5])
+    noise = keyed_exponential(seeds, positions, 200_000)
+    assert torch.allclose(noise.mean(1), torch.ones(5), atol=0.01) and torch.allclose(noise.std(1), torch.ones(5), atol=0.01)
+    u = torch.exp(-noise[0])  # uniform in (0, 1): ten equal bins
+    assert torch.histc(u, 10, 0, 1).sub(20_000).abs().max() < 600
+    assert torch.equal(noise[:1], keyed_exponential(seeds[:1], positions[:1], 200_000))  # a function of the key
+    for i in range(5):
+        for j in range(i):
+            assert abs(float(torch.corrcoef(noise[[i, j]])[0, 1])) < 0.01, (i, j)  # other keys: independent
+    big = keyed_exponential(torch.tensor([-1, 2**62]), torch.tensor([0, 0]), 8)  # any 64-bit seed
+    assert torch.isfinite(big).all() and (big > 0).all()
