@@ -312,15 +312,17 @@ def test_quantized_qwen2_with_biases_on_two_gloo_ranks() -> None:
         assert all(v <= 1e-5 for v in res.values()), res
 
 
-@pytest.mark.parametrize(("quant", "tp", "pp"), [("w4a16-g8", 2, 1), ("fp8", 1, 2), ("fp8-lm-head", 2, 1)])
-def test_llm_generation_of_a_quantized_model_under_tp_or_pp_equals_single_device(quant: str, tp: int, pp: int) -> None:
+@pytest.mark.parametrize(("quant", "tp", "pp", "kv"), [("w4a16-g8", 2, 1, "int8"), ("fp8", 1, 2, "auto"),
+                                                       ("fp8-lm-head", 2, 1, "auto")])  # fmt: skip
+def test_llm_generation_of_a_quantized_model_under_tp_or_pp_equals_single_device(quant: str, tp: int, pp: int,
+                                                                                  kv: str) -> None:  # fmt: skip
     model = tiny_llama()
     prompts = [[5, 17, 99, 3, 42, 7, 11], [200, 1, 2]]
     params = kiln.SamplingParams(max_tokens=6, temperature=0.0)
     config = kiln.CompileConfig(kv_cache=True, quant=QUANTIZED[quant])
-    single = kiln.LLM(model, num_blocks=16, block_size=4, compile_config=config)
+    single = kiln.LLM(model, num_blocks=16, block_size=4, compile_config=config, kv_cache_dtype=kv)
     want = [o.outputs[0].token_ids for o in single.generate(prompts, params, use_tqdm=False)]
     with kiln.LLM(model, num_blocks=16, block_size=4, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                  compile_config=config) as sharded:  # fmt: skip
+                  compile_config=config, kv_cache_dtype=kv) as sharded:  # fmt: skip
         got = [o.outputs[0].token_ids for o in sharded.generate(prompts, params, use_tqdm=False)]
     assert got == want
