@@ -92,8 +92,8 @@ def _serve(rank: int, world: int, port: int, backend: str, device_type: str, con
             method, args = msg
             try:
                 conn.send(("ok", getattr(state, method)(*args)))
-            except Exception:  # noqa: BLE001 - the driver re-raises it
-                conn.send(("error", traceback.format_exc()))
+            except Exception as e:  # noqa: BLE001 - the driver re-raises it
+                conn.send(("error", (type(e).__name__, str(e), traceback.format_exc())))
     except (EOFError, KeyboardInterrupt):
         pass
     except Exception:  # noqa: BLE001
@@ -101,6 +101,20 @@ def _serve(rank: int, world: int, port: int, backend: str, device_type: str, con
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _rank_error(rank: int, world: int, what: str, value: Any) -> Exception:
+    """A rank's failure for the driver: kiln's own errors (a bad config, a pass that cannot apply) keep their
+    type and message; anything else is a KilnError carrying the rank's traceback."""
+    from kiln import errors
+
+    if isinstance(value, tuple):
+        name, message, trace = value
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, errors.KilnError):
+            return cls(f"(rank {rank} of {world}, {what}) {message}")
+        value = trace
+    return KilnError(f"rank {rank} of {world} failed in {what!r}:\n{value}")
 
 
 class WorkerGroup:
@@ -150,7 +164,7 @@ class WorkerGroup:
                     raise KilnError(f"rank {r} died during {what!r}") from None
                 if status != "ok":
                     self.close()  # the other ranks may wait in a collective forever: stop them all
-                    raise KilnError(f"rank {r} of {self.world_size} failed in {what!r}:\n{value}")
+                    raise _rank_error(r, self.world_size, what, value)
                 out[r] = value
                 del pending[r]
         return [out[r] for r in range(self.world_size)]
