@@ -66,7 +66,7 @@ def test_generate_quantized_and_sharded_over_two_ranks(capsys) -> None:
     assert text and text == [line for line in two.splitlines() if line.startswith("def read_config")]  # greedy
     assert main([*args[:-1], "w4a16-g128", "--tensor-parallel-size", "2"]) == 1  # 192 inputs a rank: 1.5 groups
     out = capsys.readouterr().out
-    assert "whole groups" in out and "PassError: (rank 0 of 2" in out and "Traceback" not in out  # kiln's error
+    assert "whole groups" in out and "PassError: (rank" in out and "Traceback" not in out  # kiln's error, either rank
 
 
 def test_generate_torch_compile_on_the_cpu_is_a_clear_error(capsys) -> None:
