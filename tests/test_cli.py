@@ -65,7 +65,7 @@ def test_generate_quantized_and_sharded_over_two_ranks(capsys) -> None:
     text = [line for line in one.splitlines() if line.startswith("def read_config")]
     assert text and text == [line for line in two.splitlines() if line.startswith("def read_config")]  # greedy
     assert main([*args[:-1], "w4a16-g128", "--tensor-parallel-size", "2"]) == 1  # 192 inputs a rank: 1.5 groups
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # the console may wrap lines anywhere
     assert "whole groups" in out and "PassError: (rank" in out and "Traceback" not in out  # kiln's error, either rank
 
 
