@@ -51,7 +51,7 @@ def test_generate_several_completions(capsys) -> None:
     args = ["generate", "models/kiln-teacher", "def main():", "--max-tokens", "5", "--device", "cpu",
             "--temperature", "1.0", "--seed", "3", "--n", "3"]  # fmt: skip
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "(completion 2)" in out and "15 tokens in" in out
 
 
