@@ -39,11 +39,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from kiln.ir import PASS_KEY, infer_meta
-from kiln.parallel.tp_solver import LINEAR, LINEARS, operand, slot_index, weight_of
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
+from kiln.quantize.ops import LINEAR_SLOTS, operand, slot_index
 
 aten = torch.ops.aten
 kiln_ops = torch.ops.kiln
+LINEAR = aten.linear.default
 _NOT_CANONICAL = (aten.addmm.default, aten.t.default, aten.mm.default)
 
 
@@ -92,9 +93,9 @@ def _key(gm: GraphModule, lin: Node) -> tuple | str:
     output dtype and activation codes / scale nodes, when its weight scales (and zero points) have
     one row per output (per channel or per group): a per-tensor scale differs between linears.
     """
-    if lin.op != "call_function" or lin.target not in LINEARS:
+    if lin.op != "call_function" or lin.target not in LINEAR_SLOTS:
         return "not a linear"
-    w = _constant(gm, weight_of(lin))
+    w = _constant(gm, operand(lin, "w"))
     if w is None or w.dim() != 2:
         return "the weight is not a 2-D constant"
     bias = operand(lin, "bias")
@@ -141,7 +142,7 @@ class MergeParallelLinears(Pass):
         for x in gm.graph.nodes:
             by_key: dict[tuple, list[Node]] = defaultdict(list)
             for user in x.users:  # insertion order: deterministic
-                if user.op == "call_function" and user.target in LINEARS and user.args[0] is x:
+                if user.op == "call_function" and user.target in LINEAR_SLOTS and user.args[0] is x:
                     key = _key(gm, user)
                     if isinstance(key, tuple):
                         by_key[key].append(user)
@@ -172,7 +173,7 @@ class MergeParallelLinears(Pass):
 
     def _merge(self, gm: GraphModule, group: list[Node], stats: Counter[str]) -> None:
         first = group[0]
-        weights = [weight_of(lin) for lin in group]
+        weights = [operand(lin, "w") for lin in group]
         sizes = [int(_constant(gm, w).shape[0]) for w in weights]  # type: ignore[union-attr]
         name = self._name(gm, weights)  # type: ignore[arg-type]
         args = list(first.args)

@@ -57,7 +57,6 @@ from kiln.parallel.tp_solver import (
     LINEARS,
     RESHAPES,
     Solver,
-    bias_index,
     gqa,
     operand,
     slot_index,
@@ -243,7 +242,7 @@ class ShardTensorParallel(Pass):
         self._reinfer(gm, touched)
 
     def _all_reduce_after(self, gm: GraphModule, lin: Node, spec: Shard, stats: Counter[str]) -> None:
-        i = bias_index(lin)
+        i = slot_index(lin, "bias")
         bias = operand(lin, "bias")
         args = list(lin.args)
         if lin.target == LINEAR:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from kiln.errors import ConfigError
 from kiln.runtime.drafters import Drafter
-from kiln.runtime.fanout import Fanout, Held
+from kiln.runtime.fanout import Fanout
 from kiln.runtime.model_runner import ModelRunner, SequenceStep
 from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
 from kiln.runtime.sampler import _GREEDY_EPS, make_generator, sample, to_device
@@ -345,34 +345,16 @@ class LLM:
         if params.n == 1:
             self._add(rid, ids, text, params, cache_salt)
             return rid
-        children = self._fanout.add(rid, params.n)
         hold = self.scheduler.kv_cache_manager.enable_prefix_caching  # the others reuse completion 0's prompt
-        added: list[str] = []
-        try:
-            for i, child in enumerate(children[: 1 if hold else None]):
-                self._add(child, ids, text, self._fanout.child_params(params, i), cache_salt)
-                added.append(child)
-        except Exception:
-            for child in added:
-                self._abort(child)
-            self._fanout.forget(rid)
-            raise
-        if hold:
-            later = [(c, self._fanout.child_params(params, i)) for i, c in enumerate(children) if i]
-            self._fanout.held[rid] = Held(children[0], later, ids, text, cache_salt)
+        self._fanout.submit(rid, params, self._add, self._abort, hold=hold, token_ids=ids, text=text,
+                            cache_salt=cache_salt)  # fmt: skip
         return rid
 
-    def _release_held(self) -> None:
-        """Queue held completions whose completion 0 has its whole prompt scheduled (or is gone)."""
-        for parent, held in list(self._fanout.held.items()):
-            first = self._seqs.get(held.first)
-            # its first token applied: the prompt's full blocks are in the prefix cache (cached when a step's
-            # output is applied, which asynchronous scheduling does a step after scheduling it)
-            if first is not None and first.request.num_output_tokens == 0:
-                continue
-            del self._fanout.held[parent]
-            for child, params in held.children:
-                self._add(child, held.token_ids, held.text, params, held.cache_salt)
+    def _prefilling(self, request_id: str) -> bool:
+        """Whether a request has no token applied yet (its prompt's full blocks are cached when its first
+        step's output is applied: asynchronously, a step after scheduling it)."""
+        seq = self._seqs.get(request_id)
+        return seq is not None and seq.request.num_output_tokens == 0
 
     def _add(self, rid: str, ids: list[int], text: str | None, params: SamplingParams, cache_salt: str | None) -> None:
         request = Request(
@@ -551,7 +533,7 @@ class LLM:
     def _step(self, *, snapshots: bool) -> list[RequestOutput]:
         """One step; outputs of every changed request (``snapshots``) or of the finished ones only."""
         if self._fanout.held:
-            self._release_held()
+            self._fanout.release(self._prefilling, self._add)
         if self.async_scheduling and not self._sync_ids:
             changed = self._async_step()
         else:

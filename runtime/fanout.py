@@ -13,9 +13,13 @@ once rather than n times (the blocks' KV is written by a step queued before thei
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kiln.runtime.request import CompletionOutput, RequestOutput, SamplingParams
+
+#: ``add(request_id, token_ids, text, params, cache_salt)``: the engine queues one request
+AddFn = Callable[[str, list[int], "str | None", SamplingParams, "str | None"], None]
 
 
 @dataclass
@@ -60,6 +64,35 @@ class Fanout:
         self.parents[parent] = _Parent(n)
         self.children.update((c, (parent, i)) for i, c in enumerate(ids))
         return ids
+
+    def submit(self, parent: str, params: SamplingParams, add: AddFn, abort: Callable[[str], object], *, hold: bool,
+               token_ids: list[int], text: str | None, cache_salt: str | None) -> None:  # fmt: skip
+        """Queue ``parent``'s ``params.n`` completions through ``add`` (all or none: ``abort`` undoes a partial
+        add); with ``hold``, completion 0 alone until :meth:`release` queues the others."""
+        children = self.add(parent, params.n)
+        added: list[str] = []
+        try:
+            for i, child in enumerate(children[: 1 if hold else None]):
+                add(child, token_ids, text, self.child_params(params, i), cache_salt)
+                added.append(child)
+        except Exception:
+            for child in added:
+                abort(child)
+            self.forget(parent)
+            raise
+        if hold:
+            later = [(c, self.child_params(params, i)) for i, c in enumerate(children) if i]
+            self.held[parent] = Held(children[0], later, token_ids, text, cache_salt)
+
+    def release(self, waiting: Callable[[str], bool], add: AddFn) -> None:
+        """Queue the held completions of every parent whose completion 0 no longer ``waiting`` (its prompt is
+        cached, or it is gone)."""
+        for parent, held in list(self.held.items()):
+            if waiting(held.first):
+                continue
+            del self.held[parent]
+            for child, params in held.children:
+                add(child, held.token_ids, held.text, params, held.cache_salt)
 
     def ids_of(self, request_id: str) -> list[str]:
         """The engine's request ids behind a user's id (its children, or itself)."""

@@ -156,6 +156,17 @@ def rejection_sample(
     return tokens, num_accepted
 
 
+def _keep_matching(drafts: Sequence[Sequence[int]], tokens: list[int]) -> list[list[int]]:
+    """Per request, its leading drafts equal to the target's token at their row, then the target's next token
+    (``tokens``: one per row, ``len(drafts[i]) + 1`` rows per request)."""
+    out, row = [], 0
+    for d in drafts:
+        a = next((j for j, t in enumerate(d) if t != tokens[row + j]), len(d))
+        out.append(list(d[:a]) + [tokens[row + a]])
+        row += len(d) + 1
+    return out
+
+
 def verify(
     logits: Tensor,
     drafts: Sequence[Sequence[int]],
@@ -184,12 +195,7 @@ def verify(
     if logits.shape[0] != sum(counts) + n:
         raise ValueError(f"{logits.shape[0]} rows of logits for drafts needing {sum(counts) + n}")
     if all(p.temperature < _GREEDY_EPS and p.repetition_penalty == 1.0 for p in params):  # the common fast path
-        best, out, row = logits.argmax(dim=-1).tolist(), [], 0
-        for d in drafts:
-            a = next((j for j, t in enumerate(d) if t != best[row + j]), len(d))  # the leading matches
-            out.append(list(d[:a]) + [best[row + a]])
-            row += len(d) + 1
-        return out
+        return _keep_matching(drafts, logits.argmax(dim=-1).tolist())
     device = logits.device
     row_params = [p for p, c in zip(params, counts, strict=True) for _ in range(c + 1)]
     seen = None
@@ -199,12 +205,7 @@ def verify(
     if all(q is None for q in draft_probs):  # point-mass drafts: compare them with a draw per row
         seeds = [p.seed if positions is not None and p.temperature >= _GREEDY_EPS else None for p in row_params]
         at = [positions[i] + j for i, c in enumerate(counts) for j in range(c + 1)] if positions is not None else None
-        draws, out, row = random_sample(flat, seeds=seeds, positions=at).tolist(), [], 0  # greedy rows: one-hot
-        for d in drafts:
-            a = next((j for j, t in enumerate(d) if t != draws[row + j]), len(d))
-            out.append(list(d[:a]) + [draws[row + a]])
-            row += len(d) + 1
-        return out
+        return _keep_matching(drafts, random_sample(flat, seeds=seeds, positions=at).tolist())  # greedy rows: one-hot
     req = torch.tensor([i for i, c in enumerate(counts) for _ in range(c + 1)], device=device)
     pos = torch.tensor([j for c in counts for j in range(c + 1)], device=device)
     target = torch.zeros(n, kmax + 1, v, device=device)

@@ -15,7 +15,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.ir import fake_mode
 from kiln.parallel.tp_collectives import ROLE_KEY
-from kiln.parallel.tp_solver import operand
+from kiln.quantize.ops import operand
 
 aten = torch.ops.aten
 

@@ -37,22 +37,13 @@ from kiln.parallel.tp_specs import (
     static,
     val,
 )
+from kiln.quantize.ops import LINEAR_SLOTS, operand, slot_index
 
 aten = torch.ops.aten
 kiln_ops = torch.ops.kiln
 LINEAR = aten.linear.default
-#: Argument positions of each linear the solver places (``lower-qdq``'s ``kiln::qlinear_*`` too):
-#: ``x`` (the activation, or its codes), its scale and zero point (quantized activations), the
-#: weight, its scale and zero point, and the bias.
-_SLOTS: dict[object, dict[str, int]] = {
-    LINEAR: {"x": 0, "w": 1, "bias": 2},
-    kiln_ops.qlinear_w8a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero_point": 3, "group_size": 4, "bias": 5},
-    kiln_ops.qlinear_w4a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero_point": 3, "group_size": 4, "bias": 5},
-    kiln_ops.qlinear_w8a8.default: {"x": 0, "x_scale": 1, "x_zero_point": 2, "w": 3, "w_scale": 4, "bias": 5},
-    kiln_ops.qlinear_fp8.default: {"x": 0, "x_scale": 1, "w": 2, "w_scale": 3, "bias": 4},
-}
-QLINEARS = frozenset(t for t in _SLOTS if t != LINEAR)
-LINEARS = frozenset(_SLOTS)
+QLINEARS = frozenset(t for t in LINEAR_SLOTS if t != LINEAR)
+LINEARS = frozenset(LINEAR_SLOTS)  # every linear the solver places (``lower-qdq``'s ``kiln::qlinear_*`` too)
 #: ``kiln::dynamic_scale``: a per-token (or per-tensor) ``max|x| / qmax``; over a sliced input, each rank's
 #: value is its slice's maximum, and an all-reduce of the maximum gives every rank the whole input's scale.
 DYNAMIC_SCALE = kiln_ops.dynamic_scale.default
@@ -86,30 +77,8 @@ class Plan:
     max_scales: set[Node] = field(default_factory=set)  # dynamic_scale nodes of sliced inputs: all-reduced (max)
 
 
-def bias_index(lin: Node) -> int:
-    """Where a linear of :data:`LINEARS` takes its bias."""
-    return _SLOTS[lin.target]["bias"]
-
-
-def slot_index(lin: Node, slot: str) -> int | None:
-    """The argument index of ``slot`` in linear ``lin`` (None when it has none)."""
-    return _SLOTS[lin.target].get(slot)
-
-
-def operand(lin: Node, slot: str) -> object:
-    """The argument of linear ``lin`` in ``slot`` (``x``, ``w``, ``w_scale``, ...; None when it has none)."""
-    i = _SLOTS[lin.target].get(slot)
-    if i is None:
-        return None
-    return lin.args[i] if len(lin.args) > i else lin.kwargs.get(slot)
-
-
 def weight_of(lin: Node) -> object:
     return operand(lin, "w")
-
-
-def _bias(lin: Node) -> object:
-    return operand(lin, "bias")
 
 
 def weight_specs(lin: Node, s: Shard, column: bool) -> list[tuple[object, Shard | None]]:
@@ -123,7 +92,7 @@ def weight_specs(lin: Node, s: Shard, column: bool) -> list[tuple[object, Shard 
     partial sum carries its output channel's scale, and the all-reduce adds them exactly. The
     bias is added after the all-reduce.
     """
-    w, b = weight_of(lin), _bias(lin)
+    w, b = weight_of(lin), operand(lin, "bias")
     if lin.target == LINEAR:
         return [(w, Shard(0, s.parts)), (b, Shard(0, s.parts))] if column else [(w, Shard(1, s.parts)), (b, None)]
     scale, zero = operand(lin, "w_scale"), operand(lin, "w_zero_point")
@@ -278,8 +247,8 @@ class Solver:
             raise Rejected(f"the ranks' slices ({s}) do not partition the contraction dim of size {k}", lin)
         specs = weight_specs(lin, s, column=False)
         self.plan.row[lin] = s
-        for operand, spec in specs:
-            self._require(operand, spec, lin)
+        for arg, spec in specs:
+            self._require(arg, spec, lin)
         self._require(x, s, lin)
 
     # -- propagation ------------------------------------------------------------------
@@ -426,4 +395,4 @@ class Solver:
 
 
 __all__ = ["ATTENTION", "DYNAMIC_SCALE", "LINEAR", "LINEARS", "QLINEARS", "RESHAPES", "SPLITS", "Plan", "Rejected", "Solver",
-           "bias_index", "gqa", "operand", "slot_index", "split_dim", "split_sizes", "weight_of", "weight_specs"]
+           "gqa", "operand", "slot_index", "split_dim", "split_sizes", "weight_of", "weight_specs"]

@@ -329,6 +329,31 @@ def _qlinear_fp8_fake(x, x_scale, w, w_scale, bias, out_dtype):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype)
 
 
+#: Argument positions of every linear a graph pass places: ``aten.linear`` and the ``kiln::qlinear_*``
+#: above. ``x`` (the activation, or its codes), its scale and zero point (quantized activations), the
+#: weight, its scale, zero point and group size, and the bias.
+LINEAR_SLOTS: dict[object, dict[str, int]] = {
+    torch.ops.aten.linear.default: {"x": 0, "w": 1, "bias": 2},
+    torch.ops.kiln.qlinear_w8a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero_point": 3, "group_size": 4, "bias": 5},
+    torch.ops.kiln.qlinear_w4a16.default: {"x": 0, "w": 1, "w_scale": 2, "w_zero_point": 3, "group_size": 4, "bias": 5},
+    torch.ops.kiln.qlinear_w8a8.default: {"x": 0, "x_scale": 1, "x_zero_point": 2, "w": 3, "w_scale": 4, "bias": 5},
+    torch.ops.kiln.qlinear_fp8.default: {"x": 0, "x_scale": 1, "w": 2, "w_scale": 3, "bias": 4},
+}
+
+
+def slot_index(lin: Node, slot: str) -> int | None:
+    """The argument index of ``slot`` in linear ``lin`` (a target of :data:`LINEAR_SLOTS`; None: it has none)."""
+    return LINEAR_SLOTS[lin.target].get(slot)
+
+
+def operand(lin: Node, slot: str) -> object:
+    """The argument of linear ``lin`` in ``slot`` (``x``, ``w``, ``w_scale``, ...; None when it has none)."""
+    i = slot_index(lin, slot)
+    if i is None:
+        return None
+    return lin.args[i] if len(lin.args) > i else lin.kwargs.get(slot)
+
+
 def _check_weight(w: Tensor | None, scale: Tensor | None, k: object, group: int | None, packed: bool) -> str | None:
     if w is None or scale is None:
         return "weight and scale need shape metadata"
