@@ -50,7 +50,7 @@ from kiln.models.presets import from_config, get_preset
 from kiln.parallel.launch import launch
 from kiln.parallel.pipeline import PipelineExecutor, VirtualClock
 from kiln.parallel.schedule import bubble_fraction, get_schedule, simulate
-from kiln.parallel.stages import CostModel, imbalance
+from kiln.parallel.stages import CostModel, calibrated_costs, imbalance
 from kiln.parallel.stages_cost import profile_costs
 from kiln.passes.split_pipeline_stages import split_pipeline_stages
 
@@ -105,8 +105,18 @@ def _rank(rank: int, args: argparse.Namespace, lock: str) -> list[dict[str, Any]
                     )
             dist.broadcast_object_list(measured, src=0)
         plans, references = {}, {}
+        groups = {p: dist.new_group(list(range(p))) for p in args.stages}  # every rank takes part in creating each
         for p in args.stages:
             plan = split_pipeline_stages(compiled.graph_module, p, cost_model=cost, measured=measured[0])
+            costs = measured[0]
+            for r in range(args.calibrate):  # re-split on the stages' measured times (kiln.parallel.calibrated_costs)
+                times = _stage_times(plan, rank, p, groups[p], mbs, device, lock, quick)
+                if rank == 0:
+                    print(f"p = {p}, calibration round {r + 1}: stage ms "
+                          f"{', '.join(f'{t * 1e3:.3f}' for t in times)} (imbalance {imbalance(times) * 100:.1f}%)",
+                          flush=True)  # fmt: skip
+                costs = calibrated_costs(compiled.graph_module, plan, times, cost_model=cost, measured=costs)
+                plan = split_pipeline_stages(compiled.graph_module, p, cost_model=cost, measured=costs)
             if rank == p - 1:  # the last stage checks against the unsplit graph
                 references[p] = compiled(**mbs[0]).cpu()
             plans[p] = (plan.for_rank(rank) if rank < p else None, plan.report())
@@ -115,7 +125,7 @@ def _rank(rank: int, args: argparse.Namespace, lock: str) -> list[dict[str, Any]
             torch.cuda.empty_cache()
     rows: list[dict[str, Any]] = []
     for p in args.stages:
-        group = dist.new_group(list(range(p)))  # every rank takes part in creating it
+        group = groups[p]
         plan, report = plans[p]
         if rank == 0:
             print(
@@ -147,6 +157,23 @@ def _rank(rank: int, args: argparse.Namespace, lock: str) -> list[dict[str, Any]
                         print(_format(rows[-1]), flush=True)
         dist.barrier()
     return rows if rank == 0 else None
+
+
+def _stage_times(plan, rank: int, p: int, group, mbs, device, lock: str, quick: bool) -> list[float]:  # noqa: ANN001
+    """Per stage, its median forward time per micro-batch over two GPipe runs of 4 micro-batches (after a warm-up)."""
+    mine: list[float] = []
+    if rank < p:
+        ex = PipelineExecutor(plan.for_rank(rank), group=group, device=device,
+                              clock=VirtualClock(lock_path=lock, cpu_time=quick))  # fmt: skip
+        m = min(4, len(mbs))
+        for rep in range(3):
+            _, stats = ex.run(mbs[:m], "gpipe")
+            if rep:
+                mine.append(stats.busy / m)
+        del ex
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, statistics.median(mine) if mine else None)
+    return [t for t in gathered[:p]]
 
 
 def _row(p: int, m: int, name: str, runs: list, check: float) -> dict[str, Any]:
@@ -188,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedules", type=lambda s: s.split(","), default=["gpipe", "1f1b"])
     ap.add_argument("--costs", choices=["measured", "roofline"], default="measured",
                     help="balance stages on op times measured on the device, or on the roofline cost model")  # fmt: skip
+    ap.add_argument("--calibrate", type=int, default=0, metavar="ROUNDS",
+                    help="re-split on the stages' measured times this many times first (kiln.parallel.calibrated_costs)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (after one warm-up)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny 8-layer Llama, fp32, 64 tokens")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -203,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         results = launch(_rank, max(args.stages), args, lock, backend="gloo", device_type="cpu")
     rows = results[0]
     device = "CPU" if args.quick else torch.cuda.get_device_name(0)
+    calibrated = f", re-split on measured stage times {args.calibrate}x" if args.calibrate else ""
     print(f"\n== pipeline bubble: {args.model} ({args.layers or 'all'} layers), {args.tokens} tokens/micro-batch, "
-          f"{args.costs} stage costs, {device}, torch {torch.__version__}, {platform.python_version()}; "
+          f"{args.costs} stage costs{calibrated}, {device}, torch {torch.__version__}, {platform.python_version()}; "
           f"{time.time() - start:.0f} s")  # fmt: skip
     print("p  m  schedule  idle%  formula%  diff_pp  within_5pp  simulated%  imbalance%  wall_ms")
     for r in rows:

@@ -37,6 +37,7 @@ _LAZY = {
     "WorkerGroup": "kiln.parallel.worker",
     "split_pipeline_stages": "kiln.passes.split_pipeline_stages",
     "PipelinePlan": "kiln.parallel.stages",
+    "calibrated_costs": "kiln.parallel.stages",
     "CostModel": "kiln.parallel.stages_cost",
     "PipelineExecutor": "kiln.parallel.pipeline",
     "VirtualClock": "kiln.parallel.pipeline",

@@ -294,6 +294,41 @@ class PipelinePlan:
         return "\n".join(rows)
 
 
+def calibrated_costs(
+    gm: GraphModule,
+    plan: PipelinePlan,
+    stage_seconds: Sequence[float],
+    *,
+    cost_model: CostModel | None = None,
+    measured: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Op times (node name -> seconds) that make ``plan``'s stages cost what they measured.
+
+    Per-op times (the roofline's, or ``measured`` ones timed op by op) do not add up to a
+    stage's time when it runs whole: launch overlap, caches and the clock differ. Each work
+    node's time is scaled by its stage's ``stage_seconds[s] / plan.stages[s].cost.seconds``;
+    pass the result as ``measured`` to :func:`kiln.passes.split_pipeline_stages.split_pipeline_stages`
+    to re-balance on it (a few rounds of measure and re-split converge when the scale of an op
+    does not depend on the stage it lands in). ``gm``, ``cost_model`` and ``measured`` must be
+    those the plan was split with.
+    """
+    if len(stage_seconds) != len(plan.stages):
+        raise ConfigError(f"need one time per stage ({len(plan.stages)}), got {len(stage_seconds)}")
+    if any(not (t > 0 and math.isfinite(t)) for t in stage_seconds):
+        raise ConfigError(f"stage times must be positive and finite, got {list(stage_seconds)}")
+    an = analyze(gm, cost_model, measured=measured)
+    bounds = (0, *plan.cuts, len(an.work))
+    if len(bounds) != len(plan.stages) + 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ConfigError("the plan's cuts do not fit this graph: pass the graph and costs it was split with")
+    out = {n.name: c.seconds for n, c in an.costs.items()}
+    for stage, a, b, seconds in zip(plan.stages, bounds[:-1], bounds[1:], stage_seconds, strict=True):
+        scale = seconds / stage.cost.seconds if stage.cost.seconds > 0 else 1.0
+        for n in an.work[a:b]:
+            if n.name in out:
+                out[n.name] *= scale
+    return out
+
+
 def imbalance(costs: Sequence[float]) -> float:
     """``max / min - 1`` of stage costs (0 is perfectly balanced)."""
     return max(costs) / min(costs) - 1.0 if min(costs) > 0 else math.inf
@@ -413,6 +448,7 @@ __all__ = [
     "StageGraph",
     "analyze",
     "build_stages",
+    "calibrated_costs",
     "evaluate",
     "imbalance",
     "size_expr",

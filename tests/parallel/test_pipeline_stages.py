@@ -139,3 +139,36 @@ def test_measured_op_times_drive_the_partition(llama4: kiln.CompiledModel) -> No
     assert skewed.stages[1].cost.num_nodes < even.stages[1].cost.num_nodes / 4
     head_ir = skewed.stages[1].ir()
     assert 'weight "lm_head.weight"' in head_ir and "model.layers." not in head_ir
+
+
+def test_calibration_rebalances_on_measured_stage_times(llama8: kiln.CompiledModel) -> None:
+    """The roofline prices every op alike; "the device" makes the last three layers' ops 3x slower. Scaling each
+    stage's ops by its measured / modelled time and re-splitting finds the split that knowing the true costs gives."""
+    from kiln.parallel.stages import calibrated_costs
+
+    gm = llama8.graph_module
+    an = analyze(gm)
+    slow = re.compile(r"layers_(5|6|7)_|layers\.(5|6|7)\.")
+    true = {n.name: c.seconds * (3.0 if slow.search(str(n.meta.get("nn_module_stack", ""))) else 1.0)
+            for n, c in an.costs.items()}  # fmt: skip
+    assert sum(true.values()) > 1.2 * sum(c.seconds for c in an.costs.values())  # the skew is real
+
+    def device_times(plan):  # noqa: ANN001, ANN202 - the "measured" time of each stage: its work nodes' true cost
+        bounds = (0, *plan.cuts, len(an.work))
+        return [sum(true[n.name] for n in an.work[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+    plan = split_pipeline_stages(gm, 4)
+    before = max(device_times(plan))  # the bottleneck stage sets a pipeline's pace
+    measured = None
+    for _ in range(3):
+        measured = calibrated_costs(gm, plan, device_times(plan), measured=measured)
+        plan = split_pipeline_stages(gm, 4, measured=measured)
+    after = max(device_times(plan))
+    best = max(device_times(split_pipeline_stages(gm, 4, measured=true)))  # a split that knew the true costs
+    assert after <= 1.02 * best and after < 0.75 * before, (before, after, best)
+    # the calibrated model prices each stage at what it measured
+    assert device_times(plan) == pytest.approx([s.cost.seconds for s in plan.stages], rel=0.15)
+    with pytest.raises(kiln.ConfigError, match="one time per stage"):
+        calibrated_costs(gm, plan, [1.0])
+    with pytest.raises(kiln.ConfigError, match="positive"):
+        calibrated_costs(gm, plan, [1.0, 0.0, 1.0, 1.0])
