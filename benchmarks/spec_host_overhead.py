@@ -90,7 +90,7 @@ def measure(method: str, batch: int, args: argparse.Namespace) -> tuple[float, i
     if prof:
         prof.disable()
         out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+        pstats.Stats(prof, stream=out).sort_stats(args.profile_sort).print_stats(30)
         print(out.getvalue())
     steps = int(llm.stats["steps"] - steps0)
     return elapsed / steps, steps
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="print a cProfile of the timed runs")
+    p.add_argument("--profile-sort", default="cumulative", help="pstats sort key (cumulative, tottime, ...)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import kiln.runtime.cuda_graphs as cg

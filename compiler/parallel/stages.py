@@ -318,7 +318,7 @@ def calibrated_costs(
         raise ConfigError(f"stage times must be positive and finite, got {list(stage_seconds)}")
     an = analyze(gm, cost_model, measured=measured)
     bounds = (0, *plan.cuts, len(an.work))
-    if len(bounds) != len(plan.stages) + 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+    if len(bounds) != len(plan.stages) + 1 or any(a >= b for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
         raise ConfigError("the plan's cuts do not fit this graph: pass the graph and costs it was split with")
     out = {n.name: c.seconds for n, c in an.costs.items()}
     for stage, a, b, seconds in zip(plan.stages, bounds[:-1], bounds[1:], stage_seconds, strict=True):

@@ -155,7 +155,7 @@ def test_calibration_rebalances_on_measured_stage_times(llama8: kiln.CompiledMod
 
     def device_times(plan):  # noqa: ANN001, ANN202 - the "measured" time of each stage: its work nodes' true cost
         bounds = (0, *plan.cuts, len(an.work))
-        return [sum(true[n.name] for n in an.work[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return [sum(true[n.name] for n in an.work[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     plan = split_pipeline_stages(gm, 4)
     before = max(device_times(plan))  # the bottleneck stage sets a pipeline's pace
