@@ -109,7 +109,8 @@ def split_pipeline_stages(
     """Partition ``gm`` into ``num_stages`` stages (see the module docstring); returns the plan.
 
     ``measured`` (op name -> seconds, from ``kiln.parallel.stages_cost.profile_costs``)
-    balances on measured times instead of the cost model's roofline.
+    balances on measured times instead of the cost model's roofline. To balance on what whole
+    stages take when they run, re-split on ``kiln.parallel.calibrated_costs(gm, plan, stage_seconds)``.
     """
     if not isinstance(num_stages, int) or num_stages < 1:
         raise ConfigError(f"num_stages must be a positive int, got {num_stages!r}")
