@@ -41,6 +41,7 @@ from kiln.models.presets import from_config, get_preset
 from kiln.parallel.tp_shards import compile_shards, run_lockstep, strip_collectives
 from kiln.passes.kv_cache import layout_of
 from kiln.runtime.model_runner import _compile
+from kiln.runtime.step_inputs import specialize_attention
 
 
 @dataclasses.dataclass
@@ -166,8 +167,11 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     def timed(gm: torch.fx.GraphModule, step: Step, label: str = "") -> tuple[float, float]:
         caches = new_caches(gm, step.num_blocks, bs, device)
         inputs = step_inputs(gm, step, bs, caches, ids, consts)
-        # inductor, as kiln.LLM(torch_compile=True) runs the step graph: one compile per graph and shape
-        fn = _compile(gm, None, dynamic=False) if args.torch_compile else gm
+        fn = gm
+        if args.torch_compile:  # inductor, as kiln.LLM(torch_compile=True) runs the step graph: its paged attention
+            # told the longest query on the host (specialize_attention), one compile per graph and shape
+            fn = _compile(specialize_attention(gm), None, dynamic=False)
+            inputs = [*inputs, max(new for _, new, _ in step.seqs)]
         top = args.top_kernels if label else 0
         with torch.no_grad():
             return measure(lambda: fn(*inputs), device, args.reps, top, label)
