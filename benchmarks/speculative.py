@@ -179,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                 "ms_per_token_base": 1e3 * t_base / n_base, "ms_per_token_spec": 1e3 * t_spec / n_spec,
                 "speedup": speedup, "alpha": alpha, "acceptance_rate": d["accepted_tokens"] / max(d["draft_tokens"], 1),
                 "tokens_per_verify_step": (d["accepted_tokens"] + d["spec_steps"]) / max(d["spec_steps"], 1),
+                "tokens_per_step": n_spec / max(d["steps"], 1), "verify_steps": d["spec_steps"], "steps": d["steps"],
                 "mean_k": mean_k, "c": c, "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal,
             }
             rows.append(row)
             print(f"{name:14s} batch {b:3d}: {row['ms_per_token_base']:.2f} -> {row['ms_per_token_spec']:.2f} ms/token "
                   f"(speedup {speedup:.2f}x), alpha {alpha:.3f}, accepted/drafted {row['acceptance_rate']:.3f}, "
-                  f"{row['tokens_per_verify_step']:.2f} tokens/verify step, mean k {mean_k:.2f}, c {c:.3f}, "
+                  f"{row['tokens_per_verify_step']:.2f} tokens/verify step ({d['spec_steps']} of {d['steps']} steps verify; "
+                  f"{row['tokens_per_step']:.2f} tokens/step), mean k {mean_k:.2f}, c {c:.3f}, "
                   f"ideal {ideal:.2f}x ({speedup / ideal:.2f} of it)", flush=True)
     print()
     print("| workload | batch | ms/token base | ms/token spec | speedup | alpha | accepted/drafted | "
