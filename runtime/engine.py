@@ -633,7 +633,8 @@ class LLM:
         if limit is not None and len(self.scheduler.running) > limit:
             return  # a batch this large is no longer memory-bound: plain decode steps
         self._spec_async.propose(self.scheduler.running, self.scheduler.num_pending, self.speculator.policy,
-                                 int(self.stats["steps"]), self.max_model_len)  # fmt: skip
+                                 int(self.stats["steps"]), self.max_model_len,
+                                 self.scheduler.num_pending_min)  # fmt: skip
 
     def _launch_spec(self, so: SchedulerOutput, prev: SpecPending | None) -> SpecPending:
         """Launch an asynchronous speculative step and its device-side verification (nothing waits)."""

@@ -25,7 +25,9 @@ Asynchronous scheduling (vLLM v1's ``async_scheduling``): after :meth:`Scheduler
 the tokens a step samples count as *pending*, known to exist but not yet to the host, so
 the next step can be scheduled (and launched) before this one's output is applied. A
 pending token enters the next step as :data:`PLACEHOLDER`, which the runner fills from the
-device; a request whose pending tokens reach ``max_tokens`` is not scheduled again, and
+device; a request whose pending tokens certainly reach ``max_tokens`` is not scheduled again (with
+asynchronous speculation a step makes 1 to k + 1 tokens: blocks are reserved for the most, and
+``max_tokens`` stops scheduling on the fewest, ``num_pending_min``), and
 one that turns out to have stopped (EOS) has its extra step's output ignored.
 
 The scheduler never touches tensors; see ``scheduler_output`` for what the runner gets.
@@ -98,6 +100,9 @@ class Scheduler:
         self._finished_ids: set[str] = set()  # finished since the last schedule(), for the runner
         self._pending_outputs: list[StepOutput] = []  # finished inside schedule(), reported next update
         self.num_pending: dict[str, int] = {}  # request id -> sampled tokens not yet applied (mark_pending)
+        #: request id -> the fewest tokens its steps in flight make (one each): with asynchronous speculation
+        #: num_pending counts every draft accepted (the most), which bounds memory; this bounds max_tokens
+        self.num_pending_min: dict[str, int] = {}
 
     # -- requests in and out ----------------------------------------------------------------
 
@@ -160,6 +165,7 @@ class Scheduler:
         request.metrics.finished_time = time.monotonic()
         self.kv_cache_manager.free(request)
         self.num_pending.pop(request.request_id, None)
+        self.num_pending_min.pop(request.request_id, None)
         del self.requests[request.request_id]
         self._finished_ids.add(request.request_id)
 
@@ -191,10 +197,11 @@ class Scheduler:
             drafts = self._drafts(request) if request.spec_token_ids else []
             pending = self.num_pending.get(request.request_id, 0)
             if pending and (
-                request.num_output_tokens + pending >= request.sampling_params.max_tokens
+                request.num_output_tokens + self.num_pending_min.get(request.request_id, 0)
+                >= request.sampling_params.max_tokens
                 or request.num_tokens + pending >= cfg.max_model_len
             ):
-                i += 1  # its pending tokens finish it
+                i += 1  # its pending tokens finish it (or may fill its context)
                 continue
             n = request.num_tokens + pending + len(drafts) - request.num_computed_tokens
             if cfg.long_prefill_token_threshold:
@@ -300,11 +307,11 @@ class Scheduler:
 
         (Pending tokens count as made: asynchronous speculation counts every pending draft as accepted.)
         """
-        pending = self.num_pending.get(request.request_id, 0)
+        rid = request.request_id
         room = min(
-            request.sampling_params.max_tokens - request.num_output_tokens,
-            self.config.max_model_len - request.num_tokens,
-        ) - pending
+            request.sampling_params.max_tokens - request.num_output_tokens - self.num_pending_min.get(rid, 0),
+            self.config.max_model_len - request.num_tokens - self.num_pending.get(rid, 0),
+        )
         return request.spec_token_ids[: max(room - 1, 0)]
 
     def mark_pending(self, scheduler_output: SchedulerOutput) -> None:
@@ -320,6 +327,7 @@ class Scheduler:
             if d.sample:
                 made = 1 + len(spec.get(d.request_id, ()))
                 self.num_pending[d.request_id] = self.num_pending.get(d.request_id, 0) + made
+                self.num_pending_min[d.request_id] = self.num_pending_min.get(d.request_id, 0) + 1
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_output: ModelRunnerOutput | Mapping[str, Sequence[int]]
@@ -351,8 +359,11 @@ class Scheduler:
             drafts = spec.get(rid, ())
             if rid in sampling and rid in self.num_pending:  # its pending tokens arrive
                 self.num_pending[rid] -= 1 + len(drafts)
+                self.num_pending_min[rid] -= 1
                 if self.num_pending[rid] <= 0:
                     del self.num_pending[rid]
+                if self.num_pending_min[rid] <= 0:
+                    del self.num_pending_min[rid]
             request = self.requests.get(rid)
             if request is None or request.is_finished:
                 continue  # finished or aborted since it was scheduled

@@ -257,19 +257,24 @@ class AsyncSpeculation:
                 self.dry[rid] = self.dry.get(rid, 0) + 1
 
     def propose(self, running: list[Request], num_pending: dict[str, int], policy: SpeculationPolicy, step: int,
-                max_model_len: int) -> None:  # fmt: skip
-        """Set the next step's ``spec_token_ids`` of every decoding request in ``running`` that speculates."""
+                max_model_len: int, num_pending_min: dict[str, int] | None = None) -> None:  # fmt: skip
+        """Set the next step's ``spec_token_ids`` of every decoding request in ``running`` that speculates.
+
+        ``num_pending`` / ``num_pending_min``: per request, the most / fewest tokens its steps in flight
+        make (the scheduler's). The most bounds the context (blocks); the fewest bounds ``max_tokens``,
+        so a request near its end keeps verifying a full ``k`` (tokens past ``max_tokens`` are dropped).
+        """
         for request in running:
-            p = num_pending.get(request.request_id, 0)
+            rid = request.request_id
+            p = num_pending.get(rid, 0)
             if (
                 not request.sampling_params.speculative
                 or request.num_computed_tokens != request.num_tokens + p - 1
             ):
                 continue  # opted out, or still prefilling
             params = request.sampling_params
-            room = (
-                min(params.max_tokens - request.num_output_tokens, max_model_len - request.num_tokens) - p - 1
-            )
+            p_min = (num_pending_min or num_pending).get(rid, 0)
+            room = min(params.max_tokens - request.num_output_tokens - p_min, max_model_len - request.num_tokens - p) - 1
             if p and self.dry.get(request.request_id, 0) >= _DRY_STEPS:
                 continue  # its lookups found nothing lately: a plain decode step (the device keeps looking)
             request.spec_token_ids = self.drafts(

@@ -117,6 +117,38 @@ def test_scheduler_counts_pending_tokens_and_feeds_placeholders() -> None:
     assert out[0].new_token_ids == [8] and out[0].finish_reason == "length" and not sched.num_pending
 
 
+def test_speculative_pending_bounds_max_tokens_by_the_fewest_tokens() -> None:
+    """Asynchronous speculation: a step verifying k drafts makes between 1 and k + 1 tokens. Blocks are
+    reserved for k + 1, but max_tokens only stops scheduling once even 1 token per step in flight reaches
+    it: a request near its end keeps verifying drafts (what lands past max_tokens is dropped)."""
+    from kiln.runtime.request import Request
+    from kiln.runtime.scheduler import Scheduler, SchedulerConfig
+
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_num_batched_tokens=32, max_model_len=64))
+    req = Request(request_id="a", prompt_token_ids=[1, 2, 3],
+                  sampling_params=kiln.SamplingParams(max_tokens=6, ignore_eos=True))  # fmt: skip
+    sched.add_request(req)
+    s1 = sched.schedule()
+    sched.update_from_output(s1, {"a": [7]})  # prefill: one output token
+    req.spec_token_ids = [4, 5, 6]
+    s2 = sched.schedule()
+    assert s2.scheduled_spec_decode_tokens == {"a": [4, 5, 6]}
+    sched.mark_pending(s2)
+    assert sched.num_pending == {"a": 4} and sched.num_pending_min == {"a": 1}
+    # 1 output + 4 pending would reach max_tokens = 6 only if every draft were accepted
+    req.spec_token_ids = [PLACEHOLDER] * 3
+    s3 = sched.schedule()
+    assert s3.num_scheduled_tokens == {"a": 4}  # scheduled, with 3 drafts (room 6 - 1 - 1 = 4 tokens)
+    assert s3.scheduled_spec_decode_tokens == {"a": [PLACEHOLDER] * 3}
+    sched.mark_pending(s3)
+    out = sched.update_from_output(s2, {"a": [4, 5, 6, 9]})  # all accepted: 5 outputs
+    assert out[0].new_token_ids == [4, 5, 6, 9] and out[0].finish_reason is None
+    out = sched.update_from_output(s3, {"a": [10, 11]})  # the 6th token finishes it; the 7th is dropped
+    assert out[0].new_token_ids == [10] and out[0].finish_reason == "length"
+    assert req.output_token_ids == [7, 4, 5, 6, 9, 10]
+    assert not sched.num_pending and not sched.num_pending_min and sched.kv_cache_manager.block_pool.num_free_blocks == 16
+
+
 def test_async_scheduling_option_is_validated(model) -> None:
     with pytest.raises(kiln.ConfigError, match="prompt-lookup"):
         kiln.LLM(model, num_blocks=8, async_scheduling=True,
