@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="ngram,ngram-lockstep,draft",
                         help="ngram (asynchronous on a GPU), ngram-lockstep, draft")
     parser.add_argument("--quick", action="store_true", help="4 prompts per run, 48 tokens each")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="inductor-fused step graphs for the baseline and the speculative engines (GPU)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     params = kiln.SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
-    common = dict(device=dev, dtype=dtype, enable_prefix_caching=False, max_num_batched_tokens=4096)
+    common = dict(device=dev, dtype=dtype, enable_prefix_caching=False, max_num_batched_tokens=4096,
+                  torch_compile=args.torch_compile)
     base = kiln.LLM(args.teacher, **common)
     tok = base.tokenizer
     room = base.max_model_len - args.max_tokens
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             disable_by_batch_size=None), {}),
     }
     print(f"teacher {args.teacher}, drafter {args.drafter}; {dev} {dtype}; k={args.k} T={args.temperature} "
-          f"{'adaptive' if args.adaptive else 'fixed'}; {args.max_tokens} tokens per prompt; torch {torch.__version__}, "
+          f"{'adaptive' if args.adaptive else 'fixed'}; {args.max_tokens} tokens per prompt; "
+          f"{'inductor-fused step graphs; ' if args.torch_compile else ''}torch {torch.__version__}, "
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or platform.machine()}",
           flush=True)
     rows = []
