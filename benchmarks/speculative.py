@@ -194,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"ideal {ideal:.2f}x ({speedup / ideal:.2f} of it)", flush=True)
     print()
     print("| workload | batch | ms/token base | ms/token spec | speedup | alpha | accepted/drafted | "
-          "tokens/verify step | c | ideal | of ideal |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "tokens/verify step | tokens/step | c | ideal | of ideal |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['workload']} | {r['batch']} | {r['ms_per_token_base']:.2f} | {r['ms_per_token_spec']:.2f} | "
               f"{r['speedup']:.2f}x | {r['alpha']:.3f} | {r['acceptance_rate']:.3f} | "
-              f"{r['tokens_per_verify_step']:.2f} | {r['c']:.3f} | {r['ideal_speedup']:.2f}x | "
+              f"{r['tokens_per_verify_step']:.2f} | {r['tokens_per_step']:.2f} | {r['c']:.3f} | {r['ideal_speedup']:.2f}x | "
               f"{r['fraction_of_ideal']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
