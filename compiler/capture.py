@@ -9,7 +9,6 @@ to try. The caller's model is left as it was (training flags are restored).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import re
@@ -100,7 +99,9 @@ def _dynamic_shapes(
         return spec
     if dynamic not in (True, "tokens"):
         raise ConfigError(f"dynamic must be 'tokens', True, False or a mapping, got {dynamic!r}")
-    tokens = Dim(TOKEN_DIM, max=_max_positions(model))
+    # At least one token: with T = 0 allowed, shape logic that holds for every real step (e.g. the stride
+    # checks of SDPA's math backend, which fp32 grouped-query attention takes on CUDA) cannot be proven.
+    tokens = Dim(TOKEN_DIM, min=1, max=_max_positions(model))
     spec = {}
     for name, value in inputs.items():
         if name in TOKEN_INPUTS and isinstance(value, torch.Tensor) and value.dim() >= 2:
@@ -184,23 +185,6 @@ def _explain(exc: BaseException) -> tuple[str, str]:
     return (f"{name}: {text.splitlines()[0] if text else ''}", "simplify the model's forward() around that line")
 
 
-def _sdpa_backend_for_export(model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
-    """The SDPA backends export may trace through: the math backend alone for fp32 on CUDA.
-
-    Export keeps ``aten.scaled_dot_product_attention`` as one node (fuse-attention turns it
-    into ``kiln::attention``), so the backend never reaches the IR; but computing the node's
-    shape runs the backend choice. fp32 on CUDA chooses memory-efficient attention, whose
-    stride checks put guards on the token axis that export cannot prove (a dynamic token axis
-    "specialized to a constant"); the math backend's shape logic has none.
-    """
-    fp32_cuda = any(p.is_cuda and p.dtype == torch.float32 for p in model.parameters())
-    if not fp32_cuda:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 def capture(
     model: torch.nn.Module,
     example_inputs: Any = (),
@@ -237,11 +221,9 @@ def capture(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with _sdpa_backend_for_export(model):
-            exported = torch.export.export(
-                model, (), inputs, dynamic_shapes=_export_dynamic_shapes(signature, inputs, dynamic_shapes),
-                strict=False,
-            )  # fmt: skip
+        exported = torch.export.export(
+            model, (), inputs, dynamic_shapes=_export_dynamic_shapes(signature, inputs, dynamic_shapes), strict=False
+        )
     except Exception as e:
         construct, hint = _explain(e)
         where = _user_frame(e)
