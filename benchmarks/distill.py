@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qat-eval-tokens", type=int, default=40960, help="QAT/PTQ rows: score the first N eval tokens")
     p.add_argument("--save-drafter", action="store_true", help=f"write the on-policy finetuned drafter to {OUT_DRAFTER}")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokens", default=None, help="a safetensors file with the 'train' and 'eval' token streams to use "
+                   "(default: WORK/tokens.safetensors, else kiln.data's splits built by this interpreter)")
+    p.add_argument("--save-tokens", default=None, help="write the token streams used to this file")
     p.add_argument("--device", default="cpu", help="cpu (the recorded figures) or cuda (bf16 autocast in training)")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run of every path)")
     p.add_argument("--no-progress", action="store_true")
@@ -212,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kiln distill benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} thread(s); steps {args.steps} x {args.batch_size} x {args.seq_len}", flush=True)
     teacher = load_model(str(TEACHER), dtype=torch.float32).eval().to(args.device)
-    tok_path = work / "tokens.safetensors"
-    if tok_path.is_file():
+    tok_path = Path(args.tokens) if args.tokens else work / "tokens.safetensors"
+    if args.tokens and not tok_path.is_file():
+        raise SystemExit(f"--tokens {tok_path}: no such file (write one with --save-tokens on the machine whose "
+                         "Python built the teacher's training text)")
+    loaded = tok_path.is_file()
+    if loaded:
         saved = load_file(str(tok_path))
         train_tokens, eval_tokens = saved["train"], saved["eval"]
     else:
@@ -221,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         save_file({"train": train_tokens, "eval": eval_tokens}, str(tok_path))
     if args.eval_tokens:
         eval_tokens = eval_tokens[: args.eval_tokens]
-    print(f"train {train_tokens.numel():,} tokens, eval {eval_tokens.numel():,} tokens", flush=True)
+    if args.save_tokens:
+        save_file({"train": train_tokens, "eval": eval_tokens}, args.save_tokens)
+    # kiln.data builds the train split from the running interpreter's standard library: students trained on
+    # another Python's text than the teacher's are not comparable with hard-label baselines (see RESULTS.md)
+    source = f"from {tok_path}" if loaded else f"built from Python {platform.python_version()}'s library"
+    print(f"train {train_tokens.numel():,} tokens ({source}), eval {eval_tokens.numel():,} tokens", flush=True)
     protocols_names = [x.strip() for x in args.protocols.split(",") if x.strip()]
     scorer = Scorer(teacher, eval_tokens, work, device=args.device) if (
         args.reference or protocols_names or args.save_drafter) else None
