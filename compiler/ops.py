@@ -380,6 +380,39 @@ def _gemv_invariant(node: Node) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------------------
+# kiln::rms_norm — RMSNorm in one kernel (the captured graph spells it in six to eight ops).
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kiln::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float, upcast: bool) -> Tensor:
+    """``weight * norm(x)`` with ``norm(x) = x / sqrt(mean(x², -1) + eps)``, as Llama-family models write it:
+    with ``upcast`` the norm runs in fp32 and is cast back to x's dtype before the scale (Hugging Face's
+    ``LlamaRMSNorm``); the CUDA kernel (``kiln.backends.triton.rms_norm``) does a row in one program."""
+    return rms_norm_reference(x, weight, eps, upcast)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, upcast: bool) -> Tensor:
+    """The plain-torch reference of ``kiln::rms_norm``: the op sequence ``lower-rms-norm`` replaces."""
+    h = x.float() if upcast else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h.to(x.dtype) if upcast else h)
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float, upcast: bool) -> Tensor:
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@invariant(torch.ops.kiln.rms_norm.default)
+def _rms_norm_invariant(node: Node) -> str | None:
+    x, w = (a.meta.get("val") for a in node.args[:2])  # type: ignore[union-attr]
+    if w is None or w.dim() != 1 or str(w.shape[0]) != str(x.shape[-1]):
+        return f"weight must be (D,) with D = x's last dim {x.shape[-1]}"
+    return None
+
+
 __all__ = [
     "INVARIANTS",
     "attention",
@@ -396,5 +429,7 @@ __all__ = [
     "paged_attention",
     "paged_attention_reference",
     "quantize_kv",
+    "rms_norm",
+    "rms_norm_reference",
     "write_kv_cache",
 ]

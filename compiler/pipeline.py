@@ -79,6 +79,10 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         from kiln.passes.lower_decode_linears import LowerDecodeLinears
 
         passes += [LowerDecodeLinears()]
+        # op-by-op RMSNorms on CUDA -> kiln.rms_norm: one kernel per norm instead of six to eight
+        from kiln.passes.lower_rms_norm import LowerRMSNorm
+
+        passes += [LowerRMSNorm()]
     elif kv_quant is not None:
         from kiln.errors import ConfigError
 

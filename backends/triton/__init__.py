@@ -52,6 +52,13 @@ def register_cuda_kernels() -> None:
     def _gemv_cuda(x, weight, bias=None):  # type: ignore[no-untyped-def]
         return gemv(x, weight, bias)  # the faster of the split-K kernel and cuBLAS, timed per shape
 
+    from kiln.backends.triton.rms_norm import rms_norm
+
+    @torch.library.register_kernel("kiln::rms_norm", "cuda")
+    def _rms_norm_cuda(x, weight, eps, upcast):  # type: ignore[no-untyped-def]
+        return rms_norm(x, weight, eps, upcast)
+
+    KERNELS.add("kiln.rms_norm")
     KERNELS.add("kiln.attention")
     KERNELS.add("kiln.paged_attention")
     KERNELS.add("kiln.gemv")

@@ -1,0 +1,66 @@
+"""RMSNorm in one Triton kernel: the CUDA implementation of ``kiln::rms_norm``.
+
+A captured Llama spells RMSNorm as six to eight element-wise and reduction ops (cast to fp32,
+square, mean, add eps, rsqrt, multiply, cast back, scale), each its own kernel of a few
+microseconds in a decode step. Here one program reads a row once, sums its squares in fp32,
+scales it and writes it: one launch per norm. With ``UPCAST`` the normalized row is rounded to
+x's dtype before the weight multiplies it, as Hugging Face's ``LlamaRMSNorm`` does; the product
+is computed in fp32 and rounded once (as torch multiplies 16-bit tensors). The reference is
+:func:`kiln.ops.rms_norm_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2
+
+_INTERPRET = interpret_mode()
+#: The widest row one program normalizes (registers hold the row).
+MAX_D = 16384
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, w_ptr, out_ptr, D, stride_x, stride_out, eps,
+    UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    h = x.to(tl.float32)
+    mean_sq = tl.sum(h * h, axis=0) / D
+    y = h * (1.0 / tl.sqrt(mean_sq + eps))
+    if UPCAST:
+        y = y.to(x.dtype).to(tl.float32)  # rounded to x's dtype before the scale
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, upcast: bool) -> torch.Tensor:
+    """``kiln::rms_norm`` on the GPU: one program per row of ``x`` (any leading shape, last dim D)."""
+    check_triton_device("rms_norm", _INTERPRET, x, weight)
+    d = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != d:
+        raise ValueError(f"rms_norm: weight must be ({d},), got {tuple(weight.shape)}")
+    if d > MAX_D:
+        raise NotImplementedError(f"rms_norm: rows of {d} > {MAX_D} elements have no kernel yet")
+    if not upcast and x.dtype != torch.float32:
+        raise ValueError(f"rms_norm: a {x.dtype} input is normalized in fp32 (upcast=True); the kernel does not "
+                         "reproduce 16-bit arithmetic op by op")  # fmt: skip
+    rows = x.reshape(-1, d)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if rows.shape[0]:
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, weight, out, d, rows.stride(0), out.stride(0), float(eps),
+            UPCAST=upcast, BLOCK=next_power_of_2(d),
+        )  # fmt: skip
+    return out.reshape(x.shape)
+
+
+__all__ = ["MAX_D", "rms_norm"]
