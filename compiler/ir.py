@@ -114,6 +114,16 @@ def _get_attr(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
+def constant_tensor(gm: torch.nn.Module, arg: object) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` operand names (a weight or buffer of ``gm``); None for anything else."""
+    if not (isinstance(arg, Node) and arg.op == "get_attr"):
+        return None
+    obj: Any = gm
+    for part in str(arg.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
 # --------------------------------------------------------------------------------------
 # Printer
 # --------------------------------------------------------------------------------------
@@ -339,6 +349,7 @@ def iter_ops(gm: GraphModule, targets: Iterable[object]) -> list[Node]:
 __all__ = [
     "PASS_KEY",
     "SYMBOLS_KEY",
+    "constant_tensor",
     "dtype_name",
     "fake_mode",
     "infer_meta",

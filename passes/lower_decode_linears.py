@@ -24,22 +24,13 @@ from collections.abc import Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, infer_meta
+from kiln.ir import PASS_KEY, constant_tensor, infer_meta
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
 GEMV = torch.ops.kiln.gemv.default
 _DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _constant(gm: GraphModule, arg: object) -> torch.Tensor | None:
-    if not (isinstance(arg, Node) and arg.op == "get_attr"):
-        return None
-    obj: object = gm
-    for part in str(arg.target).split("."):
-        obj = getattr(obj, part)
-    return obj if isinstance(obj, torch.Tensor) else None
 
 
 class LowerDecodeLinears(Pass):
@@ -53,12 +44,12 @@ class LowerDecodeLinears(Pass):
     def _matches(self, gm: GraphModule, lin: Node) -> bool:
         if lin.op != "call_function" or lin.target != LINEAR:
             return False
-        w = _constant(gm, lin.args[1])
+        w = constant_tensor(gm, lin.args[1])
         if w is None or w.dim() != 2 or w.dtype not in _DTYPES or w.device.type not in self.devices:
             return False
         x = lin.args[0].meta.get("val") if isinstance(lin.args[0], Node) else None
         bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
-        b = _constant(gm, bias)
+        b = constant_tensor(gm, bias)
         return x is not None and x.dtype == w.dtype and (bias is None or (b is not None and b.dtype == w.dtype))
 
     def call(self, gm: GraphModule) -> PassResult:
@@ -72,7 +63,7 @@ class LowerDecodeLinears(Pass):
             infer_meta(new)
             lin.replace_all_uses_with(new)
             gm.graph.erase_node(lin)
-            w = _constant(gm, new.args[1])
+            w = constant_tensor(gm, new.args[1])
             stats["linears_lowered"] += 1
             stats["weight_bytes"] += w.numel() * w.element_size()  # type: ignore[union-attr]
         return PassResult(gm, bool(stats), dict(stats))

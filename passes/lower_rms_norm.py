@@ -29,21 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, infer_meta
+from kiln.ir import PASS_KEY, constant_tensor, infer_meta
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 
 aten = torch.ops.aten
 RMS_NORM = torch.ops.kiln.rms_norm.default
 _16BIT = (torch.float16, torch.bfloat16)
-
-
-def _constant(gm: GraphModule, arg: object) -> torch.Tensor | None:
-    if not (isinstance(arg, Node) and arg.op == "get_attr"):
-        return None
-    obj: object = gm
-    for part in str(arg.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def _is(node: object, target: object) -> bool:
@@ -88,7 +79,7 @@ class LowerRMSNorm(Pass):
         if not _is(out, aten.mul.Tensor) or len(out.args) != 2:
             return None
         for w_arg, h in ((out.args[0], out.args[1]), (out.args[1], out.args[0])):
-            w = _constant(gm, w_arg)
+            w = constant_tensor(gm, w_arg)
             if w is None or w.dim() != 1 or w.device.type not in self.devices or not isinstance(h, Node):
                 continue
             m = self._match_norm(h)

@@ -38,7 +38,7 @@ from collections import Counter, defaultdict
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, infer_meta
+from kiln.ir import PASS_KEY, constant_tensor, infer_meta
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 from kiln.quantize.ops import LINEAR_SLOTS, operand, slot_index
 
@@ -74,14 +74,6 @@ def _delete_attr(gm: GraphModule, target: str) -> None:
     delattr(owner, leaf)
 
 
-def _constant(gm: GraphModule, arg: object) -> torch.Tensor | None:
-    """The tensor a ``get_attr`` operand names; None for anything else."""
-    if isinstance(arg, Node) and arg.op == "get_attr":
-        value = _attr(gm, str(arg.target))
-        return value if isinstance(value, torch.Tensor) else None
-    return None
-
-
 #: per-output-row operands of a linear, concatenated along N when linears merge
 _ROW_SLOTS = ("w", "w_scale", "w_zero_point", "bias")
 
@@ -95,11 +87,11 @@ def _key(gm: GraphModule, lin: Node) -> tuple | str:
     """
     if lin.op != "call_function" or lin.target not in LINEAR_SLOTS:
         return "not a linear"
-    w = _constant(gm, operand(lin, "w"))
+    w = constant_tensor(gm, operand(lin, "w"))
     if w is None or w.dim() != 2:
         return "the weight is not a 2-D constant"
     bias = operand(lin, "bias")
-    b = _constant(gm, bias)
+    b = constant_tensor(gm, bias)
     if bias is not None and (b is None or b.dim() != 1):
         return "the bias is not a 1-D constant"
     if lin.target == LINEAR:
@@ -112,7 +104,7 @@ def _key(gm: GraphModule, lin: Node) -> tuple | str:
         if t is None:
             rows.append(None)
             continue
-        v = _constant(gm, t)
+        v = constant_tensor(gm, t)
         if v is None or v.dim() == 0 or v.shape[0] != w.shape[0]:
             return f"its {slot} is not a constant with a row per output"
         rows.append((v.dtype, tuple(v.shape[1:])))
@@ -174,7 +166,7 @@ class MergeParallelLinears(Pass):
     def _merge(self, gm: GraphModule, group: list[Node], stats: Counter[str]) -> None:
         first = group[0]
         weights = [operand(lin, "w") for lin in group]
-        sizes = [int(_constant(gm, w).shape[0]) for w in weights]  # type: ignore[union-attr]
+        sizes = [int(constant_tensor(gm, w).shape[0]) for w in weights]  # type: ignore[union-attr]
         name = self._name(gm, weights)  # type: ignore[arg-type]
         args = list(first.args)
         consts: list[object] = []
@@ -183,7 +175,7 @@ class MergeParallelLinears(Pass):
             i = slot_index(first, slot)
             if i is None or nodes[0] is None:
                 continue
-            vals = [_constant(gm, n) for n in nodes]
+            vals = [constant_tensor(gm, n) for n in nodes]
             merged = torch.cat(vals, 0).contiguous()  # type: ignore[arg-type]  # (sum N_i, ...)
             suffix = {"w": "weight", "bias": "bias"}.get(slot, slot)
             node = self._buffer(gm, f"{name}_{suffix}", merged, first)
