@@ -7,8 +7,8 @@ microseconds each and there are two norms per layer (and one at the end), so the
 large part of the step's launches; ``kiln::rms_norm``'s CUDA kernel
 (``kiln.backends.triton.rms_norm``) does a row in one program.
 
-Matches: ``mul(W, h)`` or ``mul(h, W)`` where ``W`` is a 1-D ``get_attr`` constant on one of
-    ``devices`` (default: CUDA, where the kernel exists), and ``h`` is
+Matches: ``mul(W, h)`` or ``mul(h, W)`` where ``W`` is a 1-D float32 / 16-bit ``get_attr`` constant
+    of at most ``MAX_WIDTH`` elements on one of ``devices`` (default: CUDA, where the kernel exists), and ``h`` is
     ``[to(·, x.dtype)](mul(a, rsqrt(add(mean(pow(a, 2), [-1], keepdim=True), eps))))`` with
     ``a = to(x, float32)`` and the cast back present (x 16-bit: ``upcast``), or ``a = x`` and no
     casts (x fp32). Every matched node but the last is used only inside the pattern.
@@ -35,6 +35,9 @@ from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 aten = torch.ops.aten
 RMS_NORM = torch.ops.kiln.rms_norm.default
 _16BIT = (torch.float16, torch.bfloat16)
+_WEIGHT_DTYPES = (torch.float32, *_16BIT)
+#: The widest row the CUDA kernel normalizes (``kiln.backends.triton.rms_norm.MAX_D``): wider norms stay op by op.
+MAX_WIDTH = 16384
 
 
 def _is(node: object, target: object) -> bool:
@@ -80,7 +83,8 @@ class LowerRMSNorm(Pass):
             return None
         for w_arg, h in ((out.args[0], out.args[1]), (out.args[1], out.args[0])):
             w = constant_tensor(gm, w_arg)
-            if w is None or w.dim() != 1 or w.device.type not in self.devices or not isinstance(h, Node):
+            if w is None or w.dim() != 1 or w.dtype not in _WEIGHT_DTYPES or w.shape[0] > MAX_WIDTH or \
+                    w.device.type not in self.devices or not isinstance(h, Node):  # fmt: skip
                 continue
             m = self._match_norm(h)
             if m is None:
@@ -111,10 +115,13 @@ class LowerRMSNorm(Pass):
             if not _is(r, aten.rsqrt.default) or not isinstance(a, Node):
                 continue
             add = r.args[0]  # type: ignore[union-attr]
-            if not _is(add, aten.add.Tensor) or not isinstance(add.args[1], float):  # type: ignore[union-attr]
+            # x + eps exactly: no alpha; the mean over the last dim with keepdim and no dtype
+            if not (_is(add, aten.add.Tensor) and not add.kwargs and len(add.args) == 2  # type: ignore[union-attr]
+                    and isinstance(add.args[1], float)):  # type: ignore[union-attr]  # fmt: skip
                 continue
             mean = add.args[0]  # type: ignore[union-attr]
-            if not _is(mean, aten.mean.dim) or len(mean.args) < 3 or mean.args[2] is not True:  # type: ignore[union-attr]
+            if not (_is(mean, aten.mean.dim) and not mean.kwargs and len(mean.args) == 3  # type: ignore[union-attr]
+                    and mean.args[2] is True):  # type: ignore[union-attr]  # fmt: skip
                 continue
             a_val = _val(a)
             dims = mean.args[1]  # type: ignore[union-attr]

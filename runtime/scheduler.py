@@ -210,7 +210,12 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
+            base = request.num_tokens + pending - request.num_computed_tokens  # tokens before the drafts
             while (blocks := kv.allocate_slots(request, n)) is None:
+                sure = self._drafts(request, fewest=False) if drafts else []
+                if n > base + len(sure):  # drafts that count only if earlier ones are rejected: not worth a preemption
+                    drafts, n = sure, base + len(sure)
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.add(victim.request_id)
@@ -302,14 +307,18 @@ class Scheduler:
             block_size=cfg.block_size,
         )
 
-    def _drafts(self, request: Request) -> list[int]:
+    def _drafts(self, request: Request, *, fewest: bool = True) -> list[int]:
         """The request's draft tokens worth verifying: a step yields at most drafts + 1 tokens.
 
-        (Pending tokens count as made: asynchronous speculation counts every pending draft as accepted.)
+        Pending tokens (asynchronous speculation) count as many as their steps may make against the
+        context, and as few (``fewest``) or as many against ``max_tokens``: with the fewest, drafts may
+        run past ``max_tokens`` (what lands there is dropped), so the scheduler takes them back before
+        it would preempt anyone for their blocks.
         """
         rid = request.request_id
+        made = self.num_pending_min.get(rid, 0) if fewest else self.num_pending.get(rid, 0)
         room = min(
-            request.sampling_params.max_tokens - request.num_output_tokens - self.num_pending_min.get(rid, 0),
+            request.sampling_params.max_tokens - request.num_output_tokens - made,
             self.config.max_model_len - request.num_tokens - self.num_pending.get(rid, 0),
         )
         return request.spec_token_ids[: max(room - 1, 0)]

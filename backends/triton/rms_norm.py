@@ -20,6 +20,7 @@ from kiln.backends.triton._utils import check_triton_device, interpret_mode, nex
 _INTERPRET = interpret_mode()
 #: The widest row one program normalizes (registers hold the row).
 MAX_D = 16384
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -48,17 +49,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, upcast: bool) ->
         raise ValueError(f"rms_norm: weight must be ({d},), got {tuple(weight.shape)}")
     if d > MAX_D:
         raise NotImplementedError(f"rms_norm: rows of {d} > {MAX_D} elements have no kernel yet")
+    if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
+        raise ValueError(f"rms_norm: x and weight must be float32, float16 or bfloat16, got {x.dtype} and {weight.dtype}")
     if not upcast and x.dtype != torch.float32:
         raise ValueError(f"rms_norm: a {x.dtype} input is normalized in fp32 (upcast=True); the kernel does not "
                          "reproduce 16-bit arithmetic op by op")  # fmt: skip
     rows = x.reshape(-1, d)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
+    weight = weight.contiguous()
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    if rows.shape[0]:
+    block = next_power_of_2(d)
+    if rows.shape[0]:  # wide rows get more warps (a row lives in registers)
         _rms_norm_kernel[(rows.shape[0],)](
             rows, weight, out, d, rows.stride(0), out.stride(0), float(eps),
-            UPCAST=upcast, BLOCK=next_power_of_2(d),
+            UPCAST=upcast, BLOCK=block, num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16,
         )  # fmt: skip
     return out.reshape(x.shape)
 

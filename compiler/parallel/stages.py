@@ -322,10 +322,12 @@ def calibrated_costs(
         raise ConfigError("the plan's cuts do not fit this graph: pass the graph and costs it was split with")
     out = {n.name: c.seconds for n, c in an.costs.items()}
     for stage, a, b, seconds in zip(plan.stages, bounds[:-1], bounds[1:], stage_seconds, strict=True):
-        scale = seconds / stage.cost.seconds if stage.cost.seconds > 0 else 1.0
-        for n in an.work[a:b]:
-            if n.name in out:
-                out[n.name] *= scale
+        work = [n.name for n in an.work[a:b] if n.name in out]
+        w = sum(out[name] for name in work)
+        replicated = stage.cost.seconds - w  # the shared nodes the stage recomputes keep their price
+        scale = max(seconds - replicated, 1e-3 * seconds) / w if w > 0 else 1.0
+        for name in work:
+            out[name] *= scale
     return out
 
 

@@ -65,7 +65,9 @@ def test_what_stays_op_by_op() -> None:
             normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
             shared = normed.to(x.dtype)
             computed = (self.w * 2) * shared  # the weight is computed, not a constant
-            return self.w * plain, computed, shared + 1  # the normalized value is used elsewhere too
+            alpha = self.w * (h * torch.rsqrt(torch.add(h.pow(2).mean(-1, keepdim=True), 1e-6, alpha=2.0))).to(x.dtype)
+            f64 = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True, dtype=torch.float64) + 1e-6)  # mean in another dtype
+            return self.w * plain, computed, shared + 1, alpha, self.w.float() * f64  # shared: used elsewhere too
 
     gm = canonical_graph(Norms(), torch.randn(2, 16, dtype=torch.bfloat16))
     assert not LowerRMSNorm(devices=("cpu",))(gm).modified

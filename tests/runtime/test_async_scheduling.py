@@ -149,6 +149,26 @@ def test_speculative_pending_bounds_max_tokens_by_the_fewest_tokens() -> None:
     assert not sched.num_pending and not sched.num_pending_min and sched.kv_cache_manager.block_pool.num_free_blocks == 16
 
 
+def test_drafts_past_max_tokens_give_way_before_a_preemption() -> None:
+    """Drafts that count only if earlier ones are rejected are dropped when their blocks are short,
+    rather than preempting a request (here the only one) for them."""
+    from kiln.runtime.request import Request
+    from kiln.runtime.scheduler import Scheduler, SchedulerConfig
+
+    sched = Scheduler(SchedulerConfig(num_blocks=2, block_size=4, max_num_batched_tokens=32, max_model_len=64))
+    req = Request(request_id="a", prompt_token_ids=[1, 2, 3],
+                  sampling_params=kiln.SamplingParams(max_tokens=5, ignore_eos=True))  # fmt: skip
+    sched.add_request(req)  # 3 + 5 tokens: the 2 blocks
+    sched.update_from_output(sched.schedule(), {"a": [7]})
+    req.spec_token_ids = [4, 5, 6]
+    s2 = sched.schedule()
+    sched.mark_pending(s2)
+    req.spec_token_ids = [PLACEHOLDER] * 3
+    s3 = sched.schedule()  # 3 drafts would need a 3rd block
+    assert s3.num_scheduled_tokens == {"a": 1} and not s3.scheduled_spec_decode_tokens
+    assert not s3.preempted_req_ids and req.status.name == "RUNNING"
+
+
 def test_async_scheduling_option_is_validated(model) -> None:
     with pytest.raises(kiln.ConfigError, match="prompt-lookup"):
         kiln.LLM(model, num_blocks=8, async_scheduling=True,

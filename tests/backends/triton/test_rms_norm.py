@@ -47,3 +47,12 @@ def test_refusals() -> None:
         rms_norm(x, torch.ones(4, device=DEVICE), 1e-5, False)
     with pytest.raises(ValueError, match="upcast=True"):
         rms_norm(x.to(torch.bfloat16), torch.ones(8, device=DEVICE, dtype=torch.bfloat16), 1e-5, False)
+
+
+def test_the_pass_lowers_only_what_the_kernel_takes() -> None:
+    from kiln.backends.triton.rms_norm import MAX_D
+    from kiln.passes.lower_rms_norm import MAX_WIDTH
+
+    assert MAX_WIDTH == MAX_D
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        rms_norm(torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE, dtype=torch.float64), 1e-5, False)
