@@ -114,6 +114,12 @@ def _get_attr(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
+def meta_val(node: object) -> torch.Tensor | None:
+    """The tensor metadata (``meta["val"]``) of a node; None for non-nodes and non-tensors."""
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
 def constant_tensor(gm: torch.nn.Module, arg: object) -> torch.Tensor | None:
     """The tensor a ``get_attr`` operand names (a weight or buffer of ``gm``); None for anything else."""
     if not (isinstance(arg, Node) and arg.op == "get_attr"):
@@ -350,6 +356,7 @@ __all__ = [
     "PASS_KEY",
     "SYMBOLS_KEY",
     "constant_tensor",
+    "meta_val",
     "dtype_name",
     "fake_mode",
     "infer_meta",

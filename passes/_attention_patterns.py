@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from kiln.ir import meta_val
 from kiln.passes._index_algebra import (  # noqa: F401  (re-exported for fuse-attention)
     BoolOp,
     Cmp,
@@ -65,12 +66,6 @@ NEG_LIMIT = float(torch.finfo(torch.float16).min)
 # --------------------------------------------------------------------------------------
 # The interpreter
 # --------------------------------------------------------------------------------------
-
-
-def meta_val(node: object) -> torch.Tensor | None:
-    """The tensor metadata of a node (None for non-nodes and non-tensors)."""
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return val if isinstance(val, torch.Tensor) else None
 
 
 def _same(a: object, b: object) -> bool:

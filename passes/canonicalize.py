@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import infer_meta, op_name
+from kiln.ir import infer_meta, meta_val, op_name
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 
 aten = torch.ops.aten
@@ -51,18 +51,13 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _CONSTANT_OPS = {aten.permute.default}
 
 
-def _val(node: object) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(str(x) == str(y) for x, y in zip(a.shape, b.shape, strict=True))
 
 
 def _is_weight(node: object) -> bool:
     """A constant 2-D matrix read from the module (a get_attr)."""
-    val = _val(node)
+    val = meta_val(node)
     return isinstance(node, Node) and node.op == "get_attr" and val is not None and val.dim() == 2
 
 
@@ -149,8 +144,8 @@ class Canonicalize(Pass):
     def _remove_cast(self, gm: GraphModule, node: Node) -> bool:
         if node.target not in _CASTS or node.kwargs.get("memory_format") not in (None, torch.preserve_format):
             return False
-        src, out = node.args[0], _val(node)
-        inp = _val(src)
+        src, out = node.args[0], meta_val(node)
+        inp = meta_val(src)
         if inp is None or out is None or inp.dtype != out.dtype or inp.device != out.device:
             return False
         return self._replace(node, src)  # type: ignore[arg-type]
@@ -173,13 +168,13 @@ class Canonicalize(Pass):
         x, c = node.args
         if isinstance(c, bool) or not isinstance(c, (int, float)) or c != neutral[node.target]:
             return False
-        inp, out = _val(x), _val(node)
+        inp, out = meta_val(x), meta_val(node)
         if inp is None or out is None or inp.dtype != out.dtype or not _same_shape(inp, out):
             return False
         return self._replace(node, x)  # type: ignore[arg-type]
 
     def _normalize_transpose(self, gm: GraphModule, node: Node) -> bool:
-        val = _val(node)
+        val = meta_val(node)
         if node.target == aten.t.default and val is not None:
             perm = [1, 0] if val.dim() == 2 else [0]
             return self._replace(node, self._emit(node, aten.permute.default, (node.args[0], perm), same=True))
@@ -205,7 +200,7 @@ class Canonicalize(Pass):
         if node.target not in _VIEWS:
             return False
         src = node.args[0]
-        inp, out = _val(src), _val(node)
+        inp, out = meta_val(src), meta_val(node)
         if inp is not None and out is not None and _same_shape(inp, out):
             return self._replace(node, src)  # type: ignore[arg-type]
         if isinstance(src, Node) and src.target in _VIEWS:
@@ -231,7 +226,7 @@ class Canonicalize(Pass):
             weight = _transposed_weight(w)
             if weight is None and _is_weight(w):
                 weight = self._emit(node, aten.permute.default, (w, [1, 0]))
-            if weight is not None and _val(b) is not None and _val(b).dim() == 1:  # type: ignore[union-attr]
+            if weight is not None and meta_val(b) is not None and meta_val(b).dim() == 1:  # type: ignore[union-attr]
                 return self._replace(node, self._emit(node, aten.linear.default, (x, weight, b), same=True))
         if t == aten.bmm.default:
             return self._replace(node, self._emit(node, aten.matmul.default, tuple(node.args), same=True))
@@ -244,11 +239,11 @@ class Canonicalize(Pass):
                     and len(lin.users) == 1
                     and isinstance(bias, Node)
                     and bias.op == "get_attr"
-                    and _val(bias) is not None
-                    and _val(bias).dim() == 1  # type: ignore[union-attr]
-                    and _val(lin) is not None
-                    and _val(bias).dtype == _val(node).dtype == _val(lin).dtype  # type: ignore[union-attr]
-                    and str(_val(bias).shape[0]) == str(_val(lin).shape[-1])  # type: ignore[union-attr]
+                    and meta_val(bias) is not None
+                    and meta_val(bias).dim() == 1  # type: ignore[union-attr]
+                    and meta_val(lin) is not None
+                    and meta_val(bias).dtype == meta_val(node).dtype == meta_val(lin).dtype  # type: ignore[union-attr]
+                    and str(meta_val(bias).shape[0]) == str(meta_val(lin).shape[-1])  # type: ignore[union-attr]
                 ):
                     return self._replace(node, self._emit(node, aten.linear.default, (*lin.args, bias), same=True))
         return False

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, constant_tensor, infer_meta
+from kiln.ir import PASS_KEY, constant_tensor, infer_meta, meta_val
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 
 aten = torch.ops.aten
@@ -53,11 +53,6 @@ def _cast_to(node: object) -> torch.dtype | None:
         return None
     dtype = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
     return dtype if isinstance(dtype, torch.dtype) else None
-
-
-def _val(node: object) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return val if isinstance(val, torch.Tensor) else None
 
 
 @dataclass
@@ -92,7 +87,7 @@ class LowerRMSNorm(Pass):
             x, eps, upcast, inner = m
             if set(inner[0].users) != {out}:  # the normalized value is used elsewhere too: keep it
                 continue
-            xv = _val(x)
+            xv = meta_val(x)
             if xv is None or xv.shape[-1] != w.shape[0] or not w.dtype.is_floating_point:
                 continue
             if upcast != (xv.dtype in _16BIT) or (not upcast and xv.dtype != torch.float32):
@@ -123,7 +118,7 @@ class LowerRMSNorm(Pass):
             if not (_is(mean, aten.mean.dim) and not mean.kwargs and len(mean.args) == 3  # type: ignore[union-attr]
                     and mean.args[2] is True):  # type: ignore[union-attr]  # fmt: skip
                 continue
-            a_val = _val(a)
+            a_val = meta_val(a)
             dims = mean.args[1]  # type: ignore[union-attr]
             if a_val is None or not isinstance(dims, list | tuple) or len(dims) != 1 or \
                     dims[0] not in (-1, a_val.dim() - 1):  # fmt: skip
@@ -136,7 +131,7 @@ class LowerRMSNorm(Pass):
                 if up != torch.float32 or down is None:
                     continue
                 x = a.args[0]
-                if not isinstance(x, Node) or _val(x) is None or _val(x).dtype != down:  # type: ignore[union-attr]
+                if not isinstance(x, Node) or meta_val(x) is None or meta_val(x).dtype != down:  # type: ignore[union-attr]
                     continue
                 nodes = [*inner, r, add, mean, sq, a]  # type: ignore[list-item]
                 upcast = True

@@ -15,6 +15,7 @@ requests that do not speculate.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Iterator, Sequence
@@ -222,8 +223,6 @@ class LLM:
         else:
             if torch_compile and use_graphs and not enforce_eager:
                 # inductor fuses each RMSNorm with its neighbours itself; an opaque kiln::rms_norm would stop that
-                import dataclasses
-
                 from kiln.compile import CompileConfig
 
                 base = compile_config or CompileConfig(kv_cache=True)

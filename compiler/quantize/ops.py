@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Node
 
+from kiln.ir import meta_val
 from kiln.ops import invariant
 
 # --------------------------------------------------------------------------------------
@@ -126,11 +127,6 @@ def _weight_axis(w_scale: Tensor, group_size: int | None) -> int | None:
     return 0 if group_size is None and w_scale.dim() == 1 else None
 
 
-def _val(node: object) -> Tensor | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return val if isinstance(val, Tensor) else None
-
-
 # --------------------------------------------------------------------------------------
 # kiln::quantize / kiln::dequantize / kiln::dynamic_scale
 # --------------------------------------------------------------------------------------
@@ -207,7 +203,7 @@ def _check_scale(x: Tensor, scale: Tensor, axis: int | None, group_size: int | N
 
 @invariant(torch.ops.kiln.quantize.default)
 def _quantize_invariant(node: Node) -> str | None:
-    x, scale, zp = (_val(a) for a in node.args[:3])
+    x, scale, zp = (meta_val(a) for a in node.args[:3])
     qmin, qmax, dtype = node.args[3:6]
     axis, group = node.kwargs.get("axis"), node.kwargs.get("group_size")
     if x is None or scale is None:
@@ -225,7 +221,7 @@ def _quantize_invariant(node: Node) -> str | None:
 
 @invariant(torch.ops.kiln.dequantize.default)
 def _dequantize_invariant(node: Node) -> str | None:
-    q, scale = _val(node.args[0]), _val(node.args[1])
+    q, scale = meta_val(node.args[0]), meta_val(node.args[1])
     axis, group = node.kwargs.get("axis"), node.kwargs.get("group_size")
     if q is None or scale is None:
         return "q and scale need shape metadata"
@@ -375,7 +371,7 @@ def _check_weight(w: Tensor | None, scale: Tensor | None, k: object, group: int 
 
 @invariant(torch.ops.kiln.qlinear_w8a16.default)
 def _qlinear_w8a16_invariant(node: Node) -> str | None:
-    x, w, s = (_val(a) for a in node.args[:3])
+    x, w, s = (meta_val(a) for a in node.args[:3])
     if x is None or w is None or w.dtype != torch.int8:
         return "qlinear_w8a16 takes a float x and an int8 weight"
     return _check_weight(w, s, x.shape[-1], node.args[4], packed=False)  # type: ignore[arg-type]
@@ -383,7 +379,7 @@ def _qlinear_w8a16_invariant(node: Node) -> str | None:
 
 @invariant(torch.ops.kiln.qlinear_w4a16.default)
 def _qlinear_w4a16_invariant(node: Node) -> str | None:
-    x, w, s, zp = (_val(a) for a in node.args[:4])
+    x, w, s, zp = (meta_val(a) for a in node.args[:4])
     if x is None or w is None or w.dtype != torch.uint8:
         return "qlinear_w4a16 takes a float x and a packed uint8 weight (N, K // 2)"
     if zp is not None and (zp.dtype != torch.uint8 or s is None or zp.shape != s.shape):
@@ -393,7 +389,7 @@ def _qlinear_w4a16_invariant(node: Node) -> str | None:
 
 @invariant(torch.ops.kiln.qlinear_w8a8.default)
 def _qlinear_w8a8_invariant(node: Node) -> str | None:
-    x, xs, _, w, s = (_val(a) for a in node.args[:5])
+    x, xs, _, w, s = (meta_val(a) for a in node.args[:5])
     if x is None or w is None or x.dtype != torch.int8 or w.dtype != torch.int8:
         return "qlinear_w8a8 takes int8 activation codes and an int8 weight"
     if xs is None or xs.dim() not in (0, x.dim()):
@@ -403,7 +399,7 @@ def _qlinear_w8a8_invariant(node: Node) -> str | None:
 
 @invariant(torch.ops.kiln.qlinear_fp8.default)
 def _qlinear_fp8_invariant(node: Node) -> str | None:
-    x, xs, w, s = (_val(a) for a in node.args[:4])
+    x, xs, w, s = (meta_val(a) for a in node.args[:4])
     if x is None or w is None or w.dtype != torch.float8_e4m3fn:
         return "qlinear_fp8 takes an e4m3 weight"
     if (xs is None) != (x.dtype != torch.float8_e4m3fn):
