@@ -19,7 +19,6 @@ import dataclasses
 import itertools
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,10 +27,11 @@ from tqdm.auto import tqdm
 from kiln.errors import ConfigError
 from kiln.runtime.drafters import Drafter
 from kiln.runtime.fanout import Fanout
-from kiln.runtime.model_runner import ModelRunner, SequenceStep
+from kiln.runtime.launcher import Launcher, _Launched, _Sequence
+from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
-from kiln.runtime.sampler import _GREEDY_EPS, make_generator, sample, to_device
-from kiln.runtime.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
+from kiln.runtime.sampler import make_generator
+from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 from kiln.runtime.scheduler_output import ModelRunnerOutput, PendingOutput, SchedulerOutput
 from kiln.runtime.spec_async import MAX_DEVICE_NGRAM, AsyncSpeculation, SpecPending
 from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig
@@ -39,38 +39,11 @@ from kiln.runtime.speculator import Speculator
 from kiln.runtime.text import Prompt, detokenize, load_tokenizer, tokenize_prompt
 
 
-@dataclass
-class _Launched:
-    """A lockstep step on its way: what :meth:`LLM._collect` needs to sample and verify it."""
-
-    scheduler_output: SchedulerOutput  # the step the scheduler made
-    logits: torch.Tensor | None  # (rows, V) on the device, still being computed (None: nothing ran)
-    wanted: list  # (first logits row, sequence) of rows to sample
-    spec: list  # (first logits row, sequence, drafts) to verify
-
-
-@dataclass
-class _Sequence:
-    """The engine's side of one request: what the runner and the detokenizer need."""
-
-    request: Request  # the scheduler's request (its token lists are the truth)
-    prompt: str | None  # the prompt text, when given as text
-    block_ids: list[int] = field(default_factory=list)  # block table, grown as the scheduler allocates
-    generator: torch.Generator | None = None  # per-request RNG when a seed is given
-    text: str = ""  # detokenized output so far
-    prefix_offset: int = 0  # incremental detokenization: tokens before this are settled text ...
-    read_offset: int = 0  # ... and text up to this token has been emitted
-    draft_probs: torch.Tensor | None = None  # q of the drafts in request.spec_token_ids (None: point masses)
-
-
 def _default_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
     return 256 * 2**20
-
-
-_GREEDY_ROW = (SamplingParams(temperature=0.0), None)  # a logits row nothing samples from
 
 
 class LLM:
@@ -317,6 +290,8 @@ class LLM:
             )  # fmt: skip
         self.drafter: Drafter | None = self.speculator.drafter if self.speculator else None
         self.policy: SpeculationPolicy | None = self.speculator.policy if self.speculator else None
+        #: runs the scheduled steps and samples them (``kiln.runtime.launcher``)
+        self._launcher = Launcher(self.runner, self._seqs, self.speculator, self._spec_async)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -431,108 +406,6 @@ class LLM:
 
     # -- one step -------------------------------------------------------------------------
 
-    def _steps(
-        self, so: SchedulerOutput
-    ) -> tuple[list[SequenceStep], list[tuple[int, _Sequence]], list[tuple[int, _Sequence, list[int]]]]:
-        """The runner's steps for ``so``; the rows to sample and the rows (with drafts) to verify."""
-        steps: list[SequenceStep] = []
-        wanted: list[tuple[int, _Sequence]] = []  # (first logits row, sequence) of rows to sample
-        spec: list[tuple[int, _Sequence, list[int]]] = []  # (first logits row, sequence, drafts) to verify
-        num_rows = 0
-        for new in so.scheduled_new_reqs:
-            seq = self._seqs[new.request_id]
-            seq.block_ids = list(new.block_ids)
-            steps.append(SequenceStep(list(new.new_token_ids), new.num_computed_tokens, seq.block_ids))
-            if new.sample:
-                wanted.append((num_rows, seq))
-            num_rows += 1
-        for cached in so.scheduled_cached_reqs:
-            seq = self._seqs[cached.request_id]
-            seq.block_ids.extend(cached.new_block_ids)
-            drafts = so.scheduled_spec_decode_tokens.get(cached.request_id, [])
-            steps.append(
-                SequenceStep(
-                    list(cached.new_token_ids),
-                    cached.num_computed_tokens,
-                    seq.block_ids,
-                    num_logits=len(drafts) + 1,
-                )
-            )
-            if drafts:
-                spec.append((num_rows, seq, list(drafts)))
-            elif cached.sample:
-                wanted.append((num_rows, seq))
-            num_rows += len(drafts) + 1
-        return steps, wanted, spec
-
-    @staticmethod
-    def _picked(logits: torch.Tensor, wanted: list[tuple[int, _Sequence]]) -> torch.Tensor:
-        """The rows of ``logits`` to sample."""
-        if len(wanted) < logits.shape[0] or wanted[-1][0] != len(wanted) - 1:  # not simply every row in order
-            return logits.index_select(0, to_device([i for i, _ in wanted], logits.device))
-        return logits
-
-    def _launch(self, so: SchedulerOutput, prev: PendingOutput | None) -> PendingOutput:
-        """Run and sample ``so`` without waiting for the device; pending tokens come from ``prev`` on the device."""
-        steps, wanted, spec = self._steps(so)
-        if spec:
-            raise RuntimeError("asynchronous steps do not verify drafts")
-        feed = None
-        rids = [d.request_id for d in (*so.scheduled_new_reqs, *so.scheduled_cached_reqs)]
-        sources = [-1] * len(steps)
-        for i, (rid, step) in enumerate(zip(rids, steps, strict=True)):
-            if step.token_ids[0] == PLACEHOLDER:
-                if prev is None or rid not in prev.rows:
-                    raise RuntimeError(f"request {rid!r} has a pending token that no step in flight sampled")
-                sources[i] = prev.rows[rid]
-        if prev is not None and any(src >= 0 for src in sources):
-            feed = (prev.tokens, sources)
-        logits = self.runner.execute(steps, feed)  # (rows, V)
-        seqs = [s for _, s in wanted]
-        if not seqs:
-            return PendingOutput(so, {}, torch.empty(0, dtype=torch.long, device=logits.device))
-        positions = [steps[r].start_position + len(steps[r].token_ids) for r, _ in wanted]  # one row a step
-        out = sample(self._picked(logits, wanted), [s.request.sampling_params for s in seqs],
-                     [s.generator for s in seqs], positions=positions)  # fmt: skip
-        return PendingOutput(so, {s.request.request_id: k for k, s in enumerate(seqs)}, out.token_ids)
-
-    def _launch_lockstep(self, so: SchedulerOutput) -> _Launched:
-        """Launch ``so``'s step (nothing waits for the device yet)."""
-        steps, wanted, spec = self._steps(so)
-        logits = self.runner.execute(steps) if steps else None  # (rows, V): one per sequence, k + 1 per draft
-        return _Launched(so, logits, wanted, spec)
-
-    def _collect(self, launched: _Launched) -> ModelRunnerOutput:
-        """Sample and verify a launched lockstep step: its tokens on the host."""
-        logits, wanted, spec = launched.logits, launched.wanted, launched.spec
-        if logits is None:
-            return ModelRunnerOutput(sampled_token_ids={})
-        sampled: dict[str, list[int]] = {}
-        logprobs: dict[str, list] = {}
-        if wanted:
-            seqs = [s for _, s in wanted]
-            picked = self._picked(logits, wanted)
-            out = sample(
-                picked,
-                [s.request.sampling_params for s in seqs],
-                [s.generator for s in seqs],
-                [s.request.output_token_ids for s in seqs],
-                [s.request.prompt_token_ids for s in seqs],
-                positions=[s.request.num_tokens for s in seqs],  # lockstep: every earlier token is known
-            )
-            sampled.update(
-                (s.request.request_id, [t]) for s, t in zip(seqs, out.token_ids.tolist(), strict=True)
-            )
-            if out.logprobs is not None:
-                entries = out.logprobs.to_dicts([s.request.sampling_params.logprobs for s in seqs])
-                logprobs.update(
-                    (s.request.request_id, [e]) for s, e in zip(seqs, entries, strict=True) if e is not None
-                )
-        if spec:
-            assert self.speculator is not None
-            self.speculator.verify(logits, spec, sampled, logprobs, self._seqs)
-        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs or None)
-
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every request that changed."""
         return self._step(snapshots=True)
@@ -552,13 +425,13 @@ class LLM:
                 self._spec_async.clear()
             launched, self._lookahead = self._lookahead, None
             if launched is None:
-                launched = self._launch_lockstep(self._schedule())
-            changed += self.scheduler.update_from_output(launched.scheduler_output, self._collect(launched))
+                launched = self._launcher.launch_lockstep(self._schedule())
+            changed += self.scheduler.update_from_output(launched.scheduler_output, self._launcher.collect(launched))
             if self.drafter is not None and self.scheduler.has_unfinished_requests():
                 # Speculative steps run in lockstep (the next drafts need this step's tokens). Draft and
                 # launch the next step now, and detokenize this one's tokens while it runs.
                 self._propose()
-                self._lookahead = self._launch_lockstep(self._schedule())
+                self._lookahead = self._launcher.launch_lockstep(self._schedule())
         results: dict[str, RequestOutput] = {}  # by request id: a parent's last merge holds every completion's news
         for delta in changed:
             seq = self._seqs.get(delta.request_id)
@@ -616,16 +489,16 @@ class LLM:
         changed = []
         if self._lookahead is not None:  # a lockstep step launched ahead: apply it first
             launched, self._lookahead = self._lookahead, None
-            changed += self.scheduler.update_from_output(launched.scheduler_output, self._collect(launched))
+            changed += self.scheduler.update_from_output(launched.scheduler_output, self._launcher.collect(launched))
         if self._spec_async is not None:
             self._propose_async()
         so = self._schedule()
         prev, self._inflight = self._inflight, None
         if so.total_num_scheduled_tokens:
             if self._spec_async is not None:
-                self._inflight = self._launch_spec(so, prev if isinstance(prev, SpecPending) else None)
+                self._inflight = self._launcher.launch_spec(so, prev if isinstance(prev, SpecPending) else None)
             else:
-                self._inflight = self._launch(so, prev)  # type: ignore[arg-type]
+                self._inflight = self._launcher.launch(so, prev)  # type: ignore[arg-type]
             self.scheduler.mark_pending(so)
         if prev is not None:
             changed += self._apply(prev)
@@ -642,22 +515,6 @@ class LLM:
         self._spec_async.propose(self.scheduler.running, self.scheduler.num_pending, self.speculator.policy,
                                  int(self.stats["steps"]), self.max_model_len,
                                  self.scheduler.num_pending_min)  # fmt: skip
-
-    def _launch_spec(self, so: SchedulerOutput, prev: SpecPending | None) -> SpecPending:
-        """Launch an asynchronous speculative step and its device-side verification (nothing waits)."""
-        assert self._spec_async is not None
-        steps, _, _ = self._steps(so)
-        requests = [self._seqs[d.request_id].request for d in (*so.scheduled_new_reqs, *so.scheduled_cached_reqs)]
-        info, feed, rows, verified = self._spec_async.describe(so, steps, requests, prev)
-        logits = self.runner.execute(steps, feed)
-        params = None  # per logits row (None: all greedy): sampled rows verify with a draw from the target
-        if any(r.sampling_params.temperature >= _GREEDY_EPS and r.request_id in rows for r in requests):
-            # only rows that sample draw (and use the generator): a prefill chunk's row is discarded
-            params = [(r.sampling_params, self._seqs[r.request_id].generator) if r.request_id in rows else _GREEDY_ROW
-                      for step, r in zip(steps, requests, strict=True) for _ in range(step.num_logits)]  # fmt: skip
-        positions = self.runner.logits_positions(logits.shape[0]) if params is not None else None
-        return self._spec_async.advance(so, logits, self.runner.last_input_ids, info, rows, verified, params,
-                                        positions)  # fmt: skip
 
     def _apply(self, prev: PendingOutput | SpecPending) -> list:
         """Apply a launched asynchronous step's tokens (and, speculative, its acceptance counts)."""

@@ -32,7 +32,7 @@ from kiln.runtime.speculative import (
 )
 
 if TYPE_CHECKING:
-    from kiln.runtime.engine import _Sequence
+    from kiln.runtime.launcher import _Sequence
 
 
 class Speculator:
