@@ -413,6 +413,47 @@ def _rms_norm_invariant(node: Node) -> str | None:
     return None
 
 
+
+# --------------------------------------------------------------------------------------
+# kiln::rotary — rotary position embedding in one kernel (the captured graph spells it in five
+# element-wise ops per tensor: x * cos, the halves swapped and one negated, times sin, added).
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kiln::rotary", mutates_args=())
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` (Su et al. 2021, RoFormer; the ``rotate_half`` convention of
+    Llama / GPT-NeoX): ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``; ``cos`` and ``sin``
+    broadcast to x's shape. The CUDA kernel (``kiln.backends.triton.rotary``) does it in one launch."""
+    return rotary_reference(x, cos, sin)
+
+
+def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The plain-torch reference of ``kiln::rotary``: the op sequence ``lower-rotary`` replaces."""
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+
+@rotary.register_fake
+def _rotary_fake(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@invariant(torch.ops.kiln.rotary.default)
+def _rotary_invariant(node: Node) -> str | None:
+    x, cos, sin = (a.meta.get("val") for a in node.args[:3])  # type: ignore[union-attr]
+    if x is None or cos is None or sin is None:
+        return None
+    if x.dtype != cos.dtype or x.dtype != sin.dtype:
+        return f"x, cos and sin must share a dtype, got {x.dtype}, {cos.dtype}, {sin.dtype}"
+    try:
+        shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)
+    except RuntimeError:
+        return f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must broadcast to x {tuple(x.shape)}"
+    if len(shape) != x.dim() or any(str(a) != str(b) for a, b in zip(shape, x.shape, strict=True)):
+        return f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must broadcast to x {tuple(x.shape)}"
+    return None
+
 __all__ = [
     "INVARIANTS",
     "attention",
@@ -431,5 +472,7 @@ __all__ = [
     "quantize_kv",
     "rms_norm",
     "rms_norm_reference",
+    "rotary",
+    "rotary_reference",
     "write_kv_cache",
 ]

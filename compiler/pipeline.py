@@ -83,6 +83,10 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         from kiln.passes.lower_rms_norm import LowerRMSNorm
 
         passes += [LowerRMSNorm()]
+        # op-by-op rotary embeddings on CUDA -> kiln.rotary: one kernel per tensor instead of five
+        from kiln.passes.lower_rotary import LowerRotary
+
+        passes += [LowerRotary()]
     elif kv_quant is not None:
         from kiln.errors import ConfigError
 

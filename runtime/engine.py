@@ -195,11 +195,11 @@ class LLM:
             )  # fmt: skip
         else:
             if torch_compile and use_graphs and not enforce_eager:
-                # inductor fuses each RMSNorm with its neighbours itself; an opaque kiln::rms_norm would stop that
+                # inductor fuses each RMSNorm and RoPE with its neighbours itself; opaque kiln ops would stop that
                 from kiln.compile import CompileConfig
 
                 base = compile_config or CompileConfig(kv_cache=True)
-                compile_config = dataclasses.replace(base, disable=(*base.disable, "lower-rms-norm"))
+                compile_config = dataclasses.replace(base, disable=(*base.disable, "lower-rms-norm", "lower-rotary"))
             self.runner = ModelRunner(
                 model, block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory, device=dev,
                 kv_cache_dtype=kv_cache_dtype, compile_config=compile_config,

@@ -58,7 +58,14 @@ def register_cuda_kernels() -> None:
     def _rms_norm_cuda(x, weight, eps, upcast):  # type: ignore[no-untyped-def]
         return rms_norm(x, weight, eps, upcast)
 
+    from kiln.backends.triton.rotary import rotary
+
+    @torch.library.register_kernel("kiln::rotary", "cuda")
+    def _rotary_cuda(x, cos, sin):  # type: ignore[no-untyped-def]
+        return rotary(x, cos, sin)
+
     KERNELS.add("kiln.rms_norm")
+    KERNELS.add("kiln.rotary")
     KERNELS.add("kiln.attention")
     KERNELS.add("kiln.paged_attention")
     KERNELS.add("kiln.gemv")

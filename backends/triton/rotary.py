@@ -1,0 +1,120 @@
+"""Rotary position embedding in one Triton kernel: the CUDA implementation of ``kiln::rotary``.
+
+RoPE (Su et al. 2021, "RoFormer") with the ``rotate_half`` convention of Llama and GPT-NeoX:
+``out = x * cos + cat(-x2, x1) * sin`` for the halves ``x1, x2`` of the last dimension. A captured
+model writes it as five element-wise ops per tensor (two products, a negation, a concatenation, a
+sum), each its own kernel of a few microseconds in a decode step, twice per layer (queries and
+keys). Here one program rotates ``BLOCK_R`` rows: it reads both halves of each row once and writes
+both halves of the result.
+
+The result equals the op-by-op graph's exactly: each product is rounded to x's dtype before the
+sum, as torch rounds each op's output, and the compiler is told not to fuse a product with the sum
+into one FMA (``enable_fp_fusion=False``), which would skip that rounding in fp32. The reference is
+:func:`kiln.ops.rotary_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2
+
+_INTERPRET = interpret_mode()
+#: The widest head dimension the kernel rotates (registers hold a block of rows).
+MAX_D = 1024
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _rounded(v, dt: tl.constexpr):
+    """fp32 ``v`` rounded to ``dt`` (to nearest, ties to even), as fp32. bf16 by its bits: the
+    interpreter's bf16 cast truncates, the GPU's rounds; this is the GPU's rounding everywhere."""
+    if dt == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return v.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, out_ptr,
+    n_rows, d1, d2, half,
+    sx0, sx1, sx2, sxd, sc0, sc1, sc2, scd, ss0, ss1, ss2, ssd, so0, so1, so2, sod,
+    BLOCK_R: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    """Rows ``[pid * BLOCK_R, +BLOCK_R)`` of the (n0, d1, d2, D) views; a row index is ``(i0 * d1 + i1) * d2 + i2``."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    r = rows.to(tl.int64)
+    i2 = r % d2
+    i1 = (r // d2) % d1
+    i0 = r // (d2 * d1)
+    cols = tl.arange(0, HALF)
+    mask = row_ok[:, None] & (cols < half)[None, :]
+    c64 = cols.to(tl.int64)[None, :]
+    xo = (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None] + c64 * sxd
+    co = (i0 * sc0 + i1 * sc1 + i2 * sc2)[:, None] + c64 * scd
+    so = (i0 * ss0 + i1 * ss1 + i2 * ss2)[:, None] + c64 * ssd
+    oo = (i0 * so0 + i1 * so1 + i2 * so2)[:, None] + c64 * sod
+    x1 = tl.load(x_ptr + xo, mask=mask, other=0.0)
+    x2 = tl.load(x_ptr + xo + half * sxd, mask=mask, other=0.0)
+    c1 = tl.load(cos_ptr + co, mask=mask, other=0.0)
+    c2 = tl.load(cos_ptr + co + half * scd, mask=mask, other=0.0)
+    s1 = tl.load(sin_ptr + so, mask=mask, other=0.0)
+    s2 = tl.load(sin_ptr + so + half * ssd, mask=mask, other=0.0)
+    dt = out_ptr.dtype.element_ty
+    # each product rounded to x's dtype, then the sum (as the op-by-op graph rounds every op)
+    a1 = _rounded(x1.to(tl.float32) * c1.to(tl.float32), dt)
+    b1 = _rounded(-(x2.to(tl.float32)) * s1.to(tl.float32), dt)
+    a2 = _rounded(x2.to(tl.float32) * c2.to(tl.float32), dt)
+    b2 = _rounded(x1.to(tl.float32) * s2.to(tl.float32), dt)
+    tl.store(out_ptr + oo, _rounded(a1 + b1, dt).to(dt), mask=mask)
+    tl.store(out_ptr + oo + half * sod, _rounded(a2 + b2, dt).to(dt), mask=mask)
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with leading dimensions merged or padded to (n0, d1, d2, D) (a view: no copy)."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    while t.dim() > 4:  # merge the two leading dims where the strides allow it, else copy
+        t = t.flatten(0, 1) if t.stride(0) == t.stride(1) * t.shape[1] else t.contiguous().flatten(0, 1)
+    return t
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``kiln::rotary`` on the GPU: ``x * cos + rotate_half(x) * sin``, cos and sin broadcast to x's shape."""
+    check_triton_device("rotary", _INTERPRET, x, cos, sin)
+    if x.dtype not in _FLOATS or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        raise ValueError(f"rotary: x, cos and sin must share one of float32, float16, bfloat16; got {x.dtype}, "
+                         f"{cos.dtype}, {sin.dtype}")  # fmt: skip
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"rotary: the last dimension must be even, got shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    if d > MAX_D:
+        raise NotImplementedError(f"rotary: head dimensions over {MAX_D} have no kernel yet, got {d}")
+    try:
+        cos_b, sin_b = torch.broadcast_to(cos, x.shape), torch.broadcast_to(sin, x.shape)
+    except RuntimeError as e:
+        raise ValueError(f"rotary: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must broadcast to x "
+                         f"{tuple(x.shape)}") from e  # fmt: skip
+    if x.dim() > 4:  # leading dims merged below: a contiguous output merges without a copy
+        x = x.contiguous()
+    out = torch.empty_like(x)  # x's layout (a permuted view's too), as torch's element-wise ops give
+    x4, c4, s4, o4 = (_as_4d(t) for t in (x, cos_b, sin_b, out))
+    n0, d1, d2, _ = x4.shape
+    n_rows = n0 * d1 * d2
+    if n_rows:
+        block_r = 16
+        _rotary_kernel[(triton.cdiv(n_rows, block_r),)](
+            x4, c4, s4, o4, n_rows, d1, d2, d // 2,
+            *x4.stride(), *c4.stride(), *s4.stride(), *o4.stride(),
+            BLOCK_R=block_r, HALF=next_power_of_2(d // 2), num_warps=4, enable_fp_fusion=False,
+        )  # fmt: skip
+    return out
+
+
+__all__ = ["MAX_D", "rotary"]

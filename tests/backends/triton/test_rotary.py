@@ -1,0 +1,58 @@
+"""The RoPE kernel (``kiln.backends.triton.rotary``) against ``kiln::rotary``'s plain-torch reference.
+
+Interpreted on the CPU (``conftest.py`` sets ``TRITON_INTERPRET=1``) on random data: the layouts the step
+graph gives (queries and keys as permuted views of a merged projection, cos / sin broadcast over heads),
+ragged head dims (half not a power of two), more and fewer dims, and every float dtype. The kernel rounds
+as the op-by-op graph does, so results are equal, not close.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.backends.triton.rotary import MAX_D, rotary
+from kiln.ops import rotary_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tables(t: int, d: int, dtype: torch.dtype, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.randint(0, 4096, (t, 1), generator=g).float()
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat((pos * inv, pos * inv), -1)  # (T, D)
+    return emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("heads", "t", "d"), [(4, 1, 16), (3, 7, 24), (2, 33, 64)])
+def test_permuted_projection_views_equal_the_reference(dtype: torch.dtype, heads: int, t: int, d: int) -> None:
+    g = torch.Generator().manual_seed(heads * 100 + t + d)
+    proj = (torch.randn(1, t, (heads + 2) * d, generator=g) * 2).to(DEVICE, dtype)  # a merged q/k projection
+    q = proj[..., : heads * d].reshape(1, t, heads, d).permute(0, 2, 1, 3)  # (1, H, T, D), not contiguous
+    cos, sin = _tables(t, d, dtype, g)
+    cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, D): broadcast over heads
+    got, want = rotary(q, cos, sin), rotary_reference(q, cos, sin)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 4, 5, 12)])
+def test_fewer_and_more_dims(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=g).to(DEVICE)
+    cos, sin = (torch.randn(shape[-2:], generator=g).to(DEVICE) for _ in range(2))  # broadcast over leading dims
+    assert torch.equal(rotary(x, cos, sin), rotary_reference(x, cos, sin))
+
+
+def test_refusals() -> None:
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="share one of"):
+        rotary(x, x.double(), x)
+    with pytest.raises(ValueError, match="even"):
+        rotary(x[:, :7], x[:, :7], x[:, :7])
+    with pytest.raises(ValueError, match="must broadcast"):
+        rotary(x, torch.randn(3, 8, device=DEVICE), x)
+    wide = torch.randn(1, 2 * MAX_D, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="no kernel yet"):
+        rotary(wide, wide, wide)
