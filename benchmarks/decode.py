@@ -125,7 +125,8 @@ def disable_passes(names: list[str]) -> None:
 
     class Runner(ModelRunner):
         def __init__(self, *a: object, **kw: object) -> None:
-            kw.setdefault("compile_config", kiln.CompileConfig(kv_cache=True, disable=tuple(names)))
+            if kw.get("compile_config") is None:  # the engine passes compile_config=None by default
+                kw["compile_config"] = kiln.CompileConfig(kv_cache=True, disable=tuple(names))
             super().__init__(*a, **kw)  # type: ignore[arg-type]
 
     engine.ModelRunner = Runner  # type: ignore[misc]

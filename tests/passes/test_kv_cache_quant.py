@@ -175,7 +175,7 @@ def test_unquantized_graph_is_unchanged() -> None:
     assert (
         "kv_scales" not in compiled.ir and layout.kv_quant is None and layout.storage_dtype == torch.float32
     )
-    assert "%query_start_loc, None)" in compiled.ir  # nine operands, as before
+    assert "%query_start_loc, None, None)" in compiled.ir  # no scale, no kv_scales (given as None)
 
 
 def test_refusals_say_what_to_change() -> None:
