@@ -62,6 +62,12 @@ GEMV_TILES = [
     (64, 16, 4, 4, True, 2),
     (64, 32, 4, 4, True, 2),
     (128, 16, 4, 4, False, 1),
+    # from the wider H100 sweep (.gpu-style gemv_sweep, 2026-12-07): int8 per channel prefers 64-word K
+    # steps (3-8% over 32), int4 on the largest shapes 8 warps
+    (32, 64, 4, 4, True, 1),
+    (16, 64, 4, 4, True, 1),
+    (128, 16, 8, 4, True, 1),
+    (256, 16, 8, 4, True, 1),
 ]
 # (BLOCK_N, BLOCK_KW, num_warps, WAVES) of the tl.dot form (16 rows of x per program)
 DOT_TILES = [(64, 16, 4, 4), (32, 16, 4, 4), (64, 16, 8, 4), (64, 32, 4, 4), (64, 16, 4, 2), (32, 16, 4, 2)]
