@@ -298,6 +298,43 @@ def _static_scales(Scales, stride_sc, qk_scale, SCALE_MODE: tl.constexpr):
     return qk_scale, v_scale
 
 
+@triton.jit
+def _last_split_combines(
+    Counters, tile, num_splits,
+    part_ptrs,  # (ROWS, HEAD_DIM_PAD) pointers to split 0's partial outputs (fp32)
+    lse_ptrs,  # (ROWS,) pointers to split 0's log-sum-exps (log2 domain)
+    stride_ps, stride_ls,  # from one split to the next
+    out_ptrs,  # (ROWS, HEAD_DIM_PAD) pointers to the final output
+    mask,  # (ROWS, HEAD_DIM_PAD) elements to combine
+    row_ok,  # (ROWS,)
+):  # fmt: skip
+    """Called by every split of a tile once its partials are stored: the split arriving last merges them.
+
+    The tile's arrival counter orders it (CUTLASS's serial split-K semaphore, as the quantized
+    GEMVs do: a barrier so the program's stores are issued, then one release / acquire atomic);
+    the last split reads every split's partial through L2 (``.cg``), weights each by
+    ``2^(lse_s - max)``, writes the output and resets the counter for the next launch. This
+    replaces the separate combine launch (and, in prefill, the log-sum-exp buffer's fill).
+    """
+    tl.debug_barrier()  # every thread's partials stored before one thread counts the program in
+    arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        m = tl.full(row_ok.shape, float("-inf"), dtype=tl.float32)
+        for s in range(num_splits):
+            m = tl.maximum(m, tl.load(lse_ptrs + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+        m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
+        acc = tl.zeros(mask.shape, dtype=tl.float32)
+        den = tl.zeros(row_ok.shape, dtype=tl.float32)
+        for s in range(num_splits):
+            w = tl.math.exp2(tl.load(lse_ptrs + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m)
+            o = tl.load(part_ptrs + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+            acc += w[:, None] * o
+            den += w
+        out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+        tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.store(Counters + tile, 0)  # ready for the next launch (launches on a stream run in turn)
+
+
 @triton.autotune(
     configs=_decode_configs(),
     key=["KEYS_BUCKET", "HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "WRITE_LSE"],
@@ -312,10 +349,12 @@ def _paged_decode_kernel(
     stride_bt,
     stride_ot, stride_oh, stride_os, stride_od,  # Out: partial (T, Hq, splits, D) or final (T, Hq, 1, D) view
     stride_lt, stride_lh, stride_ls,
+    Final, stride_fh, stride_ft, stride_fd, Counters,  # FUSED: the (1, Hq, T, D) output and arrival counters
     group_size, num_splits, qk_scale,
     KEYS_BUCKET,  # autotune key: next power of two of the keys per split
     HAS_QUERY_START: tl.constexpr,
     WRITE_LSE: tl.constexpr,  # several splits: write partial outputs and log-sum-exps
+    FUSED: tl.constexpr,  # ... and the last split of each (sequence, KV head) combines them into Final
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -395,6 +434,13 @@ def _paged_decode_kernel(
             l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe)
         )  # log2 domain; empty split: -inf
         tl.store(Lse + t64 * stride_lt + heads * stride_lh + split * stride_ls, lse, mask=offs_g < group_size)
+        if FUSED:
+            _last_split_combines(
+                Counters, seq * tl.num_programs(1) + kvh, num_splits,
+                o_ptrs - split * stride_os, Lse + t64 * stride_lt + heads * stride_lh, stride_os, stride_ls,
+                Final + t64 * stride_ft + heads[:, None] * stride_fh + offs_d[None, :] * stride_fd,
+                row_ok, offs_g < group_size,
+            )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -461,9 +507,11 @@ def _paged_prefill_kernel(
     stride_bt,
     stride_oh, stride_ot, stride_os, stride_od,  # Out: final (1, Hq, T, D) or partial (T, Hq, splits, D)
     stride_lt, stride_lh, stride_ls,
+    Final, stride_fh, stride_ft, stride_fd, Counters,  # FUSED: the (1, Hq, T, D) output and arrival counters
     group_size, num_splits, qk_scale,
     Q_BUCKET,  # autotune key: next power of two of the longest query
     WRITE_LSE: tl.constexpr,  # several splits: write partial outputs and log-sum-exps
+    FUSED: tl.constexpr,  # ... and the last split of each (row block, sequence, head) combines them into Final
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -545,3 +593,12 @@ def _paged_prefill_kernel(
     if WRITE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 domain; no key: -inf
         tl.store(Lse + rows * stride_lt + h * stride_lh + split * stride_ls, lse, mask=offs_m < q_len)
+        if FUSED:
+            tile = (h * tl.num_programs(1) + seq) * tl.num_programs(0) + tl.program_id(0)
+            _last_split_combines(
+                Counters, tile, num_splits,
+                Out + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                Lse + rows * stride_lt + h * stride_lh, stride_os, stride_ls,
+                Final + h * stride_fh + rows[:, None] * stride_ft + offs_d[None, :] * stride_fd,
+                mask, offs_m < q_len,
+            )  # fmt: skip

@@ -47,3 +47,28 @@ def check_triton_device(kernel: str, interpreted: bool, *tensors: torch.Tensor) 
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+#: Outgrown counter buffers, kept alive: CUDA graphs captured while they were current still read them,
+#: and freeing one would let a later capture reuse its memory under those graphs.
+_RETIRED: list[torch.Tensor] = []
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one buffer per (device, stream), of the split-K kernels that
+    combine in their last-arriving split (the quantized GEMVs, paged attention).
+
+    Every launch leaves the counters it used at zero (the last split of a tile resets its own),
+    so launches queued on one stream share a buffer; another stream gets its own. A buffer made
+    while a CUDA graph is captured is zeroed by the graph (the capture records the memset).
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf

@@ -86,7 +86,7 @@ from kiln.backends.triton._paged_kernels import (
     _paged_prefill_kernel,
     _reshape_and_cache_kernel,
 )
-from kiln.backends.triton._utils import check_triton_device, next_power_of_2
+from kiln.backends.triton._utils import arrival_counters, check_triton_device, next_power_of_2
 from kiln.backends.triton.paged_attention_reference import (
     paged_attention_reference,
     paged_decode_attention_reference,
@@ -110,6 +110,9 @@ __all__ = [
 ]
 
 _LOG2E = 1.4426950408889634
+#: Split keys combine in the kernel's last-arriving split (one launch) rather than in a second kernel.
+#: False restores the combine kernel (A/B measurements; the two differ only in summation order).
+FUSED_COMBINE = True
 
 
 # ----------------------------------------------------------------------------- fast paths
@@ -234,18 +237,21 @@ def paged_decode_attention(
         lse_strides = lse.stride()
     keys_bucket = next_power_of_2(max(16, triton.cdiv(max_seq_len, num_splits)))
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
+    fused = num_splits > 1 and FUSED_COMBINE
+    cnt = arrival_counters(q.device, num_seqs * hkv) if fused else seq_lens  # unused pointer when not fused
     _paged_decode_kernel[(num_seqs, hkv, num_splits)](
         q, kv_cache, block_tables, seq_lens, qsl, part, lse, scales,
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
         *part.stride(), *lse_strides,
+        out, out.stride(1), out.stride(2), out.stride(3), cnt,
         group, num_splits, scale * _LOG2E, keys_bucket,
-        HAS_QUERY_START=query_start_loc is not None, WRITE_LSE=num_splits > 1, PAGE_SIZE=page_size,
+        HAS_QUERY_START=query_start_loc is not None, WRITE_LSE=num_splits > 1, FUSED=fused, PAGE_SIZE=page_size,
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, next_power_of_2(group)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
         DOT_FP16=scale_mode > 0 and q.dtype != torch.float32,
     )  # fmt: skip
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         _paged_decode_combine_kernel[(num_seqs, hq)](
             part, lse, qsl, out, *part.stride(), *lse.stride(), out.stride(1), out.stride(2), out.stride(3),
             num_splits, HAS_QUERY_START=query_start_loc is not None, HEAD_DIM=d,
@@ -296,15 +302,17 @@ def paged_prefill_attention(
         num_splits = prefill_num_splits(max_query_len, num_seqs, hq, bound, _num_sms(q.device))
     _check_count(name, "num_splits", num_splits, 1, PREFILL_MAX_SPLITS)
     t = q.shape[2]
+    fused = num_splits > 1 and FUSED_COMBINE
     if num_splits == 1:
         part, lse = out, out  # written directly; lse unused
         part_strides = (out.stride(1), out.stride(2), 0, out.stride(3))
         lse_strides = (0, 0, 0)
     else:
         part = torch.empty(t, hq, num_splits, d, dtype=torch.float32, device=q.device)  # (T, Hq, splits, D)
-        lse = torch.full(
-            (t, hq, num_splits), float("-inf"), dtype=torch.float32, device=q.device
-        )  # unowned: -inf
+        if fused:  # every split writes its owned rows' log-sum-exps; the last one combines only those
+            lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)
+        else:  # the combine kernel visits every token: unowned ones must read -inf
+            lse = torch.full((t, hq, num_splits), float("-inf"), dtype=torch.float32, device=q.device)
         part_strides = (part.stride(1), part.stride(0), part.stride(2), part.stride(3))
         lse_strides = lse.stride()
 
@@ -312,17 +320,20 @@ def paged_prefill_attention(
         return (triton.cdiv(max_query_len, meta["BLOCK_M"]), num_seqs, hq * num_splits)
 
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
+    # one counter per (row block, sequence, head); 16 rows: the smallest BLOCK_M the autotuner may pick
+    cnt = arrival_counters(q.device, triton.cdiv(max_query_len, 16) * num_seqs * hq) if fused else seq_lens
     _paged_prefill_kernel[grid](
         q, kv_cache, block_tables, seq_lens, query_start_loc, part, lse, scales,
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
         *part_strides, *lse_strides,
+        out, out.stride(1), out.stride(2), out.stride(3), cnt,
         hq // hkv, num_splits, scale * _LOG2E, next_power_of_2(max_query_len),
-        WRITE_LSE=num_splits > 1, PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
+        WRITE_LSE=num_splits > 1, FUSED=fused, PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
         DOT_FP16=scale_mode > 0 and q.dtype != torch.float32,
     )  # fmt: skip
-    if num_splits > 1:  # per token: every split's partial, weighted by its log-sum-exp
+    if num_splits > 1 and not fused:  # per token: every split's partial, weighted by its log-sum-exp
         _paged_decode_combine_kernel[(t, hq)](
             part, lse, query_start_loc, out, *part.stride(), *lse.stride(), out.stride(1), out.stride(2),
             out.stride(3), num_splits, HAS_QUERY_START=False, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),

@@ -39,7 +39,7 @@ import triton
 
 from kiln.backends.triton import quant_gemm_kernels as K
 from kiln.backends.triton import quant_splitk_kernels as K2
-from kiln.backends.triton._utils import check_triton_device, interpret_mode
+from kiln.backends.triton._utils import arrival_counters, check_triton_device, interpret_mode
 from kiln.backends.triton.quant_gemm_tune import (
     Candidate,
     KernelTuner,
@@ -138,30 +138,6 @@ class WeightOnly:
 # Decode launches: the split-K kernels of ``quant_splitk_kernels`` (each launch is a tuning candidate)
 # --------------------------------------------------------------------------------------
 
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-#: Outgrown counter buffers, kept alive: CUDA graphs captured while they were current still read them,
-#: and freeing one would let a later capture reuse its memory under those graphs.
-_RETIRED: list[torch.Tensor] = []
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters of the split-K kernels, one buffer per (device, stream).
-
-    Every launch leaves the counters it used at zero (the last split of a tile resets its own),
-    so launches queued on one stream share a buffer; another stream gets its own. A buffer made
-    while a CUDA graph is captured is zeroed by the graph (the capture records the memset).
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
 def _sm_count(device: torch.device) -> int:
     """Multiprocessors of ``device`` (4 for the interpreter, which runs programs one after another)."""
     if device.type != "cuda":
@@ -225,7 +201,7 @@ def launch_splitk(
     res_key = (c.kernel, tuple(sorted(p.items())), op.kind, op.smode, op.zp is not None, x.dtype, x_codes is None)
     split, steps = split_plan(op.k_words, tiles, p, _sm_count(x.device), _RESIDENT.get(res_key))
     ws = torch.empty(split * m * op.n, dtype=torch.float32, device=x.device) if split > 1 else op.scale
-    cnt = _arrival_counters(x.device, tiles)
+    cnt = arrival_counters(x.device, tiles)
     zp = op.zp if op.zp is not None else op.scale
     xs, xz = x_codes if x_codes is not None else (op.scale, None)
     gw = op.group_words or 1

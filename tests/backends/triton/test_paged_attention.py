@@ -259,6 +259,33 @@ def test_prefill_split_keys_match_reference(num_splits: int, dtype: torch.dtype)
     _assert_close(out[:, :, :t], one[:, :, :t])
 
 
+def test_splits_combine_in_the_last_split_as_the_combine_kernel_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # FUSED_COMBINE: the split arriving last merges the partials in the kernel (no second launch). Against the
+    # separate combine kernel: equal up to fp32 summation order; repeatable bit for bit; counters left at zero.
+    import kiln.backends.triton.paged_attention as pa
+    from kiln.backends.triton import _utils as triton_utils
+
+    b = _batch([70, 0, 33], [40, 9, 1], 4, 2, 16, torch.float32, seed=21)
+    reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping)
+    pre = (b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
+    d = _batch([16, 39, 5], [1, 1, 1], 4, 2, 16, torch.float32, seed=22)
+    dec = (d.q, d.kv_cache, d.block_tables, d.seq_lens)
+    runs = {}
+    for fused in (True, False, True):
+        monkeypatch.setattr(pa, "FUSED_COMBINE", fused)
+        runs.setdefault(fused, []).append((
+            paged_prefill_attention(*pre, out=_poisoned_like(b.q), num_splits=3),
+            paged_decode_attention(*dec, num_splits=4, out=_poisoned_like(d.q)),
+        ))  # fmt: skip
+    (fp, fd), (fp2, fd2) = runs[True]
+    (sp, sd), = runs[False]
+    assert torch.equal(fp, fp2) and torch.equal(fd, fd2)
+    torch.testing.assert_close(fp, sp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fd, sd, rtol=1e-6, atol=1e-6)
+    _assert_close(fd, paged_decode_attention_reference(*dec))
+    assert all(int(buf.abs().sum()) == 0 for buf in triton_utils._COUNTERS.values())
+
+
 def test_prefill_num_splits_heuristic() -> None:
     assert prefill_num_splits(128, 1, 32, 2192, 132) == 5  # 64 programs: split up to ~2 per SM
     assert prefill_num_splits(128, 1, 32, 1024, 132) == 2  # no split under PREFILL_MIN_SPLIT_KEYS keys
