@@ -495,7 +495,7 @@ def _paged_decode_combine_kernel(
 
 @triton.autotune(
     configs=_prefill_configs(),
-    key=["Q_BUCKET", "HEAD_DIM_PAD", "PAGE_SIZE", "WRITE_LSE"],
+    key=["Q_BUCKET", "HEAD_DIM_PAD", "PAGE_SIZE", "WRITE_LSE", "PACK_GQA"],
     prune_configs_by={"early_config_prune": _prune_prefill_configs},
 )
 @triton.jit(do_not_specialize=["Q_BUCKET", "num_splits"])
@@ -512,6 +512,7 @@ def _paged_prefill_kernel(
     Q_BUCKET,  # autotune key: next power of two of the longest query
     WRITE_LSE: tl.constexpr,  # several splits: write partial outputs and log-sum-exps
     FUSED: tl.constexpr,  # ... and the last split of each (row block, sequence, head) combines them into Final
+    PACK_GQA: tl.constexpr,  # a program's rows are (token, query head) pairs of one KV head: grid (.., S, Hkv x splits)
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -525,25 +526,45 @@ def _paged_prefill_kernel(
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (sequence, query head), over one split of their keys.
 
-    Grid (query blocks, S, Hq x splits). With one split the program writes the output; with
-    several it writes its partial output and log-sum-exp per row for the combine kernel.
+    Grid (query blocks, S, Hq x splits); with ``PACK_GQA`` (row blocks of tokens x group, S, Hkv x splits),
+    every query head of a KV group in one program (the grouped-query packing of FlashAttention-3 and
+    vLLM's unified attention: each key tile read once per group). With one split the program writes the
+    output; with several it writes its partial output and log-sum-exp per row for the combine.
     """
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) rows launch first
     seq = tl.program_id(1)
-    h = tl.program_id(2) // num_splits
+    hp = tl.program_id(2) // num_splits  # the query head, or with PACK_GQA the KV head
     split = tl.program_id(2) % num_splits
     q_start = tl.load(QueryStart + seq)
     q_len = tl.load(QueryStart + seq + 1) - q_start
-    if start_m * BLOCK_M >= q_len:
-        return
+    # Rows: one per query token (of head hp), or with PACK_GQA one per (token, query head of KV head hp),
+    # row r = token * group + head-in-group, so every key tile loaded serves the whole group.
+    r0 = start_m * BLOCK_M
+    offs_r = r0 + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        if r0 >= q_len * group_size:
+            return
+        offs_m = offs_r // group_size  # query token within the sequence
+        heads = hp * group_size + offs_r % group_size
+        t_lo = r0 // group_size  # the block's first and last tokens
+        t_hi = (r0 + BLOCK_M - 1) // group_size
+        kvh = hp.to(tl.int64)
+    else:
+        if r0 >= q_len:
+            return
+        offs_m = offs_r
+        heads = hp + tl.zeros_like(offs_r)
+        t_lo = r0
+        t_hi = r0 + BLOCK_M - 1
+        kvh = (hp // group_size).to(tl.int64)
     seq_len = tl.load(SeqLens + seq)
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows within the sequence
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    row_ok = offs_m < q_len
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = (q_start + offs_m).to(tl.int64)  # token indices
     q = tl.load(
-        Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=mask, other=0.0
+        Q + heads[:, None] * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=mask, other=0.0
     )
     if DOT_FP16:
         q = q.to(tl.float16)  # exact for |q| in [2^-14, 65504]
@@ -553,13 +574,12 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # Causal, end-aligned: row i sees keys j <= i + (seq_len - q_len) (the cached prefix and itself).
+    # Causal, end-aligned: token i sees keys j <= i + (seq_len - q_len) (the cached prefix and itself).
     diag = seq_len - q_len
     last_key = offs_m + diag
     full_k = (seq_len // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(seq_len, start_m * BLOCK_M + BLOCK_M + diag)  # past the last row's last key
-    lo_mask = tl.minimum((tl.maximum(start_m * BLOCK_M + diag + 1, 0) // BLOCK_N) * BLOCK_N, full_k)
-    kvh = (h // group_size).to(tl.int64)
+    hi = tl.minimum(seq_len, t_hi + 1 + diag)  # past the last row's last key
+    lo_mask = tl.minimum((tl.maximum(t_lo + diag + 1, 0) // BLOCK_N) * BLOCK_N, full_k)
     k_base = Cache + kvh * stride_ch
     s_base = Scales + kvh * stride_sh
     table = BlockTables + seq.to(tl.int64) * stride_bt
@@ -588,17 +608,18 @@ def _paged_prefill_kernel(
     out = acc / l_safe[:, None]  # rows that see no key (of this split) output 0
     if SCALE_MODE == 1:
         out = out * v_scale
-    tl.store(Out + h * stride_oh + rows[:, None] * stride_ot + split * stride_os + offs_d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=mask)  # fmt: skip
+    heads64 = heads.to(tl.int64)
+    tl.store(Out + heads64[:, None] * stride_oh + rows[:, None] * stride_ot + split * stride_os
+             + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=mask)  # fmt: skip
     if WRITE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 domain; no key: -inf
-        tl.store(Lse + rows * stride_lt + h * stride_lh + split * stride_ls, lse, mask=offs_m < q_len)
+        tl.store(Lse + rows * stride_lt + heads64 * stride_lh + split * stride_ls, lse, mask=row_ok)
         if FUSED:
-            tile = (h * tl.num_programs(1) + seq) * tl.num_programs(0) + tl.program_id(0)
+            tile = (hp * tl.num_programs(1) + seq) * tl.num_programs(0) + tl.program_id(0)
             _last_split_combines(
                 Counters, tile, num_splits,
-                Out + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                Lse + rows * stride_lt + h * stride_lh, stride_os, stride_ls,
-                Final + h * stride_fh + rows[:, None] * stride_ft + offs_d[None, :] * stride_fd,
-                mask, offs_m < q_len,
+                Out + heads64[:, None] * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                Lse + rows * stride_lt + heads64 * stride_lh, stride_os, stride_ls,
+                Final + heads64[:, None] * stride_fh + rows[:, None] * stride_ft + offs_d[None, :] * stride_fd,
+                mask, row_ok,
             )  # fmt: skip

@@ -113,6 +113,9 @@ _LOG2E = 1.4426950408889634
 #: Split keys combine in the kernel's last-arriving split (one launch) rather than in a second kernel.
 #: False restores the combine kernel (A/B measurements; the two differ only in summation order).
 FUSED_COMBINE = True
+#: Prefill programs take every query head of a KV group (rows = tokens x group), so each key tile is read
+#: once per group instead of once per query head. Off until measured on a GPU (an A/B switch).
+PACK_GQA = False
 
 
 # ----------------------------------------------------------------------------- fast paths
@@ -316,19 +319,23 @@ def paged_prefill_attention(
         part_strides = (part.stride(1), part.stride(0), part.stride(2), part.stride(3))
         lse_strides = lse.stride()
 
+    pack = PACK_GQA and hq > hkv
+    rows_max = max_query_len * (hq // hkv if pack else 1)  # rows of the longest query
+    heads_per_grid = hkv if pack else hq
+
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(max_query_len, meta["BLOCK_M"]), num_seqs, hq * num_splits)
+        return (triton.cdiv(rows_max, meta["BLOCK_M"]), num_seqs, heads_per_grid * num_splits)
 
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     # one counter per (row block, sequence, head); 16 rows: the smallest BLOCK_M the autotuner may pick
-    cnt = arrival_counters(q.device, triton.cdiv(max_query_len, 16) * num_seqs * hq) if fused else seq_lens
+    cnt = arrival_counters(q.device, triton.cdiv(rows_max, 16) * num_seqs * heads_per_grid) if fused else seq_lens
     _paged_prefill_kernel[grid](
         q, kv_cache, block_tables, seq_lens, query_start_loc, part, lse, scales,
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
         *part_strides, *lse_strides,
         out, out.stride(1), out.stride(2), out.stride(3), cnt,
-        hq // hkv, num_splits, scale * _LOG2E, next_power_of_2(max_query_len),
-        WRITE_LSE=num_splits > 1, FUSED=fused, PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
+        hq // hkv, num_splits, scale * _LOG2E, next_power_of_2(rows_max),
+        WRITE_LSE=num_splits > 1, FUSED=fused, PACK_GQA=pack, PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
         DOT_FP16=scale_mode > 0 and q.dtype != torch.float32,

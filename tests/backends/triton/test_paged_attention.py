@@ -286,6 +286,28 @@ def test_splits_combine_in_the_last_split_as_the_combine_kernel_does(monkeypatch
     assert all(int(buf.abs().sum()) == 0 for buf in triton_utils._COUNTERS.values())
 
 
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 2), (6, 2), (3, 1), (2, 2)])
+@pytest.mark.parametrize(("num_splits", "fused"), [(1, True), (3, True), (3, False)])
+def test_prefill_packed_query_heads_match_reference(
+    hq: int, hkv: int, num_splits: int, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PACK_GQA: a program's rows are (token, query head) pairs of one KV head (groups of 2, 3 and 1, so row
+    # blocks end mid-token), over a cached prefix, a fresh prompt and a decode token, with two padding rows.
+    import kiln.backends.triton.paged_attention as pa
+
+    monkeypatch.setattr(pa, "PACK_GQA", True)
+    monkeypatch.setattr(pa, "FUSED_COMBINE", fused)
+    b = _batch([70, 0, 33], [40, 9, 1], hq, hkv, 16, torch.float32, seed=hq * 10 + hkv + num_splits)
+    reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping)
+    pad = torch.randn(1, hq, 2, 16, generator=torch.Generator().manual_seed(9))
+    q = torch.cat([b.q, pad], dim=2)
+    args = (q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
+    out = paged_prefill_attention(*args, out=_poisoned_like(q), num_splits=num_splits)
+    t = b.q.shape[2]
+    _assert_close(out[:, :, :t], paged_prefill_attention_reference(*args)[:, :, :t])
+    assert out[:, :, t:].isnan().all()  # rows owned by no sequence stay unwritten
+
+
 def test_prefill_num_splits_heuristic() -> None:
     assert prefill_num_splits(128, 1, 32, 2192, 132) == 5  # 64 programs: split up to ~2 per SM
     assert prefill_num_splits(128, 1, 32, 1024, 132) == 2  # no split under PREFILL_MIN_SPLIT_KEYS keys
