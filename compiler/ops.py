@@ -414,6 +414,57 @@ def _rms_norm_invariant(node: Node) -> str | None:
 
 
 
+@torch.library.custom_op("kiln::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, upcast: bool) -> tuple[Tensor, Tensor]:
+    """``(rms_norm(x + residual), x + residual)``: a residual add and the RMSNorm that reads it, in one kernel
+    (vLLM's ``fused_add_rms_norm``); the sum is returned too, as the next residual add reads it."""
+    return add_rms_norm_reference(x, residual, weight, eps, upcast)
+
+
+def add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: float, upcast: bool) -> tuple[Tensor, Tensor]:
+    """The plain-torch reference of ``kiln::add_rms_norm``: the add and the norm ``fuse-add-rms-norm`` replaces."""
+    s = x + residual
+    return rms_norm_reference(s, weight, eps, upcast), s
+
+
+@add_rms_norm.register_fake
+def _add_rms_norm_fake(x: Tensor, residual: Tensor, weight: Tensor, eps: float, upcast: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), torch.empty_like(x)
+
+
+@invariant(torch.ops.kiln.add_rms_norm.default)
+def _add_rms_norm_invariant(node: Node) -> str | None:
+    x, r, w = (a.meta.get("val") for a in node.args[:3])  # type: ignore[union-attr]
+    if x is None or r is None or w is None:
+        return None
+    if x.dtype != r.dtype or [str(d) for d in x.shape] != [str(d) for d in r.shape]:
+        return f"x {tuple(x.shape)} {x.dtype} and residual {tuple(r.shape)} {r.dtype} must match"
+    if w.dim() != 1 or str(w.shape[0]) != str(x.shape[-1]):
+        return f"weight must be (D,) with D = x's last dim {x.shape[-1]}"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# kiln::silu_mul — the gated MLP's activation, silu(gate) * up, in one kernel (two in the graph).
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kiln::silu_mul", mutates_args=())
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` (SwiGLU, Shazeer 2020; vLLM's ``silu_and_mul``); the CUDA kernel
+    (``kiln.backends.triton.silu_mul``) reads both halves once and writes the product."""
+    return silu_mul_reference(gate, up)
+
+
+def silu_mul_reference(gate: Tensor, up: Tensor) -> Tensor:
+    """The plain-torch reference of ``kiln::silu_mul``: the two ops ``fuse-silu-mul`` replaces."""
+    return torch.nn.functional.silu(gate) * up
+
+
+@silu_mul.register_fake
+def _silu_mul_fake(gate: Tensor, up: Tensor) -> Tensor:
+    return gate.new_empty(gate.shape)
+
 # --------------------------------------------------------------------------------------
 # kiln::rotary — rotary position embedding in one kernel (the captured graph spells it in five
 # element-wise ops per tensor: x * cos, the halves swapped and one negated, times sin, added).
@@ -456,6 +507,8 @@ def _rotary_invariant(node: Node) -> str | None:
 
 __all__ = [
     "INVARIANTS",
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "attention",
     "attention_reference",
     "check_kv_scales",
@@ -474,5 +527,7 @@ __all__ = [
     "rms_norm_reference",
     "rotary",
     "rotary_reference",
+    "silu_mul",
+    "silu_mul_reference",
     "write_kv_cache",
 ]

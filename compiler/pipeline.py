@@ -83,10 +83,18 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         from kiln.passes.lower_rms_norm import LowerRMSNorm
 
         passes += [LowerRMSNorm()]
+        # each residual add that a lowered norm reads joins the norm's kernel (kiln.add_rms_norm)
+        from kiln.passes.fuse_add_rms_norm import FuseAddRMSNorm
+
+        passes += [FuseAddRMSNorm()]
         # op-by-op rotary embeddings on CUDA -> kiln.rotary: one kernel per tensor instead of five
         from kiln.passes.lower_rotary import LowerRotary
 
         passes += [LowerRotary()]
+        # the gated MLP's silu(gate) * up on CUDA -> kiln.silu_mul: one kernel instead of two
+        from kiln.passes.fuse_silu_mul import FuseSiluMul
+
+        passes += [FuseSiluMul()]
     elif kv_quant is not None:
         from kiln.errors import ConfigError
 

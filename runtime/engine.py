@@ -38,6 +38,10 @@ from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig
 from kiln.runtime.speculator import Speculator
 from kiln.runtime.text import Prompt, detokenize, load_tokenizer, tokenize_prompt
 
+#: Step-graph passes left out under ``torch_compile``: inductor fuses these ops with their neighbours itself,
+#: and an opaque kiln kernel would stop it.
+INDUCTOR_FUSES = ("lower-rms-norm", "fuse-add-rms-norm", "lower-rotary", "fuse-silu-mul")
+
 
 def _default_memory(device: torch.device) -> int:
     if device.type == "cuda":
@@ -199,7 +203,7 @@ class LLM:
                 from kiln.compile import CompileConfig
 
                 base = compile_config or CompileConfig(kv_cache=True)
-                compile_config = dataclasses.replace(base, disable=(*base.disable, "lower-rms-norm", "lower-rotary"))
+                compile_config = dataclasses.replace(base, disable=(*base.disable, *INDUCTOR_FUSES))
             self.runner = ModelRunner(
                 model, block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory, device=dev,
                 kv_cache_dtype=kv_cache_dtype, compile_config=compile_config,

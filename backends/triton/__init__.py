@@ -52,11 +52,21 @@ def register_cuda_kernels() -> None:
     def _gemv_cuda(x, weight, bias=None):  # type: ignore[no-untyped-def]
         return gemv(x, weight, bias)  # the faster of the split-K kernel and cuBLAS, timed per shape
 
-    from kiln.backends.triton.rms_norm import rms_norm
+    from kiln.backends.triton.rms_norm import add_rms_norm, rms_norm
 
     @torch.library.register_kernel("kiln::rms_norm", "cuda")
     def _rms_norm_cuda(x, weight, eps, upcast):  # type: ignore[no-untyped-def]
         return rms_norm(x, weight, eps, upcast)
+
+    @torch.library.register_kernel("kiln::add_rms_norm", "cuda")
+    def _add_rms_norm_cuda(x, residual, weight, eps, upcast):  # type: ignore[no-untyped-def]
+        return add_rms_norm(x, residual, weight, eps, upcast)
+
+    from kiln.backends.triton.silu_mul import silu_mul
+
+    @torch.library.register_kernel("kiln::silu_mul", "cuda")
+    def _silu_mul_cuda(gate, up):  # type: ignore[no-untyped-def]
+        return silu_mul(gate, up)
 
     from kiln.backends.triton.rotary import rotary
 
@@ -65,7 +75,9 @@ def register_cuda_kernels() -> None:
         return rotary(x, cos, sin)
 
     KERNELS.add("kiln.rms_norm")
+    KERNELS.add("kiln.add_rms_norm")
     KERNELS.add("kiln.rotary")
+    KERNELS.add("kiln.silu_mul")
     KERNELS.add("kiln.attention")
     KERNELS.add("kiln.paged_attention")
     KERNELS.add("kiln.gemv")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 _TRUE = {"1", "true", "yes", "on", "y"}
 
@@ -72,3 +74,20 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
+
+
+@triton.jit
+def round_to(v, dt: tl.constexpr):
+    """fp32 ``v`` rounded to ``dt`` (to nearest, ties to even), as fp32: what torch's 16-bit ops store.
+
+    bf16 by its bits, because the interpreter's bf16 cast truncates where the GPU's rounds; this is
+    the GPU's rounding everywhere, so interpreted tests can compare kernels with torch exactly.
+    """
+    if dt == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    elif dt == tl.float32:
+        return v
+    else:
+        return v.to(dt).to(tl.float32)

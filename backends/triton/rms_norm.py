@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2
+from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2, round_to
 
 _INTERPRET = interpret_mode()
 #: The widest row one program normalizes (registers hold the row).
@@ -25,14 +25,18 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, w_ptr, out_ptr, D, stride_x, stride_out, eps,
-    UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, D, stride_x, stride_r, stride_out, stride_sum, eps,
+    UPCAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     h = x.to(tl.float32)
+    if HAS_RESIDUAL:  # the residual add first, rounded to x's dtype as torch's add stores it
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        h = round_to(h + r.to(tl.float32), x.dtype)
+        tl.store(sum_ptr + row * stride_sum + offs, h.to(x.dtype), mask=mask)
     mean_sq = tl.sum(h * h, axis=0) / D
     y = h * (1.0 / tl.sqrt(mean_sq + eps))
     if UPCAST:
@@ -41,31 +45,61 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_out + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, upcast: bool) -> torch.Tensor:
-    """``kiln::rms_norm`` on the GPU: one program per row of ``x`` (any leading shape, last dim D)."""
-    check_triton_device("rms_norm", _INTERPRET, x, weight)
+def _check(name: str, x: torch.Tensor, weight: torch.Tensor, upcast: bool) -> int:
     d = x.shape[-1]
     if weight.dim() != 1 or weight.shape[0] != d:
-        raise ValueError(f"rms_norm: weight must be ({d},), got {tuple(weight.shape)}")
+        raise ValueError(f"{name}: weight must be ({d},), got {tuple(weight.shape)}")
     if d > MAX_D:
-        raise NotImplementedError(f"rms_norm: rows of {d} > {MAX_D} elements have no kernel yet")
+        raise NotImplementedError(f"{name}: rows of {d} > {MAX_D} elements have no kernel yet")
     if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
-        raise ValueError(f"rms_norm: x and weight must be float32, float16 or bfloat16, got {x.dtype} and {weight.dtype}")
+        raise ValueError(f"{name}: x and weight must be float32, float16 or bfloat16, got {x.dtype} and {weight.dtype}")
     if not upcast and x.dtype != torch.float32:
-        raise ValueError(f"rms_norm: a {x.dtype} input is normalized in fp32 (upcast=True); the kernel does not "
+        raise ValueError(f"{name}: a {x.dtype} input is normalized in fp32 (upcast=True); the kernel does not "
                          "reproduce 16-bit arithmetic op by op")  # fmt: skip
-    rows = x.reshape(-1, d)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    return d
+
+
+def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    rows = t.reshape(-1, d)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, upcast: bool,
+            d: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    rows = _rows(x, d)
+    res = _rows(residual, d) if residual is not None else rows
     weight = weight.contiguous()
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    total = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     block = next_power_of_2(d)
     if rows.shape[0]:  # wide rows get more warps (a row lives in registers)
         _rms_norm_kernel[(rows.shape[0],)](
-            rows, weight, out, d, rows.stride(0), out.stride(0), float(eps),
-            UPCAST=upcast, BLOCK=block, num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16,
+            rows, res, weight, out, total, d, rows.stride(0), res.stride(0), out.stride(0), total.stride(0), float(eps),
+            UPCAST=upcast, HAS_RESIDUAL=residual is not None, BLOCK=block,
+            num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16,
         )  # fmt: skip
-    return out.reshape(x.shape)
+    return out.reshape(x.shape), (total.reshape(x.shape) if residual is not None else None)
 
 
-__all__ = ["MAX_D", "rms_norm"]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, upcast: bool) -> torch.Tensor:
+    """``kiln::rms_norm`` on the GPU: one program per row of ``x`` (any leading shape, last dim D)."""
+    check_triton_device("rms_norm", _INTERPRET, x, weight)
+    d = _check("rms_norm", x, weight, upcast)
+    return _launch(x, None, weight, eps, upcast, d)[0]
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, upcast: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kiln::add_rms_norm`` on the GPU: ``(rms_norm(x + residual), x + residual)``, one program per row."""
+    check_triton_device("add_rms_norm", _INTERPRET, x, residual, weight)
+    d = _check("add_rms_norm", x, weight, upcast)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: residual must match x {tuple(x.shape)} {x.dtype}, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")  # fmt: skip
+    out, total = _launch(x, residual, weight, eps, upcast, d)
+    assert total is not None
+    return out, total
+
+
+__all__ = ["MAX_D", "add_rms_norm", "rms_norm"]

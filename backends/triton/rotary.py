@@ -19,24 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2
+from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2, round_to
 
 _INTERPRET = interpret_mode()
 #: The widest head dimension the kernel rotates (registers hold a block of rows).
 MAX_D = 1024
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@triton.jit
-def _rounded(v, dt: tl.constexpr):
-    """fp32 ``v`` rounded to ``dt`` (to nearest, ties to even), as fp32. bf16 by its bits: the
-    interpreter's bf16 cast truncates, the GPU's rounds; this is the GPU's rounding everywhere."""
-    if dt == tl.bfloat16:
-        b = v.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        return b.to(tl.float32, bitcast=True)
-    else:
-        return v.to(dt).to(tl.float32)
 
 
 @triton.jit
@@ -68,12 +56,12 @@ def _rotary_kernel(
     s2 = tl.load(sin_ptr + so + half * ssd, mask=mask, other=0.0)
     dt = out_ptr.dtype.element_ty
     # each product rounded to x's dtype, then the sum (as the op-by-op graph rounds every op)
-    a1 = _rounded(x1.to(tl.float32) * c1.to(tl.float32), dt)
-    b1 = _rounded(-(x2.to(tl.float32)) * s1.to(tl.float32), dt)
-    a2 = _rounded(x2.to(tl.float32) * c2.to(tl.float32), dt)
-    b2 = _rounded(x1.to(tl.float32) * s2.to(tl.float32), dt)
-    tl.store(out_ptr + oo, _rounded(a1 + b1, dt).to(dt), mask=mask)
-    tl.store(out_ptr + oo + half * sod, _rounded(a2 + b2, dt).to(dt), mask=mask)
+    a1 = round_to(x1.to(tl.float32) * c1.to(tl.float32), dt)
+    b1 = round_to(-(x2.to(tl.float32)) * s1.to(tl.float32), dt)
+    a2 = round_to(x2.to(tl.float32) * c2.to(tl.float32), dt)
+    b2 = round_to(x1.to(tl.float32) * s2.to(tl.float32), dt)
+    tl.store(out_ptr + oo, round_to(a1 + b1, dt).to(dt), mask=mask)
+    tl.store(out_ptr + oo + half * sod, round_to(a2 + b2, dt).to(dt), mask=mask)
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:

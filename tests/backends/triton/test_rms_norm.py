@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.backends.triton.rms_norm import rms_norm
-from kiln.ops import rms_norm_reference
+from kiln.backends.triton.rms_norm import add_rms_norm, rms_norm
+from kiln.ops import add_rms_norm_reference, rms_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32: summation order; 16-bit: the normalized value may round to the neighbouring 16-bit number
@@ -56,3 +56,18 @@ def test_the_pass_lowers_only_what_the_kernel_takes() -> None:
     assert MAX_WIDTH == MAX_D
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         rms_norm(torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE, dtype=torch.float64), 1e-5, False)
+
+
+@pytest.mark.parametrize(("dtype", "upcast"), [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True)])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 100)])
+def test_add_rms_norm_sums_exactly_and_normalizes_the_sum(dtype: torch.dtype, upcast: bool, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x, r = ((torch.randn(shape, generator=g) * 3).to(DEVICE, dtype) for _ in range(2))
+    w = (1 + torch.randn(shape[-1], generator=g) / 4).to(DEVICE, dtype)
+    (got, total), (want, want_total) = add_rms_norm(x, r, w, 1e-5, upcast), add_rms_norm_reference(x, r, w, 1e-5, upcast)
+    assert torch.equal(total, want_total)  # the residual stream: rounded as torch's add rounds
+    assert got.dtype == want.dtype and got.shape == want.shape
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= TOL[dtype] * want.float().abs().max().item(), err
+    with pytest.raises(ValueError, match="residual must match"):
+        add_rms_norm(x, r[..., :1], w, 1e-5, upcast)
