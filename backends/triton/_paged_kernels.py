@@ -340,7 +340,7 @@ def _last_split_combines(
     key=["KEYS_BUCKET", "HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "WRITE_LSE"],
     prune_configs_by={"early_config_prune": _prune_decode_configs},
 )
-@triton.jit(do_not_specialize=["num_splits", "KEYS_BUCKET"])
+@triton.jit(do_not_specialize=["num_splits", "KEYS_BUCKET", "min_split_keys"])
 def _paged_decode_kernel(
     Q, Cache, BlockTables, SeqLens, QueryStart, Out, Lse, Scales,
     stride_qh, stride_qt, stride_qd,
@@ -351,6 +351,7 @@ def _paged_decode_kernel(
     stride_lt, stride_lh, stride_ls,
     Final, stride_fh, stride_ft, stride_fd, Counters,  # FUSED: the (1, Hq, T, D) output and arrival counters
     group_size, num_splits, qk_scale,
+    min_split_keys,  # FUSED: a sequence uses at most cdiv(its length, this) of the num_splits splits
     KEYS_BUCKET,  # autotune key: next power of two of the keys per split
     HAS_QUERY_START: tl.constexpr,
     WRITE_LSE: tl.constexpr,  # several splits: write partial outputs and log-sum-exps
@@ -379,7 +380,13 @@ def _paged_decode_kernel(
     if q_len == 0:
         return
     seq_len = tl.load(SeqLens + seq)
-    per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N  # whole tiles per split
+    n_splits = num_splits
+    if FUSED:  # splits of this sequence that hold keys: at least min_split_keys each (a graph's
+        # num_splits is sized for the cache's capacity, a short context uses a few); the rest stop here
+        n_splits = tl.maximum(1, tl.minimum(num_splits, tl.cdiv(seq_len, min_split_keys)))
+        if split >= n_splits:
+            return
+    per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), n_splits) * BLOCK_N  # whole tiles per split
     lo = split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
     full_k = (seq_len // BLOCK_N) * BLOCK_N
@@ -428,6 +435,11 @@ def _paged_decode_kernel(
     o_ptrs = (
         Out + t64 * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :] * stride_od
     )
+    if FUSED:
+        if n_splits == 1:  # one split holds every key: the output directly, nothing to combine
+            tl.store(Final + t64 * stride_ft + heads[:, None] * stride_fh + offs_d[None, :] * stride_fd,
+                     out.to(Final.dtype.element_ty), mask=row_ok)  # fmt: skip
+            return
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok)
     if WRITE_LSE:
         lse = tl.where(
@@ -436,7 +448,7 @@ def _paged_decode_kernel(
         tl.store(Lse + t64 * stride_lt + heads * stride_lh + split * stride_ls, lse, mask=offs_g < group_size)
         if FUSED:
             _last_split_combines(
-                Counters, seq * tl.num_programs(1) + kvh, num_splits,
+                Counters, seq * tl.num_programs(1) + kvh, n_splits,
                 o_ptrs - split * stride_os, Lse + t64 * stride_lt + heads * stride_lh, stride_os, stride_ls,
                 Final + t64 * stride_ft + heads[:, None] * stride_fh + offs_d[None, :] * stride_fd,
                 row_ok, offs_g < group_size,

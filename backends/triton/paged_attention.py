@@ -247,7 +247,7 @@ def paged_decode_attention(
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
         *part.stride(), *lse_strides,
         out, out.stride(1), out.stride(2), out.stride(3), cnt,
-        group, num_splits, scale * _LOG2E, keys_bucket,
+        group, num_splits, scale * _LOG2E, DECODE_MIN_SPLIT_KEYS, keys_bucket,
         HAS_QUERY_START=query_start_loc is not None, WRITE_LSE=num_splits > 1, FUSED=fused, PAGE_SIZE=page_size,
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, next_power_of_2(group)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),

@@ -192,6 +192,20 @@ def test_decode_many_and_empty_splits_and_scale() -> None:
         _assert_close(out, paged_decode_attention_reference(*args))
 
 
+@pytest.mark.parametrize("min_keys", [8, 16, 256])
+def test_decode_uses_the_splits_a_context_fills(min_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Combined in the kernel, a sequence takes at most cdiv(length, DECODE_MIN_SPLIT_KEYS) of the launch's
+    # splits (a CUDA graph sizes num_splits for the cache's capacity); one split writes the output itself.
+    import kiln.backends.triton.paged_attention as pa
+
+    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", min_keys)
+    b = _batch([0, 16, 39, 70], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=min_keys)  # 1, 17, 40, 71 keys
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
+    for splits in (1, 3, 8):
+        out = paged_decode_attention(*args, num_splits=splits, out=_poisoned_like(b.q))
+        _assert_close(out, paged_decode_attention_reference(*args))
+
+
 def test_decode_cache_dtype_differs_from_q() -> None:
     b = _batch([5, 33], [1, 1], 4, 2, 64, torch.float32, cache_dtype=torch.bfloat16, seed=4)
     args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
@@ -265,6 +279,7 @@ def test_splits_combine_in_the_last_split_as_the_combine_kernel_does(monkeypatch
     import kiln.backends.triton.paged_attention as pa
     from kiln.backends.triton import _utils as triton_utils
 
+    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 8)  # so that these short contexts use several splits
     b = _batch([70, 0, 33], [40, 9, 1], 4, 2, 16, torch.float32, seed=21)
     reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping)
     pre = (b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
