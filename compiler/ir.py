@@ -120,6 +120,11 @@ def meta_val(node: object) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def is_call(node: object, target: object) -> bool:
+    """Whether ``node`` is a ``call_function`` node of ``target`` (anything else, non-nodes included: False)."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target == target
+
+
 def constant_tensor(gm: torch.nn.Module, arg: object) -> torch.Tensor | None:
     """The tensor a ``get_attr`` operand names (a weight or buffer of ``gm``); None for anything else."""
     if not (isinstance(arg, Node) and arg.op == "get_attr"):
@@ -360,6 +365,7 @@ __all__ = [
     "dtype_name",
     "fake_mode",
     "infer_meta",
+    "is_call",
     "iter_ops",
     "node_counts",
     "op_name",

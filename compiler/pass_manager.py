@@ -21,7 +21,7 @@ from typing import ClassVar
 from torch.fx import GraphModule, Node
 
 from kiln.errors import KilnError, PassError
-from kiln.ir import PASS_KEY, print_ir, provenance, verify
+from kiln.ir import PASS_KEY, infer_meta, print_ir, provenance, verify
 
 
 @dataclass
@@ -74,6 +74,28 @@ def copy_meta(src: Node, dst: Node) -> Node:
         if key in src.meta and key not in dst.meta:
             dst.meta[key] = src.meta[key]
     return dst
+
+
+def replace_with_call(out: Node, target: object, args: tuple, pass_name: str, inner: Iterable[Node] = ()) -> int:
+    """Replace ``out`` by a new ``target(*args)`` node in its place, stamped with ``pass_name``'s provenance.
+
+    ``inner`` are the matched pattern's other nodes, output side first (users before what they use);
+    each left without users is erased too. Returns how many of them were erased.
+    """
+    graph = out.graph
+    with graph.inserting_before(out):
+        new = graph.call_function(target, args)  # type: ignore[arg-type]
+    copy_meta(out, new)
+    new.meta[PASS_KEY] = pass_name
+    infer_meta(new)
+    out.replace_all_uses_with(new)
+    graph.erase_node(out)
+    removed = 0
+    for n in inner:
+        if not n.users and not getattr(n, "_erased", False):
+            graph.erase_node(n)
+            removed += 1
+    return removed
 
 
 @dataclass
@@ -223,4 +245,4 @@ class PassManager:
         )
 
 
-__all__ = ["Pass", "PassManager", "PassRecord", "PassResult", "PipelineReport", "RewriteError", "copy_meta"]
+__all__ = ["Pass", "PassManager", "PassRecord", "PassResult", "PipelineReport", "RewriteError", "copy_meta", "replace_with_call"]

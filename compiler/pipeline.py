@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from kiln.compile import CompileConfig
 
 
+#: Step-graph passes to leave out when inductor compiles the graph (``kiln.LLM(torch_compile=True)``): it fuses
+#: these ops with their neighbours itself, and an opaque kiln kernel would stop it.
+INDUCTOR_FUSES = ("lower-rms-norm", "fuse-add-rms-norm", "lower-rotary", "fuse-silu-mul")
+
+
 def build_pipeline(config: CompileConfig) -> list[Pass]:
     """The ordered passes for ``config`` (before ``config.disable`` is applied)."""
     from kiln.passes.canonicalize import Canonicalize
@@ -121,4 +126,4 @@ def pass_names(config: CompileConfig) -> list[str]:
     return [p.name for p in build_pipeline(config)]
 
 
-__all__ = ["build_pipeline", "pass_names"]
+__all__ = ["INDUCTOR_FUSES", "build_pipeline", "pass_names"]

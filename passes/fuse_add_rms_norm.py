@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, infer_meta, meta_val
+from kiln.ir import PASS_KEY, infer_meta, is_call, meta_val
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 
 aten = torch.ops.aten
@@ -34,11 +34,12 @@ ADD_RMS_NORM = torch.ops.kiln.add_rms_norm.default
 
 def _fusable_add(norm: Node) -> Node | None:
     """The add a ``kiln.rms_norm`` node normalizes, when it can join the norm's kernel."""
-    if norm.op != "call_function" or norm.target != RMS_NORM:
+    if not is_call(norm, RMS_NORM):
         return None
     add = norm.args[0]
-    if not (isinstance(add, Node) and add.op == "call_function" and add.target == aten.add.Tensor):
+    if not is_call(add, aten.add.Tensor):
         return None
+    assert isinstance(add, Node)
     if add.kwargs or len(add.args) != 2 or not all(isinstance(a, Node) for a in add.args):
         return None
     a, b = (meta_val(n) for n in add.args)

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, infer_meta, meta_val
-from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
+from kiln.ir import is_call, meta_val
+from kiln.pass_manager import Pass, PassResult, RewriteError, replace_with_call
 
 aten = torch.ops.aten
 SILU_MUL = torch.ops.kiln.silu_mul.default
@@ -40,10 +40,10 @@ class FuseSiluMul(Pass):
 
     def _match(self, node: Node) -> tuple[Node, Node, Node] | None:
         """(silu node, gate, up) of a fusable product."""
-        if node.op != "call_function" or node.target != aten.mul.Tensor or len(node.args) != 2 or node.kwargs:
+        if not is_call(node, aten.mul.Tensor) or len(node.args) != 2 or node.kwargs:
             return None
         for act, up in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
-            if not (isinstance(act, Node) and act.op == "call_function" and act.target == aten.silu.default):
+            if not is_call(act, aten.silu.default):
                 continue
             gate = act.args[0]
             if not isinstance(gate, Node) or not isinstance(up, Node) or set(act.users) != {node} or act.kwargs:
@@ -65,14 +65,7 @@ class FuseSiluMul(Pass):
             if m is None:
                 continue
             act, gate, up = m
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(SILU_MUL, (gate, up))
-            copy_meta(node, new)
-            new.meta[PASS_KEY] = self.name
-            infer_meta(new)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            gm.graph.erase_node(act)
+            replace_with_call(node, SILU_MUL, (gate, up), self.name, [act])
             stats["products_fused"] += 1
         return PassResult(gm, bool(stats), dict(stats))
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, constant_tensor, infer_meta, meta_val
-from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
+from kiln.ir import constant_tensor, is_call, meta_val
+from kiln.pass_manager import Pass, PassResult, RewriteError, replace_with_call
 
 aten = torch.ops.aten
 RMS_NORM = torch.ops.kiln.rms_norm.default
@@ -40,13 +40,9 @@ _WEIGHT_DTYPES = (torch.float32, *_16BIT)
 MAX_WIDTH = 16384
 
 
-def _is(node: object, target: object) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target == target
-
-
 def _cast_to(node: object) -> torch.dtype | None:
     """The dtype of an ``aten.to.dtype`` cast with no other effect, else None."""
-    if not _is(node, aten.to.dtype):
+    if not is_call(node, aten.to.dtype):
         return None
     assert isinstance(node, Node)
     if len(node.args) > 2 or node.kwargs.keys() - {"non_blocking", "copy"} or node.kwargs.get("copy"):
@@ -74,7 +70,7 @@ class LowerRMSNorm(Pass):
         self.devices = tuple(devices)
 
     def _match(self, gm: GraphModule, out: Node) -> _Match | None:
-        if not _is(out, aten.mul.Tensor) or len(out.args) != 2:
+        if not is_call(out, aten.mul.Tensor) or len(out.args) != 2:
             return None
         for w_arg, h in ((out.args[0], out.args[1]), (out.args[1], out.args[0])):
             w = constant_tensor(gm, w_arg)
@@ -103,19 +99,19 @@ class LowerRMSNorm(Pass):
         if down is not None:
             inner.append(h)
             h = h.args[0]  # type: ignore[assignment]
-        if not _is(h, aten.mul.Tensor) or len(h.args) != 2:
+        if not is_call(h, aten.mul.Tensor) or len(h.args) != 2:
             return None
         inner.append(h)
         for a, r in ((h.args[0], h.args[1]), (h.args[1], h.args[0])):
-            if not _is(r, aten.rsqrt.default) or not isinstance(a, Node):
+            if not is_call(r, aten.rsqrt.default) or not isinstance(a, Node):
                 continue
             add = r.args[0]  # type: ignore[union-attr]
             # x + eps exactly: no alpha; the mean over the last dim with keepdim and no dtype
-            if not (_is(add, aten.add.Tensor) and not add.kwargs and len(add.args) == 2  # type: ignore[union-attr]
+            if not (is_call(add, aten.add.Tensor) and not add.kwargs and len(add.args) == 2  # type: ignore[union-attr]
                     and isinstance(add.args[1], float)):  # type: ignore[union-attr]  # fmt: skip
                 continue
             mean = add.args[0]  # type: ignore[union-attr]
-            if not (_is(mean, aten.mean.dim) and not mean.kwargs and len(mean.args) == 3  # type: ignore[union-attr]
+            if not (is_call(mean, aten.mean.dim) and not mean.kwargs and len(mean.args) == 3  # type: ignore[union-attr]
                     and mean.args[2] is True):  # type: ignore[union-attr]  # fmt: skip
                 continue
             a_val = meta_val(a)
@@ -124,7 +120,7 @@ class LowerRMSNorm(Pass):
                     dims[0] not in (-1, a_val.dim() - 1):  # fmt: skip
                 continue
             sq = mean.args[0]  # type: ignore[union-attr]
-            if not (_is(sq, aten.pow.Tensor_Scalar) and sq.args[0] is a and sq.args[1] == 2):  # type: ignore[union-attr]
+            if not (is_call(sq, aten.pow.Tensor_Scalar) and sq.args[0] is a and sq.args[1] == 2):  # type: ignore[union-attr]
                 continue
             up = _cast_to(a)
             if up is not None:
@@ -154,17 +150,8 @@ class LowerRMSNorm(Pass):
             m = self._match(gm, node)
             if m is None:
                 continue
-            with gm.graph.inserting_before(m.out):
-                new = gm.graph.call_function(RMS_NORM, (m.x, m.weight, m.eps, m.upcast))
-            copy_meta(m.out, new)
-            new.meta[PASS_KEY] = self.name
-            infer_meta(new)
-            m.out.replace_all_uses_with(new)
-            gm.graph.erase_node(m.out)
-            for n in m.inner:  # output side first: users go before what they use
-                if not n.users:
-                    gm.graph.erase_node(n)
-                    stats["nodes_removed"] += 1
+            stats["nodes_removed"] += replace_with_call(m.out, RMS_NORM, (m.x, m.weight, m.eps, m.upcast), self.name,
+                                                        m.inner)  # fmt: skip
             stats["norms_lowered"] += 1
         return PassResult(gm, bool(stats), dict(stats))
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, infer_meta, meta_val
-from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
+from kiln.ir import is_call, meta_val
+from kiln.pass_manager import Pass, PassResult, RewriteError, replace_with_call
 
 aten = torch.ops.aten
 ROTARY = torch.ops.kiln.rotary.default
@@ -38,10 +38,6 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 #: The widest head dimension the CUDA kernel rotates (``kiln.backends.triton.rotary.MAX_D``).
 MAX_HEAD_DIM = 1024
 _SLICE_END = 2**63 - 1  # what ``x[..., h:]`` traces to
-
-
-def _is(node: object, target: object) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target == target
 
 
 def _slice_args(node: Node) -> tuple:
@@ -78,9 +74,9 @@ class LowerRotary(Pass):
         """The ``x`` whose first and second halves of the last dim ``x1`` and ``x2`` are, else None."""
         if not (isinstance(x1, Node) and isinstance(x2, Node)):
             return None
-        if _is(x1, operator.getitem) and _is(x2, operator.getitem):
+        if is_call(x1, operator.getitem) and is_call(x2, operator.getitem):
             ch = x1.args[0]
-            if ch is not x2.args[0] or x1.args[1] != 0 or x2.args[1] != 1 or not _is(ch, aten.chunk.default):
+            if ch is not x2.args[0] or x1.args[1] != 0 or x2.args[1] != 1 or not is_call(ch, aten.chunk.default):
                 return None
             x = ch.args[0]  # type: ignore[union-attr]
             dim = ch.args[2] if len(ch.args) > 2 else ch.kwargs.get("dim", 0)  # type: ignore[union-attr]
@@ -88,7 +84,7 @@ class LowerRotary(Pass):
             if ch.args[1] != 2 or xv is None or not _last_dim(dim, xv.dim()):  # type: ignore[union-attr]
                 return None
             return x  # type: ignore[return-value]
-        if _is(x1, aten.slice.Tensor) and _is(x2, aten.slice.Tensor):
+        if is_call(x1, aten.slice.Tensor) and is_call(x2, aten.slice.Tensor):
             x = x1.args[0]
             xv = meta_val(x)
             if x is not x2.args[0] or xv is None:
@@ -103,18 +99,18 @@ class LowerRotary(Pass):
         return None
 
     def _match(self, out: Node) -> _Match | None:
-        if not _is(out, aten.add.Tensor) or len(out.args) != 2 or out.kwargs:
+        if not is_call(out, aten.add.Tensor) or len(out.args) != 2 or out.kwargs:
             return None
         for direct, rotated in ((out.args[0], out.args[1]), (out.args[1], out.args[0])):
-            if not (_is(direct, aten.mul.Tensor) and _is(rotated, aten.mul.Tensor)):
+            if not (is_call(direct, aten.mul.Tensor) and is_call(rotated, aten.mul.Tensor)):
                 continue
             assert isinstance(direct, Node) and isinstance(rotated, Node)
             for cat, sin in ((rotated.args[0], rotated.args[1]), (rotated.args[1], rotated.args[0])):
-                if not _is(cat, aten.cat.default) or not isinstance(sin, Node):
+                if not is_call(cat, aten.cat.default) or not isinstance(sin, Node):
                     continue
                 assert isinstance(cat, Node)
                 parts = cat.args[0]
-                if not isinstance(parts, list | tuple) or len(parts) != 2 or not _is(parts[0], aten.neg.default):
+                if not isinstance(parts, list | tuple) or len(parts) != 2 or not is_call(parts[0], aten.neg.default):
                     continue
                 x = self._halves(parts[1], parts[0].args[0])
                 if x is None:
@@ -131,7 +127,7 @@ class LowerRotary(Pass):
                 if not self._fits(x, cos, sin):
                     continue
                 halves = list(parts[0].args[:1]) + [parts[1]]  # x2, x1
-                chunk = [h.args[0] for h in halves if _is(h, operator.getitem)][:1]
+                chunk = [h.args[0] for h in halves if is_call(h, operator.getitem)][:1]
                 inner = [direct, rotated, cat, parts[0], *halves, *chunk]
                 members = {*inner, out}
                 if any(u not in members for n in inner for u in n.users):
@@ -164,17 +160,7 @@ class LowerRotary(Pass):
             m = self._match(node)
             if m is None:
                 continue
-            with gm.graph.inserting_before(m.out):
-                new = gm.graph.call_function(ROTARY, (m.x, m.cos, m.sin))
-            copy_meta(m.out, new)
-            new.meta[PASS_KEY] = self.name
-            infer_meta(new)
-            m.out.replace_all_uses_with(new)
-            gm.graph.erase_node(m.out)
-            for n in m.inner:  # output side first: users go before what they use
-                if not n.users and not getattr(n, "_erased", False):
-                    gm.graph.erase_node(n)
-                    stats["nodes_removed"] += 1
+            stats["nodes_removed"] += replace_with_call(m.out, ROTARY, (m.x, m.cos, m.sin), self.name, m.inner)
             stats["rotaries_lowered"] += 1
         return PassResult(gm, bool(stats), dict(stats))
 

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.errors import ConfigError
+from kiln.pipeline import INDUCTOR_FUSES
 from kiln.runtime.drafters import Drafter
 from kiln.runtime.fanout import Fanout
 from kiln.runtime.launcher import Launcher, _Launched, _Sequence
@@ -37,10 +38,6 @@ from kiln.runtime.spec_async import MAX_DEVICE_NGRAM, AsyncSpeculation, SpecPend
 from kiln.runtime.speculative import SpeculationPolicy, SpeculativeConfig
 from kiln.runtime.speculator import Speculator
 from kiln.runtime.text import Prompt, detokenize, load_tokenizer, tokenize_prompt
-
-#: Step-graph passes left out under ``torch_compile``: inductor fuses these ops with their neighbours itself,
-#: and an opaque kiln kernel would stop it.
-INDUCTOR_FUSES = ("lower-rms-norm", "fuse-add-rms-norm", "lower-rotary", "fuse-silu-mul")
 
 
 def _default_memory(device: torch.device) -> int:
@@ -199,7 +196,7 @@ class LLM:
             )  # fmt: skip
         else:
             if torch_compile and use_graphs and not enforce_eager:
-                # inductor fuses each RMSNorm and RoPE with its neighbours itself; opaque kiln ops would stop that
+                # inductor fuses norms, RoPE and SwiGLU with their neighbours itself; opaque kiln ops would stop that
                 from kiln.compile import CompileConfig
 
                 base = compile_config or CompileConfig(kv_cache=True)

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from kiln.backends.triton._paged_checks import _INTERPRET
+from kiln.backends.triton._paged_combine import _last_split_combines, _query_token
 
 _LOG2E = 1.4426950408889634
 
@@ -298,43 +299,6 @@ def _static_scales(Scales, stride_sc, qk_scale, SCALE_MODE: tl.constexpr):
     return qk_scale, v_scale
 
 
-@triton.jit
-def _last_split_combines(
-    Counters, tile, num_splits,
-    part_ptrs,  # (ROWS, HEAD_DIM_PAD) pointers to split 0's partial outputs (fp32)
-    lse_ptrs,  # (ROWS,) pointers to split 0's log-sum-exps (log2 domain)
-    stride_ps, stride_ls,  # from one split to the next
-    out_ptrs,  # (ROWS, HEAD_DIM_PAD) pointers to the final output
-    mask,  # (ROWS, HEAD_DIM_PAD) elements to combine
-    row_ok,  # (ROWS,)
-):  # fmt: skip
-    """Called by every split of a tile once its partials are stored: the split arriving last merges them.
-
-    The tile's arrival counter orders it (CUTLASS's serial split-K semaphore, as the quantized
-    GEMVs do: a barrier so the program's stores are issued, then one release / acquire atomic);
-    the last split reads every split's partial through L2 (``.cg``), weights each by
-    ``2^(lse_s - max)``, writes the output and resets the counter for the next launch. This
-    replaces the separate combine launch (and, in prefill, the log-sum-exp buffer's fill).
-    """
-    tl.debug_barrier()  # every thread's partials stored before one thread counts the program in
-    arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
-        m = tl.full(row_ok.shape, float("-inf"), dtype=tl.float32)
-        for s in range(num_splits):
-            m = tl.maximum(m, tl.load(lse_ptrs + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
-        m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
-        acc = tl.zeros(mask.shape, dtype=tl.float32)
-        den = tl.zeros(row_ok.shape, dtype=tl.float32)
-        for s in range(num_splits):
-            w = tl.math.exp2(tl.load(lse_ptrs + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m)
-            o = tl.load(part_ptrs + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
-            acc += w[:, None] * o
-            den += w
-        out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-        tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
-        tl.store(Counters + tile, 0)  # ready for the next launch (launches on a stream run in turn)
-
-
 @triton.autotune(
     configs=_decode_configs(),
     key=["KEYS_BUCKET", "HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "WRITE_LSE"],
@@ -371,12 +335,7 @@ def _paged_decode_kernel(
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if HAS_QUERY_START:
-        t = tl.load(QueryStart + seq)
-        q_len = tl.load(QueryStart + seq + 1) - t
-    else:
-        t = seq
-        q_len = 1
+    t, q_len = _query_token(QueryStart, seq, HAS_QUERY_START)
     if q_len == 0:
         return
     seq_len = tl.load(SeqLens + seq)
@@ -453,56 +412,6 @@ def _paged_decode_kernel(
                 Final + t64 * stride_ft + heads[:, None] * stride_fh + offs_d[None, :] * stride_fd,
                 row_ok, offs_g < group_size,
             )  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _paged_decode_combine_kernel(
-    Partial, Lse, QueryStart, Out,
-    stride_pt, stride_ph, stride_ps, stride_pd,
-    stride_lt, stride_lh, stride_ls,
-    stride_oh, stride_ot, stride_od,
-    num_splits,
-    HAS_QUERY_START: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr = False,  # leave rows whose splits are all empty unwritten (prefill: unowned tokens)
-):  # fmt: skip
-    """One program: one (sequence, query head). out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
-
-    Prefill combines per token (grid (T, Hq), no query starts); a token owned by no sequence has
-    every log-sum-exp at its initial -inf and, with ``SKIP_EMPTY``, is not written.
-    """
-    seq = tl.program_id(0)
-    h = tl.program_id(1)
-    if HAS_QUERY_START:
-        t = tl.load(QueryStart + seq)
-        q_len = tl.load(QueryStart + seq + 1) - t
-    else:
-        t = seq
-        q_len = 1
-    if q_len == 0:
-        return
-    t64 = t.to(tl.int64)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    s_ok = offs_s < num_splits
-    lse = tl.load(Lse + t64 * stride_lt + h * stride_lh + offs_s * stride_ls, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    if SKIP_EMPTY:
-        if m == float("-inf"):
-            return
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
-    w = tl.math.exp2(lse - m)  # (SPLITS_PAD,)
-    denom = tl.sum(w, 0)
-    mask = s_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    p_ptrs = (
-        Partial + t64 * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :] * stride_pd
-    )
-    o = tl.load(p_ptrs, mask=mask, other=0.0)  # (SPLITS_PAD, HEAD_DIM_PAD) fp32
-    out = tl.sum(w[:, None] * o, 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(Out + t64 * stride_ot + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)  # fmt: skip
 
 
 @triton.autotune(

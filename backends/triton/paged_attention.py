@@ -80,8 +80,8 @@ from kiln.backends.triton._paged_checks import (
     decode_num_splits,
     prefill_num_splits,
 )
+from kiln.backends.triton._paged_combine import _paged_decode_combine_kernel
 from kiln.backends.triton._paged_kernels import (
-    _paged_decode_combine_kernel,
     _paged_decode_kernel,
     _paged_prefill_kernel,
     _reshape_and_cache_kernel,

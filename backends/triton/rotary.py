@@ -65,11 +65,11 @@ def _rotary_kernel(
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with leading dimensions merged or padded to (n0, d1, d2, D) (a view: no copy)."""
+    """``t`` with leading dimensions merged or padded to (n0, d1, d2, D)."""
     while t.dim() < 4:
         t = t.unsqueeze(0)
-    while t.dim() > 4:  # merge the two leading dims where the strides allow it, else copy
-        t = t.flatten(0, 1) if t.stride(0) == t.stride(1) * t.shape[1] else t.contiguous().flatten(0, 1)
+    while t.dim() > 4:  # merge the two leading dims (a view where the strides allow it, else a copy)
+        t = t.flatten(0, 1)
     return t
 
 
