@@ -238,15 +238,11 @@ class LLM:
                 device=dev,
             )  # fmt: skip
         self._inflight: PendingOutput | SpecPending | None = None  # the launched step whose tokens have not been applied
-        self._lookahead: _Launched | None = (
-            None  # speculative: the next lockstep step, launched before this one's text
-        )
+        self._lookahead: _Launched | None = None  # speculative: the next lockstep step, launched before this one's text
         self._sync_ids: set[str] = set()  # requests whose sampling needs every token on the host
         self._fanout = Fanout()  # requests with SamplingParams.n > 1: their completions' requests
         self.cuda_graphs = use_graphs and not enforce_eager  # whether pure-decode steps replay CUDA graphs
-        graph_args: dict[str, Any] | None = (
-            None  # enable_cuda_graphs' arguments, for the drafter's runner too
-        )
+        graph_args: dict[str, Any] | None = None  # enable_cuda_graphs' arguments, for the drafter's runner too
         if self.cuda_graphs:
             graph_args = dict(
                 max_num_seqs=max_num_seqs,
