@@ -11,6 +11,7 @@ import triton.language as tl
 
 from kiln.backends.triton._paged_checks import _INTERPRET
 from kiln.backends.triton._paged_combine import _last_split_combines, _query_token
+from kiln.backends.triton._utils import pdl_release, pdl_wait
 
 _LOG2E = 1.4426950408889634
 
@@ -138,8 +139,11 @@ def _reshape_and_cache_kernel(
     SCALE_MODE: tl.constexpr,  # 0 float cache; 1 static per-tensor scales; 2 per-(token, head) scales, written here
     QMAX: tl.constexpr,  # largest code: 127 (int8), 448 (fp8 e4m3)
     INT_CODES: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
 ):  # fmt: skip
     """One program: BLOCK_H heads of token ``t``'s key and value. Grid (T, cdiv(Hkv, BLOCK_H))."""
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(Slots + t).to(tl.int64)
     if slot < 0:
@@ -330,8 +334,11 @@ def _paged_decode_kernel(
     INT_CODES: tl.constexpr,
     DOT_FP16: tl.constexpr,  # quantized cache under 16-bit q: dots in fp16 (codes exact, cheap conversions)
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One program: every query head of one KV head, over one split of one sequence's keys."""
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)

@@ -91,3 +91,36 @@ def round_to(v, dt: tl.constexpr):
         return v
     else:
         return v.to(dt).to(tl.float32)
+
+
+# ------------------------------------------------------------ programmatic dependent launch
+#: Launch the decode path's kernels with programmatic dependent launch (PDL, Hopper and later): each
+#: kernel lets the next one start as soon as all its own programs run (``griddepcontrol.launch_dependents``),
+#: and the next one reads its constant operands (a GEMV's weight tiles) before it waits for the first one's
+#: results (``griddepcontrol.wait``). In a CUDA graph of hundreds of short kernels this hides each launch's
+#: ramp behind the previous kernel's tail. Off until measured (``.gpu`` A/B on an H100); set before the
+#: kernels are first launched (and before CUDA graphs are captured).
+PDL = os.environ.get("KILN_PDL", "0").strip().lower() in _TRUE
+
+
+def pdl_enabled(device: torch.device, interpreted: bool) -> bool:
+    """Whether kernels on ``device`` launch with PDL: :data:`PDL`, compiled (not interpreted), sm_90 or later."""
+    return PDL and not interpreted and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def pdl_release(USE_PDL: tl.constexpr):
+    """Let the next kernel on the stream launch now (it waits in :func:`pdl_wait` for this one's results)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait until the previous kernel on the stream has finished and its writes are visible.
+
+    Everything after this may read what earlier kernels wrote and write what they read; only
+    constant operands (weights) may be loaded before it.
+    """
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()

@@ -27,7 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2
+from kiln.backends.triton._utils import (
+    check_triton_device,
+    interpret_mode,
+    next_power_of_2,
+    pdl_enabled,
+    pdl_release,
+    pdl_wait,
+)
 from kiln.backends.triton.quant_gemm_tune import Candidate, KernelTuner
 
 _INTERPRET = interpret_mode()
@@ -51,9 +58,13 @@ def gemv_kernel(
     M, N, K, K_PER_SPLIT,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (n, s): rows ``[n*BLOCK_N, +BLOCK_N)`` of W over K range ``[s*K_PER_SPLIT, +K_PER_SPLIT)``."""
+    """Program (n, s): rows ``[n*BLOCK_N, +BLOCK_N)`` of W over K range ``[s*K_PER_SPLIT, +K_PER_SPLIT)``.
+
+    With ``USE_PDL`` the first weight tile is requested before the wait for the previous kernel (x is its output).
+    """
+    pdl_release(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -62,7 +73,18 @@ def gemv_kernel(
     n_mask = offs_n < N
     k_lo = pid_k * K_PER_SPLIT
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)  # products per lane, summed over K at the end
-    for k0 in range(k_lo, k_lo + K_PER_SPLIT, BLOCK_K):
+    k_start = k_lo
+    if USE_PDL:  # the first weight tile (a constant) is requested before the wait for x
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # fmt: skip
+        pdl_wait(USE_PDL)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # fmt: skip
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        k_start = k_lo + BLOCK_K
+    for k0 in range(k_start, k_lo + K_PER_SPLIT, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
@@ -83,9 +105,11 @@ def gemv_kernel(
 @triton.jit
 def gemv_combine_kernel(
     part_ptr, b_ptr, y_ptr, M, N, stride_ym,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """y[m, n] = sum over splits of the fp32 partials (in split order) + b[n], cast to y's dtype."""
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     total = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -114,16 +138,18 @@ def launch(
     part = new_output((split_k, m, n), torch.float32, x.device) if split_k > 1 else y
     bias = b if b is not None else w  # any pointer: not read
     grid = (triton.cdiv(n, block_n), split_k)
+    pdl = pdl_enabled(x.device, _INTERPRET)
     gemv_kernel[grid](
         x, w, bias, y, part, m, n, k, k_per_split, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if split_k > 1:
         block = 1024 if not _INTERPRET else 64
         gemv_combine_kernel[(triton.cdiv(m * n, block),)](
-            part, bias, y, m, n, y.stride(0), HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK=block, num_warps=4
-        )
+            part, bias, y, m, n, y.stride(0), HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK=block, USE_PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
+        )  # fmt: skip
     return y
 
 

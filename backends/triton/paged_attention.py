@@ -86,7 +86,7 @@ from kiln.backends.triton._paged_kernels import (
     _paged_prefill_kernel,
     _reshape_and_cache_kernel,
 )
-from kiln.backends.triton._utils import arrival_counters, check_triton_device, next_power_of_2
+from kiln.backends.triton._utils import arrival_counters, check_triton_device, next_power_of_2, pdl_enabled
 from kiln.backends.triton.paged_attention_reference import (
     paged_attention_reference,
     paged_decode_attention_reference,
@@ -161,12 +161,14 @@ def reshape_and_cache(
     d_pad = next_power_of_2(d)
     block_h = min(next_power_of_2(hkv), max(1, 2048 // d_pad))  # <= 2048 elements per program
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
+    pdl = pdl_enabled(k.device, _paged_checks._INTERPRET)
     _reshape_and_cache_kernel[(t, triton.cdiv(hkv, block_h))](
         k, v, kv_cache, slot_mapping, scales,
         k.stride(1), k.stride(2), k.stride(3), v.stride(1), v.stride(2), v.stride(3),
         *_cache_strides(kv_cache), *scale_strides, hkv, page_size,
         HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=d_pad, SCALE_MODE=scale_mode,
-        QMAX=KV_CACHE_QMAX.get(kv_cache.dtype, 0.0), INT_CODES=kv_cache.dtype == torch.int8, num_warps=4,
+        QMAX=KV_CACHE_QMAX.get(kv_cache.dtype, 0.0), INT_CODES=kv_cache.dtype == torch.int8, USE_PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -242,6 +244,7 @@ def paged_decode_attention(
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     fused = num_splits > 1 and FUSED_COMBINE
     cnt = arrival_counters(q.device, num_seqs * hkv) if fused else seq_lens  # unused pointer when not fused
+    pdl = pdl_enabled(q.device, _paged_checks._INTERPRET)
     _paged_decode_kernel[(num_seqs, hkv, num_splits)](
         q, kv_cache, block_tables, seq_lens, qsl, part, lse, scales,
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
@@ -252,7 +255,7 @@ def paged_decode_attention(
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, next_power_of_2(group)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
-        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32,
+        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, USE_PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1 and not fused:
         _paged_decode_combine_kernel[(num_seqs, hq)](

@@ -39,7 +39,7 @@ import triton
 
 from kiln.backends.triton import quant_gemm_kernels as K
 from kiln.backends.triton import quant_splitk_kernels as K2
-from kiln.backends.triton._utils import arrival_counters, check_triton_device, interpret_mode
+from kiln.backends.triton._utils import arrival_counters, check_triton_device, interpret_mode, pdl_enabled
 from kiln.backends.triton.quant_gemm_tune import (
     Candidate,
     KernelTuner,
@@ -218,6 +218,7 @@ def launch_splitk(
         # prmt decodes int8 codes to within ~2e-5 of the fp32 sums (16-bit x only: far below their rounding)
         prmt = p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4)
         extra = dict(XP=xp, PRMT=prmt, EVEN_K=even, USE_ASM=not _INTERPRET, DEPTH=p.get("DEPTH", 1))
+    pdl = pdl_enabled(x.device, _INTERPRET)
     compiled = kernel[(tiles, split)](
         x, xs, xz if xz is not None else xs, op.words, op.scale, zp, bias if bias is not None else op.scale, y, ws, cnt,
         m, op.n, op.k_words, steps, split,
@@ -225,7 +226,8 @@ def launch_splitk(
         WKIND=op.kind, SMODE=op.smode, HAS_ZP=op.zp is not None, ZP_DEFAULT=op.zp_default,
         HAS_BIAS=bias is not None, GW=gw, GROUP_PER_STEP=op.smode == 2 and gw % p["BLOCK_KW"] == 0,
         X_CODES=x_codes is not None, XS_PER_ROW=xs.numel() > 1, HAS_XZP=xz is not None, IS_SPLIT=split > 1,
-        BLOCK_N=p["BLOCK_N"], BLOCK_KW=p["BLOCK_KW"], num_warps=p["num_warps"], num_stages=1, **extra,
+        BLOCK_N=p["BLOCK_N"], BLOCK_KW=p["BLOCK_KW"], USE_PDL=pdl, num_warps=p["num_warps"], num_stages=1,
+        launch_pdl=pdl, **extra,
     )  # fmt: skip
     _note_residency(res_key, compiled)
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.backends.triton._utils import pdl_release, pdl_wait
+
 ONE_BITS = tl.constexpr(0x3F800000)  # the bits of 1.0
 E4M3_SCALE = tl.constexpr(2.0**120)  # e4m3 exponent/mantissa bits at fp32's positions, times this, = value
 
@@ -335,12 +337,14 @@ def wo_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_KW: tl.constexpr,  # words per row per K step
     USE_ASM: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
 ):  # fmt: skip
     """``y[m, n] = sum_k x[m, k] (q[n, k] - z) s (+ b[n])`` for one ``m``, ``BLOCK_N`` channels, split ``pid_k``.
 
     Split ``pid_k`` covers ``STEPS`` K steps of ``BLOCK_KW`` words from word ``pid_k * STEPS * BLOCK_KW``.
     """
     CPW: tl.constexpr = 8 if WKIND == 1 else 4  # codes per 32-bit word
+    pdl_release(USE_PDL)
     pid = tl.program_id(0)
     pid_m = pid % M  # the rows of x sharing a weight tile run side by side (L2 reuse)
     pid_n = pid // M
@@ -357,6 +361,15 @@ def wo_gemv_kernel(
         z_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
         z_row = _row_zero(z_ptr, offs_n, n_mask, stride_zn, HAS_ZP, ZP_DEFAULT)
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    # the first K steps' weights (constants) are requested before the wait for the previous kernel's x
+    wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                          stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP, EVEN_K)  # fmt: skip
+    if DEPTH == 2:
+        wd2, s2, z2 = _wsz_loads(kw_lo + BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                                 stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP,
+                                 EVEN_K)  # fmt: skip
+    pdl_wait(USE_PDL)
     if X_CODES:
         if HAS_XZP:
             if XS_PER_ROW:
@@ -365,13 +378,6 @@ def wo_gemv_kernel(
                 xz = tl.load(xz_ptr).to(tl.float32)
         else:
             xz = 0.0
-    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
-                          stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP, EVEN_K)  # fmt: skip
-    if DEPTH == 2:
-        wd2, s2, z2 = _wsz_loads(kw_lo + BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
-                                 stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP,
-                                 EVEN_K)  # fmt: skip
     for i in range(n_steps):
         kw0 = kw_lo + i * BLOCK_KW
         # the bytes of step i + DEPTH are requested before this step is computed
@@ -451,6 +457,7 @@ def wo_dot_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter with bf16: its tl.dot multiplies bf16 bit patterns (triton#11584)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """:func:`wo_gemv_kernel` for ``BLOCK_M`` rows of x at once: the decoded tile times x with ``tl.dot``.
 
@@ -459,6 +466,7 @@ def wo_dot_kernel(
     EVEN_K: tl.constexpr = True
     CPW: tl.constexpr = 8 if WKIND == 1 else 4
     BK: tl.constexpr = BLOCK_KW * CPW
+    pdl_release(USE_PDL)
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % m_tiles
@@ -483,6 +491,10 @@ def wo_dot_kernel(
         z_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
         z_row = _row_zero(z_ptr, offs_n, n_mask, stride_zn, HAS_ZP, ZP_DEFAULT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                          stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP, EVEN_K)  # fmt: skip
+    pdl_wait(USE_PDL)  # the first weights are in flight; x is the previous kernel's output
     if X_CODES:
         if HAS_XZP:
             if XS_PER_ROW:
@@ -491,9 +503,6 @@ def wo_dot_kernel(
                 xz = tl.load(xz_ptr).to(tl.float32)
         else:
             xz = 0.0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
-                          stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP, EVEN_K)  # fmt: skip
     for i in range(n_steps):
         kw0 = kw_lo + i * BLOCK_KW
         nwd, ns, nz = _wsz_loads(kw0 + BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,

@@ -15,7 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2, round_to
+from kiln.backends.triton._utils import (
+    check_triton_device,
+    interpret_mode,
+    next_power_of_2,
+    pdl_enabled,
+    pdl_release,
+    pdl_wait,
+    round_to,
+)
 
 _INTERPRET = interpret_mode()
 #: The widest row one program normalizes (registers hold the row).
@@ -26,11 +34,14 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, D, stride_x, stride_r, stride_out, stride_sum, eps,
-    UPCAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a constant: read before the wait
+    pdl_wait(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     h = x.to(tl.float32)
     if HAS_RESIDUAL:  # the residual add first, rounded to x's dtype as torch's add stores it
@@ -41,7 +52,6 @@ def _rms_norm_kernel(
     y = h * (1.0 / tl.sqrt(mean_sq + eps))
     if UPCAST:
         y = y.to(x.dtype).to(tl.float32)  # rounded to x's dtype before the scale
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -72,11 +82,12 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     total = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     block = next_power_of_2(d)
+    pdl = pdl_enabled(x.device, _INTERPRET)
     if rows.shape[0]:  # wide rows get more warps (a row lives in registers)
         _rms_norm_kernel[(rows.shape[0],)](
             rows, res, weight, out, total, d, rows.stride(0), res.stride(0), out.stride(0), total.stride(0), float(eps),
-            UPCAST=upcast, HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16,
+            UPCAST=upcast, HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=pdl,
+            num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16, launch_pdl=pdl,
         )  # fmt: skip
     return out.reshape(x.shape), (total.reshape(x.shape) if residual is not None else None)
 

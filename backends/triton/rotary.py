@@ -19,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2, round_to
+from kiln.backends.triton._utils import (
+    check_triton_device,
+    interpret_mode,
+    next_power_of_2,
+    pdl_enabled,
+    pdl_release,
+    pdl_wait,
+    round_to,
+)
 
 _INTERPRET = interpret_mode()
 #: The widest head dimension the kernel rotates (registers hold a block of rows).
@@ -32,9 +40,11 @@ def _rotary_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr,
     n_rows, d1, d2, half,
     sx0, sx1, sx2, sxd, sc0, sc1, sc2, scd, ss0, ss1, ss2, ssd, so0, so1, so2, sod,
-    BLOCK_R: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_R: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Rows ``[pid * BLOCK_R, +BLOCK_R)`` of the (n0, d1, d2, D) views; a row index is ``(i0 * d1 + i1) * d2 + i2``."""
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     r = rows.to(tl.int64)
@@ -97,10 +107,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     n_rows = n0 * d1 * d2
     if n_rows:
         block_r = 16
+        pdl = pdl_enabled(x.device, _INTERPRET)
         _rotary_kernel[(triton.cdiv(n_rows, block_r),)](
             x4, c4, s4, o4, n_rows, d1, d2, d // 2,
             *x4.stride(), *c4.stride(), *s4.stride(), *o4.stride(),
-            BLOCK_R=block_r, HALF=next_power_of_2(d // 2), num_warps=4, enable_fp_fusion=False,
+            BLOCK_R=block_r, HALF=next_power_of_2(d // 2), USE_PDL=pdl, num_warps=4, enable_fp_fusion=False,
+            launch_pdl=pdl,
         )  # fmt: skip
     return out
 

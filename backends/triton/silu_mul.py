@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2, round_to
+from kiln.backends.triton._utils import (
+    check_triton_device,
+    interpret_mode,
+    next_power_of_2,
+    pdl_enabled,
+    pdl_release,
+    pdl_wait,
+    round_to,
+)
 
 _INTERPRET = interpret_mode()
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -25,7 +33,10 @@ BLOCK_COLS = 1024
 @triton.jit
 def _silu_mul_kernel(
     g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, stride_out, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -48,8 +59,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     block = min(BLOCK_COLS, next_power_of_2(n))
     if g2.shape[0] and n:
+        pdl = pdl_enabled(gate.device, _INTERPRET)
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](
-            g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+            g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0), BLOCK=block, USE_PDL=pdl, num_warps=4,
+            launch_pdl=pdl,
         )  # fmt: skip
     return out.reshape(gate.shape)
 
