@@ -23,6 +23,8 @@ Llama-3.2-1B decode shapes.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,9 @@ MAX_M = 4
 #: kernel is measured at M = 2..4: each new M bucket costs its tuning time at start-up.
 DISPATCH_M = 1
 FLOATS = (torch.float16, torch.bfloat16)
+#: ``KILN_GEMV=triton`` leaves cuBLAS out of the candidates: the tuner times each kernel alone, so it
+#: cannot see what programmatic dependent launch (``_utils.PDL``) gains the split-K kernel inside a step.
+TRITON_ONLY = os.environ.get("KILN_GEMV", "").strip().lower() == "triton"
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -160,7 +165,7 @@ def candidates(m: int, n: int, k: int) -> list[Candidate]:
     """
     if _INTERPRET:  # small tiles, K steps shorter than the test shapes; no timing in the interpreter
         return [Candidate("triton", {"block_n": 8, "block_k": 16, "split_k": 2, "num_warps": 1, "num_stages": 1})]
-    out = [Candidate("cublas")]
+    out = [] if TRITON_ONLY else [Candidate("cublas")]
     budget = 8192 // next_power_of_2(m)
     for block_n, block_k in ((16, 256), (32, 256), (8, 512), (64, 128), (16, 512)):
         if block_n * block_k > budget or block_k > next_power_of_2(k):
@@ -170,7 +175,7 @@ def candidates(m: int, n: int, k: int) -> list[Candidate]:
             if split_k * block_k > k or not 132 <= tiles * split_k <= 132 * 8:
                 continue
             out.append(Candidate("triton", {"block_n": block_n, "block_k": block_k, "split_k": split_k}))
-    if len(out) == 1:  # nothing in the window (very wide N): the fewest programs of the first tiling
+    if len(out) == (0 if TRITON_ONLY else 1):  # nothing in the window (very wide N): the fewest programs of the first tiling
         out.append(Candidate("triton", {"block_n": 64, "block_k": 128, "split_k": 1}))
     return out[:5]  # cuBLAS + 4 tilings: each costs a compile and a timing at start-up
 
