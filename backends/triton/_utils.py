@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -105,7 +106,12 @@ PDL = os.environ.get("KILN_PDL", "0").strip().lower() in _TRUE
 
 def pdl_enabled(device: torch.device, interpreted: bool) -> bool:
     """Whether kernels on ``device`` launch with PDL: :data:`PDL`, compiled (not interpreted), sm_90 or later."""
-    return PDL and not interpreted and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return PDL and not interpreted and device.type == "cuda" and _major(device.index) >= 9
+
+
+@functools.cache
+def _major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 @triton.jit
