@@ -100,7 +100,10 @@ def round_to(v, dt: tl.constexpr):
 #: and the next one reads its constant operands (a GEMV's weight tiles) before it waits for the first one's
 #: results (``griddepcontrol.wait``). In a CUDA graph of hundreds of short kernels this hides each launch's
 #: ramp behind the previous kernel's tail. Off until measured (``.gpu`` A/B on an H100); set before the
-#: kernels are first launched (and before CUDA graphs are captured).
+#: kernels are first launched (and before CUDA graphs are captured). Only weights are read before the wait:
+#: the bf16 GEMV's (``kiln::gemv``, whose weight ``lower-decode-linears`` takes from the graph's constants)
+#: and the quantized GEMVs' packed codes and scales; a weight that an earlier kernel computes must not reach
+#: them with PDL on.
 PDL = os.environ.get("KILN_PDL", "0").strip().lower() in _TRUE
 
 

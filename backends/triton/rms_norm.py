@@ -40,8 +40,8 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a constant: read before the wait
     pdl_wait(USE_PDL)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     h = x.to(tl.float32)
     if HAS_RESIDUAL:  # the residual add first, rounded to x's dtype as torch's add stores it
