@@ -99,12 +99,17 @@ def round_to(v, dt: tl.constexpr):
 #: kernel lets the next one start as soon as all its own programs run (``griddepcontrol.launch_dependents``),
 #: and the next one reads its constant operands (a GEMV's weight tiles) before it waits for the first one's
 #: results (``griddepcontrol.wait``). In a CUDA graph of hundreds of short kernels this hides each launch's
-#: ramp behind the previous kernel's tail. Off until measured (``.gpu`` A/B on an H100); set before the
-#: kernels are first launched (and before CUDA graphs are captured). Only weights are read before the wait:
+#: ramp behind the previous kernel's tail: on an H100 the 1B decode step goes from 1.329 to 1.283 ms
+#: (1.381 -> 1.341 in a second pair), and a chain of 64 GEMVs from 0.807 to 0.725 ms (benchmarks/RESULTS.md).
+#: On by default; ``KILN_PDL=0`` turns it off. Set before the kernels are first launched (and before CUDA
+#: graphs are captured). Only weights are read before the wait:
 #: the bf16 GEMV's (``kiln::gemv``, whose weight ``lower-decode-linears`` takes from the graph's constants)
 #: and the quantized GEMVs' packed codes and scales; a weight that an earlier kernel computes must not reach
 #: them with PDL on.
-PDL = os.environ.get("KILN_PDL", "0").strip().lower() in _TRUE
+PDL = os.environ.get("KILN_PDL", "1").strip().lower() in _TRUE
+#: PDL for the quantized GEMVs as well (``quant_gemm``): their wait is placed, but they have not yet run with
+#: PDL on a GPU, so they stay off until they have (``KILN_QUANT_PDL=1``).
+QUANT_PDL = os.environ.get("KILN_QUANT_PDL", "0").strip().lower() in _TRUE
 
 
 def pdl_enabled(device: torch.device, interpreted: bool) -> bool:

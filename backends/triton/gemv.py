@@ -159,7 +159,8 @@ def launch(
 
 
 def candidates(m: int, n: int, k: int) -> list[Candidate]:
-    """cuBLAS first, then tilings whose grid gives the 132 SMs of an H100 one to eight programs each.
+    """cuBLAS first, then narrow whole-K tiles, then tilings whose grid gives the 132 SMs of an H100 one to
+    eight programs each.
 
     Tiles hold at most 8192 weights (64 fp32 products per lane at 4 warps, fewer per row of x).
     """
@@ -167,6 +168,12 @@ def candidates(m: int, n: int, k: int) -> list[Candidate]:
         return [Candidate("triton", {"block_n": 8, "block_k": 16, "split_k": 2, "num_warps": 1, "num_stages": 1})]
     out = [] if TRITON_ONLY else [Candidate("cublas")]
     budget = 8192 // next_power_of_2(m)
+    # narrow, long tiles over the whole K first: the fastest in a CUDA graph of a 1B step's 64 GEMVs on an H100
+    # (4 x 1024 with PDL: 0.725 ms against cuBLAS's 0.834 ms, .gpu/pdl_probe.py in benchmarks/RESULTS.md);
+    # their grid of N / BLOCK_N programs may run many waves
+    for block_n, block_k in ((4, 1024), (8, 1024)):
+        if block_n * block_k <= budget and block_k <= k and 132 <= triton.cdiv(n, block_n) <= 132 * 32:
+            out.append(Candidate("triton", {"block_n": block_n, "block_k": block_k, "split_k": 1}))
     for block_n, block_k in ((16, 256), (32, 256), (8, 512), (64, 128), (16, 512)):
         if block_n * block_k > budget or block_k > next_power_of_2(k):
             continue

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from kiln.backends.triton import _utils
 from kiln.backends.triton import quant_gemm_kernels as K
 from kiln.backends.triton import quant_splitk_kernels as K2
 from kiln.backends.triton._utils import arrival_counters, check_triton_device, interpret_mode, pdl_enabled
@@ -218,7 +219,7 @@ def launch_splitk(
         # prmt decodes int8 codes to within ~2e-5 of the fp32 sums (16-bit x only: far below their rounding)
         prmt = p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4)
         extra = dict(XP=xp, PRMT=prmt, EVEN_K=even, USE_ASM=not _INTERPRET, DEPTH=p.get("DEPTH", 1))
-    pdl = pdl_enabled(x.device, _INTERPRET)
+    pdl = _utils.QUANT_PDL and pdl_enabled(x.device, _INTERPRET)
     compiled = kernel[(tiles, split)](
         x, xs, xz if xz is not None else xs, op.words, op.scale, zp, bias if bias is not None else op.scale, y, ws, cnt,
         m, op.n, op.k_words, steps, split,

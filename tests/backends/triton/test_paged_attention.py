@@ -262,7 +262,7 @@ def test_prefill_split_keys_match_reference(num_splits: int, dtype: torch.dtype)
     # padding tokens owned by no sequence: splits hold whole key tiles, some of them empty for short rows.
     b = _batch([70, 0, 33], [40, 9, 1], 4, 2, 16, dtype, seed=num_splits)
     reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping)
-    pad = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(9)).to(dtype)
+    pad = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(9)).to(b.q.device, dtype)
     q = torch.cat([b.q, pad], dim=2)  # (1, Hq, T + 2, D): the last two rows belong to no sequence
     args = (q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
     out = paged_prefill_attention(*args, out=_poisoned_like(q), num_splits=num_splits)
@@ -314,7 +314,7 @@ def test_prefill_packed_query_heads_match_reference(
     monkeypatch.setattr(pa, "FUSED_COMBINE", fused)
     b = _batch([70, 0, 33], [40, 9, 1], hq, hkv, 16, torch.float32, seed=hq * 10 + hkv + num_splits)
     reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping)
-    pad = torch.randn(1, hq, 2, 16, generator=torch.Generator().manual_seed(9))
+    pad = torch.randn(1, hq, 2, 16, generator=torch.Generator().manual_seed(9)).to(b.q.device)
     q = torch.cat([b.q, pad], dim=2)
     args = (q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
     out = paged_prefill_attention(*args, out=_poisoned_like(q), num_splits=num_splits)
@@ -375,7 +375,7 @@ def test_paged_attention_splits_a_short_query_over_a_long_prefix(monkeypatch: py
     b = _batch([1100, 0], [40, 3], 2, 1, 16, torch.float32, seed=11)
     q = torch.cat([b.q, torch.randn_like(b.q[:, :, :2])], dim=2)
     k, v = torch.cat([b.k, b.k[:, :, :2]], dim=2), torch.cat([b.v, b.v[:, :, :2]], dim=2)
-    slots = torch.cat([b.slot_mapping, torch.full((2,), -1, dtype=b.slot_mapping.dtype)])
+    slots = torch.cat([b.slot_mapping, torch.full((2,), -1, dtype=b.slot_mapping.dtype, device=b.slot_mapping.device)])
     meta = (slots, b.block_tables, b.seq_lens, b.query_start_loc)
     ref = paged_attention_reference(q, k, v, b.kv_cache.clone(), *meta)
     for kw in ({}, {"max_query_len": 64}):
