@@ -47,8 +47,9 @@ MAX_M = 4
 #: kernel is measured at M = 2..4: each new M bucket costs its tuning time at start-up.
 DISPATCH_M = 1
 FLOATS = (torch.float16, torch.bfloat16)
-#: ``KILN_GEMV=triton`` leaves cuBLAS out of the candidates: the tuner times each kernel alone, so it
-#: cannot see what programmatic dependent launch (``_utils.PDL``) gains the split-K kernel inside a step.
+#: ``KILN_GEMV=triton`` leaves cuBLAS out of the candidates of shapes that a narrow whole-K tile suits: the
+#: tuner times each kernel alone, so it cannot see what programmatic dependent launch (``_utils.PDL``) gains
+#: the Triton kernel inside a step (an A/B switch until measured there).
 TRITON_ONLY = os.environ.get("KILN_GEMV", "").strip().lower() == "triton"
 
 
@@ -166,7 +167,7 @@ def candidates(m: int, n: int, k: int) -> list[Candidate]:
     """
     if _INTERPRET:  # small tiles, K steps shorter than the test shapes; no timing in the interpreter
         return [Candidate("triton", {"block_n": 8, "block_k": 16, "split_k": 2, "num_warps": 1, "num_stages": 1})]
-    out = [] if TRITON_ONLY else [Candidate("cublas")]
+    out = [Candidate("cublas")]
     budget = 8192 // next_power_of_2(m)
     # narrow, long tiles over the whole K first: the fastest in a CUDA graph of a 1B step's 64 GEMVs on an H100
     # (4 x 1024 with PDL: 0.725 ms against cuBLAS's 0.834 ms, .gpu/pdl_probe.py in benchmarks/RESULTS.md);
@@ -174,6 +175,8 @@ def candidates(m: int, n: int, k: int) -> list[Candidate]:
     for block_n, block_k in ((4, 1024), (8, 1024)):
         if block_n * block_k <= budget and block_k <= k and 132 <= triton.cdiv(n, block_n) <= 132 * 32:
             out.append(Candidate("triton", {"block_n": block_n, "block_k": block_k, "split_k": 1}))
+    if TRITON_ONLY and len(out) > 1:
+        out = out[1:]
     for block_n, block_k in ((16, 256), (32, 256), (8, 512), (64, 128), (16, 512)):
         if block_n * block_k > budget or block_k > next_power_of_2(k):
             continue
@@ -182,7 +185,7 @@ def candidates(m: int, n: int, k: int) -> list[Candidate]:
             if split_k * block_k > k or not 132 <= tiles * split_k <= 132 * 8:
                 continue
             out.append(Candidate("triton", {"block_n": block_n, "block_k": block_k, "split_k": split_k}))
-    if len(out) == (0 if TRITON_ONLY else 1):  # nothing in the window (very wide N): the fewest programs of the first tiling
+    if len(out) == 1:  # nothing in the window (very wide N): the fewest programs of the first tiling
         out.append(Candidate("triton", {"block_n": 64, "block_k": 128, "split_k": 1}))
     return out[:5]  # cuBLAS + 4 tilings: each costs a compile and a timing at start-up
 
