@@ -490,11 +490,25 @@ def _rotary_fake(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-@invariant(torch.ops.kiln.rotary.default)
-def _rotary_invariant(node: Node) -> str | None:
-    x, cos, sin = (a.meta.get("val") for a in node.args[:3])  # type: ignore[union-attr]
-    if x is None or cos is None or sin is None:
-        return None
+@torch.library.custom_op("kiln::rotary_pair", mutates_args=())
+def rotary_pair(x: Tensor, y: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rotary(x, cos, sin), rotary(y, cos, sin))``: a layer's queries and keys, rotated by one table in
+    one CUDA launch (``fuse-rotary-pairs``); x and y share the last dimension."""
+    return rotary_pair_reference(x, y, cos, sin)
+
+
+def rotary_pair_reference(x: Tensor, y: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The plain-torch reference of ``kiln::rotary_pair``: two :func:`rotary_reference` calls."""
+    return rotary_reference(x, cos, sin), rotary_reference(y, cos, sin)
+
+
+@rotary_pair.register_fake
+def _rotary_pair_fake(x: Tensor, y: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(y)
+
+
+def _rotation_problem(x: Tensor, cos: Tensor, sin: Tensor) -> str | None:
+    """Why ``cos`` and ``sin`` cannot rotate ``x`` (dtype, broadcast), or None."""
     if x.dtype != cos.dtype or x.dtype != sin.dtype:
         return f"x, cos and sin must share a dtype, got {x.dtype}, {cos.dtype}, {sin.dtype}"
     try:
@@ -504,6 +518,24 @@ def _rotary_invariant(node: Node) -> str | None:
     if len(shape) != x.dim() or any(str(a) != str(b) for a, b in zip(shape, x.shape, strict=True)):
         return f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must broadcast to x {tuple(x.shape)}"
     return None
+
+
+@invariant(torch.ops.kiln.rotary.default)
+def _rotary_invariant(node: Node) -> str | None:
+    x, cos, sin = (a.meta.get("val") for a in node.args[:3])  # type: ignore[union-attr]
+    if x is None or cos is None or sin is None:
+        return None
+    return _rotation_problem(x, cos, sin)
+
+
+@invariant(torch.ops.kiln.rotary_pair.default)
+def _rotary_pair_invariant(node: Node) -> str | None:
+    x, y, cos, sin = (a.meta.get("val") for a in node.args[:4])  # type: ignore[union-attr]
+    if x is None or y is None or cos is None or sin is None:
+        return None
+    if x.shape[-1] != y.shape[-1]:
+        return f"x {tuple(x.shape)} and y {tuple(y.shape)} must share the last dimension"
+    return _rotation_problem(x, cos, sin) or _rotation_problem(y, cos, sin)
 
 __all__ = [
     "INVARIANTS",
@@ -526,6 +558,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_reference",
     "rotary",
+    "rotary_pair",
+    "rotary_pair_reference",
     "rotary_reference",
     "silu_mul",
     "silu_mul_reference",

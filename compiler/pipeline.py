@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 #: Step-graph passes to leave out when inductor compiles the graph (``kiln.LLM(torch_compile=True)``): it fuses
 #: these ops with their neighbours itself, and an opaque kiln kernel would stop it.
-INDUCTOR_FUSES = ("lower-rms-norm", "fuse-add-rms-norm", "lower-rotary", "fuse-silu-mul")
+INDUCTOR_FUSES = ("lower-rms-norm", "fuse-add-rms-norm", "lower-rotary", "fuse-rotary-pairs", "fuse-silu-mul")
 
 
 def build_pipeline(config: CompileConfig) -> list[Pass]:
@@ -96,6 +96,10 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         from kiln.passes.lower_rotary import LowerRotary
 
         passes += [LowerRotary()]
+        # a layer's query and key rotations on one table -> kiln.rotary_pair: one launch instead of two
+        from kiln.passes.fuse_rotary_pairs import FuseRotaryPairs
+
+        passes += [FuseRotaryPairs()]
         # the gated MLP's silu(gate) * up on CUDA -> kiln.silu_mul: one kernel instead of two
         from kiln.passes.fuse_silu_mul import FuseSiluMul
 

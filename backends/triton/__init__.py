@@ -68,15 +68,20 @@ def register_cuda_kernels() -> None:
     def _silu_mul_cuda(gate, up):  # type: ignore[no-untyped-def]
         return silu_mul(gate, up)
 
-    from kiln.backends.triton.rotary import rotary
+    from kiln.backends.triton.rotary import rotary, rotary_pair
 
     @torch.library.register_kernel("kiln::rotary", "cuda")
     def _rotary_cuda(x, cos, sin):  # type: ignore[no-untyped-def]
         return rotary(x, cos, sin)
 
+    @torch.library.register_kernel("kiln::rotary_pair", "cuda")
+    def _rotary_pair_cuda(x, y, cos, sin):  # type: ignore[no-untyped-def]
+        return rotary_pair(x, y, cos, sin)
+
     KERNELS.add("kiln.rms_norm")
     KERNELS.add("kiln.add_rms_norm")
     KERNELS.add("kiln.rotary")
+    KERNELS.add("kiln.rotary_pair")
     KERNELS.add("kiln.silu_mul")
     KERNELS.add("kiln.attention")
     KERNELS.add("kiln.paged_attention")

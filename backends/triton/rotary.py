@@ -36,16 +36,14 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr,
+def _rotate_rows(
+    x_ptr, cos_ptr, sin_ptr, out_ptr, block,
     n_rows, d1, d2, half,
     sx0, sx1, sx2, sxd, sc0, sc1, sc2, scd, ss0, ss1, ss2, ssd, so0, so1, so2, sod,
-    BLOCK_R: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_R: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
-    """Rows ``[pid * BLOCK_R, +BLOCK_R)`` of the (n0, d1, d2, D) views; a row index is ``(i0 * d1 + i1) * d2 + i2``."""
-    pdl_release(USE_PDL)
-    pdl_wait(USE_PDL)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """Rows ``[block * BLOCK_R, +BLOCK_R)`` of the (n0, d1, d2, D) views; a row index is ``(i0 * d1 + i1) * d2 + i2``."""
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     r = rows.to(tl.int64)
     i2 = r % d2
@@ -74,6 +72,46 @@ def _rotary_kernel(
     tl.store(out_ptr + oo + half * sod, round_to(a2 + b2, dt).to(dt), mask=mask)
 
 
+@triton.jit
+def _rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, out_ptr,
+    n_rows, d1, d2, half,
+    sx0, sx1, sx2, sxd, sc0, sc1, sc2, scd, ss0, ss1, ss2, ssd, so0, so1, so2, sod,
+    BLOCK_R: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """Program ``pid``: rows ``[pid * BLOCK_R, +BLOCK_R)`` of x."""
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
+    _rotate_rows(x_ptr, cos_ptr, sin_ptr, out_ptr, tl.program_id(0), n_rows, d1, d2, half,
+                 sx0, sx1, sx2, sxd, sc0, sc1, sc2, scd, ss0, ss1, ss2, ssd, so0, so1, so2, sod, BLOCK_R, HALF)  # fmt: skip
+
+
+@triton.jit
+def _rotary_pair_kernel(
+    x_ptr, xc_ptr, xs_ptr, xo_ptr, y_ptr, yc_ptr, ys_ptr, yo_ptr, x_blocks,
+    nx, xd1, xd2, ny, yd1, yd2, half,
+    sx0, sx1, sx2, sxd, sc0, sc1, sc2, scd, ss0, ss1, ss2, ssd, so0, so1, so2, sod,
+    ty0, ty1, ty2, tyd, tc0, tc1, tc2, tcd, ts0, ts1, ts2, tsd, to0, to1, to2, tod,
+    BLOCK_R: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """Programs ``[0, x_blocks)`` rotate x's rows, the rest y's: two tensors (a layer's queries and keys), one launch."""
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
+    pid = tl.program_id(0)
+    if pid < x_blocks:
+        _rotate_rows(x_ptr, xc_ptr, xs_ptr, xo_ptr, pid, nx, xd1, xd2, half,
+                     sx0, sx1, sx2, sxd, sc0, sc1, sc2, scd, ss0, ss1, ss2, ssd, so0, so1, so2, sod,
+                     BLOCK_R, HALF)  # fmt: skip
+    else:
+        _rotate_rows(y_ptr, yc_ptr, ys_ptr, yo_ptr, pid - x_blocks, ny, yd1, yd2, half,
+                     ty0, ty1, ty2, tyd, tc0, tc1, tc2, tcd, ts0, ts1, ts2, tsd, to0, to1, to2, tod,
+                     BLOCK_R, HALF)  # fmt: skip
+
+
+#: Rows one program rotates.
+_BLOCK_R = 16
+
+
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """``t`` with leading dimensions merged or padded to (n0, d1, d2, D)."""
     while t.dim() < 4:
@@ -83,38 +121,65 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``kiln::rotary`` on the GPU: ``x * cos + rotate_half(x) * sin``, cos and sin broadcast to x's shape."""
-    check_triton_device("rotary", _INTERPRET, x, cos, sin)
+def _prepare(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Check one rotation; its output and launch arguments ``[n_rows, d1, d2, *strides of x, cos, sin, out]``."""
     if x.dtype not in _FLOATS or cos.dtype != x.dtype or sin.dtype != x.dtype:
-        raise ValueError(f"rotary: x, cos and sin must share one of float32, float16, bfloat16; got {x.dtype}, "
+        raise ValueError(f"{name}: x, cos and sin must share one of float32, float16, bfloat16; got {x.dtype}, "
                          f"{cos.dtype}, {sin.dtype}")  # fmt: skip
     if x.dim() == 0 or x.shape[-1] % 2:
-        raise ValueError(f"rotary: the last dimension must be even, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: the last dimension must be even, got shape {tuple(x.shape)}")
     d = x.shape[-1]
     if d > MAX_D:
-        raise NotImplementedError(f"rotary: head dimensions over {MAX_D} have no kernel yet, got {d}")
+        raise NotImplementedError(f"{name}: head dimensions over {MAX_D} have no kernel yet, got {d}")
     try:
         cos_b, sin_b = torch.broadcast_to(cos, x.shape), torch.broadcast_to(sin, x.shape)
     except RuntimeError as e:
-        raise ValueError(f"rotary: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must broadcast to x "
+        raise ValueError(f"{name}: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must broadcast to x "
                          f"{tuple(x.shape)}") from e  # fmt: skip
     if x.dim() > 4:  # leading dims merged below: a contiguous output merges without a copy
         x = x.contiguous()
     out = torch.empty_like(x)  # x's layout (a permuted view's too), as torch's element-wise ops give
     x4, c4, s4, o4 = (_as_4d(t) for t in (x, cos_b, sin_b, out))
     n0, d1, d2, _ = x4.shape
-    n_rows = n0 * d1 * d2
+    strides = [*x4.stride(), *c4.stride(), *s4.stride(), *o4.stride()]
+    return out, [(x4, c4, s4, o4), n0 * d1 * d2, d1, d2, strides]
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``kiln::rotary`` on the GPU: ``x * cos + rotate_half(x) * sin``, cos and sin broadcast to x's shape."""
+    check_triton_device("rotary", _INTERPRET, x, cos, sin)
+    out, (tensors, n_rows, d1, d2, strides) = _prepare("rotary", x, cos, sin)
     if n_rows:
-        block_r = 16
         pdl = pdl_enabled(x.device, _INTERPRET)
-        _rotary_kernel[(triton.cdiv(n_rows, block_r),)](
-            x4, c4, s4, o4, n_rows, d1, d2, d // 2,
-            *x4.stride(), *c4.stride(), *s4.stride(), *o4.stride(),
-            BLOCK_R=block_r, HALF=next_power_of_2(d // 2), USE_PDL=pdl, num_warps=4, enable_fp_fusion=False,
-            launch_pdl=pdl,
+        _rotary_kernel[(triton.cdiv(n_rows, _BLOCK_R),)](
+            *tensors, n_rows, d1, d2, x.shape[-1] // 2, *strides,
+            BLOCK_R=_BLOCK_R, HALF=next_power_of_2(x.shape[-1] // 2), USE_PDL=pdl, num_warps=4,
+            enable_fp_fusion=False, launch_pdl=pdl,
         )  # fmt: skip
     return out
 
 
-__all__ = ["MAX_D", "rotary"]
+def rotary_pair(
+    x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kiln::rotary_pair`` on the GPU: ``(rotary(x, cos, sin), rotary(y, cos, sin))`` in one launch."""
+    check_triton_device("rotary_pair", _INTERPRET, x, y, cos, sin)
+    if x.dim() == 0 or y.dim() == 0 or x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"rotary_pair: x and y must share the last dimension, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")  # fmt: skip
+    ox, (tx, nx, xd1, xd2, sx) = _prepare("rotary_pair", x, cos, sin)
+    oy, (ty, ny, yd1, yd2, sy) = _prepare("rotary_pair", y, cos, sin)
+    x_blocks = triton.cdiv(nx, _BLOCK_R)
+    blocks = x_blocks + triton.cdiv(ny, _BLOCK_R)
+    if blocks:
+        pdl = pdl_enabled(x.device, _INTERPRET)
+        half = x.shape[-1] // 2
+        _rotary_pair_kernel[(blocks,)](
+            *tx, *ty, x_blocks, nx, xd1, xd2, ny, yd1, yd2, half, *sx, *sy,
+            BLOCK_R=_BLOCK_R, HALF=next_power_of_2(half), USE_PDL=pdl, num_warps=4, enable_fp_fusion=False,
+            launch_pdl=pdl,
+        )  # fmt: skip
+    return ox, oy
+
+
+__all__ = ["MAX_D", "rotary", "rotary_pair"]

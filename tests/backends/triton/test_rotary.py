@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.backends.triton.rotary import MAX_D, rotary
-from kiln.ops import rotary_reference
+from kiln.backends.triton.rotary import MAX_D, rotary, rotary_pair
+from kiln.ops import rotary_pair_reference, rotary_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -56,3 +56,27 @@ def test_refusals() -> None:
     wide = torch.randn(1, 2 * MAX_D, device=DEVICE)
     with pytest.raises(NotImplementedError, match="no kernel yet"):
         rotary(wide, wide, wide)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("hq", "hkv", "t"), [(4, 2, 1), (3, 1, 19)])
+def test_pair_of_query_and_key_views_equals_the_reference(dtype: torch.dtype, hq: int, hkv: int, t: int) -> None:
+    # a layer's queries and keys, views of one merged projection with different head counts, one table
+    g = torch.Generator().manual_seed(hq * 10 + t)
+    d = 24
+    proj = (torch.randn(1, t, (hq + 2 * hkv) * d, generator=g) * 2).to(DEVICE, dtype)
+    q = proj[..., : hq * d].reshape(1, t, hq, d).permute(0, 2, 1, 3)
+    k = proj[..., hq * d : (hq + hkv) * d].reshape(1, t, hkv, d).permute(0, 2, 1, 3)
+    cos, sin = _tables(t, d, dtype, g)
+    got = rotary_pair(q, k, cos[None, None], sin[None, None])
+    want = rotary_pair_reference(q, k, cos[None, None], sin[None, None])
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert torch.equal(got[1], rotary(k, cos[None, None], sin[None, None]))
+
+
+def test_pair_refusals() -> None:
+    x, cos = torch.randn(2, 3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="share the last dimension"):
+        rotary_pair(x, x[..., :4], cos, cos)
+    with pytest.raises(ValueError, match="must broadcast"):
+        rotary_pair(x, torch.randn(2, 5, 8, device=DEVICE), cos, cos)
