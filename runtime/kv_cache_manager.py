@@ -157,14 +157,19 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching:
             return [], 0
-        hashes = self.update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size  # keep the last token to compute
         blocks: list[KVCacheBlock] = []
-        for h in hashes[:max_blocks]:
-            block = self.block_pool.get_cached_block(h)
-            if block is None:
-                break
-            blocks.append(block)
+        # Hashes are made as the lookup goes, in doubling chunks: a miss stops it, and the blocks past the miss
+        # are hashed when they are cached (after the step, off the time to first token).
+        chunk = 8
+        while len(blocks) < max_blocks:
+            hashes = self.update_block_hashes(request, upto=min(max_blocks, len(blocks) + chunk))
+            chunk *= 2
+            for h in hashes[len(blocks) : max_blocks]:
+                block = self.block_pool.get_cached_block(h)
+                if block is None:
+                    return blocks, len(blocks) * self.block_size
+                blocks.append(block)
         return blocks, len(blocks) * self.block_size
 
     def allocate_slots(
@@ -227,10 +232,13 @@ class KVCacheManager:
         """The request's block table as block ids (a new list)."""
         return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
 
-    def update_block_hashes(self, request: Request) -> list[BlockHash]:
-        """Extend ``request.block_hashes`` to cover its full blocks (tokens only ever append)."""
+    def update_block_hashes(self, request: Request, upto: int | None = None) -> list[BlockHash]:
+        """Extend ``request.block_hashes`` to cover its full blocks (tokens only ever append), or its first
+        ``upto`` blocks if fewer."""
         hashes = request.block_hashes
         num_full = request.num_tokens // self.block_size
+        if upto is not None:
+            num_full = min(num_full, upto)
         if len(hashes) < num_full:
             start = len(hashes)
             tokens = request.token_slice(start * self.block_size, num_full * self.block_size)

@@ -192,3 +192,23 @@ def test_sequence_hashes_equal_the_chain_of_block_hashes(tokens, block_size, sal
         parent = hash_block_tokens(parent, tokens[j * block_size : (j + 1) * block_size], extra)
         want.append(parent)
     assert got == want
+
+
+@pytest.mark.parametrize("salt", [None, "s"])
+def test_lookup_hashes_only_up_to_the_first_miss_and_caching_completes_the_chain(salt: str | None) -> None:
+    # 40 full blocks: a miss costs one chunk of hashes before the step; the rest wait for cache_blocks
+    kv = KVCacheManager(num_blocks=200, block_size=BS)
+    prompt = tokens(40 * BS + 1)
+    cold = Request(request_id="cold", prompt_token_ids=prompt, cache_salt=salt)
+    assert kv.get_computed_blocks(cold) == ([], 0)
+    assert 1 <= len(cold.block_hashes) <= 8
+    assert kv.allocate_slots(cold, cold.num_tokens) is not None
+    cold.num_computed_tokens = cold.num_tokens
+    kv.cache_blocks(cold, cold.num_computed_tokens)
+    assert cold.block_hashes == hash_block_sequence(prompt, BS, salt=salt)  # the chain is whole and right
+    # a request sharing 25 blocks: found block by block through the doubling chunks, stopping at the miss
+    warm = Request(request_id="warm", prompt_token_ids=prompt[: 25 * BS] + tokens(20 * BS, seed=5), cache_salt=salt)
+    blocks, hit = kv.get_computed_blocks(warm)
+    assert hit == 25 * BS and [b.block_id for b in blocks] == kv.get_block_ids("cold")[:25]
+    assert 26 <= len(warm.block_hashes) < 45
+    assert warm.block_hashes == hash_block_sequence(warm.all_token_ids, BS, salt=salt)[: len(warm.block_hashes)]
