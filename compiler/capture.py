@@ -9,6 +9,7 @@ to try. The caller's model is left as it was (training flags are restored).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
@@ -185,6 +186,22 @@ def _explain(exc: BaseException) -> tuple[str, str]:
     return (f"{name}: {text.splitlines()[0] if text else ''}", "simplify the model's forward() around that line")
 
 
+def _trace_attention_backend(model: torch.nn.Module, inputs: Mapping[str, Any]) -> contextlib.AbstractContextManager:
+    """The SDPA backends fake tensors may pick while tracing: only the math one for fp32 on CUDA.
+
+    There ``scaled_dot_product_attention``'s fake kernel chooses the memory-efficient backend, whose
+    alignment checks on the sequence length become guards that specialize the dynamic token axis
+    (pytorch/pytorch#124502, #128385); the math backend has none. The traced op is the same
+    ``aten.scaled_dot_product_attention`` either way, and kiln replaces it (``fuse-attention``).
+    """
+    tensors = [*model.parameters(), *(v for v in inputs.values() if isinstance(v, torch.Tensor))]
+    if any(t.is_cuda for t in tensors) and any(t.dtype == torch.float32 for t in tensors if t.is_floating_point()):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Any = (),
@@ -221,9 +238,11 @@ def capture(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        exported = torch.export.export(
-            model, (), inputs, dynamic_shapes=_export_dynamic_shapes(signature, inputs, dynamic_shapes), strict=False
-        )
+        with _trace_attention_backend(model, inputs):
+            exported = torch.export.export(
+                model, (), inputs, dynamic_shapes=_export_dynamic_shapes(signature, inputs, dynamic_shapes),
+                strict=False,
+            )  # fmt: skip
     except Exception as e:
         construct, hint = _explain(e)
         where = _user_frame(e)

@@ -64,3 +64,16 @@ def test_bad_inputs_are_config_errors() -> None:
         kiln.capture(torch.nn.Linear(2, 2), (torch.randn(2, 2), torch.randn(2, 2)))
     with pytest.raises(kiln.ConfigError):
         kiln.capture("not a module", ())  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the guard comes from CUDA's attention backends")
+def test_fp32_model_on_cuda_keeps_the_token_axis_dynamic() -> None:
+    # fp32 SDPA on CUDA traced with the memory-efficient backend specialized the token count; traced with the
+    # math backend it stays dynamic, and the graph serves other lengths
+    from kiln.models import from_preset
+
+    model = from_preset("llama-tiny", seed=0).eval().cuda()
+    cap = kiln.capture(model, {"input_ids": torch.randint(0, 512, (1, 8), device="cuda")})
+    for n in (3, 11):
+        ids = torch.randint(0, 512, (1, n), device="cuda")
+        torch.testing.assert_close(cap.gm(input_ids=ids), model(input_ids=ids), rtol=1e-4, atol=1e-4)
