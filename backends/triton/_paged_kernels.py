@@ -451,6 +451,7 @@ def _paged_prefill_kernel(
     DOT_FP16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (sequence, query head), over one split of their keys.
 
@@ -459,6 +460,8 @@ def _paged_prefill_kernel(
     vLLM's unified attention: each key tile read once per group). With one split the program writes the
     output; with several it writes its partial output and log-sum-exp per row for the combine.
     """
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) rows launch first
     seq = tl.program_id(1)
     hp = tl.program_id(2) // num_splits  # the query head, or with PACK_GQA the KV head

@@ -95,7 +95,7 @@ def round_to(v, dt: tl.constexpr):
 
 
 # ------------------------------------------------------------ programmatic dependent launch
-#: Launch the decode path's kernels with programmatic dependent launch (PDL, Hopper and later): each
+#: Launch the step graph's kernels with programmatic dependent launch (PDL, Hopper and later): each
 #: kernel lets the next one start as soon as all its own programs run (``griddepcontrol.launch_dependents``),
 #: and the next one reads its constant operands (a GEMV's weight tiles) before it waits for the first one's
 #: results (``griddepcontrol.wait``). In a CUDA graph of hundreds of short kernels this hides each launch's

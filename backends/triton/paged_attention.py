@@ -334,6 +334,7 @@ def paged_prefill_attention(
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     # one counter per (row block, sequence, head); 16 rows: the smallest BLOCK_M the autotuner may pick
     cnt = arrival_counters(q.device, triton.cdiv(rows_max, 16) * num_seqs * heads_per_grid) if fused else seq_lens
+    pdl = pdl_enabled(q.device, _paged_checks._INTERPRET)
     _paged_prefill_kernel[grid](
         q, kv_cache, block_tables, seq_lens, query_start_loc, part, lse, scales,
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
@@ -343,7 +344,7 @@ def paged_prefill_attention(
         WRITE_LSE=num_splits > 1, FUSED=fused, PACK_GQA=pack, PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
-        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32,
+        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, USE_PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1 and not fused:  # per token: every split's partial, weighted by its log-sum-exp
         _paged_decode_combine_kernel[(t, hq)](
