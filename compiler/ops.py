@@ -537,6 +537,7 @@ def _rotary_pair_invariant(node: Node) -> str | None:
         return f"x {tuple(x.shape)} and y {tuple(y.shape)} must share the last dimension"
     return _rotation_problem(x, cos, sin) or _rotation_problem(y, cos, sin)
 
+
 __all__ = [
     "INVARIANTS",
     "add_rms_norm",

@@ -67,9 +67,10 @@ def test_kernel_refuses_too_many_rows() -> None:
         gv.launch(x, w, None, block_n=8, block_k=16, split_k=1)
 
 
-def test_candidates_start_with_cublas_and_fill_the_gpu() -> None:
+def test_candidates_start_with_cublas_and_fill_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     if gv._INTERPRET:
         pytest.skip("the interpreter has one small tiling; GPU candidates are checked on CUDA")
+    monkeypatch.setattr(gv, "TRITON_ONLY", False)  # as by default, whatever KILN_GEMV says
     cands = gv.candidates(1, 2048, 2048)
     assert cands[0].kernel == "cublas" and len(cands) > 2
     for c in cands[1:]:
