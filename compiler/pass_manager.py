@@ -11,6 +11,7 @@ Errors name the failing pass, the passes before it and the node.
 
 from __future__ import annotations
 
+import operator
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -96,6 +97,25 @@ def replace_with_call(out: Node, target: object, args: tuple, pass_name: str, in
             graph.erase_node(n)
             removed += 1
     return removed
+
+
+def replace_with_tuple_call(at: Node, outs: Sequence[Node], target: object, args: tuple, pass_name: str) -> Node:
+    """Replace the nodes ``outs`` by the outputs of one new ``target(*args)`` node (a tuple: one ``getitem``
+    per replaced node, in order), inserted before ``at``; returns the new node. ``outs`` are erased in order,
+    so a node that uses a later one comes first."""
+    graph = at.graph
+    with graph.inserting_before(at):
+        call = graph.call_function(target, args)  # type: ignore[arg-type]
+        items = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outs))]
+    for new, src in ((call, outs[0]), *zip(items, outs, strict=True)):
+        copy_meta(src, new)
+        new.meta[PASS_KEY] = pass_name
+        infer_meta(new)
+    for old, new in zip(outs, items, strict=True):
+        old.replace_all_uses_with(new)
+    for old in outs:
+        graph.erase_node(old)
+    return call
 
 
 @dataclass

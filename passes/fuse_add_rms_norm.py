@@ -18,14 +18,13 @@ Statistics: ``adds_fused``.
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, infer_meta, is_call, meta_val
-from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
+from kiln.ir import is_call, meta_val
+from kiln.pass_manager import Pass, PassResult, RewriteError, replace_with_tuple_call
 
 aten = torch.ops.aten
 RMS_NORM = torch.ops.kiln.rms_norm.default
@@ -64,18 +63,9 @@ class FuseAddRMSNorm(Pass):
             if add is None:
                 continue
             x, eps, upcast = norm.args[1], norm.args[2], norm.args[3]
-            with graph.inserting_before(add):
-                fused = graph.call_function(ADD_RMS_NORM, (add.args[0], add.args[1], x, eps, upcast))
-                normed = graph.call_function(operator.getitem, (fused, 0))
-                total = graph.call_function(operator.getitem, (fused, 1))
-            for new in (fused, normed, total):
-                copy_meta(norm if new is not total else add, new)
-                new.meta[PASS_KEY] = self.name
-                infer_meta(new)
-            norm.replace_all_uses_with(normed)
-            add.replace_all_uses_with(total)
-            graph.erase_node(norm)
-            graph.erase_node(add)
+            # the norm is erased before the add it reads
+            args = (add.args[0], add.args[1], x, eps, upcast)
+            replace_with_tuple_call(add, (norm, add), ADD_RMS_NORM, args, self.name)
             stats["adds_fused"] += 1
         return PassResult(gm, bool(stats), dict(stats))
 

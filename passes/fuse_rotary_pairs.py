@@ -18,14 +18,13 @@ Statistics: ``pairs_fused``.
 
 from __future__ import annotations
 
-import operator
 from collections import Counter, defaultdict
 
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import PASS_KEY, infer_meta, is_call, meta_val
-from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
+from kiln.ir import is_call, meta_val
+from kiln.pass_manager import Pass, PassResult, RewriteError, replace_with_tuple_call
 
 ROTARY = torch.ops.kiln.rotary.default
 ROTARY_PAIR = torch.ops.kiln.rotary_pair.default
@@ -73,22 +72,10 @@ class FuseRotaryPairs(Pass):
 
     def call(self, gm: GraphModule) -> PassResult:
         stats: Counter[str] = Counter()
-        graph = gm.graph
         for first, second in _pairs(gm):
             x, cos, sin = first.args
             y = second.args[0]
-            with graph.inserting_before(second):
-                pair = graph.call_function(ROTARY_PAIR, (x, y, cos, sin))
-                rx = graph.call_function(operator.getitem, (pair, 0))
-                ry = graph.call_function(operator.getitem, (pair, 1))
-            for new, src in ((pair, second), (rx, first), (ry, second)):
-                copy_meta(src, new)
-                new.meta[PASS_KEY] = self.name
-                infer_meta(new)
-            first.replace_all_uses_with(rx)
-            second.replace_all_uses_with(ry)
-            graph.erase_node(first)
-            graph.erase_node(second)
+            replace_with_tuple_call(second, (first, second), ROTARY_PAIR, (x, y, cos, sin), self.name)
             stats["pairs_fused"] += 1
         return PassResult(gm, bool(stats), dict(stats))
 
