@@ -164,6 +164,10 @@ def _user_frame(exc: BaseException) -> str | None:
     return None
 
 
+def _is_constraint_violation(exc: BaseException) -> bool:
+    return "ConstraintViolation" in type(exc).__name__ or "Constraints violated" in str(exc)
+
+
 def _explain(exc: BaseException) -> tuple[str, str]:
     """(construct, what to try) for a torch.export failure."""
     name = type(exc).__name__
@@ -173,7 +177,7 @@ def _explain(exc: BaseException) -> tuple[str, str]:
             "data-dependent control flow (a Python branch, int() or .item() on a tensor value)",
             "replace the branch with torch.where / torch.cond, or move it out of forward()",
         )
-    if "ConstraintViolation" in name or "specialized" in text or "Constraints violated" in text:
+    if _is_constraint_violation(exc) or "specialized" in text:
         return (
             "a shape that must stay dynamic was specialized to a constant (the code fixes the token count)",
             "remove size-dependent Python logic, or capture with dynamic=False for one fixed shape",
@@ -200,6 +204,49 @@ def _trace_attention_backend(model: torch.nn.Module, inputs: Mapping[str, Any]) 
 
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
+
+
+def _export(model: torch.nn.Module, signature: inspect.Signature, inputs: dict[str, Any], spec: dict[str, Any],
+            *, retry_as_hint: bool) -> ExportedProgram:  # fmt: skip
+    """``torch.export.export`` (non-strict) of ``model`` with the dynamic axes ``spec`` (named ``Dim`` s).
+
+    With ``retry_as_hint`` (the default token axis), a constraint violation is retried with the same
+    ranges given as ``Dim.DYNAMIC`` hints, which let export record guards instead of proving them;
+    the capture stands only if every axis kept a range up to its maximum. Older torch (2.11) cannot
+    prove some guards that hold for every token count: transformers' ``repeat_kv`` reshape of an
+    expanded (1, Hkv, groups, T, D) tensor makes ``Min(8*T, 16*T) == 8*T``, true for all T >= 0, and a
+    named ``Dim`` then fails although nothing is specialized. A real specialization (the code fixing
+    the token count) still fails, with the first attempt's error.
+    """
+
+    def run(dims: dict[str, Any]) -> ExportedProgram:
+        return torch.export.export(
+            model, (), inputs, dynamic_shapes=_export_dynamic_shapes(signature, inputs, dims), strict=False
+        )
+
+    try:
+        return run(spec)
+    except Exception as e:
+        if not (retry_as_hint and spec and _is_constraint_violation(e)):
+            raise
+        first = e
+    hints = {
+        name: {ax: Dim.DYNAMIC(min=d.min, max=d.max) for ax, d in axes.items()} for name, axes in spec.items()
+    }
+    try:
+        exported = run(hints)
+    except Exception:
+        raise first from None
+    ranges = exported.range_constraints
+    for name, axes in spec.items():
+        node = next((n for n in exported.graph.nodes if n.op == "placeholder" and n.name == name), None)
+        val = node.meta.get("val") if node is not None else None
+        for ax, d in axes.items():
+            size = val.shape[ax] if isinstance(val, torch.Tensor) else None
+            vr = ranges.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if vr is None or bool(vr.upper < d.max) or bool(vr.lower > 2):  # 2: export's 0/1 specialization
+                raise first
+    return exported
 
 
 def capture(
@@ -239,10 +286,7 @@ def capture(
     model.eval()
     try:
         with _trace_attention_backend(model, inputs):
-            exported = torch.export.export(
-                model, (), inputs, dynamic_shapes=_export_dynamic_shapes(signature, inputs, dynamic_shapes),
-                strict=False,
-            )  # fmt: skip
+            exported = _export(model, signature, inputs, dynamic_shapes, retry_as_hint=dynamic in (True, "tokens"))
     except Exception as e:
         construct, hint = _explain(e)
         where = _user_frame(e)

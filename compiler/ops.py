@@ -197,8 +197,8 @@ def paged_attention(
     block_tables: Tensor,
     seq_lens: Tensor,
     query_start_loc: Tensor,
-    scale: float | None = None,
-    kv_scales: Tensor | None = None,
+    scale: float | None,
+    kv_scales: Tensor | None,
 ) -> Tensor:
     """Causal attention of a flattened batch of sequences over a block-paged KV cache.
 
@@ -214,6 +214,10 @@ def paged_attention(
     are written and dequantized as they are read, with ``kv_scales`` (see
     :func:`check_kv_scales`): static per-tensor scales are read, per-token scales are written
     beside the codes (so the op mutates ``kv_scales`` too).
+
+    ``scale`` and ``kv_scales`` have no defaults: the dispatcher drops trailing arguments equal to
+    their defaults before a Python kernel sees them, and torch 2.11's in-place bookkeeping of the
+    mutated ``kv_scales`` then indexes past the arguments it was given (IndexError).
     """
     return paged_attention_reference(
         q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale, kv_scales
@@ -309,8 +313,8 @@ def _paged_attention_fake(
     block_tables: Tensor,
     seq_lens: Tensor,
     query_start_loc: Tensor,
-    scale: float | None = None,
-    kv_scales: Tensor | None = None,
+    scale: float | None,
+    kv_scales: Tensor | None,
 ) -> Tensor:
     return torch.empty_like(q)
 

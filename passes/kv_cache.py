@@ -279,8 +279,7 @@ class PageKVCache(Pass):
                 with graph.inserting_before(node):
                     scales[i] = graph.get_attr(attr)
                 infer_meta(scales[i])  # type: ignore[arg-type]
-            # kv_scales always given (None for a float cache): torch 2.11 indexes a mutated argument by its
-            # schema position when the op runs through ADInplaceOrView, so an omitted one raises IndexError
+            # kv_scales always given (None for a float cache): the op's schema has no default for it
             args = (*args, scales[i] if spec is not None else None)
             with graph.inserting_before(node):
                 paged = graph.call_function(PAGED, args)

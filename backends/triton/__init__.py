@@ -38,7 +38,7 @@ def register_cuda_kernels() -> None:
 
     @torch.library.register_kernel("kiln::paged_attention", "cuda")
     def _paged_attention_cuda(  # type: ignore[no-untyped-def]
-        q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale=None, kv_scales=None
+        q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale, kv_scales
     ):
         # Writes kv_cache (and per-token kv_scales of an int8/fp8 cache) in place, as the op declares;
         # one device-to-host copy per call.

@@ -48,6 +48,25 @@ def test_unexportable_model_gets_typed_error_with_source_line() -> None:
     assert "try:" in message
 
 
+class FixedLength(torch.nn.Module):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids.float().reshape(1, 2, 4)  # holds for 8 tokens only
+
+
+class AtMost16(torch.nn.Module):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        torch._check(input_ids.shape[1] <= 16)  # narrows the token range below the model's maximum
+        return input_ids * 2
+
+
+@pytest.mark.parametrize("model", [FixedLength(), AtMost16()], ids=["fixed", "narrowed"])
+def test_a_real_specialization_of_the_token_axis_is_refused(model: torch.nn.Module) -> None:
+    # the retry with Dim.DYNAMIC hints (for guards older torch cannot prove) must not accept a fixed or
+    # narrowed token range
+    with pytest.raises(kiln.UnsupportedModelError, match="specialized"):
+        kiln.capture(model, {"input_ids": torch.randint(0, 128, (1, 8))})
+
+
 def test_single_token_example_is_rejected_with_advice() -> None:
     with pytest.raises(kiln.ConfigError, match="at least 2 tokens"):
         kiln.capture(hf_llama(layers=1), {"input_ids": torch.randint(0, 128, (1, 1))})
