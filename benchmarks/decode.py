@@ -74,6 +74,17 @@ class Result:
     note: str = ""
 
 
+def gemv_choices() -> str:
+    """The bf16 GEMV tuner's pick per (rows, N, K), with its time against the runner-up (timed cold, apart)."""
+    from kiln.backends.triton.gemv import TUNER
+
+    picks = []
+    for key, timings in TUNER.timings.items():
+        (best, t0), (_, t1) = timings[0], timings[1] if len(timings) > 1 else timings[0]
+        picks.append(f"{key[1]}x{key[2]} m{key[0]}: {best} {t0 * 1e3:.1f} us (next {t1 * 1e3:.1f})")
+    return "gemv picks: " + ("; ".join(picks) or "none timed")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -343,6 +354,8 @@ def run_model(
         report["results"][system] = r
         tqdm.write(f"  {name} {system}: " + (f"{r.ms_per_token:.3f} ms/token" if r.error is None else r.error)
                    + f" ({r.note})")  # fmt: skip
+        if system == "kiln-graphs" and device.type == "cuda":
+            tqdm.write("  " + gemv_choices())
     ref = report["results"].get("kiln-eager")
     for system in ("kiln-graphs", "kiln-compile"):
         r = report["results"].get(system)
