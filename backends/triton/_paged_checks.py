@@ -14,14 +14,16 @@ from kiln.ops import KV_CACHE_QMAX, check_kv_scales
 MAX_HEAD_DIM = 256
 DECODE_MAX_SPLITS = 64
 """Most splits of one sequence's keys (the combine kernel holds (splits, D) fp32 in registers)."""
-DECODE_MIN_SPLIT_KEYS = 256
-"""Fewest keys per split the heuristic chooses: below this the partial outputs cost more than they save."""
-DECODE_PROGRAMS_PER_SM = 2
+DECODE_MIN_SPLIT_KEYS = 512
+"""Fewest keys per split the heuristic chooses: below this the partial outputs cost more than they save.
+
+H100 sweep (``decode_attention.py --sweep-splits``, 8 KV heads, D 128, bf16): at batch 1 and 16k keys
+16-32 splits took 37.3-37.7 us and 64 (256 keys each, the first value) 53.1 us; at batch 4 and 4k keys
+8 splits 31.2 us, 16 splits 36.3 us. Where the batch fills the GPU the occupancy bound decides."""
+DECODE_PROGRAMS_PER_SM = 4
 """The heuristic splits until there are about this many decode programs per SM (or keys run short).
 
-H100 sweep (``decode_attention.py --sweep-splits``, 8 KV heads, D 128): about two programs per SM was
-best or within 3% of it at batch 1 and 4, contexts 4k and 16k; four (the first guess) cost 1.42x at
-batch 1, 16k keys (64 splits 53.1 us, 16 splits 37.3 us) and 1.16x at batch 4, 4k."""
+Two per SM (tried) cost 7-17% at batch 16 and 64 (fewer splits than the four-per-SM count)."""
 PREFILL_MAX_SPLITS = 16
 """Most splits of the keys of a prefill row block (each split is one more partial output per query row)."""
 PREFILL_MIN_SPLIT_KEYS = 512
@@ -171,7 +173,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     Enough programs (sequences x KV heads x splits) to give every SM about
     ``DECODE_PROGRAMS_PER_SM`` of them, but no split shorter than ``DECODE_MIN_SPLIT_KEYS``
     keys and at most ``DECODE_MAX_SPLITS``: a large batch gets 1 split (no combine kernel), a
-    single long sequence on an H100 (132 SMs, 8 KV heads) 33 splits from 8k keys up.
+    single long sequence on an H100 (132 SMs, 8 KV heads) 64 splits from 32k keys up.
     """
     by_occupancy = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(1, num_seqs * num_kv_heads))
     by_length = triton.cdiv(max(1, max_seq_len), DECODE_MIN_SPLIT_KEYS)
