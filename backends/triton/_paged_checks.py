@@ -14,12 +14,15 @@ from kiln.ops import KV_CACHE_QMAX, check_kv_scales
 MAX_HEAD_DIM = 256
 DECODE_MAX_SPLITS = 64
 """Most splits of one sequence's keys (the combine kernel holds (splits, D) fp32 in registers)."""
-DECODE_MIN_SPLIT_KEYS = 512
+DECODE_AUTO_MAX_SPLITS = 32
+"""Most splits the heuristic chooses (an explicit ``num_splits`` may go up to ``DECODE_MAX_SPLITS``).
+
+H100 (``decode_attention.py``, 8 KV heads, D 128, bf16, batch 1, 16k keys): 16 or 32 splits 37.3-38.2 us,
+64 splits 53.1-53.7 us."""
+DECODE_MIN_SPLIT_KEYS = 256
 """Fewest keys per split the heuristic chooses: below this the partial outputs cost more than they save.
 
-H100 sweep (``decode_attention.py --sweep-splits``, 8 KV heads, D 128, bf16): at batch 1 and 16k keys
-16-32 splits took 37.3-37.7 us and 64 (256 keys each, the first value) 53.1 us; at batch 4 and 4k keys
-8 splits 31.2 us, 16 splits 36.3 us. Where the batch fills the GPU the occupancy bound decides."""
+H100, batch 1 and 4 at 1k keys: 4 splits (256 keys) 10.2 / 14.8 us, 2 splits (512 keys) 13.6 / 17.6 us."""
 DECODE_PROGRAMS_PER_SM = 4
 """The heuristic splits until there are about this many decode programs per SM (or keys run short).
 
@@ -172,12 +175,12 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
     Enough programs (sequences x KV heads x splits) to give every SM about
     ``DECODE_PROGRAMS_PER_SM`` of them, but no split shorter than ``DECODE_MIN_SPLIT_KEYS``
-    keys and at most ``DECODE_MAX_SPLITS``: a large batch gets 1 split (no combine kernel), a
-    single long sequence on an H100 (132 SMs, 8 KV heads) 64 splits from 32k keys up.
+    keys and at most ``DECODE_AUTO_MAX_SPLITS``: a large batch gets 1 split (no combine kernel), a
+    single long sequence on an H100 (132 SMs, 8 KV heads) 32 splits from 8k keys up.
     """
     by_occupancy = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(1, num_seqs * num_kv_heads))
     by_length = triton.cdiv(max(1, max_seq_len), DECODE_MIN_SPLIT_KEYS)
-    return max(1, min(by_occupancy, by_length, DECODE_MAX_SPLITS))
+    return max(1, min(by_occupancy, by_length, DECODE_AUTO_MAX_SPLITS))
 
 
 def prefill_num_splits(

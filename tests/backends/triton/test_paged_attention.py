@@ -216,9 +216,9 @@ def test_decode_num_splits_heuristic() -> None:
     assert decode_num_splits(64, 8, 32768, 132) == 2  # a large batch fills the GPU already
     assert decode_num_splits(256, 8, 32768, 132) == 1
     assert decode_num_splits(16, 8, 32768, 132) == 5  # about four programs per SM
-    assert decode_num_splits(1, 8, 16384, 132) == 32  # 512 keys per split
-    assert decode_num_splits(1, 8, 1 << 20, 132) == 64  # capped at DECODE_MAX_SPLITS
-    assert decode_num_splits(1, 8, 1024, 132) == 2  # no split under DECODE_MIN_SPLIT_KEYS keys
+    assert decode_num_splits(1, 8, 16384, 132) == 32  # capped at DECODE_AUTO_MAX_SPLITS
+    assert decode_num_splits(1, 8, 4096, 132) == 16  # 256 keys per split
+    assert decode_num_splits(1, 8, 1024, 132) == 4  # no split under DECODE_MIN_SPLIT_KEYS keys
     assert decode_num_splits(1, 8, 0, 132) == 1
 
 
