@@ -33,6 +33,8 @@ def _last_split_combines(
     out_ptrs,  # (ROWS, HEAD_DIM_PAD) pointers to the final output
     mask,  # (ROWS, HEAD_DIM_PAD) elements to combine
     row_ok,  # (ROWS,)
+    SPLITS_PAD: tl.constexpr,  # a power of two >= num_splits
+    CHUNK: tl.constexpr,  # partial outputs loaded at once (unrolled): their L2 round trips overlap
 ):  # fmt: skip
     """Called by every split of a tile once its partials are stored: the split arriving last merges them.
 
@@ -41,21 +43,33 @@ def _last_split_combines(
     the last split reads every split's partial through L2 (``.cg``), weights each by
     ``2^(lse_s - max)``, writes the output and resets the counter for the next launch. This
     replaces the separate combine launch (and, in prefill, the log-sum-exp buffer's fill).
+
+    The merge is on the kernel's critical path (the last split waits for nothing else), so its
+    loads must not queue one after another: the log-sum-exps come as one (ROWS, SPLITS_PAD) tile
+    and the partial outputs ``CHUNK`` splits at a time. The first version's loop of one load per
+    split paid an L2 round trip per split, twice: the likely cause of batch-1 decode at long
+    contexts running 1.3-1.6x slower on an H100 than with the separate combine kernel (session 10,
+    ``benchmarks/RESULTS.md``); the chunked loads are not yet timed on a GPU.
     """
     tl.debug_barrier()  # every thread's partials stored before one thread counts the program in
     arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
     if arrived == num_splits - 1:
-        m = tl.full(row_ok.shape, float("-inf"), dtype=tl.float32)
-        for s in range(num_splits):
-            m = tl.maximum(m, tl.load(lse_ptrs + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+        offs_s = tl.arange(0, SPLITS_PAD)
+        s_ok = offs_s < num_splits
+        lse = tl.load(lse_ptrs[:, None] + offs_s[None, :] * stride_ls, mask=row_ok[:, None] & s_ok[None, :],
+                      other=float("-inf"), cache_modifier=".cg")  # (ROWS, SPLITS_PAD)  # fmt: skip
+        m = tl.max(lse, 1)
         m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
+        w = tl.math.exp2(lse - m[:, None])  # (ROWS, SPLITS_PAD); 0 for empty and padding splits
+        den = tl.sum(w, 1)
         acc = tl.zeros(mask.shape, dtype=tl.float32)
-        den = tl.zeros(row_ok.shape, dtype=tl.float32)
-        for s in range(num_splits):
-            w = tl.math.exp2(tl.load(lse_ptrs + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m)
-            o = tl.load(part_ptrs + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
-            acc += w[:, None] * o
-            den += w
+        for s0 in range(0, num_splits, CHUNK):
+            for j in tl.static_range(CHUNK):
+                s = s0 + j  # past the last split: reads the last one again, with weight 0
+                o = tl.load(part_ptrs + tl.minimum(s, num_splits - 1) * stride_ps, mask=mask, other=0.0,
+                            cache_modifier=".cg")  # fmt: skip
+                w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)  # (ROWS,) column s of w
+                acc += w_s[:, None] * o
         out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
         tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
         tl.store(Counters + tile, 0)  # ready for the next launch (launches on a stream run in turn)

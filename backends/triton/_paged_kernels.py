@@ -334,6 +334,8 @@ def _paged_decode_kernel(
     INT_CODES: tl.constexpr,
     DOT_FP16: tl.constexpr,  # quantized cache under 16-bit q: dots in fp16 (codes exact, cheap conversions)
     BLOCK_N: tl.constexpr,
+    SPLITS_PAD: tl.constexpr = 1,  # FUSED: a power of two >= num_splits (the combine's log-sum-exp tile)
+    COMBINE_CHUNK: tl.constexpr = 4,  # FUSED: partial outputs the combine loads at once
     USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One program: every query head of one KV head, over one split of one sequence's keys."""
@@ -417,7 +419,7 @@ def _paged_decode_kernel(
                 Counters, seq * tl.num_programs(1) + kvh, n_splits,
                 o_ptrs - split * stride_os, Lse + t64 * stride_lt + heads * stride_lh, stride_os, stride_ls,
                 Final + t64 * stride_ft + heads[:, None] * stride_fh + offs_d[None, :] * stride_fd,
-                row_ok, offs_g < group_size,
+                row_ok, offs_g < group_size, SPLITS_PAD, COMBINE_CHUNK,
             )  # fmt: skip
 
 
@@ -451,6 +453,7 @@ def _paged_prefill_kernel(
     DOT_FP16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLITS_PAD: tl.constexpr = 1,  # FUSED: a power of two >= num_splits (the combine's log-sum-exp tile)
     USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (sequence, query head), over one split of their keys.
@@ -552,5 +555,5 @@ def _paged_prefill_kernel(
                 Out + heads64[:, None] * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
                 Lse + rows * stride_lt + heads64 * stride_lh, stride_os, stride_ls,
                 Final + heads64[:, None] * stride_fh + rows[:, None] * stride_ft + offs_d[None, :] * stride_fd,
-                mask, row_ok,
+                mask, row_ok, SPLITS_PAD, 1,  # BLOCK_M-row partials: one split at a time (registers)
             )  # fmt: skip

@@ -118,6 +118,10 @@ FUSED_COMBINE = True
 #: once per group instead of once per query head. On an H100 the 1B prefix-cache hit (128 new tokens over
 #: 2,176 keys) takes 2.407 ms with it, 2.465 ms without (benchmarks/RESULTS.md); False is the A/B switch.
 PACK_GQA = True
+#: Partial outputs the decode kernel's in-kernel combine loads at once (unrolled, so their L2 round trips
+#: overlap). Session 10 found batch-1 decode at long contexts 1.3-1.6x slower than before the in-kernel
+#: combine, whose loop paid a round trip per split; 4 is unmeasured (``.gpu/run35.sh`` sweeps it).
+COMBINE_CHUNK = 4
 
 
 # ----------------------------------------------------------------------------- fast paths
@@ -257,7 +261,8 @@ def paged_decode_attention(
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, next_power_of_2(group)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
-        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, USE_PDL=pdl, launch_pdl=pdl,
+        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, SPLITS_PAD=next_power_of_2(num_splits),
+        COMBINE_CHUNK=COMBINE_CHUNK, USE_PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1 and not fused:
         _paged_decode_combine_kernel[(num_seqs, hq)](
@@ -344,7 +349,8 @@ def paged_prefill_attention(
         WRITE_LSE=num_splits > 1, FUSED=fused, PACK_GQA=pack, PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
-        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, USE_PDL=pdl, launch_pdl=pdl,
+        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, SPLITS_PAD=next_power_of_2(num_splits), USE_PDL=pdl,
+        launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1 and not fused:  # per token: every split's partial, weighted by its log-sum-exp
         _paged_decode_combine_kernel[(t, hq)](

@@ -206,6 +206,21 @@ def test_decode_uses_the_splits_a_context_fills(min_keys: int, monkeypatch: pyte
         _assert_close(out, paged_decode_attention_reference(*args))
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_decode_combine_loads_partials_in_chunks(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the in-kernel combine loads COMBINE_CHUNK partial outputs at a time: split counts that are not a
+    # multiple of it (the last chunk runs past the last split with weight 0) and empty splits
+    import kiln.backends.triton.paged_attention as pa
+
+    monkeypatch.setattr(pa, "COMBINE_CHUNK", chunk)
+    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 4)
+    b = _batch([3, 25, 58], [1, 1, 1], 4, 2, 16, torch.float32, seed=10 + chunk)  # 4, 26, 59 keys
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
+    for splits in (2, 5, 7):
+        out = paged_decode_attention(*args, num_splits=splits, out=_poisoned_like(b.q))
+        _assert_close(out, paged_decode_attention_reference(*args))
+
+
 def test_decode_cache_dtype_differs_from_q() -> None:
     b = _batch([5, 33], [1, 1], 4, 2, 64, torch.float32, cache_dtype=torch.bfloat16, seed=4)
     args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
