@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import os
 import re
 import traceback
@@ -46,6 +47,12 @@ class Capture:
     def constants(self) -> dict[str, Any]:
         """Non-tensor inputs baked into the graph (e.g. ``use_cache=False``)."""
         return {k: v for k, v in self.inputs.items() if not isinstance(v, torch.Tensor)}
+
+    def module(self) -> GraphModule:
+        """A fresh copy of the captured graph (``exported.module()``, context regions inlined) for a pipeline run."""
+        gm = self.exported.module()
+        _inline_context_wrappers(gm)
+        return gm
 
 
 def _forward_signature(model: torch.nn.Module) -> inspect.Signature:
@@ -249,6 +256,59 @@ def _export(model: torch.nn.Module, signature: inspect.Signature, inputs: dict[s
     return exported
 
 
+def _inline_context_wrappers(gm: GraphModule) -> int:
+    """Inline the no-grad and disabled-autocast regions that export keeps as higher-order ops.
+
+    Export writes a ``torch.no_grad()`` block as ``wrap_with_set_grad_enabled(False, submod,
+    *operands)`` and ``torch.autocast(enabled=False)`` as ``wrap_with_autocast``, each region a
+    submodule that kiln's passes would not look into (transformers 5.17's rotary embedding is one,
+    under torch 2.11). Inlined, the passes see plain ops: a no-grad region's outputs are detached
+    (no gradient flows back through them, as in the model), a disabled autocast region runs as
+    written. Regions that enable grad or autocast are left as they are. Returns how many were inlined.
+    """
+    hop = torch.ops.higher_order
+    grad = getattr(hop, "wrap_with_set_grad_enabled", None)
+    autocast = getattr(hop, "wrap_with_autocast", None)
+    inlined = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is None or node.target not in (grad, autocast):
+            continue
+        if node.target is grad:
+            enabled, sub_node, operands = node.args[0], node.args[1], node.args[2:]
+        else:  # (device_type, dtype, enabled, cache_enabled, submod, *operands)
+            enabled, sub_node, operands = node.args[2], node.args[4], node.args[5:]
+        if enabled:
+            continue
+        sub = getattr(gm, str(sub_node.target))  # type: ignore[union-attr]
+        if any(n.op == "get_attr" for n in sub.graph.nodes):
+            continue  # constants of its own: not seen in exported models yet
+        env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], operands, strict=True))
+        with gm.graph.inserting_before(node):
+            out = gm.graph.graph_copy(sub.graph, env)  # type: ignore[arg-type]
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        for user in list(node.users):
+            if not (user.op == "call_function" and user.target is operator.getitem):
+                continue
+            value = outs[user.args[1]]  # type: ignore[index]
+            if node.target is grad and isinstance(value, torch.fx.Node):
+                with gm.graph.inserting_before(user):
+                    value = gm.graph.call_function(torch.ops.aten.detach.default, (value,))
+                value.meta.update(user.meta)
+            user.replace_all_uses_with(value)  # type: ignore[arg-type]
+            gm.graph.erase_node(user)
+        if node.users:  # used whole (not through getitem): leave the region's call in place
+            continue
+        gm.graph.erase_node(node)
+        if not sub_node.users:  # type: ignore[union-attr]
+            gm.graph.erase_node(sub_node)  # type: ignore[arg-type]
+            delattr(gm, str(sub_node.target))  # type: ignore[union-attr]
+        inlined += 1
+    if inlined:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return inlined
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Any = (),
@@ -300,6 +360,7 @@ def capture(
             m.training = training
 
     gm = exported.module()
+    _inline_context_wrappers(gm)
     symbols: dict[str, str] = {}
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     for name, axes in dynamic_shapes.items():

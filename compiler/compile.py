@@ -148,7 +148,7 @@ class CompiledModel:
         from kiln.dump import write_dump
 
         if any(r.ir is None for r in self.report.records if not r.skipped) or self.report.input_ir is None:
-            _, report = _run_pipeline(self.capture.exported.module(), self.capture, self.config, record_ir=True)
+            _, report = _run_pipeline(self.capture.module(), self.capture, self.config, record_ir=True)
         else:
             report = self.report
         return write_dump(Path(directory), report)
@@ -277,7 +277,7 @@ def compile(  # noqa: A001 - the public name, as torch.compile
 
         create_groups(par)  # collective: the tensor-parallel and pipeline groups, before the passes name them
     captured = capture(model, example_inputs, example_kwargs, dynamic=config.dynamic)
-    gm = captured.exported.module()
+    gm = captured.module()
     gm, report = _run_pipeline(gm, captured, config, progress=progress)
     if staged or (par is not None and par.context_parallel_size > 1):
         return _parallel_model(captured, gm, report, config)

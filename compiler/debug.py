@@ -96,7 +96,7 @@ def bisect(
             result.ir_before, result.ir_after = previous["ir"], record.ir
         previous["ir"] = record.ir
 
-    gm = captured.exported.module()
+    gm = captured.module()
     from kiln.ir import print_ir
 
     previous["ir"] = print_ir(gm)

@@ -71,7 +71,7 @@ def canonical_graph(module, *args):
     from kiln.passes.canonicalize import Canonicalize
 
     cap = kiln.capture(module.eval(), args)
-    gm = cap.exported.module()
+    gm = cap.module()
     gm.meta[SYMBOLS_KEY] = dict(cap.gm.meta.get(SYMBOLS_KEY, {}))
     Canonicalize()(gm)
     return gm

@@ -40,7 +40,7 @@ def compile_shards(model: torch.nn.Module | Capture, example_inputs: Any = (), e
     out = []
     for r in range(config.parallel.world_size) if ranks is None else ranks:
         rank_config = dataclasses.replace(config, rank=r)
-        gm, report = _run_pipeline(captured.exported.module(), captured, rank_config)
+        gm, report = _run_pipeline(captured.module(), captured, rank_config)
         out.append(CompiledModel(captured, gm, report, rank_config))
     return out
 

@@ -96,3 +96,35 @@ def test_fp32_model_on_cuda_keeps_the_token_axis_dynamic() -> None:
     for n in (3, 11):
         ids = torch.randint(0, 512, (1, n), device="cuda")
         torch.testing.assert_close(cap.gm(input_ids=ids), model(input_ids=ids), rtol=1e-4, atol=1e-4)
+
+
+class ContextRegions(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # exported as wrap_with_set_grad_enabled(False, submod, x)
+            y = x * 2 + 1
+        with torch.autocast("cpu", enabled=False):  # wrap_with_autocast(..., enabled=False, ...)
+            z = y.float() @ self.w
+        return z.relu()
+
+
+def test_no_grad_and_disabled_autocast_regions_are_inlined() -> None:
+    from kiln.ir import verify
+
+    model = ContextRegions()
+    cap = kiln.capture(model, (torch.randn(3, 4),), dynamic=False)
+    targets = [str(n.target) for n in cap.gm.graph.nodes if n.op == "call_function"]
+    assert not any("wrap_with" in t or "WrapWith" in t for t in targets), targets
+    assert not any(n.op == "get_attr" and "submod" in str(n.target) for n in cap.gm.graph.nodes)
+    verify(cap.gm)  # every get_attr is a tensor again
+    x = torch.randn(3, 4, requires_grad=True)
+    out = cap.gm(x=x)
+    torch.testing.assert_close(out, model(x))
+    # the no-grad region's output is detached, as in the model: no gradient reaches x
+    (gx,) = torch.autograd.grad(out.sum(), [x], allow_unused=True)
+    assert gx is None and out.requires_grad  # ... while the weight's path keeps its gradient
+    assert isinstance(cap.module(), torch.fx.GraphModule)
+    assert not any("wrap_with" in str(n.target) for n in cap.module().graph.nodes)

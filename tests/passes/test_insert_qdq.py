@@ -36,7 +36,7 @@ def calib() -> torch.Tensor:
 
 def run(capture, config: QuantConfig):
     """A fresh canonical graph of the capture, its fp32 output, and the result of insert-qdq on it."""
-    gm = capture.exported.module()
+    gm = capture.module()
     gm.meta[SYMBOLS_KEY] = dict(capture.gm.meta.get(SYMBOLS_KEY, {}))
     Canonicalize()(gm)
     ref = gm(input_ids=X)
@@ -146,7 +146,7 @@ def test_only_constant_weights_match() -> None:
     model = Mixed().eval()
     x, y = torch.randn(2, 16), torch.randn(8, 16)
     cap = kiln.capture(model, (x, y), dynamic=False)
-    gm = cap.exported.module()
+    gm = cap.module()
     Canonicalize()(gm)
     result = InsertQDQ(QuantConfig(skip=()))(gm)
     verify(result.gm)
@@ -159,7 +159,7 @@ def test_only_constant_weights_match() -> None:
 def test_gpt2_conv1d_weights_behind_permute() -> None:
     model = hf_gpt2()
     cap = kiln.capture(model, {"input_ids": torch.randint(0, 128, (1, 8))})
-    gm = cap.exported.module()
+    gm = cap.module()
     Canonicalize()(gm)
     ids = torch.randint(0, 128, (1, 6))
     ref = gm(input_ids=ids, use_cache=False).logits

@@ -28,7 +28,7 @@ def capture():
 
 
 def qdq_graph(capture, config: QuantConfig):
-    gm = capture.exported.module()
+    gm = capture.module()
     gm.meta[SYMBOLS_KEY] = dict(capture.gm.meta.get(SYMBOLS_KEY, {}))
     Canonicalize()(gm)
     return InsertQDQ(config)(gm).gm

@@ -20,7 +20,7 @@ def capture(tiny_llama):
 
 
 def _graph(capture):
-    gm = capture.exported.module()
+    gm = capture.module()
     Canonicalize()(gm)
     return gm
 
