@@ -213,17 +213,18 @@ def _trace_attention_backend(model: torch.nn.Module, inputs: Mapping[str, Any]) 
     return contextlib.nullcontext()
 
 
-def _export(model: torch.nn.Module, signature: inspect.Signature, inputs: dict[str, Any], spec: dict[str, Any],
-            *, retry_as_hint: bool) -> ExportedProgram:  # fmt: skip
+def _export(
+    model: torch.nn.Module, signature: inspect.Signature, inputs: dict[str, Any], spec: dict[str, Any]
+) -> ExportedProgram:
     """``torch.export.export`` (non-strict) of ``model`` with the dynamic axes ``spec`` (named ``Dim`` s).
 
-    With ``retry_as_hint`` (the default token axis), a constraint violation is retried with the same
-    ranges given as ``Dim.DYNAMIC`` hints, which let export record guards instead of proving them;
-    the capture stands only if every axis kept a range up to its maximum. Older torch (2.11) cannot
-    prove some guards that hold for every token count: transformers' ``repeat_kv`` reshape of an
-    expanded (1, Hkv, groups, T, D) tensor makes ``Min(8*T, 16*T) == 8*T``, true for all T >= 0, and a
-    named ``Dim`` then fails although nothing is specialized. A real specialization (the code fixing
-    the token count) still fails, with the first attempt's error.
+    A constraint violation is retried with the same ranges given as ``Dim.DYNAMIC`` hints, which let
+    export record guards instead of proving them; the capture stands only if every axis kept its
+    range (from at most 2 up to its maximum). Older torch (2.11) cannot prove some guards that hold
+    for every size: transformers' ``repeat_kv`` reshape of an expanded (1, Hkv, groups, T, D) tensor
+    makes ``Min(8*T, 16*T) == 8*T``, true for all T >= 0, and a named ``Dim`` then fails although
+    nothing is specialized. A real specialization (the code fixing or narrowing the size) still
+    fails, with the first attempt's error.
     """
 
     def run(dims: dict[str, Any]) -> ExportedProgram:
@@ -234,7 +235,7 @@ def _export(model: torch.nn.Module, signature: inspect.Signature, inputs: dict[s
     try:
         return run(spec)
     except Exception as e:
-        if not (retry_as_hint and spec and _is_constraint_violation(e)):
+        if not (spec and _is_constraint_violation(e)):
             raise
         first = e
     hints = {
@@ -346,7 +347,7 @@ def capture(
     model.eval()
     try:
         with _trace_attention_backend(model, inputs):
-            exported = _export(model, signature, inputs, dynamic_shapes, retry_as_hint=dynamic in (True, "tokens"))
+            exported = _export(model, signature, inputs, dynamic_shapes)
     except Exception as e:
         construct, hint = _explain(e)
         where = _user_frame(e)

@@ -10,7 +10,8 @@ Matches / Rewrites to:
                         operand's dtype and device                               -> the operand
     arithmetic          ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` (same dtype and shape) -> ``x``
     identities          ``aten.alias``, ``aten.detach``, ``aten.clone``, ``aten.contiguous``,
-                        inference dropout ``aten.dropout(x, p, train=False)``   -> the operand
+                        inference dropout ``aten.dropout(x, p, train=False)``, a slice that
+                        keeps the whole axis (``x[:, :, None]`` under torch 2.11)  -> the operand
     transposes          ``aten.t``, ``aten.transpose.int``                      -> ``aten.permute``;
                         permute of permute -> one permute; identity permute     -> the operand
     views               ``aten.view``, ``aten._unsafe_view``                    -> ``aten.reshape``;
@@ -156,9 +157,23 @@ class Canonicalize(Pass):
             if train and p != 0:
                 return False
             return self._replace(node, node.args[0])  # type: ignore[arg-type]
+        if node.target == aten.slice.Tensor:
+            return self._remove_full_slice(node)
         if node.target not in _IDENTITIES or self._mutating:
             return False
         return self._replace(node, node.args[0])  # type: ignore[arg-type]
+
+    def _remove_full_slice(self, node: Node) -> bool:
+        """``aten.slice(x, dim, 0, end, 1)`` whose result has ``x``'s shape (end past the axis) -> ``x``."""
+        names = ("self", "dim", "start", "end", "step")
+        args = {**dict(zip(names, node.args, strict=False)), **node.kwargs}  # trailing defaults omitted
+        start, step = args.get("start", None), args.get("step", 1)
+        if start not in (None, 0) or step not in (None, 1):
+            return False
+        inp, out = meta_val(args["self"]), meta_val(node)
+        if inp is None or out is None or not _same_shape(inp, out):
+            return False
+        return self._replace(node, args["self"])  # type: ignore[arg-type]
 
     def _simplify_arithmetic(self, gm: GraphModule, node: Node) -> bool:
         """``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` -> ``x`` when type and shape are unchanged."""

@@ -37,6 +37,28 @@ def test_hf_llama_loses_asserts_casts_and_views() -> None:
         )
 
 
+class Slices(torch.nn.Module):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # named so that axis 1 is the dynamic T
+        x = input_ids
+        full = aten.slice.Tensor(x.unsqueeze(2), 3, 0, 9223372036854775807)  # x[:, :, None] under torch 2.11
+        stepped = aten.slice.Tensor(x, 2, 0, 9223372036854775807, 2)  # every other column: real
+        part = aten.slice.Tensor(x, 2, 0, 3)  # three columns: real
+        return full.sum(2)[..., :3] + part + stepped
+
+
+def test_slices_that_keep_the_whole_axis_are_removed() -> None:
+    model = Slices()
+    x = torch.randn(1, 5, 6)
+    cap, before, result = _run(model, {"input_ids": x})  # axis 1 dynamic (T): the full slice is symbolic
+    after = print_ir(result.gm)
+    assert "aten.slice(%unsqueeze, 3, 0, 9223372036854775807)" in before.replace(".Tensor", "")
+    assert ", 3, 0, 9223372036854775807)" not in after.replace(".Tensor", ""), after  # the full slice is gone
+    assert "9223372036854775807, 2)" in after and ", 2, 0, 3)" in after  # the stepped and the partial stay
+    for tokens in (2, 7):
+        y = torch.randn(1, tokens, 6)
+        torch.testing.assert_close(result.gm(input_ids=y), model(y), rtol=0, atol=0)
+
+
 def test_gpt2_conv1d_becomes_linear() -> None:
     model = hf_gpt2()
     cap, before, result = _run(model, {"input_ids": torch.randint(0, 128, (1, 9))})
