@@ -168,7 +168,7 @@ class Canonicalize(Pass):
         names = ("self", "dim", "start", "end", "step")
         args = {**dict(zip(names, node.args, strict=False)), **node.kwargs}  # trailing defaults omitted
         start, step = args.get("start", None), args.get("step", 1)
-        if start not in (None, 0) or step not in (None, 1):
+        if self._mutating or start not in (None, 0) or step not in (None, 1):  # a view an in-place op may write
             return False
         inp, out = meta_val(args["self"]), meta_val(node)
         if inp is None or out is None or not _same_shape(inp, out):
