@@ -81,7 +81,7 @@ def gemv_choices() -> str:
     picks = []
     for key, timings in TUNER.timings.items():
         (best, t0), (_, t1) = timings[0], timings[1] if len(timings) > 1 else timings[0]
-        picks.append(f"{key[1]}x{key[2]} m{key[0]}: {best} {t0 * 1e3:.1f} us (next {t1 * 1e3:.1f})")
+        picks.append(f"{key[2]}x{key[3]} m{key[1]}: {best} {t0 * 1e3:.1f} us (next {t1 * 1e3:.1f})")  # (op, m, n, k, ..)
     return "gemv picks: " + ("; ".join(picks) or "none timed")
 
 

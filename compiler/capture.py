@@ -223,8 +223,9 @@ def _export(
     range (from at most 2 up to its maximum). Older torch (2.11) cannot prove some guards that hold
     for every size: transformers' ``repeat_kv`` reshape of an expanded (1, Hkv, groups, T, D) tensor
     makes ``Min(8*T, 16*T) == 8*T``, true for all T >= 0, and a named ``Dim`` then fails although
-    nothing is specialized. A real specialization (the code fixing or narrowing the size) still
-    fails, with the first attempt's error.
+    nothing is specialized. The retry stands only if the guards export recorded hold for every size
+    in the range (:func:`_guards_hold`) and axes that shared a ``Dim`` still share one symbol; a real
+    specialization (the code fixing, narrowing or constraining the size) fails with the first error.
     """
 
     def run(dims: dict[str, Any]) -> ExportedProgram:
@@ -246,6 +247,7 @@ def _export(
     except Exception:
         raise first from None
     ranges = exported.range_constraints
+    symbols: dict[str, set[str]] = {}  # Dim name -> the symbols its axes got
     for name, axes in spec.items():
         node = next((n for n in exported.graph.nodes if n.op == "placeholder" and n.name == name), None)
         val = node.meta.get("val") if node is not None else None
@@ -254,7 +256,63 @@ def _export(
             vr = ranges.get(size.node.expr) if isinstance(size, torch.SymInt) else None
             if vr is None or bool(vr.upper < d.max) or bool(vr.lower > 2):  # 2: export's 0/1 specialization
                 raise first
+            symbols.setdefault(d.__name__, set()).add(str(size.node.expr))  # type: ignore[union-attr]
+    if any(len(group) > 1 for group in symbols.values()):  # axes one Dim tied together are no longer equal
+        raise first
+    if not _guards_hold(getattr(exported, "_guards_code", None) or [], spec, inputs):
+        raise first
     return exported
+
+
+class _Sized:
+    """What a shape guard reads of an input: ``size()``, ``size(i)`` and ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def size(self, i: int | None = None) -> Any:
+        return self.shape if i is None else self.shape[i]
+
+
+_GUARD_CHECK_LIMIT = 1 << 17  # sizes checked one by one; a larger maximum is checked at itself too
+
+
+def _guards_hold(codes: list[str], spec: dict[str, Any], inputs: dict[str, Any]) -> bool:
+    """Whether every guard export recorded (``L['input_ids'].size()[1] % 2 == 0``, ...) holds for every size of
+    each dynamic axis in its declared range, the other axes at their example sizes.
+
+    A guard that reads anything but sizes, or that fails to evaluate, counts as failing. Sizes run
+    from the Dim's minimum (at least 1) to its maximum, one by one up to 2^17.
+    """
+    if not codes:
+        return True
+    try:
+        checks = [compile(c, "<guard>", "eval") for c in codes]
+    except SyntaxError:
+        return False
+    shapes = {n: tuple(v.shape) for n, v in inputs.items() if isinstance(v, torch.Tensor)}
+    dims: dict[str, Any] = {}
+    for axes in spec.values():
+        for d in axes.values():
+            dims.setdefault(d.__name__, d)
+    env = {"__builtins__": {}, "min": min, "max": max, "abs": abs}
+    for dim_name, d in dims.items():
+        lo = max(1, int(d.min) if d.min is not None else 1)
+        hi = int(d.max) if d.max is not None and bool(d.max < 2**62) else None
+        sizes = list(range(lo, min(hi if hi is not None else _GUARD_CHECK_LIMIT, _GUARD_CHECK_LIMIT) + 1))
+        if hi is not None and hi > _GUARD_CHECK_LIMIT:
+            sizes.append(hi)
+        for size in sizes:
+            local = {}
+            for name, shape in shapes.items():
+                axes = {ax: size for ax, dd in spec.get(name, {}).items() if dd.__name__ == dim_name}
+                local[name] = _Sized(tuple(axes.get(i, n) for i, n in enumerate(shape)))
+            try:
+                if not all(eval(c, env, {"L": local}) for c in checks):  # noqa: S307 (export's own guard text)
+                    return False
+            except Exception:
+                return False
+    return True
 
 
 def _inline_context_wrappers(gm: GraphModule) -> int:
@@ -280,16 +338,17 @@ def _inline_context_wrappers(gm: GraphModule) -> int:
             enabled, sub_node, operands = node.args[2], node.args[4], node.args[5:]
         if enabled:
             continue
+        if not all(u.op == "call_function" and u.target is operator.getitem for u in node.users):
+            continue  # used whole (not through getitem): leave the region's call in place
         sub = getattr(gm, str(sub_node.target))  # type: ignore[union-attr]
+        _inline_context_wrappers(sub)  # regions nested in this one first (no_grad around autocast(False))
         if any(n.op == "get_attr" for n in sub.graph.nodes):
-            continue  # constants of its own: not seen in exported models yet
+            continue  # constants of its own, or a region left as it is: keep this one too
         env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], operands, strict=True))
         with gm.graph.inserting_before(node):
             out = gm.graph.graph_copy(sub.graph, env)  # type: ignore[arg-type]
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         for user in list(node.users):
-            if not (user.op == "call_function" and user.target is operator.getitem):
-                continue
             value = outs[user.args[1]]  # type: ignore[index]
             if node.target is grad and isinstance(value, torch.fx.Node):
                 with gm.graph.inserting_before(user):
@@ -297,12 +356,12 @@ def _inline_context_wrappers(gm: GraphModule) -> int:
                 value.meta.update(user.meta)
             user.replace_all_uses_with(value)  # type: ignore[arg-type]
             gm.graph.erase_node(user)
-        if node.users:  # used whole (not through getitem): leave the region's call in place
-            continue
         gm.graph.erase_node(node)
         if not sub_node.users:  # type: ignore[union-attr]
             gm.graph.erase_node(sub_node)  # type: ignore[arg-type]
-            delattr(gm, str(sub_node.target))  # type: ignore[union-attr]
+            target = str(sub_node.target)  # type: ignore[union-attr]
+            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+                delattr(gm, target)
         inlined += 1
     if inlined:
         gm.graph.eliminate_dead_code()

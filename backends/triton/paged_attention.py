@@ -261,8 +261,8 @@ def paged_decode_attention(
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, next_power_of_2(group)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
-        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, SPLITS_PAD=next_power_of_2(num_splits),
-        COMBINE_CHUNK=COMBINE_CHUNK, USE_PDL=pdl, launch_pdl=pdl,
+        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, SPLITS_PAD=DECODE_MAX_SPLITS if fused else 1,
+        COMBINE_CHUNK=COMBINE_CHUNK, USE_PDL=pdl, launch_pdl=pdl,  # one compiled variant for every split count
     )  # fmt: skip
     if num_splits > 1 and not fused:
         _paged_decode_combine_kernel[(num_seqs, hq)](
@@ -349,8 +349,8 @@ def paged_prefill_attention(
         WRITE_LSE=num_splits > 1, FUSED=fused, PACK_GQA=pack, PAGE_SIZE=page_size, HEAD_DIM=d, HEAD_DIM_PAD=max(16, next_power_of_2(d)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
-        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, SPLITS_PAD=next_power_of_2(num_splits), USE_PDL=pdl,
-        launch_pdl=pdl,
+        DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, SPLITS_PAD=PREFILL_MAX_SPLITS if fused else 1,
+        USE_PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1 and not fused:  # per token: every split's partial, weighted by its log-sum-exp
         _paged_decode_combine_kernel[(t, hq)](

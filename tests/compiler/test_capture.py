@@ -59,7 +59,19 @@ class AtMost16(torch.nn.Module):
         return input_ids * 2
 
 
-@pytest.mark.parametrize("model", [FixedLength(), AtMost16()], ids=["fixed", "narrowed"])
+class SkipsFive(torch.nn.Module):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids * (3 if input_ids.shape[1] == 5 else 2)  # a guard T != 5, the range untouched
+
+
+class EvenOnly(torch.nn.Module):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids.float().reshape(1, -1, 2)  # a guard T % 2 == 0
+
+
+@pytest.mark.parametrize(
+    "model", [FixedLength(), AtMost16(), SkipsFive(), EvenOnly()], ids=["fixed", "narrowed", "not-five", "even"]
+)
 def test_a_real_specialization_of_the_token_axis_is_refused(model: torch.nn.Module) -> None:
     # the retry with Dim.DYNAMIC hints (for guards older torch cannot prove) must not accept a fixed or
     # narrowed token range
@@ -109,6 +121,26 @@ class ContextRegions(torch.nn.Module):
         with torch.autocast("cpu", enabled=False):  # wrap_with_autocast(..., enabled=False, ...)
             z = y.float() @ self.w
         return z.relu()
+
+
+class NestedRegions(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # transformers 4.5x's rotary embedding: autocast(False) inside no_grad
+            with torch.autocast("cpu", enabled=False):
+                y = x.float() * 3
+            y = y + 1
+        return y.cos()
+
+
+def test_nested_context_regions_are_inlined() -> None:
+    from kiln.ir import verify
+
+    model = NestedRegions()
+    cap = kiln.capture(model, (torch.randn(2, 5),), dynamic=False)
+    assert not any("wrap_with" in str(n.target) or n.op == "get_attr" for n in cap.gm.graph.nodes)
+    verify(cap.gm)
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(cap.gm(x=x), model(x))
 
 
 def test_no_grad_and_disabled_autocast_regions_are_inlined() -> None:

@@ -214,7 +214,8 @@ def test_decode_combine_loads_partials_in_chunks(chunk: int, monkeypatch: pytest
 
     monkeypatch.setattr(pa, "COMBINE_CHUNK", chunk)
     monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 4)
-    b = _batch([3, 25, 58], [1, 1, 1], 4, 2, 16, torch.float32, seed=10 + chunk)  # 4, 26, 59 keys
+    b = _batch([3, 9, 25, 58], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=10 + chunk)  # 4, 10, 26, 59 keys
+    # (10 keys: 3 of the launch's 5 or 7 splits)
     args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
     for splits in (2, 5, 7):
         out = paged_decode_attention(*args, num_splits=splits, out=_poisoned_like(b.q))
