@@ -11,7 +11,8 @@ Matches / Rewrites to:
     arithmetic          ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` (same dtype and shape) -> ``x``
     identities          ``aten.alias``, ``aten.detach``, ``aten.clone``, ``aten.contiguous``,
                         inference dropout ``aten.dropout(x, p, train=False)``, a slice that
-                        keeps the whole axis (``x[:, :, None]`` under torch 2.11)  -> the operand
+                        keeps the whole axis (``x[:, :, None]`` under torch 2.11), ``aten.detach_``
+                        of a value nothing else reads (transformers 5.17's mask fill)  -> the operand
     transposes          ``aten.t``, ``aten.transpose.int``                      -> ``aten.permute``;
                         permute of permute -> one permute; identity permute     -> the operand
     views               ``aten.view``, ``aten._unsafe_view``                    -> ``aten.reshape``;
@@ -159,6 +160,8 @@ class Canonicalize(Pass):
             return self._replace(node, node.args[0])  # type: ignore[arg-type]
         if node.target == aten.slice.Tensor:
             return self._remove_full_slice(node)
+        if node.target in _AUTOGRAD_ONLY and not node.args[0].users.keys() - {node}:  # type: ignore[union-attr]
+            return self._replace(node, node.args[0])  # type: ignore[arg-type]  # its operand has no other reader
         if node.target not in _IDENTITIES or self._mutating:
             return False
         return self._replace(node, node.args[0])  # type: ignore[arg-type]
@@ -264,8 +267,11 @@ class Canonicalize(Pass):
         return False
 
 
+_AUTOGRAD_ONLY = {aten.detach_.default}  # in-place in name only: they change autograd state, never data
+
+
 def _has_mutation(graph: torch.fx.Graph) -> bool:
     for n in graph.nodes:
-        if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+        if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable and n.target not in _AUTOGRAD_ONLY:
             return True
     return False

@@ -59,6 +59,23 @@ def test_slices_that_keep_the_whole_axis_are_removed() -> None:
         torch.testing.assert_close(result.gm(input_ids=y), model(y), rtol=0, atol=0)
 
 
+class TensorFill(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.tensor in forward exports as detach_(lift_fresh_copy(constant)), as transformers' mask fill does
+        y = torch.where(x > 0, torch.tensor(0.0), -1e30) + x
+        return y.reshape(2, 6).reshape(3, 4)  # a reshape of a reshape: folded only without mutation
+
+
+def test_detach_in_place_is_not_a_mutation() -> None:
+    model = TensorFill()
+    cap, before, result = _run(model, (torch.randn(3, 4),), dynamic=False)
+    after = print_ir(result.gm)
+    assert "aten.detach_(" in before and "aten.detach_(" not in after and "aten.lift_fresh_copy(" not in after
+    assert "return [%add]" in after, after  # reshape of reshape to the same shape removed: the graph counts as pure
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(result.gm(x=x), model(x), rtol=0, atol=0)
+
+
 def test_gpt2_conv1d_becomes_linear() -> None:
     model = hf_gpt2()
     cap, before, result = _run(model, {"input_ids": torch.randint(0, 128, (1, 9))})

@@ -84,8 +84,12 @@ def test_models_fuse_every_layer_into_causal_kiln_attention(compiled_model: tupl
         assert lines(ir, op) == 0, op
     if spec.startswith("hf"):  # HF's mask construction (arange/index/le/eq/and/where) and repeat_kv are gone
         assert fused(compiled)["causal_masks_proven"] == layers
-        for op in ("aten.expand", "aten.index", "aten.le", "aten.eq", "aten.__and__", "aten.where", "aten.cumsum", "aten.diff"):
+        for op in ("aten.index", "aten.le", "aten.eq", "aten.__and__", "aten.where", "aten.cumsum", "aten.diff"):
             assert lines(ir, op) == 0, op
+        # repeat_kv's expand: none in the attention modules (the rotary embedding's expand of inv_freq, a free
+        # layout op of one buffer that fold-constants keeps by policy, appears under transformers 5.17)
+        attn = "\n".join(line for line in ir.splitlines() if "attn" in line.split("#")[-1])
+        assert lines(attn, "aten.expand") == 0, attn
     hq, hkv = kv_heads(compiled)[0]
     assert (hq, hkv) == ((4, 4) if "gpt2" in spec else (4, 2))  # GQA by head counts, K/V never repeated
 
