@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -208,7 +210,7 @@ def test_hf_llama_outputs_unchanged(llama: nn.Module, dynamic: str | bool) -> No
 
     ir = print_ir(gm)
     assert stats["constants_created"] >= 1
-    assert "aten.linear(%alias, %lm_head_weight)" in ir  # weights are read as they were
+    assert re.search(r"aten\.linear\(%\w+, %lm_head_weight\)", ir)  # weights are read as they were
     if dynamic is False:  # the causal mask and the rotary tables are constants for 8 tokens
         assert lines(ir, "aten.cos") == 0 and lines(ir, "aten.sin") == 0
         assert lines(ir, "aten.arange") == 0
