@@ -125,6 +125,18 @@ def is_call(node: object, target: object) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target == target
 
 
+#: The ``end`` of a slice to the end of its axis (``x[..., h:]`` traces to it).
+SLICE_END = 2**63 - 1
+
+
+def slice_args(node: Node) -> tuple:
+    """``(dim, start, end, step)`` of an ``aten.slice.Tensor`` node, defaults filled in."""
+    given = (*node.args[1:], *[None] * 4)[:4]
+    dim, start, end, step = (node.kwargs.get(k, v) for k, v in zip(("dim", "start", "end", "step"), given, strict=True))
+    return (0 if dim is None else dim, 0 if start is None else start, SLICE_END if end is None else end,
+            1 if step is None else step)  # fmt: skip
+
+
 def constant_tensor(gm: torch.nn.Module, arg: object) -> torch.Tensor | None:
     """The tensor a ``get_attr`` operand names (a weight or buffer of ``gm``); None for anything else."""
     if not (isinstance(arg, Node) and arg.op == "get_attr"):
@@ -359,6 +371,7 @@ def iter_ops(gm: GraphModule, targets: Iterable[object]) -> list[Node]:
 
 __all__ = [
     "PASS_KEY",
+    "SLICE_END",
     "SYMBOLS_KEY",
     "constant_tensor",
     "meta_val",
@@ -371,6 +384,7 @@ __all__ = [
     "op_name",
     "print_ir",
     "provenance",
+    "slice_args",
     "to_networkx",
     "verify",
 ]

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import infer_meta, meta_val, op_name
+from kiln.ir import infer_meta, meta_val, op_name, slice_args
 from kiln.pass_manager import Pass, PassResult, RewriteError, copy_meta
 
 aten = torch.ops.aten
@@ -168,15 +168,13 @@ class Canonicalize(Pass):
 
     def _remove_full_slice(self, node: Node) -> bool:
         """``aten.slice(x, dim, 0, end, 1)`` whose result has ``x``'s shape (end past the axis) -> ``x``."""
-        names = ("self", "dim", "start", "end", "step")
-        args = {**dict(zip(names, node.args, strict=False)), **node.kwargs}  # trailing defaults omitted
-        start, step = args.get("start", None), args.get("step", 1)
-        if self._mutating or start not in (None, 0) or step not in (None, 1):  # a view an in-place op may write
+        _, start, _, step = slice_args(node)
+        if self._mutating or start != 0 or step != 1:  # a view an in-place op may write through
             return False
-        inp, out = meta_val(args["self"]), meta_val(node)
+        inp, out = meta_val(node.args[0]), meta_val(node)
         if inp is None or out is None or not _same_shape(inp, out):
             return False
-        return self._replace(node, args["self"])  # type: ignore[arg-type]
+        return self._replace(node, node.args[0])  # type: ignore[arg-type]
 
     def _simplify_arithmetic(self, gm: GraphModule, node: Node) -> bool:
         """``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` -> ``x`` when type and shape are unchanged."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.ir import is_call, meta_val
+from kiln.ir import SLICE_END, is_call, meta_val, slice_args
 from kiln.pass_manager import Pass, PassResult, RewriteError, replace_with_call
 
 aten = torch.ops.aten
@@ -37,17 +37,6 @@ ROTARY = torch.ops.kiln.rotary.default
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 #: The widest head dimension the CUDA kernel rotates (``kiln.backends.triton.rotary.MAX_D``).
 MAX_HEAD_DIM = 1024
-_SLICE_END = 2**63 - 1  # what ``x[..., h:]`` traces to
-
-
-def _slice_args(node: Node) -> tuple:
-    """``(dim, start, end, step)`` of an ``aten.slice.Tensor`` node, defaults filled in."""
-    given = (*node.args[1:], *[None] * 4)[:4]
-    dim, start, end, step = (node.kwargs.get(k, v) for k, v in zip(("dim", "start", "end", "step"), given, strict=True))
-    return (0 if dim is None else dim, 0 if start is None else start, _SLICE_END if end is None else end,
-            1 if step is None else step)  # fmt: skip
-
-
 def _last_dim(dim: object, rank: int) -> bool:
     return dim in (-1, rank - 1)
 
@@ -92,9 +81,9 @@ class LowerRotary(Pass):
             d = xv.shape[-1]
             if not isinstance(d, int) or d % 2:
                 return None
-            s1, s2 = _slice_args(x1), _slice_args(x2)
+            s1, s2 = slice_args(x1), slice_args(x2)
             ok1 = _last_dim(s1[0], xv.dim()) and s1[1] == 0 and s1[2] == d // 2 and s1[3] == 1
-            ok2 = _last_dim(s2[0], xv.dim()) and s2[1] == d // 2 and s2[2] in (d, _SLICE_END) and s2[3] == 1
+            ok2 = _last_dim(s2[0], xv.dim()) and s2[1] == d // 2 and s2[2] in (d, SLICE_END) and s2[3] == 1
             return x if ok1 and ok2 else None  # type: ignore[return-value]
         return None
 
