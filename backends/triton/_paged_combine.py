@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.backends.triton._utils import pdl_release, pdl_wait
+
 
 @triton.jit
 def _query_token(QueryStart, seq, HAS_QUERY_START: tl.constexpr):
@@ -87,12 +89,15 @@ def _paged_decode_combine_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     SKIP_EMPTY: tl.constexpr = False,  # leave rows whose splits are all empty unwritten (prefill: unowned tokens)
+    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
 ):  # fmt: skip
     """One program: one (sequence, query head). out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
 
     Prefill combines per token (grid (T, Hq), no query starts); a token owned by no sequence has
     every log-sum-exp at its initial -inf and, with ``SKIP_EMPTY``, is not written.
     """
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)  # every input is the attention kernel's output
     seq = tl.program_id(0)
     h = tl.program_id(1)
     t, q_len = _query_token(QueryStart, seq, HAS_QUERY_START)

@@ -114,6 +114,8 @@ _LOG2E = 1.4426950408889634
 #: False restores the combine kernel (A/B measurements; the two differ only in summation order). On an
 #: H100 the 1B decode step takes 1.329 ms with it, 1.371 ms without (benchmarks/RESULTS.md).
 FUSED_COMBINE = True
+#: The same choice for the decode kernel alone (None: follow :data:`FUSED_COMBINE`).
+DECODE_FUSED_COMBINE: bool | None = None
 #: Prefill programs take every query head of a KV group (rows = tokens x group), so each key tile is read
 #: once per group instead of once per query head. On an H100 the 1B prefix-cache hit (128 new tokens over
 #: 2,176 keys) takes 2.407 ms with it, 2.465 ms without (benchmarks/RESULTS.md); False is the A/B switch.
@@ -248,7 +250,7 @@ def paged_decode_attention(
         lse_strides = lse.stride()
     keys_bucket = next_power_of_2(max(16, triton.cdiv(max_seq_len, num_splits)))
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
-    fused = num_splits > 1 and FUSED_COMBINE
+    fused = num_splits > 1 and (FUSED_COMBINE if DECODE_FUSED_COMBINE is None else DECODE_FUSED_COMBINE)
     cnt = arrival_counters(q.device, num_seqs * hkv) if fused else seq_lens  # unused pointer when not fused
     pdl = pdl_enabled(q.device, _paged_checks._INTERPRET)
     _paged_decode_kernel[(num_seqs, hkv, num_splits)](
@@ -269,6 +271,7 @@ def paged_decode_attention(
             part, lse, qsl, out, *part.stride(), *lse.stride(), out.stride(1), out.stride(2), out.stride(3),
             num_splits, HAS_QUERY_START=query_start_loc is not None, HEAD_DIM=d,
             HEAD_DIM_PAD=next_power_of_2(d), SPLITS_PAD=next_power_of_2(num_splits), num_warps=4,
+            USE_PDL=pdl, launch_pdl=pdl,
         )  # fmt: skip
     return out
 
