@@ -114,15 +114,24 @@ _LOG2E = 1.4426950408889634
 #: False restores the combine kernel (A/B measurements; the two differ only in summation order). On an
 #: H100 the 1B decode step takes 1.329 ms with it, 1.371 ms without (benchmarks/RESULTS.md).
 FUSED_COMBINE = True
-#: The same choice for the decode kernel alone (None: follow :data:`FUSED_COMBINE`).
+#: The decode kernel's choice: None combines in the kernel up to :data:`DECODE_FUSED_MAX_SPLITS` splits and
+#: in the combine kernel above (True / False force one; A/B switch).
 DECODE_FUSED_COMBINE: bool | None = None
+#: Most splits (of a launch) the decode kernel merges itself. The last-arriving split merges on the
+#: kernel's critical path, ``COMBINE_CHUNK`` partials per L2 round trip, where the combine kernel's
+#: programs (one per query head) load all of theirs at once. H100, batch 1 (``.gpu/dattn_ab.py``,
+#: benchmarks/RESULTS.md, session 11): the combine kernel is 0.6 us faster at 4 splits (1k keys),
+#: 2.3 us at 16 (4k keys) and 5 us at 32 (16k keys); at 1-2 splits (short contexts in a short-capacity
+#: graph, as in batch-1 decode) the fused path writes its output directly or merges two partials,
+#: and saves the second launch (session 8: 1.329 vs 1.371 ms for the 1B decode step).
+DECODE_FUSED_MAX_SPLITS = 4
 #: Prefill programs take every query head of a KV group (rows = tokens x group), so each key tile is read
 #: once per group instead of once per query head. On an H100 the 1B prefix-cache hit (128 new tokens over
 #: 2,176 keys) takes 2.407 ms with it, 2.465 ms without (benchmarks/RESULTS.md); False is the A/B switch.
 PACK_GQA = True
 #: Partial outputs the decode kernel's in-kernel combine loads at once (unrolled, so their L2 round trips
-#: overlap). Session 10 found batch-1 decode at long contexts 1.3-1.6x slower than before the in-kernel
-#: combine, whose loop paid a round trip per split; 4 is unmeasured (``.gpu/run35.sh`` sweeps it).
+#: overlap). H100, batch 1, 32 splits at 16k keys (session 11): chunk 1 39.7 us, 4 36.1 us, 8 36.2 us
+#: (and 8 spills registers with 32-key tiles).
 COMBINE_CHUNK = 4
 
 
@@ -250,7 +259,10 @@ def paged_decode_attention(
         lse_strides = lse.stride()
     keys_bucket = next_power_of_2(max(16, triton.cdiv(max_seq_len, num_splits)))
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
-    fused = num_splits > 1 and (FUSED_COMBINE if DECODE_FUSED_COMBINE is None else DECODE_FUSED_COMBINE)
+    if DECODE_FUSED_COMBINE is None:
+        fused = 1 < num_splits <= DECODE_FUSED_MAX_SPLITS and FUSED_COMBINE
+    else:
+        fused = num_splits > 1 and DECODE_FUSED_COMBINE
     cnt = arrival_counters(q.device, num_seqs * hkv) if fused else seq_lens  # unused pointer when not fused
     pdl = pdl_enabled(q.device, _paged_checks._INTERPRET)
     _paged_decode_kernel[(num_seqs, hkv, num_splits)](

@@ -213,6 +213,7 @@ def test_decode_combine_loads_partials_in_chunks(chunk: int, monkeypatch: pytest
     import kiln.backends.triton.paged_attention as pa
 
     monkeypatch.setattr(pa, "COMBINE_CHUNK", chunk)
+    monkeypatch.setattr(pa, "DECODE_FUSED_COMBINE", True)  # past DECODE_FUSED_MAX_SPLITS too
     monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 4)
     b = _batch([3, 9, 25, 58], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=10 + chunk)  # 4, 10, 26, 59 keys
     # (10 keys: 3 of the launch's 5 or 7 splits)
@@ -220,6 +221,23 @@ def test_decode_combine_loads_partials_in_chunks(chunk: int, monkeypatch: pytest
     for splits in (2, 5, 7):
         out = paged_decode_attention(*args, num_splits=splits, out=_poisoned_like(b.q))
         _assert_close(out, paged_decode_attention_reference(*args))
+
+
+def test_decode_combines_in_kernel_up_to_fused_max_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DECODE_FUSED_COMBINE None: launches of up to DECODE_FUSED_MAX_SPLITS splits merge in the kernel (arrival
+    # counters), longer ones in the combine kernel; both exact
+    import kiln.backends.triton.paged_attention as pa
+
+    fused_launches = []
+    counters = pa.arrival_counters
+    monkeypatch.setattr(pa, "arrival_counters", lambda *a: fused_launches.append(a) or counters(*a))
+    b = _batch([3, 9, 25, 58], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=5)
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
+    for splits in (pa.DECODE_FUSED_MAX_SPLITS, pa.DECODE_FUSED_MAX_SPLITS + 1):
+        fused_launches.clear()
+        out = paged_decode_attention(*args, num_splits=splits, out=_poisoned_like(b.q))
+        _assert_close(out, paged_decode_attention_reference(*args))
+        assert len(fused_launches) == (splits <= pa.DECODE_FUSED_MAX_SPLITS)
 
 
 def test_decode_cache_dtype_differs_from_q() -> None:
