@@ -49,9 +49,9 @@ def _last_split_combines(
     The merge is on the kernel's critical path (the last split waits for nothing else), so its
     loads must not queue one after another: the log-sum-exps come as one (ROWS, SPLITS_PAD) tile
     and the partial outputs ``CHUNK`` splits at a time. The first version's loop of one load per
-    split paid an L2 round trip per split, twice: the likely cause of batch-1 decode at long
-    contexts running 1.3-1.6x slower on an H100 than with the separate combine kernel (session 10,
-    ``benchmarks/RESULTS.md``); the chunked loads are not yet timed on a GPU.
+    split paid an L2 round trip per split, twice. Chunked (4), batch-1 decode on an H100 at 16k keys
+    went 39.7 -> 36.1 us, still 5 us behind the separate combine kernel at 32 splits (session 11,
+    ``benchmarks/RESULTS.md``): decode merges here only up to ``DECODE_FUSED_MAX_SPLITS`` splits.
     """
     tl.debug_barrier()  # every thread's partials stored before one thread counts the program in
     arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
