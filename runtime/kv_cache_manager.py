@@ -37,7 +37,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NewType
 
-
 from kiln.errors import CapacityError, ConfigError
 from kiln.runtime.block_pool import BlockPool, KVCacheBlock
 from kiln.runtime.request import Request
