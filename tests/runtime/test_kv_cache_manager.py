@@ -2,6 +2,7 @@ import hashlib
 import random
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,6 +49,12 @@ def test_chained_hashes_differ_with_parent_and_salt_and_agree_otherwise() -> Non
     s1, s2 = hash_block_sequence(t, BS, salt="alice"), hash_block_sequence(t, BS, salt="bob")
     assert all(x != y for x, y in zip(s1, s2, strict=True)) and all(x != y for x, y in zip(s1, a, strict=True))
     assert hash_block_sequence(t[8:], BS, first_block=2, parent_hash=a[1]) == a[2:]
+    chained, parent = [], None  # the packed fast path is hash_block_tokens' encoding, block after block
+    for i in range(0, 12, BS):
+        parent = hash_block_tokens(parent, t[i : i + BS])
+        chained.append(parent)
+    assert a == chained
+    assert hash_block_sequence(np.asarray(t, dtype=np.int32), BS) == a  # numpy token ids hash alike
     assert hash_block_tokens(None, [1], (7,)) != hash_block_tokens(None, [1], ("7",))
     with pytest.raises(TypeError):
         hash_block_tokens(None, [1], (1.5,))  # type: ignore[arg-type]
