@@ -27,6 +27,8 @@ DECODE_PROGRAMS_PER_SM = 4
 """The heuristic splits until there are about this many decode programs per SM (or keys run short).
 
 Two per SM (tried) cost 7-17% at batch 16 and 64 (fewer splits than the four-per-SM count)."""
+DECODE_FUSED_MAX_SPLITS = 4
+"""Most splits a decode launch always merges in the kernel (:func:`decode_combines_in_kernel`)."""
 PREFILL_MAX_SPLITS = 16
 """Most splits of the keys of a prefill row block (each split is one more partial output per query row)."""
 PREFILL_MIN_SPLIT_KEYS = 512
@@ -181,6 +183,23 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     by_occupancy = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(1, num_seqs * num_kv_heads))
     by_length = triton.cdiv(max(1, max_seq_len), DECODE_MIN_SPLIT_KEYS)
     return max(1, min(by_occupancy, by_length, DECODE_AUTO_MAX_SPLITS))
+
+
+def decode_combines_in_kernel(num_splits: int, num_seqs: int, num_kv_heads: int, num_sms: int) -> bool:
+    """Whether a decode launch of ``num_splits`` splits merges them in its last-arriving split (else: the combine kernel).
+
+    The in-kernel merge saves a launch but runs on the critical path of its (sequence, KV head)
+    group, ``COMBINE_CHUNK`` partials per L2 round trip; the combine kernel loads each query head's
+    partials at once. With few groups (about one wave: fewer than half the SMs) the merges are the
+    kernel's tail, and above ``DECODE_FUSED_MAX_SPLITS`` splits the combine kernel wins. H100, 8 KV
+    heads (benchmarks/RESULTS.md, session 11): batch 1 and 4 at 1k-16k keys 0.6-5.5 us faster with the
+    combine kernel; batch 16 at 4k keys (5 splits, 128 groups) 112 us with it against 98.5 us
+    merged in the kernel (session 10; another machine). Up to 4 splits the in-kernel path stays: a
+    short context in a short-capacity graph writes its output directly and launches nothing more.
+    """
+    if num_splits <= 1:
+        return False
+    return num_splits <= DECODE_FUSED_MAX_SPLITS or 2 * num_seqs * num_kv_heads > num_sms
 
 
 def prefill_num_splits(

@@ -77,6 +77,7 @@ from kiln.backends.triton._paged_checks import (
     _num_sms,
     _scale_args,
     _upcast_dot,
+    decode_combines_in_kernel,
     decode_num_splits,
     prefill_num_splits,
 )
@@ -98,6 +99,7 @@ from kiln.ops import KV_CACHE_QMAX
 __all__ = [
     "DECODE_MAX_SPLITS",
     "DECODE_MIN_SPLIT_KEYS",
+    "decode_combines_in_kernel",
     "decode_num_splits",
     "paged_attention",
     "paged_attention_reference",
@@ -114,17 +116,9 @@ _LOG2E = 1.4426950408889634
 #: False restores the combine kernel (A/B measurements; the two differ only in summation order). On an
 #: H100 the 1B decode step takes 1.329 ms with it, 1.371 ms without (benchmarks/RESULTS.md).
 FUSED_COMBINE = True
-#: The decode kernel's choice: None combines in the kernel up to :data:`DECODE_FUSED_MAX_SPLITS` splits and
-#: in the combine kernel above (True / False force one; A/B switch).
+#: The decode kernel's choice: None asks :func:`decode_combines_in_kernel` (in the kernel with few splits or
+#: many (sequence, KV head) groups, else the combine kernel); True / False force one (A/B switch).
 DECODE_FUSED_COMBINE: bool | None = None
-#: Most splits (of a launch) the decode kernel merges itself. The last-arriving split merges on the
-#: kernel's critical path, ``COMBINE_CHUNK`` partials per L2 round trip, where the combine kernel's
-#: programs (one per query head) load all of theirs at once. H100, batch 1 (``.gpu/dattn_ab.py``,
-#: benchmarks/RESULTS.md, session 11): the combine kernel is 0.6 us faster at 4 splits (1k keys),
-#: 2.3 us at 16 (4k keys) and 5 us at 32 (16k keys); at 1-2 splits (short contexts in a short-capacity
-#: graph, as in batch-1 decode) the fused path writes its output directly or merges two partials,
-#: and saves the second launch (session 8: 1.329 vs 1.371 ms for the 1B decode step).
-DECODE_FUSED_MAX_SPLITS = 4
 #: Prefill programs take every query head of a KV group (rows = tokens x group), so each key tile is read
 #: once per group instead of once per query head. On an H100 the 1B prefix-cache hit (128 new tokens over
 #: 2,176 keys) takes 2.407 ms with it, 2.465 ms without (benchmarks/RESULTS.md); False is the A/B switch.
@@ -260,7 +254,7 @@ def paged_decode_attention(
     keys_bucket = next_power_of_2(max(16, triton.cdiv(max_seq_len, num_splits)))
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     if DECODE_FUSED_COMBINE is None:
-        fused = 1 < num_splits <= DECODE_FUSED_MAX_SPLITS and FUSED_COMBINE
+        fused = FUSED_COMBINE and decode_combines_in_kernel(num_splits, num_seqs, hkv, _num_sms(q.device))
     else:
         fused = num_splits > 1 and DECODE_FUSED_COMBINE
     cnt = arrival_counters(q.device, num_seqs * hkv) if fused else seq_lens  # unused pointer when not fused

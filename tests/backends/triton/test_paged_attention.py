@@ -213,7 +213,7 @@ def test_decode_combine_loads_partials_in_chunks(chunk: int, monkeypatch: pytest
     import kiln.backends.triton.paged_attention as pa
 
     monkeypatch.setattr(pa, "COMBINE_CHUNK", chunk)
-    monkeypatch.setattr(pa, "DECODE_FUSED_COMBINE", True)  # past DECODE_FUSED_MAX_SPLITS too
+    monkeypatch.setattr(pa, "DECODE_FUSED_COMBINE", True)  # whatever decode_combines_in_kernel says
     monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 4)
     b = _batch([3, 9, 25, 58], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=10 + chunk)  # 4, 10, 26, 59 keys
     # (10 keys: 3 of the launch's 5 or 7 splits)
@@ -223,9 +223,9 @@ def test_decode_combine_loads_partials_in_chunks(chunk: int, monkeypatch: pytest
         _assert_close(out, paged_decode_attention_reference(*args))
 
 
-def test_decode_combines_in_kernel_up_to_fused_max_splits(monkeypatch: pytest.MonkeyPatch) -> None:
-    # DECODE_FUSED_COMBINE None: launches of up to DECODE_FUSED_MAX_SPLITS splits merge in the kernel (arrival
-    # counters), longer ones in the combine kernel; both exact
+def test_decode_combine_choice_follows_the_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DECODE_FUSED_COMBINE None: decode_combines_in_kernel picks the in-kernel merge (arrival counters) or the
+    # combine kernel; both exact
     import kiln.backends.triton.paged_attention as pa
 
     fused_launches = []
@@ -233,11 +233,23 @@ def test_decode_combines_in_kernel_up_to_fused_max_splits(monkeypatch: pytest.Mo
     monkeypatch.setattr(pa, "arrival_counters", lambda *a: fused_launches.append(a) or counters(*a))
     b = _batch([3, 9, 25, 58], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=5)
     args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
-    for splits in (pa.DECODE_FUSED_MAX_SPLITS, pa.DECODE_FUSED_MAX_SPLITS + 1):
+    for splits, sms in ((4, 64), (5, 64), (5, 8)):  # 4 sequences x 2 KV heads = 8 groups
+        monkeypatch.setattr(pa, "_num_sms", lambda _device, n=sms: n)
         fused_launches.clear()
         out = paged_decode_attention(*args, num_splits=splits, out=_poisoned_like(b.q))
         _assert_close(out, paged_decode_attention_reference(*args))
-        assert len(fused_launches) == (splits <= pa.DECODE_FUSED_MAX_SPLITS)
+        assert len(fused_launches) == pa.decode_combines_in_kernel(splits, 4, 2, sms)
+    assert fused_launches  # the last launch (many groups for its SMs) merged in the kernel
+
+
+def test_decode_combine_heuristic() -> None:
+    from kiln.backends.triton.paged_attention import decode_combines_in_kernel
+
+    assert not decode_combines_in_kernel(1, 1, 8, 132)  # one split: nothing to merge
+    assert decode_combines_in_kernel(4, 1, 8, 132)  # few splits: in the kernel, no second launch
+    assert not decode_combines_in_kernel(16, 1, 8, 132)  # batch 1, long context: the combine kernel
+    assert not decode_combines_in_kernel(17, 4, 8, 132)  # 32 groups
+    assert decode_combines_in_kernel(5, 16, 8, 132)  # 128 groups: merges overlap the other groups' work
 
 
 def test_decode_cache_dtype_differs_from_q() -> None:
