@@ -123,7 +123,7 @@ def baseline(shape: Shape, name: str, tolerance: float) -> tuple[list[Callable[[
     try:
         out = run(*qkv[0], True)
         repeated, inputs = False, qkv
-    except RuntimeError:  # the backend declines native GQA with this mask: repeat K/V (not timed)
+    except (RuntimeError, TypeError, ValueError):  # the backend declines native GQA with this mask: repeat K/V
         group = shape.hq // shape.hkv
         inputs = [(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)) for q, k, v in qkv]
         out = run(*inputs[0], False)  # raises if the backend declines the shape altogether
@@ -145,7 +145,8 @@ def bench(shape: Shape, args: argparse.Namespace, sms: int) -> dict:
     for name in args.baselines:
         try:
             fns, repeated = baseline(shape, name, args.tolerance)
-        except RuntimeError:
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:  # declined; a wrong result raises
+            print(f"  {name}: not run at D {shape.d} q {shape.q_len} ctx {shape.ctx} ({type(e).__name__})")
             continue
         t = da.time_calls(fns, args.reps)
         row[name] = (t, repeated)
