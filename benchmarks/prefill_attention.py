@@ -37,13 +37,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode_attention as da  # noqa: E402  (time_calls, l2_bytes: the same timing as the decode benchmark)
 
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa": None}  # fmt: skip
+BACKENDS = da.SDPA_BACKENDS  # flash, cudnn, efficient, sdpa (the default dispatcher)
+SWEEP_SPLITS = (1, 2, 4, 5, 8, 12, 16)
 
 
 class Shape:
@@ -159,7 +159,7 @@ def bench(shape: Shape, args: argparse.Namespace, sms: int) -> dict:
         try:
             for merge in (True, False):
                 pa.FUSED_COMBINE = merge
-                for n in (1, 2, 4, 5, 8, 12, 16):
+                for n in SWEEP_SPLITS:
                     fns = shape.kiln(n)
                     fns[0]()
                     if shape.error() > args.tolerance:
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nsplit sweep, us per call (merged in the kernel / by the combine kernel; * = the heuristic's count):")
         for r, _ in rows:
             cells = [f"{n}{'*' if n == r['splits'] else ''}: {1e3 * r['sweep'][(True, n)]:.1f} / "
-                     f"{1e3 * r['sweep'][(False, n)]:.1f}" for n in (1, 2, 4, 5, 8, 12, 16)]  # fmt: skip
+                     f"{1e3 * r['sweep'][(False, n)]:.1f}" for n in SWEEP_SPLITS]  # fmt: skip
             print(f"  D {r['d']} q {r['q']} ctx {r['ctx']}:  " + "  ".join(cells))
     print(f"\nwall time {time.perf_counter() - start:.0f} s;  * baseline over K/V repeated to the query heads")
     bad = [(r["d"], r["q"], r["ctx"]) for r, _ in rows if r["err"] > args.tolerance]

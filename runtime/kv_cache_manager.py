@@ -161,10 +161,10 @@ class KVCacheManager:
         # Hashes are made as the lookup goes, in doubling chunks: a miss stops it, and the blocks past the miss
         # are hashed when they are cached (after the step, off the time to first token).
         chunk = 8
+        lookup = self.block_pool.cached_block_hash_to_block.get  # get_cached_block, without a call per block
         while len(blocks) < max_blocks:
             hashes = self.update_block_hashes(request, upto=min(max_blocks, len(blocks) + chunk))
             chunk *= 2
-            lookup = self.block_pool.cached_block_hash_to_block.get  # get_cached_block, without a call per block
             for h in hashes[len(blocks) : max_blocks]:
                 block = lookup(h)
                 if block is None:
