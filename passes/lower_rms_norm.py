@@ -8,7 +8,7 @@ large part of the step's launches; ``kiln::rms_norm``'s CUDA kernel
 (``kiln.backends.triton.rms_norm``) does a row in one program.
 
 Matches: ``mul(W, h)`` or ``mul(h, W)`` where ``W`` is a 1-D float32 / 16-bit ``get_attr`` constant
-    of at most ``MAX_WIDTH`` elements on one of ``devices`` (default: CUDA, where the kernel exists), and ``h`` is
+    on one of ``devices`` (default: CUDA, where the kernel exists), and ``h`` is
     ``[to(·, x.dtype)](mul(a, rsqrt(add(mean(pow(a, 2), [-1], keepdim=True), eps))))`` with
     ``a = to(x, float32)`` and the cast back present (x 16-bit: ``upcast``), or ``a = x`` and no
     casts (x fp32). Every matched node but the last is used only inside the pattern.
@@ -36,8 +36,6 @@ aten = torch.ops.aten
 RMS_NORM = torch.ops.kiln.rms_norm.default
 _16BIT = (torch.float16, torch.bfloat16)
 _WEIGHT_DTYPES = (torch.float32, *_16BIT)
-#: The widest row the CUDA kernel normalizes (``kiln.backends.triton.rms_norm.MAX_D``): wider norms stay op by op.
-MAX_WIDTH = 16384
 
 
 def _cast_to(node: object) -> torch.dtype | None:
@@ -74,7 +72,7 @@ class LowerRMSNorm(Pass):
             return None
         for w_arg, h in ((out.args[0], out.args[1]), (out.args[1], out.args[0])):
             w = constant_tensor(gm, w_arg)
-            if w is None or w.dim() != 1 or w.dtype not in _WEIGHT_DTYPES or w.shape[0] > MAX_WIDTH or \
+            if w is None or w.dim() != 1 or w.dtype not in _WEIGHT_DTYPES or \
                     w.device.type not in self.devices or not isinstance(h, Node):  # fmt: skip
                 continue
             m = self._match_norm(h)

@@ -5,8 +5,10 @@ square, mean, add eps, rsqrt, multiply, cast back, scale), each its own kernel o
 microseconds in a decode step. Here one program reads a row once, sums its squares in fp32,
 scales it and writes it: one launch per norm. With ``UPCAST`` the normalized row is rounded to
 x's dtype before the weight multiplies it, as Hugging Face's ``LlamaRMSNorm`` does; the product
-is computed in fp32 and rounded once (as torch multiplies 16-bit tensors). The reference is
-:func:`kiln.ops.rms_norm_reference`.
+is computed in fp32 and rounded once (as torch multiplies 16-bit tensors). Rows wider than
+``MAX_D`` (more than registers hold) take a second kernel that walks the row in ``WIDE_BLOCK``
+chunks twice: once summing squares (and storing the residual sum), once normalizing what it
+reads again. The reference is :func:`kiln.ops.rms_norm_reference`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from kiln.backends.triton._utils import (
 )
 
 _INTERPRET = interpret_mode()
-#: The widest row one program normalizes (registers hold the row).
+#: The widest row normalized from registers in one pass; wider rows are read twice, in chunks.
 MAX_D = 16384
+#: Elements of a wide row one program holds at a time.
+WIDE_BLOCK = 4096
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -55,12 +59,45 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_out + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rms_norm_wide_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, D, stride_x, stride_r, stride_out, stride_sum, eps,
+    UPCAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    pdl_release(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    pdl_wait(USE_PDL)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, D, BLOCK):  # pass 1: squares (and the residual sum, stored rounded)
+        mask = start + offs < D
+        h = tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + row * stride_r + start + offs, mask=mask, other=0.0)
+            h = round_to(h.to(tl.float32) + r.to(tl.float32), h.dtype)
+            tl.store(sum_ptr + row * stride_sum + start + offs, h, mask=mask)
+        hf = h.to(tl.float32)
+        acc += hf * hf
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / D + eps)
+    if HAS_RESIDUAL:
+        tl.debug_barrier()  # the sums this program stored are read back below
+    for start in range(0, D, BLOCK):  # pass 2: normalize and scale
+        mask = start + offs < D
+        if HAS_RESIDUAL:
+            h = tl.load(sum_ptr + row * stride_sum + start + offs, mask=mask, other=0.0)
+        else:
+            h = tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0)
+        y = h.to(tl.float32) * rstd
+        if UPCAST:
+            y = y.to(h.dtype).to(tl.float32)
+        w = tl.load(w_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + start + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _check(name: str, x: torch.Tensor, weight: torch.Tensor, upcast: bool) -> int:
     d = x.shape[-1]
     if weight.dim() != 1 or weight.shape[0] != d:
         raise ValueError(f"{name}: weight must be ({d},), got {tuple(weight.shape)}")
-    if d > MAX_D:
-        raise NotImplementedError(f"{name}: rows of {d} > {MAX_D} elements have no kernel yet")
     if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
         raise ValueError(f"{name}: x and weight must be float32, float16 or bfloat16, got {x.dtype} and {weight.dtype}")
     if not upcast and x.dtype != torch.float32:
@@ -82,12 +119,14 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     total = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     block = next_power_of_2(d)
+    wide = d > MAX_D
+    kernel, block = (_rms_norm_wide_kernel, WIDE_BLOCK) if wide else (_rms_norm_kernel, block)
     pdl = pdl_enabled(x.device, _INTERPRET)
     if rows.shape[0]:  # wide rows get more warps (a row lives in registers)
-        _rms_norm_kernel[(rows.shape[0],)](
+        kernel[(rows.shape[0],)](
             rows, res, weight, out, total, d, rows.stride(0), res.stride(0), out.stride(0), total.stride(0), float(eps),
             UPCAST=upcast, HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=pdl,
-            num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16, launch_pdl=pdl,
+            num_warps=8 if wide else 4 if block <= 2048 else 8 if block <= 8192 else 16, launch_pdl=pdl,
         )  # fmt: skip
     return out.reshape(x.shape), (total.reshape(x.shape) if residual is not None else None)
 
@@ -113,4 +152,4 @@ def add_rms_norm(
     return out, total
 
 
-__all__ = ["MAX_D", "add_rms_norm", "rms_norm"]
+__all__ = ["MAX_D", "WIDE_BLOCK", "add_rms_norm", "rms_norm"]

@@ -49,11 +49,47 @@ def test_refusals() -> None:
         rms_norm(x.to(torch.bfloat16), torch.ones(8, device=DEVICE, dtype=torch.bfloat16), 1e-5, False)
 
 
-def test_the_pass_lowers_only_what_the_kernel_takes() -> None:
-    from kiln.backends.triton.rms_norm import MAX_D
-    from kiln.passes.lower_rms_norm import MAX_WIDTH
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize(("dtype", "upcast"), [(torch.float32, False), (torch.bfloat16, True)])
+def test_wide_rows_take_the_chunked_kernel(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, upcast: bool,
+                                           residual: bool) -> None:  # fmt: skip
+    """Rows over MAX_D are read twice in WIDE_BLOCK chunks (here 100 and 384 elements in chunks of 32,
+    the last one ragged; then one real row of MAX_D + 100) and equal the reference."""
+    from kiln.backends.triton import rms_norm as mod
 
-    assert MAX_WIDTH == MAX_D
+    g = torch.Generator().manual_seed(11 + residual)
+    calls: list[str] = []
+    for d, max_d, chunk in ((100, 64, 32), (384, 64, 32), (mod.MAX_D + 100, mod.MAX_D, mod.WIDE_BLOCK)):
+        monkeypatch.setattr(mod, "MAX_D", max_d)
+        monkeypatch.setattr(mod, "WIDE_BLOCK", chunk)
+        wide = mod._rms_norm_wide_kernel
+        monkeypatch.setattr(mod, "_rms_norm_wide_kernel", _Recorder(wide, calls))
+        rows = 1 if d > 1000 else 3
+        x, r = ((torch.randn(rows, d, generator=g) * 3).to(DEVICE, dtype) for _ in range(2))
+        w = (1 + torch.randn(d, generator=g) / 4).to(DEVICE, dtype)
+        if residual:
+            (got, total), (want, want_total) = add_rms_norm(x, r, w, 1e-5, upcast), add_rms_norm_reference(x, r, w, 1e-5, upcast)
+            assert torch.equal(total, want_total)
+        else:
+            got, want = rms_norm(x, w, 1e-5, upcast), rms_norm_reference(x, w, 1e-5, upcast)
+        err = (got.float() - want.float()).abs().max().item()
+        assert err <= TOL[dtype] * want.float().abs().max().item(), (d, err)
+        monkeypatch.setattr(mod, "_rms_norm_wide_kernel", wide)
+    assert len(calls) == 3
+
+
+class _Recorder:
+    """A stand-in for a jitted kernel that records each launch and forwards it."""
+
+    def __init__(self, kernel: object, calls: list[str]) -> None:
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid: tuple[int, ...]):  # noqa: ANN204
+        self.calls.append("wide")
+        return self.kernel[grid]  # type: ignore[index]
+
+
+def test_dtype_refusal() -> None:
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         rms_norm(torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE, dtype=torch.float64), 1e-5, False)
 
