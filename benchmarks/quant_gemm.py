@@ -347,6 +347,8 @@ def _decode_e2e(bench: Bench, args: argparse.Namespace) -> list[tuple[str, float
     import torch
 
     import kiln
+    from kiln.backends.triton import _utils
+    from kiln.backends.triton import quant_gemm as qg
     from kiln.models.presets import from_config, get_preset
     from kiln.quantize import PerGroup, QuantConfig, QuantSpec
     from kiln.runtime.model_runner import ModelRunner, SequenceStep
@@ -367,6 +369,13 @@ def _decode_e2e(bench: Bench, args: argparse.Namespace) -> list[tuple[str, float
     variants: list[tuple[str, QuantConfig | None]] = [("bf16", None), (f"int4-g{g}", quant)]
     if args.lm_head:
         variants.append((f"int4-g{g} + LM head", dataclasses.replace(quant, skip=())))
+    # (QUANT_PDL, PDL_RELEASE_LATE) per variant: the default, or the --quant-pdl-variants A/B
+    default_mode = (_utils.QUANT_PDL, qg.PDL_RELEASE_LATE)
+    pdl_modes = dict.fromkeys((name for name, _ in variants), default_mode)
+    if args.quant_pdl_variants:
+        for label, late in (("PDL, released after the K loop", True), ("PDL, released at the start", False)):
+            variants.append((f"int4-g{g} {label}", quant))
+            pdl_modes[variants[-1][0]] = (True, late)
     t0 = time.perf_counter()
     model = from_config(cfg, dtype=torch.bfloat16, device=bench.device)
     print(f"  model {args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B "
@@ -377,6 +386,7 @@ def _decode_e2e(bench: Bench, args: argparse.Namespace) -> list[tuple[str, float
     results: list[tuple[str, float]] = []
     logits: dict[str, torch.Tensor] = {}
     for name, qcfg in variants:
+        _utils.QUANT_PDL, qg.PDL_RELEASE_LATE = pdl_modes[name]
         t0 = time.perf_counter()
         runner = ModelRunner(model, block_size=bs, num_blocks=len(blocks) + 1,
                              compile_config=kiln.CompileConfig(kv_cache=True, quant=qcfg))  # fmt: skip
@@ -406,6 +416,7 @@ def _decode_e2e(bench: Bench, args: argparse.Namespace) -> list[tuple[str, float
         del runner
         if not bench.quick:
             torch.cuda.empty_cache()
+    _utils.QUANT_PDL, qg.PDL_RELEASE_LATE = default_mode
     return results
 
 
@@ -506,6 +517,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="decode steps timed (default 64; quick: 1)")
     parser.add_argument(
         "--lm-head", action="store_true", help="also decode with the LM head quantized (skip=())"
+    )
+    parser.add_argument(
+        "--quant-pdl-variants", action="store_true",
+        help="also decode int4 with the quantized GEMVs under PDL, released after the K loop and at the start",
     )
     parser.add_argument(
         "--torch-compile", action="store_true", help="fuse the decode graphs with torch.compile first"

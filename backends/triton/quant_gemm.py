@@ -52,6 +52,10 @@ from kiln.errors import ConfigError, KilnError
 from kiln.quantize import ops as ref
 
 _INTERPRET = interpret_mode()
+#: Under PDL (``KILN_QUANT_PDL=1``) the split-K kernels let the next kernel launch after their K loop. Released at
+#: their start (as the bf16 GEMV does), the next kernel's waiting programs took SM slots the split-K grid, sized to
+#: what is resident, still needed: an int4 llama-8b step was 18% slower (session 10). False restores that order.
+PDL_RELEASE_LATE = True
 TUNER = KernelTuner()
 #: ``use_fast_accum`` of ``torch._scaled_mm`` (fp8 tensor-core accumulation without periodic fp32 promotion).
 FP8_FAST_ACCUM = True
@@ -227,7 +231,8 @@ def launch_splitk(
         WKIND=op.kind, SMODE=op.smode, HAS_ZP=op.zp is not None, ZP_DEFAULT=op.zp_default,
         HAS_BIAS=bias is not None, GW=gw, GROUP_PER_STEP=op.smode == 2 and gw % p["BLOCK_KW"] == 0,
         X_CODES=x_codes is not None, XS_PER_ROW=xs.numel() > 1, HAS_XZP=xz is not None, IS_SPLIT=split > 1,
-        BLOCK_N=p["BLOCK_N"], BLOCK_KW=p["BLOCK_KW"], USE_PDL=pdl, num_warps=p["num_warps"], num_stages=1,
+        BLOCK_N=p["BLOCK_N"], BLOCK_KW=p["BLOCK_KW"], USE_PDL=pdl, RELEASE_LATE=PDL_RELEASE_LATE,
+        num_warps=p["num_warps"], num_stages=1,
         launch_pdl=pdl, **extra,
     )  # fmt: skip
     _note_residency(res_key, compiled)

@@ -338,13 +338,14 @@ def wo_gemv_kernel(
     BLOCK_KW: tl.constexpr,  # words per row per K step
     USE_ASM: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
+    RELEASE_LATE: tl.constexpr = True,  # PDL: let the next kernel launch after the K loop, not at the start
 ):  # fmt: skip
     """``y[m, n] = sum_k x[m, k] (q[n, k] - z) s (+ b[n])`` for one ``m``, ``BLOCK_N`` channels, split ``pid_k``.
 
     Split ``pid_k`` covers ``STEPS`` K steps of ``BLOCK_KW`` words from word ``pid_k * STEPS * BLOCK_KW``.
     """
     CPW: tl.constexpr = 8 if WKIND == 1 else 4  # codes per 32-bit word
-    pdl_release(USE_PDL)
+    pdl_release(USE_PDL and not RELEASE_LATE)
     pid = tl.program_id(0)
     pid_m = pid % M  # the rows of x sharing a weight tile run side by side (L2 reuse)
     pid_n = pid // M
@@ -442,6 +443,7 @@ def wo_gemv_kernel(
         else:
             y = y * tl.load(xs_ptr)
     offs_m = pid_m + tl.arange(0, 1)
+    pdl_release(USE_PDL and RELEASE_LATE)  # the K loop is done: the next kernel's programs may take SM slots
     _finish(y[None, :], offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT,
             HAS_BIAS, IS_SPLIT, 4)  # fmt: skip
 
@@ -458,6 +460,7 @@ def wo_dot_kernel(
     UPCAST_DOT: tl.constexpr,  # interpreter with bf16: its tl.dot multiplies bf16 bit patterns (triton#11584)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    RELEASE_LATE: tl.constexpr = True,
 ):  # fmt: skip
     """:func:`wo_gemv_kernel` for ``BLOCK_M`` rows of x at once: the decoded tile times x with ``tl.dot``.
 
@@ -466,7 +469,7 @@ def wo_dot_kernel(
     EVEN_K: tl.constexpr = True
     CPW: tl.constexpr = 8 if WKIND == 1 else 4
     BK: tl.constexpr = BLOCK_KW * CPW
-    pdl_release(USE_PDL)
+    pdl_release(USE_PDL and not RELEASE_LATE)
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % m_tiles
@@ -529,5 +532,6 @@ def wo_dot_kernel(
             acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
         else:
             acc = acc * tl.load(xs_ptr)
+    pdl_release(USE_PDL and RELEASE_LATE)
     _finish(acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT,
             HAS_BIAS, IS_SPLIT, 4)  # fmt: skip
