@@ -423,6 +423,35 @@ def _paged_decode_kernel(
             )  # fmt: skip
 
 
+@triton.jit
+def _zero_unowned_rows(
+    Final, stride_fh, stride_ft, stride_fd, QueryStart, last_seq, T, hp, group_size,
+    PACK_GQA: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    """Zeros in the rows of head ``hp`` (its KV group's heads with PACK_GQA) for tokens outside
+    ``[QueryStart[0], QueryStart[last_seq + 1])``, shared out among the grid's row-block programs."""
+    ZT: tl.constexpr = 16
+    first = tl.load(QueryStart)
+    end = tl.load(QueryStart + last_seq + 1)
+    n_free = first + (T - end)  # unowned tokens: [0, first) and [end, T)
+    offs_t = tl.arange(0, ZT)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    zeros = tl.zeros([ZT, HEAD_DIM_PAD], dtype=Final.dtype.element_ty)
+    if PACK_GQA:
+        h0 = hp * group_size
+        n_heads = group_size
+    else:
+        h0 = hp
+        n_heads = 1
+    base = Final + h0.to(tl.int64) * stride_fh
+    for i0 in range(tl.program_id(0) * ZT, n_free, tl.num_programs(0) * ZT):
+        idx = i0 + offs_t
+        tok = tl.where(idx < first, idx, end + idx - first).to(tl.int64)
+        mask = (idx < n_free)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        for j in range(n_heads):
+            tl.store(base + j * stride_fh + tok[:, None] * stride_ft + offs_d[None, :] * stride_fd, zeros, mask=mask)
+
+
 @triton.autotune(
     configs=_prefill_configs(),
     key=["Q_BUCKET", "HEAD_DIM_PAD", "PAGE_SIZE", "WRITE_LSE", "PACK_GQA"],
@@ -455,6 +484,8 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr = 1,  # FUSED: a power of two >= num_splits (the combine's log-sum-exp tile)
     USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
+    ZERO_UNOWNED: tl.constexpr = False,  # write zeros to Final's rows of tokens no sequence owns (T tokens in all)
+    T=0,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (sequence, query head), over one split of their keys.
 
@@ -471,6 +502,10 @@ def _paged_prefill_kernel(
     split = tl.program_id(2) % num_splits
     q_start = tl.load(QueryStart + seq)
     q_len = tl.load(QueryStart + seq + 1) - q_start
+    if ZERO_UNOWNED:  # the last sequence's split-0 programs zero the tokens before the first and after the last
+        if (seq == tl.num_programs(1) - 1) & (split == 0):
+            _zero_unowned_rows(Final, stride_fh, stride_ft, stride_fd, QueryStart, seq, T, hp, group_size,
+                               PACK_GQA, HEAD_DIM, HEAD_DIM_PAD)  # fmt: skip
     # Rows: one per query token (of head hp), or with PACK_GQA one per (token, query head of KV head hp),
     # row r = token * group + head-in-group, so every key tile loaded serves the whole group.
     r0 = start_m * BLOCK_M

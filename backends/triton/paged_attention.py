@@ -295,6 +295,7 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    zero_unowned: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
 
@@ -302,7 +303,8 @@ def paged_prefill_attention(
     (1, Hq, T, D), already written to the cache, and attends over its first ``seq_lens[s]``
     cached keys; query ``i`` of ``n`` sees keys ``j <= i + seq_lens[s] - n``. Any query length
     works, one included. ``max_query_len`` (the longest query) sizes the grid: a smaller value
-    drops rows. Rows of tokens owned by no sequence are not written. ``num_splits``: splits of
+    drops rows. Rows of tokens owned by no sequence are not written, or with ``zero_unowned``
+    written as zeros (by the kernel: no fill of ``out`` first). ``num_splits``: splits of
     each row block's keys (1..``PREFILL_MAX_SPLITS``, merged by a combine kernel); default
     :func:`prefill_num_splits` of ``max_seq_len`` (default: the block table's capacity, which
     is what a CUDA graph must assume). Other arguments as in :func:`paged_decode_attention`.
@@ -317,7 +319,7 @@ def paged_prefill_attention(
     _, _, page_size, hkv, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0 or out.numel() == 0:
-        return out
+        return out.zero_() if zero_unowned else out
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if num_splits is None:
         bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page_size
@@ -325,6 +327,9 @@ def paged_prefill_attention(
     _check_count(name, "num_splits", num_splits, 1, PREFILL_MAX_SPLITS)
     t = q.shape[2]
     fused = num_splits > 1 and FUSED_COMBINE
+    zero_in_kernel = zero_unowned and (num_splits == 1 or fused)  # the combine kernel skips unowned tokens
+    if zero_unowned and not zero_in_kernel:
+        out.zero_()
     if num_splits == 1:
         part, lse = out, out  # written directly; lse unused
         part_strides = (out.stride(1), out.stride(2), 0, out.stride(3))
@@ -359,7 +364,7 @@ def paged_prefill_attention(
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
         DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, SPLITS_PAD=PREFILL_MAX_SPLITS if fused else 1,
-        USE_PDL=pdl, launch_pdl=pdl,
+        USE_PDL=pdl, launch_pdl=pdl, ZERO_UNOWNED=zero_in_kernel, T=t,
     )  # fmt: skip
     if num_splits > 1 and not fused:  # per token: every split's partial, weighted by its log-sum-exp
         _paged_decode_combine_kernel[(t, hq)](
@@ -415,11 +420,10 @@ def paged_attention(
     else:
         _check_count(name, "max_query_len", max_query_len, 0)
         all_owned = max_query_len == 1 and t == num_seqs  # the caller's promise for a decode batch
-    out = torch.empty_like(q) if all_owned else torch.zeros_like(q)
     if max_query_len <= 1:
         return paged_decode_attention(
             q, kv_cache, block_tables, seq_lens, query_start_loc, scale,
-            kv_scales=kv_scales, max_seq_len=max_seq_len, out=out,
+            kv_scales=kv_scales, max_seq_len=max_seq_len, out=torch.empty_like(q) if all_owned else torch.zeros_like(q),
         )  # fmt: skip
     return paged_prefill_attention(
         q,
@@ -430,6 +434,7 @@ def paged_attention(
         max_query_len,
         scale,
         kv_scales=kv_scales,
-        out=out,
+        out=torch.empty_like(q),
         max_seq_len=max_seq_len,
+        zero_unowned=not all_owned,  # written by the prefill kernel itself, not by a fill of the whole output
     )

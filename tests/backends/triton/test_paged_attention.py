@@ -371,6 +371,36 @@ def test_prefill_packed_query_heads_match_reference(
     assert out[:, :, t:].isnan().all()  # rows owned by no sequence stay unwritten
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "per-head"])
+@pytest.mark.parametrize(("num_splits", "fused"), [(1, True), (3, True), (3, False)])
+def test_prefill_zeroes_unowned_rows_itself(num_splits: int, fused: bool, pack: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # zero_unowned: rows of tokens before the first sequence's and after the last one's are written as zeros (by
+    # the prefill kernel with one split or the in-kernel merge; by a fill where the combine kernel merges), over
+    # a NaN-poisoned output; the owned rows equal the reference. 3 leading and 37 trailing tokens: more than one
+    # 16-token stripe per row-block program.
+    import kiln.backends.triton.paged_attention as pa
+
+    monkeypatch.setattr(pa, "PACK_GQA", pack)
+    monkeypatch.setattr(pa, "FUSED_COMBINE", fused)
+    b = _batch([70, 0, 33], [40, 9, 1], 6, 2, 16, torch.float32, seed=31 + num_splits)
+    reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping)
+    gen = torch.Generator().manual_seed(5)
+    lead, tail = (torch.randn(1, 6, n, 16, generator=gen).to(b.q.device) for n in (3, 37))
+    q = torch.cat([lead, b.q, tail], dim=2)
+    starts = b.query_start_loc + 3
+    args = (q, b.kv_cache, b.block_tables, b.seq_lens, starts, b.max_query_len)
+    out = paged_prefill_attention(*args, out=_poisoned_like(q), num_splits=num_splits, zero_unowned=True)
+    t = b.q.shape[2]
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    assert torch.equal(out[:, :, 3 + t :], torch.zeros_like(out[:, :, 3 + t :]))
+    _assert_close(out[:, :, 3 : 3 + t], paged_prefill_attention_reference(*args)[:, :, 3 : 3 + t])
+    none = b.seq_lens[:0], starts[:1]  # no sequence at all: every row is zero
+    empty = paged_prefill_attention(q, b.kv_cache, b.block_tables[:0], none[0], none[1], 1, out=_poisoned_like(q),
+                                    zero_unowned=True)  # fmt: skip
+    assert torch.equal(empty, torch.zeros_like(q))
+
+
 def test_prefill_num_splits_heuristic() -> None:
     assert prefill_num_splits(128, 1, 32, 2192, 132) == 5  # 64 programs: split up to ~2 per SM
     assert prefill_num_splits(128, 1, 32, 1024, 132) == 2  # no split under PREFILL_MIN_SPLIT_KEYS keys
