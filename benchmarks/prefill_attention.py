@@ -132,13 +132,28 @@ def baseline(shape: Shape, name: str, tolerance: float) -> tuple[list[Callable[[
     return [lambda x=x: run(*x, not repeated) for x in inputs], repeated
 
 
+def _median(t: object) -> float:
+    """The autotuner's time of a config: a float or its [median, p20, p80] list (ms)."""
+    return float(t[0]) if isinstance(t, (list, tuple)) else float(t)  # type: ignore[index]
+
+
+def _tile(c: object) -> str:
+    kw = c.kwargs  # type: ignore[attr-defined]
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}"  # type: ignore[attr-defined]
+
+
 def bench(shape: Shape, args: argparse.Namespace, sms: int) -> dict:
     import kiln.backends.triton.paged_attention as pa
 
     row: dict = {"q": shape.q_len, "ctx": shape.ctx, "d": shape.d,
                  "splits": pa.prefill_num_splits(shape.q_len, 1, shape.hq, shape.ctx, sms)}  # fmt: skip
+    kernel = pa._paged_prefill_kernel
+    before = getattr(kernel, "configs_timings", None)
     calls = shape.kiln(None)
     calls[0]()
+    timings = getattr(kernel, "configs_timings", None)
+    if timings is not None and timings is not before:  # tuned at this shape (a shape of a tuned key reuses its tile)
+        row["tiles"] = sorted((_median(t), _tile(c)) for c, t in timings.items())
     row["err"] = shape.error()
     row["kiln"] = da.time_calls(calls, args.reps)
     best, mark = math.inf, ""
@@ -240,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             cells = [f"{n}{'*' if n == r['splits'] else ''}: {1e3 * r['sweep'][(True, n)]:.1f} / "
                      f"{1e3 * r['sweep'][(False, n)]:.1f}" for n in SWEEP_SPLITS]  # fmt: skip
             print(f"  D {r['d']} q {r['q']} ctx {r['ctx']}:  " + "  ".join(cells))
+    tuned = [r for r, _ in rows if r.get("tiles")]
+    if tuned:
+        print("\nthe autotuner's tiles where it tuned (BLOCK_M x BLOCK_N, warps, stages; us, fastest first):")
+        for r in tuned:
+            cells = "  ".join(f"{tile}: {1e3 * ms:.1f}" for ms, tile in r["tiles"])
+            print(f"  D {r['d']} q {r['q']} ctx {r['ctx']}:  {cells}")
     print(f"\nwall time {time.perf_counter() - start:.0f} s;  * baseline over K/V repeated to the query heads")
     bad = [(r["d"], r["q"], r["ctx"]) for r, _ in rows if r["err"] > args.tolerance]
     if bad:
