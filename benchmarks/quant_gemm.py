@@ -512,6 +512,7 @@ def main() -> int:
         "--quick", action="store_true", help="CPU: Triton interpreter, tiny shapes (a smoke run)"
     )
     parser.add_argument("--skip-e2e", action="store_true", help="the GEMMs only")
+    parser.add_argument("--skip-gemms", action="store_true", help="the end-to-end decode only")
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--context", type=int, default=None, help="decode context (default 512; quick: 8)")
     parser.add_argument("--steps", type=int, default=None, help="decode steps timed (default 64; quick: 1)")
@@ -582,10 +583,12 @@ def main() -> int:
             print_candidates(qg.TUNER)
         return rows
 
-    rows = section("decode GEMMs: bf16 cuBLAS vs quantized (time: median, L2 flushed)",
-                   lambda: gemms([(64, 48)] if args.quick else shapes, [1, 16], False))  # fmt: skip
+    rows: list[Row] = []
+    if not args.skip_gemms:
+        rows = section("decode GEMMs: bf16 cuBLAS vs quantized (time: median, L2 flushed)",
+                       lambda: gemms([(64, 48)] if args.quick else shapes, [1, 16], False))  # fmt: skip
     prefill: list[Row] = []
-    if not args.skip_prefill:
+    if not args.skip_prefill and not args.skip_gemms:
         prefill = section("prefill GEMMs: bf16 cuBLAS vs fp8 (torch._scaled_mm) and w8a8",
                           lambda: gemms([(128, 32)] if args.quick else shapes, [32] if args.quick else [4096, 8192],
                                         True))  # fmt: skip
