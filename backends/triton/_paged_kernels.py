@@ -340,8 +340,15 @@ def _paged_decode_kernel(
     SPLITS_PAD: tl.constexpr = 1,  # FUSED: a power of two >= num_splits (the combine's log-sum-exp tile)
     COMBINE_CHUNK: tl.constexpr = 4,  # FUSED: partial outputs the combine loads at once
     USE_PDL: tl.constexpr = False,
+    WRITE_KV: tl.constexpr = False,  # write the new token's key and value (float cache) before attending
+    K=None, V=None, Slots=None, stride_kh=0, stride_kt=0, stride_kd=0, stride_vh=0, stride_vt=0, stride_vd=0,
 ):  # fmt: skip
-    """One program: every query head of one KV head, over one split of one sequence's keys."""
+    """One program: every query head of one KV head, over one split of one sequence's keys.
+
+    ``WRITE_KV``: the sequence's new token (its query token ``t``, key position ``seq_len - 1``) is
+    written to the cache at ``Slots[t]`` by the one split whose keys hold that position, before it
+    reads them: :func:`reshape_and_cache`'s launch is saved. Every token must belong to a sequence.
+    """
     pdl_release(USE_PDL)
     pdl_wait(USE_PDL)
     seq = tl.program_id(0)
@@ -364,6 +371,11 @@ def _paged_decode_kernel(
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    if WRITE_KV:
+        if (seq_len - 1) // per_split == split:  # this split's keys hold the new token
+            _write_new_kv(K, V, Slots, Cache, t.to(tl.int64), kvh.to(tl.int64), offs_d,
+                          stride_kh, stride_kt, stride_kd, stride_vh, stride_vt, stride_vd,
+                          stride_cc, stride_cb, stride_cs, stride_ch, stride_cd, PAGE_SIZE, HEAD_DIM)  # fmt: skip
     heads = kvh * group_size + offs_g  # (GROUP_PAD,) query heads of this KV group
     row_ok = (offs_g < group_size)[:, None] & (offs_d < HEAD_DIM)[None, :]
     t64 = t.to(tl.int64)
@@ -424,6 +436,26 @@ def _paged_decode_kernel(
                 Final + t64 * stride_ft + heads[:, None] * stride_fh + offs_d[None, :] * stride_fd,
                 row_ok, offs_g < group_size, SPLITS_PAD, COMBINE_CHUNK,
             )  # fmt: skip
+
+
+@triton.jit
+def _write_new_kv(
+    K, V, Slots, Cache, t64, kvh64, offs_d,
+    stride_kh, stride_kt, stride_kd, stride_vh, stride_vt, stride_vd,
+    stride_cc, stride_cb, stride_cs, stride_ch, stride_cd,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Token ``t``'s key and value of KV head ``kvh`` into its cache slot (a float cache: a cast), then a
+    barrier, so that every thread of the program reads them back from the cache."""
+    slot = tl.load(Slots + t64).to(tl.int64)
+    if slot >= 0:
+        d_ok = offs_d < HEAD_DIM
+        k = tl.load(K + kvh64 * stride_kh + t64 * stride_kt + offs_d * stride_kd, mask=d_ok, other=0.0)
+        v = tl.load(V + kvh64 * stride_vh + t64 * stride_vt + offs_d * stride_vd, mask=d_ok, other=0.0)
+        dst = Cache + (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_cs + kvh64 * stride_ch
+        tl.store(dst + offs_d * stride_cd, k.to(Cache.dtype.element_ty), mask=d_ok)
+        tl.store(dst + stride_cc + offs_d * stride_cd, v.to(Cache.dtype.element_ty), mask=d_ok)
+    tl.debug_barrier()
 
 
 @triton.jit

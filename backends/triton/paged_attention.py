@@ -123,6 +123,10 @@ DECODE_FUSED_COMBINE: bool | None = None
 #: once per group instead of once per query head. On an H100 the 1B prefix-cache hit (128 new tokens over
 #: 2,176 keys) takes 2.407 ms with it, 2.465 ms without (benchmarks/RESULTS.md); False is the A/B switch.
 PACK_GQA = True
+#: An all-decode batch whose every token belongs to a sequence (a CUDA-graph decode step) writes the new
+#: keys and values in the decode kernel, a float cache only: one launch a layer fewer. False: the separate
+#: :func:`reshape_and_cache` launch (A/B switch).
+DECODE_WRITES_KV = True
 #: Partial outputs the decode kernel's in-kernel combine loads at once (unrolled, so their L2 round trips
 #: overlap). H100, batch 1, 32 splits at 16k keys (session 11): chunk 1 39.7 us, 4 36.1 us, 8 36.2 us
 #: (and 8 spills registers with 32-key tiles).
@@ -195,6 +199,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its cached keys (split-K flash-decoding).
 
@@ -214,6 +219,10 @@ def paged_decode_attention(
             ``max_blocks * block_size`` (known without a device-to-host copy).
         out: optional (1, Hq, T, D) buffer of q's dtype. Rows of tokens owned by no sequence are
             not written.
+        new_kv: optional ``(k, v, slot_mapping)`` as :func:`reshape_and_cache` takes them, written by
+            this kernel (a float cache only): sequence ``s``'s token is its key position
+            ``seq_lens[s] - 1``, and every token must belong to a sequence (tokens of none are not
+            written). Saves the cache write's launch.
 
     Returns:
         (1, Hq, T, D) in q's dtype. Nothing here copies device data to the host, so a fixed
@@ -259,6 +268,20 @@ def paged_decode_attention(
         fused = num_splits > 1 and DECODE_FUSED_COMBINE
     cnt = arrival_counters(q.device, num_seqs * hkv) if fused else seq_lens  # unused pointer when not fused
     pdl = pdl_enabled(q.device, _paged_checks._INTERPRET)
+    write: dict = {}
+    if new_kv is not None:
+        k, v, slots = new_kv
+        if scale_mode != 0:
+            _fail(name, "new_kv takes a float cache; an int8 / fp8 cache is written by reshape_and_cache")
+        for what, x in (("k", k), ("v", v)):
+            _check_tokens(name, what, x, hkv, d)
+            if x.shape[2] != t:
+                _fail(name, f"{what} must hold q's {t} tokens, got {_describe(x)}")
+        if not isinstance(slots, torch.Tensor) or slots.dtype not in (torch.int64, torch.int32) or slots.shape != (t,):
+            _fail(name, f"slot_mapping must be a ({t},) int64 tensor, got {_describe(slots)}")
+        check_triton_device(name, _paged_checks._INTERPRET, k, v, slots)
+        write = dict(WRITE_KV=True, K=k, V=v, Slots=slots, stride_kh=k.stride(1), stride_kt=k.stride(2),
+                     stride_kd=k.stride(3), stride_vh=v.stride(1), stride_vt=v.stride(2), stride_vd=v.stride(3))  # fmt: skip
     _paged_decode_kernel[(num_seqs, hkv, num_splits)](
         q, kv_cache, block_tables, seq_lens, qsl, part, lse, scales,
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
@@ -270,7 +293,7 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),
         SCALE_MODE=scale_mode, INT_CODES=kv_cache.dtype == torch.int8,
         DOT_FP16=scale_mode > 0 and q.dtype != torch.float32, SPLITS_PAD=DECODE_MAX_SPLITS if fused else 1,
-        COMBINE_CHUNK=COMBINE_CHUNK, USE_PDL=pdl, launch_pdl=pdl,  # one compiled variant for every split count
+        COMBINE_CHUNK=COMBINE_CHUNK, USE_PDL=pdl, launch_pdl=pdl, **write,  # one variant for every split count
     )  # fmt: skip
     if num_splits > 1 and not fused:
         _paged_decode_combine_kernel[(num_seqs, hq)](
@@ -404,13 +427,11 @@ def paged_attention(
     _check_attention_inputs(name, q, kv_cache, block_tables, seq_lens, query_start_loc, kv_scales)
     if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] != q.shape[2]:
         _fail(name, f"k must be (1, Hkv, T, D) with q's T={q.shape[2]} tokens, got {_describe(k)}")
-    reshape_and_cache(
-        k, v, kv_cache, slot_mapping, kv_scales
-    )  # validates k, v and slot_mapping before writing
     t, num_seqs = q.shape[2], seq_lens.shape[0]
     max_seq_len = None
     if max_query_len is None:
         if num_seqs == 0:
+            reshape_and_cache(k, v, kv_cache, slot_mapping, kv_scales)
             return torch.zeros_like(q)
         stats = torch.stack([
             (query_start_loc[1:] - query_start_loc[:-1]).max(), query_start_loc[-1] - query_start_loc[0], seq_lens.max()
@@ -420,6 +441,12 @@ def paged_attention(
     else:
         _check_count(name, "max_query_len", max_query_len, 0)
         all_owned = max_query_len == 1 and t == num_seqs  # the caller's promise for a decode batch
+    if max_query_len <= 1 and all_owned and DECODE_WRITES_KV and kv_scales is None and num_seqs > 0:
+        return paged_decode_attention(  # the decode kernel writes each sequence's new key and value itself
+            q, kv_cache, block_tables, seq_lens, query_start_loc, scale,
+            max_seq_len=max_seq_len, out=torch.empty_like(q), new_kv=(k, v, slot_mapping),
+        )  # fmt: skip
+    reshape_and_cache(k, v, kv_cache, slot_mapping, kv_scales)  # validates k, v and slot_mapping before writing
     if max_query_len <= 1:
         return paged_decode_attention(
             q, kv_cache, block_tables, seq_lens, query_start_loc, scale,

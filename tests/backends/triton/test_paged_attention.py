@@ -428,6 +428,34 @@ def test_paged_attention_matches_op_reference(kind: str, dtype: torch.dtype) -> 
         _assert_close(paged_attention(*inputs, b.kv_cache.clone(), *meta, max_query_len=1), ref)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["merge-in-kernel", "combine-kernel"])
+def test_decode_kernel_writes_the_new_keys_and_values(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DECODE_WRITES_KV: an all-decode batch (eager, and as a CUDA-graph step calls it) writes each sequence's new
+    # key and value from the split that holds its position, with no reshape_and_cache launch; the cache equals the
+    # reference's bit for bit and the output is the reference's. Short splits, so the writer is the 1st..5th split.
+    import kiln.backends.triton.paged_attention as pa
+
+    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 8)
+    monkeypatch.setattr(pa, "DECODE_FUSED_COMBINE", fused)
+    launches: list[str] = []
+    plain = pa.reshape_and_cache
+    monkeypatch.setattr(pa, "reshape_and_cache", lambda *a: launches.append("write") or plain(*a))
+    b = _batch([0, 16, 39, 70], [1, 1, 1, 1], 4, 2, 16, torch.bfloat16, seed=41)
+    inputs, meta = (b.q, b.k, b.v), (b.slot_mapping, b.block_tables, b.seq_lens, b.query_start_loc)
+    ref_cache = b.kv_cache.clone()
+    ref = paged_attention_reference(*inputs, ref_cache, *meta)
+    for kw in ({}, {"max_query_len": 1}):
+        cache = b.kv_cache.clone()
+        out = paged_attention(*inputs, cache, *meta, **kw)
+        assert torch.equal(cache, ref_cache)
+        _assert_close(out, ref)
+    assert launches == []
+    monkeypatch.setattr(pa, "DECODE_WRITES_KV", False)  # the A/B switch: the separate write
+    cache = b.kv_cache.clone()
+    _assert_close(paged_attention(*inputs, cache, *meta, max_query_len=1), ref)
+    assert torch.equal(cache, ref_cache) and launches == ["write"]
+
+
 def test_paged_attention_padding_tokens_are_zero() -> None:
     # Two trailing padding tokens: slot -1, owned by no sequence (a padded CUDA-graph batch).
     b = _batch([0, 16], [1, 1], 4, 2, 16, torch.float32, seed=7)
