@@ -24,6 +24,11 @@ Three kernels, each with a plain-torch reference of the same signature beside it
 
 :func:`paged_attention` writes the cache and dispatches: an all-decode batch goes to the
 decode kernel, anything else to the prefill kernel (which also serves one-token sequences).
+A decode batch whose every token belongs to a sequence (what a CUDA-graph decode step runs)
+with a float cache skips the write's launch: the decode program whose split holds a
+sequence's last position writes its new key and value first (``DECODE_WRITES_KV``). The
+prefill kernel writes zeros in the rows of tokens no sequence owns (padding of a graph's
+token bucket) instead of a fill of the whole output before it.
 
 Tiles are independent of the cache's block size: each key of a tile finds its block through
 the table, so any block size works (powers of two make the index math shifts). Cache dtype
