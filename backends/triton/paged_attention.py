@@ -25,10 +25,11 @@ Three kernels, each with a plain-torch reference of the same signature beside it
 :func:`paged_attention` writes the cache and dispatches: an all-decode batch goes to the
 decode kernel, anything else to the prefill kernel (which also serves one-token sequences).
 A decode batch whose every token belongs to a sequence (what a CUDA-graph decode step runs)
-with a float cache skips the write's launch: the decode program whose split holds a
+with a float cache can skip the write's launch: the decode program whose split holds a
 sequence's last position writes its new key and value first (``DECODE_WRITES_KV``). The
-prefill kernel writes zeros in the rows of tokens no sequence owns (padding of a graph's
-token bucket) instead of a fill of the whole output before it.
+prefill kernel can write zeros in the rows of tokens no sequence owns (padding of a graph's
+token bucket) instead of a fill of the whole output before it (``PREFILL_ZEROES_UNOWNED``).
+Both are off until measured on a GPU.
 
 Tiles are independent of the cache's block size: each key of a tile finds its block through
 the table, so any block size works (powers of two make the index math shifts). Cache dtype
@@ -129,9 +130,12 @@ DECODE_FUSED_COMBINE: bool | None = None
 #: 2,176 keys) takes 2.407 ms with it, 2.465 ms without (benchmarks/RESULTS.md); False is the A/B switch.
 PACK_GQA = True
 #: An all-decode batch whose every token belongs to a sequence (a CUDA-graph decode step) writes the new
-#: keys and values in the decode kernel, a float cache only: one launch a layer fewer. False: the separate
-#: :func:`reshape_and_cache` launch (A/B switch).
-DECODE_WRITES_KV = True
+#: keys and values in the decode kernel, a float cache only: one launch a layer fewer. Off (the separate
+#: :func:`reshape_and_cache` launch) until it has run on a GPU: interpreter-tested only (session 12).
+DECODE_WRITES_KV = False
+#: Mixed steps: the prefill kernel writes zeros in the rows of tokens no sequence owns instead of a fill
+#: of the whole output first. Off until it has run on a GPU, as :data:`DECODE_WRITES_KV`.
+PREFILL_ZEROES_UNOWNED = False
 #: Partial outputs the decode kernel's in-kernel combine loads at once (unrolled, so their L2 round trips
 #: overlap). H100, batch 1, 32 splits at 16k keys (session 11): chunk 1 39.7 us, 4 36.1 us, 8 36.2 us
 #: (and 8 spills registers with 32-key tiles).
@@ -466,7 +470,7 @@ def paged_attention(
         max_query_len,
         scale,
         kv_scales=kv_scales,
-        out=torch.empty_like(q),
+        out=torch.empty_like(q) if all_owned or PREFILL_ZEROES_UNOWNED else torch.zeros_like(q),
         max_seq_len=max_seq_len,
-        zero_unowned=not all_owned,  # written by the prefill kernel itself, not by a fill of the whole output
+        zero_unowned=not all_owned and PREFILL_ZEROES_UNOWNED,  # the prefill kernel writes them, no fill first
     )

@@ -437,6 +437,7 @@ def test_decode_kernel_writes_the_new_keys_and_values(fused: bool, monkeypatch: 
 
     monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 8)
     monkeypatch.setattr(pa, "DECODE_FUSED_COMBINE", fused)
+    monkeypatch.setattr(pa, "DECODE_WRITES_KV", True)
     launches: list[str] = []
     plain = pa.reshape_and_cache
     monkeypatch.setattr(pa, "reshape_and_cache", lambda *a: launches.append("write") or plain(*a))
@@ -469,10 +470,22 @@ def test_paged_attention_padding_tokens_are_zero() -> None:
     _assert_close(out, ref)
 
 
-def test_paged_attention_splits_a_short_query_over_a_long_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("zero_in_kernel", [False, True], ids=["fill", "kernel-zeroes"])
+def test_paged_attention_splits_a_short_query_over_a_long_prefix(zero_in_kernel: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     # The op's heuristic on a GPU-sized device: 40 new tokens over 1,100 cached ones (a prefix-cache hit), a fresh
     # 3-token prompt and two padding tokens; eager (lengths read back) and CUDA-graph style (max_query_len given).
+    # The padding rows are zero whether a fill or the prefill kernel (PREFILL_ZEROES_UNOWNED) writes them.
     import kiln.backends.triton.paged_attention as pa
+
+    monkeypatch.setattr(pa, "PREFILL_ZEROES_UNOWNED", zero_in_kernel)
+    empty = torch.empty_like
+
+    def poisoned(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:  # nothing may stay unwritten
+        out = empty(x, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(pa.torch, "empty_like", poisoned)
 
     chosen: list[int] = []
     heuristic = pa.prefill_num_splits
