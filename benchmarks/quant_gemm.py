@@ -372,10 +372,13 @@ def _decode_e2e(bench: Bench, args: argparse.Namespace) -> list[tuple[str, float
     # (QUANT_PDL, PDL_RELEASE_LATE) per variant: the default, or the --quant-pdl-variants A/B
     default_mode = (_utils.QUANT_PDL, qg.PDL_RELEASE_LATE)
     pdl_modes = dict.fromkeys((name for name, _ in variants), default_mode)
-    if args.quant_pdl_variants:
-        for label, late in (("PDL, released after the K loop", True), ("PDL, released at the start", False)):
-            variants.append((f"int4-g{g} {label}", quant))
-            pdl_modes[variants[-1][0]] = (True, late)
+    if args.quant_pdl_variants:  # the other two of: no PDL, PDL released after the K loop / at the start
+        modes = {"without PDL": (False, True), "PDL, released after the K loop": (True, True),
+                 "PDL, released at the start": (True, False)}  # fmt: skip
+        for label, mode in modes.items():
+            if mode != default_mode and (mode[0] or default_mode[0]):
+                variants.append((f"int4-g{g} {label}", quant))
+                pdl_modes[variants[-1][0]] = mode
     t0 = time.perf_counter()
     model = from_config(cfg, dtype=torch.bfloat16, device=bench.device)
     print(f"  model {args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B "
@@ -521,7 +524,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--quant-pdl-variants", action="store_true",
-        help="also decode int4 with the quantized GEMVs under PDL, released after the K loop and at the start",
+        help="also decode int4 with the quantized GEMVs' other PDL modes (off; released after the K loop / at the start)",
     )
     parser.add_argument(
         "--torch-compile", action="store_true", help="fuse the decode graphs with torch.compile first"
