@@ -10,7 +10,7 @@ Matches: ``add(mul(x, C), mul(cat([neg(x2), x1], -1), S))`` (either operand orde
     the products) where ``x1, x2`` are the halves of ``x``'s last dimension, taken by
     ``chunk(x, 2, -1)`` or by two ``slice`` ops; ``x``, ``C`` and ``S`` share a float dtype, ``C``
     and ``S`` broadcast to ``x``'s shape, ``x`` lives on one of ``devices`` (default: CUDA, where the
-    kernel exists) and its head dimension is at most ``MAX_HEAD_DIM``. Every matched node but the sum
+    kernel exists) and its head dimension is even. Every matched node but the sum
     is used only inside the pattern (``x``, ``C`` and ``S`` may have other users).
 Rewrites to: ``kiln.rotary(x, C, S)``; the replaced nodes are erased.
 Requires: the runtime's step graph (after ``kv-cache``); canonical forms.
@@ -35,8 +35,6 @@ from kiln.pass_manager import Pass, PassResult, RewriteError, replace_with_call
 aten = torch.ops.aten
 ROTARY = torch.ops.kiln.rotary.default
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-#: The widest head dimension the CUDA kernel rotates (``kiln.backends.triton.rotary.MAX_D``).
-MAX_HEAD_DIM = 1024
 def _last_dim(dim: object, rank: int) -> bool:
     return dim in (-1, rank - 1)
 
@@ -133,7 +131,7 @@ class LowerRotary(Pass):
         if xv.device.type not in self.devices or cv.device != xv.device or sv.device != xv.device:
             return False
         d = xv.shape[-1]
-        if not isinstance(d, int) or d % 2 or d > MAX_HEAD_DIM:
+        if not isinstance(d, int) or d % 2:
             return False
         try:
             shape = torch.broadcast_shapes(xv.shape, cv.shape, sv.shape)

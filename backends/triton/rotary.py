@@ -30,7 +30,8 @@ from kiln.backends.triton._utils import (
 )
 
 _INTERPRET = interpret_mode()
-#: The widest head dimension the kernel rotates (registers hold a block of rows).
+#: The widest head dimension one program rotates (registers hold a block of rows); wider heads are shared
+#: out in column chunks over the grid's second axis.
 MAX_D = 1024
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,14 +43,15 @@ def _rotate_rows(
     sx0, sx1, sx2, sxd, sc0, sc1, sc2, scd, ss0, ss1, ss2, ssd, so0, so1, so2, sod,
     BLOCK_R: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
-    """Rows ``[block * BLOCK_R, +BLOCK_R)`` of the (n0, d1, d2, D) views; a row index is ``(i0 * d1 + i1) * d2 + i2``."""
+    """Rows ``[block * BLOCK_R, +BLOCK_R)`` of the (n0, d1, d2, D) views, columns ``[HALF * pid1, +HALF)`` of each half
+    (``pid1``: the grid's second axis); a row index is ``(i0 * d1 + i1) * d2 + i2``."""
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     r = rows.to(tl.int64)
     i2 = r % d2
     i1 = (r // d2) % d1
     i0 = r // (d2 * d1)
-    cols = tl.arange(0, HALF)
+    cols = tl.program_id(1) * HALF + tl.arange(0, HALF)
     mask = row_ok[:, None] & (cols < half)[None, :]
     c64 = cols.to(tl.int64)[None, :]
     xo = (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None] + c64 * sxd
@@ -112,6 +114,12 @@ def _rotary_pair_kernel(
 _BLOCK_R = 16
 
 
+def _half_chunk(d: int) -> tuple[int, int]:
+    """Half of head dimension ``d``, and the columns of each half one program rotates (a power of two)."""
+    half = d // 2
+    return half, min(next_power_of_2(half), MAX_D // 2)
+
+
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """``t`` with leading dimensions merged or padded to (n0, d1, d2, D)."""
     while t.dim() < 4:
@@ -128,9 +136,6 @@ def _prepare(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
                          f"{cos.dtype}, {sin.dtype}")  # fmt: skip
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"{name}: the last dimension must be even, got shape {tuple(x.shape)}")
-    d = x.shape[-1]
-    if d > MAX_D:
-        raise NotImplementedError(f"{name}: head dimensions over {MAX_D} have no kernel yet, got {d}")
     try:
         cos_b, sin_b = torch.broadcast_to(cos, x.shape), torch.broadcast_to(sin, x.shape)
     except RuntimeError as e:
@@ -151,9 +156,10 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     out, (tensors, n_rows, d1, d2, strides) = _prepare("rotary", x, cos, sin)
     if n_rows:
         pdl = pdl_enabled(x.device, _INTERPRET)
-        _rotary_kernel[(triton.cdiv(n_rows, _BLOCK_R),)](
-            *tensors, n_rows, d1, d2, x.shape[-1] // 2, *strides,
-            BLOCK_R=_BLOCK_R, HALF=next_power_of_2(x.shape[-1] // 2), USE_PDL=pdl, num_warps=4,
+        half, chunk = _half_chunk(x.shape[-1])
+        _rotary_kernel[(triton.cdiv(n_rows, _BLOCK_R), triton.cdiv(half, chunk))](
+            *tensors, n_rows, d1, d2, half, *strides,
+            BLOCK_R=_BLOCK_R, HALF=chunk, USE_PDL=pdl, num_warps=4,
             enable_fp_fusion=False, launch_pdl=pdl,
         )  # fmt: skip
     return out
@@ -173,10 +179,10 @@ def rotary_pair(
     blocks = x_blocks + triton.cdiv(ny, _BLOCK_R)
     if blocks:
         pdl = pdl_enabled(x.device, _INTERPRET)
-        half = x.shape[-1] // 2
-        _rotary_pair_kernel[(blocks,)](
+        half, chunk = _half_chunk(x.shape[-1])
+        _rotary_pair_kernel[(blocks, triton.cdiv(half, chunk))](
             *tx, *ty, x_blocks, nx, xd1, xd2, ny, yd1, yd2, half, *sx, *sy,
-            BLOCK_R=_BLOCK_R, HALF=next_power_of_2(half), USE_PDL=pdl, num_warps=4, enable_fp_fusion=False,
+            BLOCK_R=_BLOCK_R, HALF=chunk, USE_PDL=pdl, num_warps=4, enable_fp_fusion=False,
             launch_pdl=pdl,
         )  # fmt: skip
     return ox, oy

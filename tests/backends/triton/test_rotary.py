@@ -53,9 +53,23 @@ def test_refusals() -> None:
         rotary(x[:, :7], x[:, :7], x[:, :7])
     with pytest.raises(ValueError, match="must broadcast"):
         rotary(x, torch.randn(3, 8, device=DEVICE), x)
-    wide = torch.randn(1, 2 * MAX_D, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="no kernel yet"):
-        rotary(wide, wide, wide)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_heads_are_rotated_in_column_chunks(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Heads wider than MAX_D share their columns out over the grid's second axis: a real 2 * MAX_D + 4 head, and
+    # with MAX_D lowered to 16, heads of 40 and 100 (chunks of 8 columns per half, the last one ragged); both
+    # rotary and rotary_pair, bit-equal to the reference.
+    from kiln.backends.triton import rotary as mod
+
+    g = torch.Generator().manual_seed(5)
+    for d, max_d in ((2 * MAX_D + 4, MAX_D), (40, 16), (100, 16)):
+        monkeypatch.setattr(mod, "MAX_D", max_d)
+        x, y = ((torch.randn(2, 3, d, generator=g) * 2).to(DEVICE, dtype) for _ in range(2))
+        cos, sin = _tables(3, d, dtype, g)
+        assert torch.equal(rotary(x, cos, sin), rotary_reference(x, cos, sin)), d
+        ox, oy = rotary_pair(x, y, cos, sin)
+        assert torch.equal(ox, rotary_reference(x, cos, sin)) and torch.equal(oy, rotary_reference(y, cos, sin)), d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
