@@ -375,8 +375,9 @@ def _decode_e2e(bench: Bench, args: argparse.Namespace) -> list[tuple[str, float
     if args.quant_pdl_variants:  # the other two of: no PDL, PDL released after the K loop / at the start
         modes = {"without PDL": (False, True), "PDL, released after the K loop": (True, True),
                  "PDL, released at the start": (True, False)}  # fmt: skip
+        shown = default_mode if default_mode[0] else (False, True)  # without PDL the release point is moot
         for label, mode in modes.items():
-            if mode != default_mode and (mode[0] or default_mode[0]):
+            if mode != shown:
                 variants.append((f"int4-g{g} {label}", quant))
                 pdl_modes[variants[-1][0]] = mode
     t0 = time.perf_counter()

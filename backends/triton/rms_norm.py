@@ -118,11 +118,10 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     weight = weight.contiguous()
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     total = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if residual is not None else out
-    block = next_power_of_2(d)
-    wide = d > MAX_D
-    kernel, block = (_rms_norm_wide_kernel, WIDE_BLOCK) if wide else (_rms_norm_kernel, block)
+    wide = d > MAX_D  # read twice in chunks; else the row lives in registers, more warps for wider rows
+    kernel, block = (_rms_norm_wide_kernel, WIDE_BLOCK) if wide else (_rms_norm_kernel, next_power_of_2(d))
     pdl = pdl_enabled(x.device, _INTERPRET)
-    if rows.shape[0]:  # wide rows get more warps (a row lives in registers)
+    if rows.shape[0]:
         kernel[(rows.shape[0],)](
             rows, res, weight, out, total, d, rows.stride(0), res.stride(0), out.stride(0), total.stride(0), float(eps),
             UPCAST=upcast, HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=pdl,
