@@ -8,8 +8,9 @@ Three parts, each checked against kiln's plain-torch references before it is tim
    channel (``w8a16``), int8 x int8 with per-token x per-channel scales (``w8a8``) and fp8
    e4m3 per-token x per-channel (``fp8``, ``torch._scaled_mm``). Weights are random bf16
    N(0, 0.02) quantized on the GPU by round-to-nearest, as ``kiln.compile`` does. Reported:
-   time (``triton.testing.do_bench``, median, L2 flushed before every call) of the call
-   replayed as a CUDA graph (GPU time, as the runtime's decode graphs run it; ``eager_us``: called
+   GPU time (median, L2 flushed before every call) of the call replayed as a CUDA graph with every
+   replay queued ahead (``kiln.backends.triton.timing.gpu_time_ms``: as the runtime's decode graphs
+   run it, without the graph's launch latency; ``eager_us``: ``triton.testing.do_bench`` of the call
    from Python, where an op's dispatch and launch cost shows once it exceeds the GPU work), the
    kernel the tuner chose, bandwidth (weight + activation + output bytes over the time) and its share
    of ~3.0 TB/s, and the speed-up over bf16. w8a8 / fp8 times are the GEMM alone; "+q" rows
@@ -113,9 +114,10 @@ class Bench:
         self.failures: list[str] = []
 
     def time_ms(self, fn: Callable[[], object]) -> tuple[float, float]:
-        """``(graph_ms, eager_ms)``: ``fn`` replayed as a CUDA graph (GPU time, as the decode runtime
-        runs it) and called eagerly (each op's Python and launch cost included once it exceeds the
-        GPU's work); median, L2 flushed before every call."""
+        """``(graph_ms, eager_ms)``: ``fn`` replayed as a CUDA graph, its GPU time with every replay
+        queued ahead (``gpu_time_ms``: as the decode runtime runs it, the next kernel already
+        launched), and called eagerly (``do_bench``: each op's Python and launch cost included once it
+        exceeds the GPU's work); median, L2 flushed before every call."""
         import torch
 
         if self.quick:  # the interpreter: one call, for the code path only
@@ -124,6 +126,8 @@ class Bench:
             ms = (time.perf_counter() - t0) * 1e3
             return ms, ms
         import triton.testing
+
+        from kiln.backends.triton.timing import gpu_time_ms
 
         fn()
         torch.cuda.synchronize()
@@ -140,7 +144,7 @@ class Bench:
         except Exception as e:  # noqa: BLE001 - reported, and the row says which time it shows
             print(f"  (CUDA graph capture failed, eager time shown: {type(e).__name__}: {e})")
             return eager, eager
-        return float(triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")), eager
+        return gpu_time_ms(graph.replay, reps=100), eager
 
     def check(self, name: str, got: object, want: object, tol: float) -> float:
         """Max error of ``got`` relative to max |want|; a failure is recorded (and timing skipped)."""

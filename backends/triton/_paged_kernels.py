@@ -12,6 +12,7 @@ import triton.language as tl
 from kiln.backends.triton._paged_checks import _INTERPRET
 from kiln.backends.triton._paged_combine import _last_split_combines, _query_token
 from kiln.backends.triton._utils import pdl_release, pdl_wait
+from kiln.backends.triton.timing import autotune_bench
 
 _LOG2E = 1.4426950408889634
 
@@ -311,6 +312,7 @@ def _static_scales(Scales, stride_sc, qk_scale, SCALE_MODE: tl.constexpr):
     configs=_decode_configs(),
     key=["KEYS_BUCKET", "HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "WRITE_LSE"],
     prune_configs_by={"early_config_prune": _prune_decode_configs},
+    do_bench=autotune_bench,
 )
 @triton.jit(do_not_specialize=["num_splits", "KEYS_BUCKET", "min_split_keys"])
 def _paged_decode_kernel(
@@ -492,6 +494,7 @@ def _zero_unowned_rows(
     configs=_prefill_configs(),
     key=["Q_BUCKET", "HEAD_DIM_PAD", "PAGE_SIZE", "WRITE_LSE", "PACK_GQA"],
     prune_configs_by={"early_config_prune": _prune_prefill_configs},
+    do_bench=autotune_bench,
 )
 @triton.jit(do_not_specialize=["Q_BUCKET", "num_splits"])
 def _paged_prefill_kernel(

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from kiln.backends.triton._utils import check_triton_device, interpret_mode, next_power_of_2
+from kiln.backends.triton.timing import autotune_bench
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -201,6 +202,7 @@ def _attn_fwd_inner(
     configs=_configs(),
     key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM_PAD", "IS_CAUSAL", "IS_VARLEN"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=autotune_bench,
 )
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "Q_BUCKET", "K_BUCKET"])
 def _attn_fwd(

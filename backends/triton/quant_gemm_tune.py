@@ -3,7 +3,8 @@
 Triton's ``@autotune`` times the configs of one kernel; here the candidates of a shape span
 kernels (the decode GEMV, the tensor-core GEMM, dequantize + cuBLAS), so :class:`KernelTuner`
 does the same one level up: the first call of each key (op, M bucket, N, K, group, dtypes)
-times every candidate with ``triton.testing.do_bench`` (L2 flushed between calls) and keeps
+times every candidate's GPU time (:func:`~kiln.backends.triton.timing.gpu_time_ms`: L2 flushed
+before each call, every call queued ahead so that host launch time stays out) and keeps
 the fastest; later calls go straight to it. Candidates that do not compile for the device
 (too much shared memory) are skipped, as Triton's autotuner skips them.
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.backends.triton._utils import next_power_of_2
+from kiln.backends.triton.timing import gpu_time_ms
 
 #: Time the candidates of each new shape on the GPU (False: always take the first one).
 TUNE = True
@@ -185,14 +187,13 @@ class KernelTuner:
             or torch.cuda.is_current_stream_capturing()
         ):
             return candidates[0]
-        import triton.testing
-
         results: list[tuple[Candidate, float]] = []
         errors: list[str] = []
         for c in candidates:
             try:
                 run(c)  # compile outside the timing
-                ms = triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=25, return_mode="median")
+                with torch.cuda.device(device):
+                    ms = gpu_time_ms(lambda c=c: run(c), reps=25)
             except Exception as e:  # a tile this device or Triton cannot build is skipped, loudly
                 if not _unbuildable(e):
                     raise
