@@ -8,7 +8,8 @@ rank's shard for TP = 2, 4, 8, with and without sequence parallelism, all in one
 1. check: the shards run side by side with their collectives done in this process
    (``run_lockstep``) reproduce the unsharded logits of a prefill and of the decode step after it;
 2. time: with every collective replaced by a local stand-in (``strip_collectives``), each
-   rank's shard and the unsharded graph run a prefill step (one sequence of ``--prefill-tokens``)
+   rank's shard and the unsharded graph, in the launch-ready form ``kiln.LLM`` runs (the longest
+   query told on the host, ``specialize_attention``: no metadata read back), run a prefill step (one sequence of ``--prefill-tokens``)
    and a decode step (``--decode-batch`` sequences of ``--decode-context`` cached tokens each).
    On a GPU the time is the sum of the CUDA kernels' durations from ``torch.profiler`` (device
    compute, without launch gaps), mean over ``--reps`` calls after warm-up; on the CPU the
@@ -167,11 +168,12 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     def timed(gm: torch.fx.GraphModule, step: Step, label: str = "") -> tuple[float, float]:
         caches = new_caches(gm, step.num_blocks, bs, device)
         inputs = step_inputs(gm, step, bs, caches, ids, consts)
-        fn = gm
-        if args.torch_compile:  # inductor, as kiln.LLM(torch_compile=True) runs the step graph: its paged attention
-            # told the longest query on the host (specialize_attention), one compile per graph and shape
-            fn = _compile(specialize_attention(gm), None, dynamic=False)
-            inputs = [*inputs, max(new for _, new, _ in step.seqs)]
+        # as kiln.LLM runs the step graph: its paged attention told the longest query on the host
+        # (specialize_attention), so no step reads its metadata back from the device
+        fn = specialize_attention(gm)
+        inputs = [*inputs, max(new for _, new, _ in step.seqs)]
+        if args.torch_compile:  # inductor, as kiln.LLM(torch_compile=True): one compile per graph and shape
+            fn = _compile(fn, None, dynamic=False)
         top = args.top_kernels if label else 0
         with torch.no_grad():
             return measure(lambda: fn(*inputs), device, args.reps, top, label)
