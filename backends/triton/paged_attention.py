@@ -65,6 +65,7 @@ import torch
 import triton
 
 from kiln.backends.triton import _paged_checks
+from kiln.backends.triton._paged_cache_kernels import _reshape_and_cache_kernel
 from kiln.backends.triton._paged_checks import (
     DECODE_MAX_SPLITS,
     DECODE_MIN_SPLIT_KEYS,
@@ -87,11 +88,7 @@ from kiln.backends.triton._paged_checks import (
     prefill_num_splits,
 )
 from kiln.backends.triton._paged_combine import _paged_decode_combine_kernel
-from kiln.backends.triton._paged_kernels import (
-    _paged_decode_kernel,
-    _paged_prefill_kernel,
-    _reshape_and_cache_kernel,
-)
+from kiln.backends.triton._paged_kernels import _paged_decode_kernel, _paged_prefill_kernel
 from kiln.backends.triton._utils import arrival_counters, check_triton_device, next_power_of_2, pdl_enabled
 from kiln.backends.triton.paged_attention_reference import (
     paged_attention_reference,
