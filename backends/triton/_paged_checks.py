@@ -14,19 +14,27 @@ from kiln.ops import KV_CACHE_QMAX, check_kv_scales
 MAX_HEAD_DIM = 256
 DECODE_MAX_SPLITS = 64
 """Most splits of one sequence's keys (the combine kernel holds (splits, D) fp32 in registers)."""
-DECODE_AUTO_MAX_SPLITS = 32
+DECODE_AUTO_MAX_SPLITS = 64
 """Most splits the heuristic chooses (an explicit ``num_splits`` may go up to ``DECODE_MAX_SPLITS``).
 
-H100 (``decode_attention.py``, 8 KV heads, D 128, bf16, batch 1, 16k keys): 16 or 32 splits 37.3-38.2 us,
-64 splits 53.1-53.7 us."""
-DECODE_MIN_SPLIT_KEYS = 256
-"""Fewest keys per split the heuristic chooses: below this the partial outputs cost more than they save.
+H100 (session 13, ``decode_attention.py --sweep-splits``, 8 KV heads, D 128, bf16, batch 1): 64 splits
+14.3 / 32.2 us at 4k / 16k keys against 32 splits' 15.6 / 33.9 (16 splits 15.7 / 36.5)."""
+DECODE_MIN_SPLIT_KEYS = 64
+"""Fewest keys per split the heuristic chooses while the (sequence, KV head) groups fill less than half
+the SMs: each program then streams a short stretch, and many in flight hide the memory latency.
 
-H100, batch 1 and 4 at 1k keys: 4 splits (256 keys) 10.2 / 14.8 us, 2 splits (512 keys) 13.6 / 17.6 us."""
+H100, batch 1 at 1k keys: 16 splits (64 keys) 9.3 us, 8 splits 9.1, 4 splits 11.3; batch 4: 16 splits
+14.3 us, 4 splits 16.1 (session 13); batch 1 at 4k: 64 splits 14.3 us, 16 splits 15.7."""
 DECODE_PROGRAMS_PER_SM = 4
-"""The heuristic splits until there are about this many decode programs per SM (or keys run short).
+"""With few groups the heuristic splits until there are about this many decode programs per SM."""
+DECODE_WAVE_MIN_SPLIT_KEYS = 1024
+"""Fewest keys per split once the groups fill half the SMs or more (a wave of programs without splitting):
+splits then only add partial outputs to merge.
 
-Two per SM (tried) cost 7-17% at batch 16 and 64 (fewer splits than the four-per-SM count)."""
+H100, batch 16 (128 groups): 1k keys 1 split 30.9 us against 4-5 splits' 33.4; 4k keys 2-4 splits 95.4-97.9
+us against 5 splits' 101.5; 16k keys 2-4 splits 352-353 us against 5 splits' 360.6 (session 13)."""
+DECODE_WAVE_PROGRAMS_PER_SM = 2
+"""Programs per SM the heuristic aims at once the groups fill half the SMs or more."""
 DECODE_FUSED_MAX_SPLITS = 4
 """Most splits a decode launch always merges in the kernel (:func:`decode_combines_in_kernel`)."""
 PREFILL_MAX_SPLITS = 16
@@ -172,16 +180,36 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def decode_fills_half_the_sms(num_seqs: int, num_kv_heads: int, num_sms: int) -> bool:
+    """Whether the (sequence, KV head) groups of a decode launch alone fill half the SMs or more."""
+    return 2 * num_seqs * num_kv_heads > num_sms
+
+
+def decode_min_split_keys(
+    num_seqs: int, num_kv_heads: int, num_sms: int, few: int | None = None, wave: int | None = None
+) -> int:
+    """Fewest keys per split of a decode launch: ``few`` (``DECODE_MIN_SPLIT_KEYS``) while the groups fill
+    less than half the SMs, else ``wave`` (``DECODE_WAVE_MIN_SPLIT_KEYS``). A launch that merges its splits in
+    the kernel lets a sequence use only ``cdiv(length, this)`` of them (a CUDA graph sizes the splits for the
+    cache's capacity)."""
+    if decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms):
+        return DECODE_WAVE_MIN_SPLIT_KEYS if wave is None else wave
+    return DECODE_MIN_SPLIT_KEYS if few is None else few
+
+
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """How many splits of each sequence's keys the decode kernel uses (flash-decoding's heuristic).
 
-    Enough programs (sequences x KV heads x splits) to give every SM about
-    ``DECODE_PROGRAMS_PER_SM`` of them, but no split shorter than ``DECODE_MIN_SPLIT_KEYS``
-    keys and at most ``DECODE_AUTO_MAX_SPLITS``: a large batch gets 1 split (no combine kernel), a
-    single long sequence on an H100 (132 SMs, 8 KV heads) 32 splits from 8k keys up.
+    Few (sequence, KV head) groups (under half the SMs): enough splits for about
+    ``DECODE_PROGRAMS_PER_SM`` programs per SM, none shorter than ``DECODE_MIN_SPLIT_KEYS`` keys, at most
+    ``DECODE_AUTO_MAX_SPLITS`` (a single sequence on an H100, 132 SMs and 8 KV heads: 16 splits at 1k keys,
+    64 from 4k up). More groups: about ``DECODE_WAVE_PROGRAMS_PER_SM`` per SM, none shorter than
+    ``DECODE_WAVE_MIN_SPLIT_KEYS`` (batch 16: 1 split at 1k keys, 3 from 3k up; batch 64: 1).
     """
-    by_occupancy = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(1, num_seqs * num_kv_heads))
-    by_length = triton.cdiv(max(1, max_seq_len), DECODE_MIN_SPLIT_KEYS)
+    groups = max(1, num_seqs * num_kv_heads)
+    per_sm = DECODE_WAVE_PROGRAMS_PER_SM if decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms) else DECODE_PROGRAMS_PER_SM
+    by_occupancy = triton.cdiv(per_sm * num_sms, groups)
+    by_length = triton.cdiv(max(1, max_seq_len), decode_min_split_keys(num_seqs, num_kv_heads, num_sms))
     return max(1, min(by_occupancy, by_length, DECODE_AUTO_MAX_SPLITS))
 
 
@@ -199,7 +227,7 @@ def decode_combines_in_kernel(num_splits: int, num_seqs: int, num_kv_heads: int,
     """
     if num_splits <= 1:
         return False
-    return num_splits <= DECODE_FUSED_MAX_SPLITS or 2 * num_seqs * num_kv_heads > num_sms
+    return num_splits <= DECODE_FUSED_MAX_SPLITS or decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms)
 
 
 def prefill_num_splits(

@@ -69,6 +69,7 @@ from kiln.backends.triton._paged_cache_kernels import _reshape_and_cache_kernel
 from kiln.backends.triton._paged_checks import (
     DECODE_MAX_SPLITS,
     DECODE_MIN_SPLIT_KEYS,
+    DECODE_WAVE_MIN_SPLIT_KEYS,
     PREFILL_MAX_SPLITS,
     _cache_strides,
     _check_attention_inputs,
@@ -84,6 +85,7 @@ from kiln.backends.triton._paged_checks import (
     _scale_args,
     _upcast_dot,
     decode_combines_in_kernel,
+    decode_min_split_keys,
     decode_num_splits,
     prefill_num_splits,
 )
@@ -101,7 +103,9 @@ from kiln.ops import KV_CACHE_QMAX
 __all__ = [
     "DECODE_MAX_SPLITS",
     "DECODE_MIN_SPLIT_KEYS",
+    "DECODE_WAVE_MIN_SPLIT_KEYS",
     "decode_combines_in_kernel",
+    "decode_min_split_keys",
     "decode_num_splits",
     "paged_attention",
     "paged_attention_reference",
@@ -274,6 +278,7 @@ def paged_decode_attention(
     else:
         fused = num_splits > 1 and DECODE_FUSED_COMBINE
     cnt = arrival_counters(q.device, num_seqs * hkv) if fused else seq_lens  # unused pointer when not fused
+    min_keys = decode_min_split_keys(num_seqs, hkv, _num_sms(q.device), DECODE_MIN_SPLIT_KEYS, DECODE_WAVE_MIN_SPLIT_KEYS)
     pdl = pdl_enabled(q.device, _paged_checks._INTERPRET)
     write: dict = {}
     if new_kv is not None:
@@ -294,7 +299,7 @@ def paged_decode_attention(
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
         *part.stride(), *lse_strides,
         out, out.stride(1), out.stride(2), out.stride(3), cnt,
-        group, num_splits, scale * _LOG2E, DECODE_MIN_SPLIT_KEYS, keys_bucket,
+        group, num_splits, scale * _LOG2E, min_keys, keys_bucket,
         HAS_QUERY_START=query_start_loc is not None, WRITE_LSE=num_splits > 1, FUSED=fused, PAGE_SIZE=page_size,
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, next_power_of_2(group)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),

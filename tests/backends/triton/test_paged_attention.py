@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 from kiln.backends.triton import _paged_checks  # noqa: E402
 from kiln.backends.triton._paged_checks import PREFILL_MAX_SPLITS, prefill_num_splits  # noqa: E402
 from kiln.backends.triton.paged_attention import (  # noqa: E402
+    decode_min_split_keys,
     decode_num_splits,
     paged_attention,
     paged_decode_attention,
@@ -42,6 +43,14 @@ if not CUDA and not _paged_checks._INTERPRET:
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
 PAGE = 16
 
+
+
+def _min_split_keys(monkeypatch: pytest.MonkeyPatch, keys: int) -> None:
+    """Set the decode kernel's fewest keys per split in both regimes (few groups, and half the SMs filled)."""
+    import kiln.backends.triton.paged_attention as pa
+
+    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", keys)
+    monkeypatch.setattr(pa, "DECODE_WAVE_MIN_SPLIT_KEYS", keys)
 
 def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert not out.isnan().any(), "output holds NaN: some rows were never written"
@@ -196,9 +205,8 @@ def test_decode_many_and_empty_splits_and_scale() -> None:
 def test_decode_uses_the_splits_a_context_fills(min_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Combined in the kernel, a sequence takes at most cdiv(length, DECODE_MIN_SPLIT_KEYS) of the launch's
     # splits (a CUDA graph sizes num_splits for the cache's capacity); one split writes the output itself.
-    import kiln.backends.triton.paged_attention as pa
 
-    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", min_keys)
+    _min_split_keys(monkeypatch, min_keys)
     b = _batch([0, 16, 39, 70], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=min_keys)  # 1, 17, 40, 71 keys
     args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
     for splits in (1, 3, 8):
@@ -214,7 +222,7 @@ def test_decode_combine_loads_partials_in_chunks(chunk: int, monkeypatch: pytest
 
     monkeypatch.setattr(pa, "COMBINE_CHUNK", chunk)
     monkeypatch.setattr(pa, "DECODE_FUSED_COMBINE", True)  # whatever decode_combines_in_kernel says
-    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 4)
+    _min_split_keys(monkeypatch, 4)
     b = _batch([3, 9, 25, 58], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=10 + chunk)  # 4, 10, 26, 59 keys
     # (10 keys: 3 of the launch's 5 or 7 splits)
     args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
@@ -259,13 +267,18 @@ def test_decode_cache_dtype_differs_from_q() -> None:
 
 
 def test_decode_num_splits_heuristic() -> None:
-    assert decode_num_splits(64, 8, 32768, 132) == 2  # a large batch fills the GPU already
+    # groups (sequences x KV heads) filling half the SMs or more: about two programs per SM, >= 1024 keys a split
+    assert decode_num_splits(64, 8, 32768, 132) == 1  # a large batch fills the GPU already
     assert decode_num_splits(256, 8, 32768, 132) == 1
-    assert decode_num_splits(16, 8, 32768, 132) == 5  # about four programs per SM
-    assert decode_num_splits(1, 8, 16384, 132) == 32  # capped at DECODE_AUTO_MAX_SPLITS
-    assert decode_num_splits(1, 8, 4096, 132) == 16  # 256 keys per split
-    assert decode_num_splits(1, 8, 1024, 132) == 4  # no split under DECODE_MIN_SPLIT_KEYS keys
+    assert decode_num_splits(16, 8, 32768, 132) == 3
+    assert decode_num_splits(16, 8, 1024, 132) == 1  # no split under DECODE_WAVE_MIN_SPLIT_KEYS keys
+    # fewer groups: about four programs per SM, >= 64 keys a split, at most DECODE_AUTO_MAX_SPLITS
+    assert decode_num_splits(4, 8, 4096, 132) == 17
+    assert decode_num_splits(1, 8, 16384, 132) == 64
+    assert decode_num_splits(1, 8, 4096, 132) == 64
+    assert decode_num_splits(1, 8, 1024, 132) == 16  # no split under DECODE_MIN_SPLIT_KEYS keys
     assert decode_num_splits(1, 8, 0, 132) == 1
+    assert decode_min_split_keys(1, 8, 132) == 64 and decode_min_split_keys(16, 8, 132) == 1024
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -327,7 +340,7 @@ def test_splits_combine_in_the_last_split_as_the_combine_kernel_does(monkeypatch
     import kiln.backends.triton.paged_attention as pa
     from kiln.backends.triton import _utils as triton_utils
 
-    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 8)  # so that these short contexts use several splits
+    _min_split_keys(monkeypatch, 8)  # so that these short contexts use several splits
     b = _batch([70, 0, 33], [40, 9, 1], 4, 2, 16, torch.float32, seed=21)
     reshape_and_cache_reference(b.k, b.v, b.kv_cache, b.slot_mapping)
     pre = (b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.max_query_len)
@@ -435,7 +448,7 @@ def test_decode_kernel_writes_the_new_keys_and_values(fused: bool, monkeypatch: 
     # reference's bit for bit and the output is the reference's. Short splits, so the writer is the 1st..5th split.
     import kiln.backends.triton.paged_attention as pa
 
-    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", 8)
+    _min_split_keys(monkeypatch, 8)
     monkeypatch.setattr(pa, "DECODE_FUSED_COMBINE", fused)
     monkeypatch.setattr(pa, "DECODE_WRITES_KV", True)
     launches: list[str] = []
