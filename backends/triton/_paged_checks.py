@@ -14,27 +14,28 @@ from kiln.ops import KV_CACHE_QMAX, check_kv_scales
 MAX_HEAD_DIM = 256
 DECODE_MAX_SPLITS = 64
 """Most splits of one sequence's keys (the combine kernel holds (splits, D) fp32 in registers)."""
-DECODE_AUTO_MAX_SPLITS = 64
+DECODE_AUTO_MAX_SPLITS = 32
 """Most splits the heuristic chooses (an explicit ``num_splits`` may go up to ``DECODE_MAX_SPLITS``).
 
-H100 (session 13, ``decode_attention.py --sweep-splits``, 8 KV heads, D 128, bf16, batch 1): 64 splits
-14.3 / 32.2 us at 4k / 16k keys against 32 splits' 15.6 / 33.9 (16 splits 15.7 / 36.5)."""
-DECODE_MIN_SPLIT_KEYS = 64
+H100, 8 KV heads, D 128, bf16, batch 1, 16k keys: 32 splits 33.9-37.7 us, 64 splits 32.2-37.3 (sessions
+10, 11, 13: within the machines' spread)."""
+DECODE_MIN_SPLIT_KEYS = 128
 """Fewest keys per split the heuristic chooses while the (sequence, KV head) groups fill less than half
-the SMs: each program then streams a short stretch, and many in flight hide the memory latency.
+the SMs: each program then streams a short stretch, and more of them in flight hide the memory latency.
 
-H100, batch 1 at 1k keys: 16 splits (64 keys) 9.3 us, 8 splits 9.1, 4 splits 11.3; batch 4: 16 splits
-14.3 us, 4 splits 16.1 (session 13); batch 1 at 4k: 64 splits 14.3 us, 16 splits 15.7."""
+H100, batch 1 at 1k keys: 8 splits (128 keys) 8.7-9.1 us against 4 splits' 10.6-11.3 (sessions 11 and
+13); batch 4: 8 splits 15.6 us, 4 splits 16.1 (session 13). 64 keys (16 splits) measured the same as 128
+at 1k, but would put a 272-key CUDA-graph step (the batch-1 decode benchmarks) on 5 splits and the
+combine kernel where 128 keys keep 3 splits merged in the kernel."""
+DECODE_WAVE_MIN_SPLIT_KEYS = 256
+"""Fewest keys per split once the groups fill half the SMs or more (a wave of programs unsplit).
+
+H100 (session 10): batch 16 at 4k keys 5 splits 98.4 us against 3 splits' 114.7; batch 64 at 16k 2 splits
+1378 us against 1 split's 1512 (session 13's batch-16 sweep was flatter: 1-4 splits 95.4-101.5 us)."""
 DECODE_PROGRAMS_PER_SM = 4
-"""With few groups the heuristic splits until there are about this many decode programs per SM."""
-DECODE_WAVE_MIN_SPLIT_KEYS = 1024
-"""Fewest keys per split once the groups fill half the SMs or more (a wave of programs without splitting):
-splits then only add partial outputs to merge.
+"""The heuristic splits until there are about this many decode programs per SM (or keys run short).
 
-H100, batch 16 (128 groups): 1k keys 1 split 30.9 us against 4-5 splits' 33.4; 4k keys 2-4 splits 95.4-97.9
-us against 5 splits' 101.5; 16k keys 2-4 splits 352-353 us against 5 splits' 360.6 (session 13)."""
-DECODE_WAVE_PROGRAMS_PER_SM = 2
-"""Programs per SM the heuristic aims at once the groups fill half the SMs or more."""
+Two per SM (tried) cost 7-17% at batch 16 and 64 (fewer splits than the four-per-SM count)."""
 DECODE_FUSED_MAX_SPLITS = 4
 """Most splits a decode launch always merges in the kernel (:func:`decode_combines_in_kernel`)."""
 PREFILL_MAX_SPLITS = 16
@@ -200,15 +201,12 @@ def decode_min_split_keys(
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """How many splits of each sequence's keys the decode kernel uses (flash-decoding's heuristic).
 
-    Few (sequence, KV head) groups (under half the SMs): enough splits for about
-    ``DECODE_PROGRAMS_PER_SM`` programs per SM, none shorter than ``DECODE_MIN_SPLIT_KEYS`` keys, at most
-    ``DECODE_AUTO_MAX_SPLITS`` (a single sequence on an H100, 132 SMs and 8 KV heads: 16 splits at 1k keys,
-    64 from 4k up). More groups: about ``DECODE_WAVE_PROGRAMS_PER_SM`` per SM, none shorter than
-    ``DECODE_WAVE_MIN_SPLIT_KEYS`` (batch 16: 1 split at 1k keys, 3 from 3k up; batch 64: 1).
+    Enough programs (sequences x KV heads x splits) to give every SM about ``DECODE_PROGRAMS_PER_SM``
+    of them, but no split shorter than :func:`decode_min_split_keys` keys and at most
+    ``DECODE_AUTO_MAX_SPLITS``: a large batch gets 1-2 splits, a single sequence on an H100 (132 SMs,
+    8 KV heads) 3 splits at 272 keys, 8 at 1k and 32 from 4k keys up.
     """
-    groups = max(1, num_seqs * num_kv_heads)
-    per_sm = DECODE_WAVE_PROGRAMS_PER_SM if decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms) else DECODE_PROGRAMS_PER_SM
-    by_occupancy = triton.cdiv(per_sm * num_sms, groups)
+    by_occupancy = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(1, num_seqs * num_kv_heads))
     by_length = triton.cdiv(max(1, max_seq_len), decode_min_split_keys(num_seqs, num_kv_heads, num_sms))
     return max(1, min(by_occupancy, by_length, DECODE_AUTO_MAX_SPLITS))
 
