@@ -27,15 +27,18 @@ H100, batch 1 at 1k keys: 8 splits (128 keys) 8.7-9.1 us against 4 splits' 10.6-
 13); batch 4: 8 splits 15.6 us, 4 splits 16.1 (session 13). 64 keys (16 splits) measured the same as 128
 at 1k, but would put a 272-key CUDA-graph step (the batch-1 decode benchmarks) on 5 splits and the
 combine kernel where 128 keys keep 3 splits merged in the kernel."""
-DECODE_WAVE_MIN_SPLIT_KEYS = 256
-"""Fewest keys per split once the groups fill half the SMs or more (a wave of programs unsplit).
+DECODE_WAVE_MIN_SPLIT_KEYS = 1024
+"""Fewest keys per split once the groups fill half the SMs or more (a wave of programs unsplit): splits
+then mostly add partial outputs to merge.
 
-H100 (session 10): batch 16 at 4k keys 5 splits 98.4 us against 3 splits' 114.7; batch 64 at 16k 2 splits
-1378 us against 1 split's 1512 (session 13's batch-16 sweep was flatter: 1-4 splits 95.4-101.5 us)."""
+H100, session 13 (two sweeps on two machines): batch 16 (128 groups) 1 split 30.9-31.1 us at 1k keys against
+4-5 splits' 33.4-33.5, 2 splits 95.4-96.4 us at 4k against 5 splits' 101.5; batch 64 (512 groups) 1 split
+92.9 / 350.3 / 1379.5 us at 1k / 4k / 16k against 2 splits' 104.8 / 357.2 / 1384.7. (Session 10, before the
+in-kernel merge was reworked, had measured the opposite at batch 64, 16k: 1512 against 1378 us.)"""
 DECODE_PROGRAMS_PER_SM = 4
-"""The heuristic splits until there are about this many decode programs per SM (or keys run short).
-
-Two per SM (tried) cost 7-17% at batch 16 and 64 (fewer splits than the four-per-SM count)."""
+"""With fewer groups than half the SMs, the heuristic splits until about this many programs run per SM."""
+DECODE_WAVE_PROGRAMS_PER_SM = 2
+"""With more, about this many per SM, rounded down to a power-of-two split count (the counts measured)."""
 DECODE_FUSED_MAX_SPLITS = 4
 """Most splits a decode launch always merges in the kernel (:func:`decode_combines_in_kernel`)."""
 PREFILL_MAX_SPLITS = 16
@@ -201,14 +204,19 @@ def decode_min_split_keys(
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """How many splits of each sequence's keys the decode kernel uses (flash-decoding's heuristic).
 
-    Enough programs (sequences x KV heads x splits) to give every SM about ``DECODE_PROGRAMS_PER_SM``
-    of them, but no split shorter than :func:`decode_min_split_keys` keys and at most
-    ``DECODE_AUTO_MAX_SPLITS``: a large batch gets 1-2 splits, a single sequence on an H100 (132 SMs,
-    8 KV heads) 3 splits at 272 keys, 8 at 1k and 32 from 4k keys up.
+    Fewer (sequence, KV head) groups than half the SMs: enough splits for about
+    ``DECODE_PROGRAMS_PER_SM`` programs per SM, none shorter than ``DECODE_MIN_SPLIT_KEYS`` keys, at most
+    ``DECODE_AUTO_MAX_SPLITS`` (one sequence on an H100, 132 SMs and 8 KV heads: 3 splits at 272 keys,
+    8 at 1k, 32 from 4k up). More groups: about ``DECODE_WAVE_PROGRAMS_PER_SM`` per SM, none shorter than
+    ``DECODE_WAVE_MIN_SPLIT_KEYS``, rounded down to a power of two (batch 16: 1 split at 1k keys, 2 from 2k
+    up; batch 64: 1).
     """
-    by_occupancy = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(1, num_seqs * num_kv_heads))
+    wave = decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms)
+    per_sm = DECODE_WAVE_PROGRAMS_PER_SM if wave else DECODE_PROGRAMS_PER_SM
+    by_occupancy = triton.cdiv(per_sm * num_sms, max(1, num_seqs * num_kv_heads))
     by_length = triton.cdiv(max(1, max_seq_len), decode_min_split_keys(num_seqs, num_kv_heads, num_sms))
-    return max(1, min(by_occupancy, by_length, DECODE_AUTO_MAX_SPLITS))
+    splits = max(1, min(by_occupancy, by_length, DECODE_AUTO_MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1) if wave else splits
 
 
 def decode_combines_in_kernel(num_splits: int, num_seqs: int, num_kv_heads: int, num_sms: int) -> bool:

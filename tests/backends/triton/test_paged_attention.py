@@ -267,11 +267,15 @@ def test_decode_cache_dtype_differs_from_q() -> None:
 
 
 def test_decode_num_splits_heuristic() -> None:
-    # groups (sequences x KV heads) filling half the SMs or more: >= 256 keys a split
-    assert decode_num_splits(64, 8, 32768, 132) == 2  # a large batch fills the GPU already
+    # groups (sequences x KV heads) filling half the SMs or more: ~2 programs per SM, >= 1024 keys a split,
+    # a power of two
+    assert decode_num_splits(64, 8, 32768, 132) == 1  # a large batch fills the GPU already
     assert decode_num_splits(256, 8, 32768, 132) == 1
-    assert decode_num_splits(16, 8, 32768, 132) == 5  # about four programs per SM
-    assert decode_num_splits(16, 8, 1024, 132) == 4  # no split under DECODE_WAVE_MIN_SPLIT_KEYS keys
+    assert decode_num_splits(16, 8, 32768, 132) == 2  # cdiv(264, 128) = 3, rounded down
+    assert decode_num_splits(16, 8, 4096, 132) == 2
+    assert decode_num_splits(16, 8, 1024, 132) == 1  # no split under DECODE_WAVE_MIN_SPLIT_KEYS keys
+    assert decode_num_splits(9, 8, 65536, 132) == 4  # 72 groups: cdiv(264, 72) = 4
+    assert decode_num_splits(12, 8, 65536, 132) == 2  # 96 groups: cdiv(264, 96) = 3, rounded down
     # fewer groups: >= 128 keys a split, at most DECODE_AUTO_MAX_SPLITS
     assert decode_num_splits(4, 8, 4096, 132) == 17
     assert decode_num_splits(1, 8, 16384, 132) == 32
@@ -279,7 +283,7 @@ def test_decode_num_splits_heuristic() -> None:
     assert decode_num_splits(1, 8, 1024, 132) == 8  # no split under DECODE_MIN_SPLIT_KEYS keys
     assert decode_num_splits(1, 8, 272, 132) == 3  # a short CUDA-graph capacity stays merged in the kernel
     assert decode_num_splits(1, 8, 0, 132) == 1
-    assert decode_min_split_keys(1, 8, 132) == 128 and decode_min_split_keys(16, 8, 132) == 256
+    assert decode_min_split_keys(1, 8, 132) == 128 and decode_min_split_keys(16, 8, 132) == 1024
 
 
 # ----------------------------------------------------------------------------- prefill
