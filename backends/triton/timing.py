@@ -2,11 +2,11 @@
 
 ``triton.testing.do_bench`` records an event, calls the function, records another and
 synchronizes nothing in between, but its L2 flush before every call drains the queue: the GPU
-then waits for the host to launch the function. A decode GEMV that runs 5-10 us on the GPU
-takes 10-60 us of Python and driver time to launch eagerly (5-10 us for a CUDA graph's
-replay), so do_bench times the launch, not the kernel, and the spread between two runs of the
-same kernel exceeds the difference between candidates (H100, session 13: the same int4
-(4096, 4096) candidates ranked 20-100 us apart from one shape key to the next).
+then waits for the host to launch the function. A Triton GEMV that runs 5-30 us on the GPU
+can take longer than that to launch from Python, so do_bench timed the launch, not the kernel,
+and the noise between runs exceeded the difference between candidates (H100, session 13: int4
+(4096, 4096) candidates whose weights take ~3 us to read were timed at 20-105 us, and the
+quantized-GEMM tuner picked a 2x slower kernel in one run of three; benchmarks/RESULTS.md).
 
 :func:`gpu_time_ms` queues every repetition behind a sleeping kernel first
 (``torch.cuda._sleep``), so that by the time the GPU reaches them the host has launched them
