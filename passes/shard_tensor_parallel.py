@@ -28,7 +28,8 @@ Rewrites to, for rank ``rank`` of ``world_size``:
     heads: reshapes with head counts get the per-rank counts; kv heads are split when the ranks'
         query heads cover whole GQA groups, replicated (a rank keeps the kv head its query heads
         read) when a group spans ranks;
-    embedding: rows ``[r*V/w, (r+1)*V/w)``; ids outside give zeros; all-reduce;
+    embedding: rows ``[r*V/w, (r+1)*V/w)``, looked up by ``kiln::vocab_embedding`` (ids outside give
+        zeros; one kernel on CUDA); all-reduce;
     LM head: rows sliced (a quantized head's per-row scales and zero points with them);
         ``all_gather_into_tensor`` along the vocabulary (padded to a multiple
         of ``world_size`` with zero rows, sliced back to V).
@@ -50,6 +51,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.errors import ConfigError
 from kiln.ir import infer_meta
+from kiln.ops import vocab_embedding  # noqa: F401  (registers kiln::vocab_embedding)
 from kiln.parallel.tp_collectives import ALL_REDUCE, ROLE_KEY, Emitter, default_group_name
 from kiln.parallel.tp_solver import (
     ATTENTION,
@@ -67,6 +69,7 @@ from kiln.parallel.tp_specs import Shard, static, val
 from kiln.pass_manager import Pass, PassResult, RewriteError
 
 aten = torch.ops.aten
+VOCAB_EMBEDDING = torch.ops.kiln.vocab_embedding.default
 _PASS_THROUGH = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.alias.default}
 
 
@@ -295,17 +298,13 @@ class ShardTensorParallel(Pass):
             if not (token_ids or (tied is not None and tied[0].target == w.target)):
                 continue  # a table of another index (positions) that happens to have the vocabulary's size
             chunk, _ = self._vocab(int(vocab))  # type: ignore[arg-type]
-            start = self.rank * chunk
-            emit = Emitter(gm, emb.prev, emb, self.world, self._group())
-            outside = emit(aten.logical_or.default, emit(aten.lt.Scalar, ids, start), emit(aten.ge.Scalar, ids, start + chunk))
-            local = emit(aten.masked_fill.Scalar, emit(aten.sub.Tensor, ids, start), outside, 0)
-            emb.args = (self._vocab_weight(gm, w, False, self._cache), local, *emb.args[2:])
-            infer_meta(emb)
-            emit.cursor = emb
-            zeroed = emit(aten.masked_fill.Scalar, emb, emit(aten.unsqueeze.default, outside, -1), 0.0)
-            out = emit.all_reduce(zeroed, "embedding")
-            emb.replace_all_uses_with(out, delete_user_cb=lambda u, z=zeroed: u is not z)
-            touched.add(emb)
+            emit = Emitter(gm, emb, emb, self.world, self._group())
+            # this rank's rows, zeros for ids outside them (one kernel: kiln::vocab_embedding)
+            local = emit(VOCAB_EMBEDDING, self._vocab_weight(gm, w, False, self._cache), ids, self.rank * chunk)
+            out = emit.all_reduce(local, "embedding")
+            emb.replace_all_uses_with(out)
+            gm.graph.erase_node(emb)
+            touched.add(local)
             stats["vocab_parallel_embeddings"] += 1
             stats["all_reduces"] += 1
             self._expected_reduces += 1

@@ -68,6 +68,12 @@ def register_cuda_kernels() -> None:
     def _silu_mul_cuda(gate, up):  # type: ignore[no-untyped-def]
         return silu_mul(gate, up)
 
+    from kiln.backends.triton.embedding import vocab_embedding
+
+    @torch.library.register_kernel("kiln::vocab_embedding", "cuda")
+    def _vocab_embedding_cuda(weight, ids, start):  # type: ignore[no-untyped-def]
+        return vocab_embedding(weight, ids, start)
+
     from kiln.backends.triton.rotary import rotary, rotary_pair
 
     @torch.library.register_kernel("kiln::rotary", "cuda")
@@ -83,6 +89,7 @@ def register_cuda_kernels() -> None:
     KERNELS.add("kiln.rotary")
     KERNELS.add("kiln.rotary_pair")
     KERNELS.add("kiln.silu_mul")
+    KERNELS.add("kiln.vocab_embedding")
     KERNELS.add("kiln.attention")
     KERNELS.add("kiln.paged_attention")
     KERNELS.add("kiln.gemv")
