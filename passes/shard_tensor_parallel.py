@@ -51,8 +51,8 @@ from torch.fx import GraphModule, Node
 
 from kiln.errors import ConfigError
 from kiln.ir import infer_meta
-from kiln.ops import vocab_embedding  # noqa: F401  (registers kiln::vocab_embedding)
 from kiln.parallel.tp_collectives import ALL_REDUCE, ROLE_KEY, Emitter, default_group_name
+from kiln.parallel.tp_embedding import vocab_embedding  # noqa: F401  (registers kiln::vocab_embedding)
 from kiln.parallel.tp_solver import (
     ATTENTION,
     LINEAR,

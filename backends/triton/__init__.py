@@ -68,6 +68,7 @@ def register_cuda_kernels() -> None:
     def _silu_mul_cuda(gate, up):  # type: ignore[no-untyped-def]
         return silu_mul(gate, up)
 
+    import kiln.parallel.tp_embedding  # noqa: F401  (defines kiln::vocab_embedding)
     from kiln.backends.triton.embedding import vocab_embedding
 
     @torch.library.register_kernel("kiln::vocab_embedding", "cuda")

@@ -4,7 +4,7 @@ Under tensor parallelism each rank holds ``rows`` rows of the vocabulary table f
 id inside that range reads its row, any other id gives zeros, and the all-reduce after it sums the
 ranks (Megatron-LM's vocabulary-parallel embedding). The captured graph spells this in six element-wise
 and gather kernels per rank; here one program per (token, column block) checks the id and copies the
-row or writes zeros. The reference is :func:`kiln.ops.vocab_embedding_reference`.
+row or writes zeros. The reference is :func:`kiln.parallel.tp_embedding.vocab_embedding_reference`.
 """
 
 from __future__ import annotations

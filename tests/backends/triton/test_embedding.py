@@ -9,7 +9,7 @@ import torch
 
 from kiln.backends.triton import embedding
 from kiln.backends.triton.embedding import vocab_embedding
-from kiln.ops import vocab_embedding_reference
+from kiln.parallel.tp_embedding import vocab_embedding_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
