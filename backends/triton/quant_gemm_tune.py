@@ -191,8 +191,7 @@ class KernelTuner:
         errors: list[str] = []
         for c in candidates:
             try:
-                run(c)  # compile outside the timing
-                with torch.cuda.device(device):
+                with torch.cuda.device(device):  # gpu_time_ms's first, untimed call compiles
                     ms = gpu_time_ms(lambda c=c: run(c), reps=25)
             except Exception as e:  # a tile this device or Triton cannot build is skipped, loudly
                 if not _unbuildable(e):
