@@ -14,11 +14,11 @@ from kiln.ops import KV_CACHE_QMAX, check_kv_scales
 MAX_HEAD_DIM = 256
 DECODE_MAX_SPLITS = 64
 """Most splits of one sequence's keys (the combine kernel holds (splits, D) fp32 in registers)."""
-DECODE_AUTO_MAX_SPLITS = 32
+DECODE_AUTO_MAX_SPLITS = 64
 """Most splits the heuristic chooses (an explicit ``num_splits`` may go up to ``DECODE_MAX_SPLITS``).
 
-H100, 8 KV heads, D 128, bf16, batch 1, 16k keys: 32 splits 33.9-37.7 us, 64 splits 32.2-37.3 (sessions
-10, 11, 13: within the machines' spread)."""
+H100, 8 KV heads, D 128, bf16, batch 1: 64 splits 14.1-14.3 us at 4k keys against 32 splits' 15.4-15.7, and
+32.2 us at 16k against 33.9 (session 13, two sweeps; sessions 10-11 had 64 within the spread of 32 at 16k)."""
 DECODE_MIN_SPLIT_KEYS = 128
 """Fewest keys per split the heuristic chooses while the (sequence, KV head) groups fill less than half
 the SMs: each program then streams a short stretch, and more of them in flight hide the memory latency.
@@ -27,6 +27,11 @@ H100, batch 1 at 1k keys: 8 splits (128 keys) 8.7-9.1 us against 4 splits' 10.6-
 13); batch 4: 8 splits 15.6 us, 4 splits 16.1 (session 13). 64 keys (16 splits) measured the same as 128
 at 1k, but would put a 272-key CUDA-graph step (the batch-1 decode benchmarks) on 5 splits and the
 combine kernel where 128 keys keep 3 splits merged in the kernel."""
+DECODE_LONG_CONTEXT_KEYS = 4096
+"""From this many keys (the launch's ``max_seq_len``) on, the few-groups regime takes splits of
+``DECODE_LONG_MIN_SPLIT_KEYS``: a long context's 64 splits need 64-key splits at 4k keys."""
+DECODE_LONG_MIN_SPLIT_KEYS = 64
+"""Fewest keys per split for long contexts with few groups (see ``DECODE_LONG_CONTEXT_KEYS``)."""
 DECODE_WAVE_MIN_SPLIT_KEYS = 1024
 """Fewest keys per split once the groups fill half the SMs or more (a wave of programs unsplit): splits
 then mostly add partial outputs to merge.
@@ -205,16 +210,20 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     """How many splits of each sequence's keys the decode kernel uses (flash-decoding's heuristic).
 
     Fewer (sequence, KV head) groups than half the SMs: enough splits for about
-    ``DECODE_PROGRAMS_PER_SM`` programs per SM, none shorter than ``DECODE_MIN_SPLIT_KEYS`` keys, at most
+    ``DECODE_PROGRAMS_PER_SM`` programs per SM, none shorter than ``DECODE_MIN_SPLIT_KEYS`` keys
+    (``DECODE_LONG_MIN_SPLIT_KEYS`` from ``DECODE_LONG_CONTEXT_KEYS`` keys on), at most
     ``DECODE_AUTO_MAX_SPLITS`` (one sequence on an H100, 132 SMs and 8 KV heads: 3 splits at 272 keys,
-    8 at 1k, 32 from 4k up). More groups: about ``DECODE_WAVE_PROGRAMS_PER_SM`` per SM, none shorter than
+    8 at 1k, 16 at 2k, 64 from 4k up). More groups: about ``DECODE_WAVE_PROGRAMS_PER_SM`` per SM, none shorter than
     ``DECODE_WAVE_MIN_SPLIT_KEYS``, rounded down to a power of two (batch 16: 1 split at 1k keys, 2 from 2k
     up; batch 64: 1).
     """
     wave = decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms)
     per_sm = DECODE_WAVE_PROGRAMS_PER_SM if wave else DECODE_PROGRAMS_PER_SM
     by_occupancy = triton.cdiv(per_sm * num_sms, max(1, num_seqs * num_kv_heads))
-    by_length = triton.cdiv(max(1, max_seq_len), decode_min_split_keys(num_seqs, num_kv_heads, num_sms))
+    min_keys = decode_min_split_keys(num_seqs, num_kv_heads, num_sms)
+    if not wave and max_seq_len >= DECODE_LONG_CONTEXT_KEYS:
+        min_keys = min(min_keys, DECODE_LONG_MIN_SPLIT_KEYS)
+    by_length = triton.cdiv(max(1, max_seq_len), min_keys)
     splits = max(1, min(by_occupancy, by_length, DECODE_AUTO_MAX_SPLITS))
     return 1 << (splits.bit_length() - 1) if wave else splits
 

@@ -244,6 +244,38 @@ def _wsz_loads(
 
 
 @triton.jit
+def _x_pairs(x_row, kw0, kw_end, offs_w, CPW: tl.constexpr):
+    """The 16-bit x of the K step at word ``kw0`` as int32 pairs: 4 (int4) or 2 (int8, repeated) (BKW,) loads.
+
+    Words from ``kw_end`` on are masked (a prefetch past the split's last step reads nothing)."""
+    x_words = x_row + (kw0 + offs_w) * (CPW // 2)
+    ok = kw0 + offs_w < kw_end
+    x0 = tl.load(x_words, mask=ok, other=0)
+    x1 = tl.load(x_words + 1, mask=ok, other=0)
+    if CPW == 8:
+        x2 = tl.load(x_words + 2, mask=ok, other=0)
+        x3 = tl.load(x_words + 3, mask=ok, other=0)
+    else:
+        x2 = x0
+        x3 = x1
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _pick(p: tl.constexpr, a, b, c, d):
+    """``(a, b, c, d)[p]`` for a compile-time ``p``."""
+    if p == 0:
+        v = a
+    elif p == 1:
+        v = b
+    elif p == 2:
+        v = c
+    else:
+        v = d
+    return v
+
+
+@triton.jit
 def _row_zero(z_ptr, offs_n, n_mask, stride_zn, HAS_ZP: tl.constexpr, ZP_DEFAULT: tl.constexpr):
     """(BN,) per-channel / per-tensor zero points as fp32 (SMODE 0, 1)."""
     if HAS_ZP:
@@ -339,6 +371,7 @@ def wo_gemv_kernel(
     USE_ASM: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
     RELEASE_LATE: tl.constexpr = True,  # PDL: let the next kernel launch after the K loop, not at the start
+    XPRE: tl.constexpr = False,  # XP > 0: the next K step's x pairs are loaded with this step's, not after
 ):  # fmt: skip
     """``y[m, n] = sum_k x[m, k] (q[n, k] - z) s (+ b[n])`` for one ``m``, ``BLOCK_N`` channels, split ``pid_k``.
 
@@ -379,12 +412,16 @@ def wo_gemv_kernel(
                 xz = tl.load(xz_ptr).to(tl.float32)
         else:
             xz = 0.0
+    if XPRE:
+        xq0, xq1, xq2, xq3 = _x_pairs(x_row, kw_lo, kw_end, offs_w, CPW)
     for i in range(n_steps):
         kw0 = kw_lo + i * BLOCK_KW
         # the bytes of step i + DEPTH are requested before this step is computed
         nwd, ns, nz = _wsz_loads(kw0 + DEPTH * BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
                                  stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW,
                                  GROUP_PER_STEP, EVEN_K)  # fmt: skip
+        if XPRE:  # and x of step i + 1 (an L2 round trip that would otherwise stall every step)
+            nx0, nx1, nx2, nx3 = _x_pairs(x_row, kw0 + BLOCK_KW, kw_end, offs_w, CPW)
         wu = wd.to(tl.uint32, bitcast=True)
         if PRMT and USE_ASM:
             codes = _codes_prmt(wu, WKIND)
@@ -408,7 +445,9 @@ def wo_gemv_kernel(
         else:  # 16-bit x read as int32 pairs: codes 2p and 2p + 1 of each word
             x_words = x_row + (kw0 + offs_w) * (CPW // 2)
             for p in tl.static_range(CPW // 2):
-                if EVEN_K:
+                if XPRE:
+                    xp = _pick(p, xq0, xq1, xq2, xq3)
+                elif EVEN_K:
                     xp = tl.load(x_words + p)
                 else:
                     xp = tl.load(x_words + p, mask=x_ok, other=0)
@@ -436,6 +475,8 @@ def wo_gemv_kernel(
             wd2, s2, z2 = nwd, ns, nz
         else:
             wd, s, z = nwd, ns, nz
+        if XPRE:
+            xq0, xq1, xq2, xq3 = nx0, nx1, nx2, nx3
     y = _scale_rows(tl.sum(acc, axis=1), s_ptr, offs_n, n_mask, stride_sn, SMODE)
     if X_CODES:
         if XS_PER_ROW:

@@ -276,10 +276,13 @@ def test_decode_num_splits_heuristic() -> None:
     assert decode_num_splits(16, 8, 1024, 132) == 1  # no split under DECODE_WAVE_MIN_SPLIT_KEYS keys
     assert decode_num_splits(9, 8, 65536, 132) == 4  # 72 groups: cdiv(264, 72) = 4
     assert decode_num_splits(12, 8, 65536, 132) == 2  # 96 groups: cdiv(264, 96) = 3, rounded down
-    # fewer groups: >= 128 keys a split, at most DECODE_AUTO_MAX_SPLITS
+    assert decode_num_splits(64, 4, 1040, 132) == 2  # a TP-2 shard of batch 64: 256 groups, cdiv(264, 256) = 2
+    # fewer groups: >= 128 keys a split (64 from 4k keys on), at most DECODE_AUTO_MAX_SPLITS
     assert decode_num_splits(4, 8, 4096, 132) == 17
-    assert decode_num_splits(1, 8, 16384, 132) == 32
-    assert decode_num_splits(1, 8, 4096, 132) == 32
+    assert decode_num_splits(1, 8, 16384, 132) == 64
+    assert decode_num_splits(1, 8, 4096, 132) == 64  # 64-key splits for a long context
+    assert decode_num_splits(1, 8, 4095, 132) == 32  # below DECODE_LONG_CONTEXT_KEYS: 128-key splits
+    assert decode_num_splits(1, 8, 2048, 132) == 16
     assert decode_num_splits(1, 8, 1024, 132) == 8  # no split under DECODE_MIN_SPLIT_KEYS keys
     assert decode_num_splits(1, 8, 272, 132) == 3  # a short CUDA-graph capacity stays merged in the kernel
     assert decode_num_splits(1, 8, 0, 132) == 1

@@ -54,9 +54,11 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs scale {scale:.3g} ({dtype})"
 
 
-def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1) -> Candidate:
-    """The split-K GEMV: ``BLOCK_N`` rows, K steps of ``bkw`` words, K cut into ``split`` slices."""
-    return Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split, PRMT=prmt, DEPTH=depth))
+def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1, xpre: bool = False) -> Candidate:
+    """The split-K GEMV: ``BLOCK_N`` rows, K steps of ``bkw`` words, K cut into ``split`` slices (``xpre``:
+    the next step's x loaded ahead)."""
+    return Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split, PRMT=prmt, DEPTH=depth,
+                                  XPRE=xpre))
 
 
 def dot(bn: int, bkw: int, split: int) -> Candidate:
@@ -89,6 +91,8 @@ INT4_CASES = [
     (3, 20, 64, 32, True, True, torch.bfloat16, None),  # the default choice (split-K GEMV)
     (1, 20, 80, 16, True, False, torch.float32, gemv(8, 2, 3)),  # a group per K step; splits of 2, 2, 1 steps
     (2, 20, 80, 16, False, True, torch.bfloat16, gemv(8, 2, 2, prmt=True, depth=2)),  # 2 steps in flight
+    (2, 20, 80, 16, True, True, torch.bfloat16, gemv(8, 2, 2, prmt=True, xpre=True)),  # x of the next step ahead
+    (1, 20, 96, 32, True, False, torch.float16, gemv(8, 4, 2, depth=2, xpre=True)),  # ragged: 3-step K, 2 + 1
     (2, 20, 128, 64, False, True, torch.float16, gemv(8, 4, 2)),  # a group is 2 steps; no zero point (8)
     (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2)),  # 3-word groups: a scale per word
     (1, 20, 64, 64, True, True, torch.float32, gemv(8, 2, 1)),  # g = K: per-channel scales, one split
@@ -128,6 +132,7 @@ INT8_CASES = [
     (1, 20, 64, "group16", False, torch.float32, gemv(8, 8, 1)),  # 2 groups per K step: a scale per word
     (3, 20, 96, "group48", True, torch.bfloat16, gemv(8, 4, 2, prmt=True)),  # codes by prmt (GPU) / its twin
     (1, 20, 72, "channel", False, torch.float16, gemv(8, 4, 2, depth=2)),  # 2 steps in flight, ragged K
+    (2, 20, 72, "channel", True, torch.bfloat16, gemv(8, 4, 2, prmt=True, xpre=True)),  # x ahead, ragged K
     (6, 20, 64, "channel", False, torch.bfloat16, dot(16, 4, 2)),
     (6, 20, 64, "channel", True, torch.bfloat16, None),  # per-channel zero points: no tl.dot form, the GEMM
     (2, 20, 66, "channel", True, torch.float32, None),  # K % 4 != 0: no split-K words, the GEMM runs
