@@ -54,11 +54,12 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs scale {scale:.3g} ({dtype})"
 
 
-def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1, xpre: bool = False) -> Candidate:
+def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1, xpre: bool = False,
+         step_scales: bool = False) -> Candidate:  # fmt: skip
     """The split-K GEMV: ``BLOCK_N`` rows, K steps of ``bkw`` words, K cut into ``split`` slices (``xpre``:
-    the next step's x loaded ahead)."""
+    the next step's x loaded ahead; ``step_scales``: a step's group scales loaded by it, in the words' layout)."""
     return Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split, PRMT=prmt, DEPTH=depth,
-                                  XPRE=xpre))
+                                  XPRE=xpre, STEP_SCALES=step_scales))
 
 
 def dot(bn: int, bkw: int, split: int) -> Candidate:
@@ -93,6 +94,9 @@ INT4_CASES = [
     (2, 20, 80, 16, False, True, torch.bfloat16, gemv(8, 2, 2, prmt=True, depth=2)),  # 2 steps in flight
     (2, 20, 80, 16, True, True, torch.bfloat16, gemv(8, 2, 2, prmt=True, xpre=True)),  # x of the next step ahead
     (1, 20, 96, 32, True, False, torch.float16, gemv(8, 4, 2, depth=2, xpre=True)),  # ragged: 3-step K, 2 + 1
+    (2, 20, 96, 32, True, True, torch.bfloat16, gemv(8, 4, 2, prmt=True, step_scales=True)),  # step's scales
+    (1, 20, 128, 64, False, False, torch.float32, gemv(8, 4, 3, depth=2, step_scales=True)),  # no zero point
+    (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2, step_scales=True)),  # 3-word groups: per word
     (2, 20, 128, 64, False, True, torch.float16, gemv(8, 4, 2)),  # a group is 2 steps; no zero point (8)
     (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2)),  # 3-word groups: a scale per word
     (1, 20, 64, 64, True, True, torch.float32, gemv(8, 2, 1)),  # g = K: per-channel scales, one split
