@@ -52,7 +52,9 @@ def compile_gemv(args: argparse.Namespace) -> bytes:
         fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )  # fmt: skip
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=args.warps, num_stages=1))
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=args.warps, num_stages=1)
+    )
     return compiled.asm["cubin"]
 
 
@@ -66,7 +68,7 @@ def loop_opcodes(sass: str) -> list[str]:
             body = lines[labels[m.group(1)] : i + 1]
             ops = []
             for b in body:
-                if (m2 := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", b)):
+                if m2 := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", b):
                     ops.append(m2.group(1))
             return ops
     raise RuntimeError("no loop found in the SASS")
@@ -94,7 +96,9 @@ def main() -> int:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run(
+            [str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True
+        ).stdout
     ops = loop_opcodes(sass)
     words = args.block_n * args.block_kw / (32 * args.warps)  # weight words one thread decodes a step
     codes = words * (8 if args.kind == "int4" else 4)
