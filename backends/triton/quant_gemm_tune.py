@@ -71,17 +71,14 @@ GEMV_TILES = [
     (16, 64, 4, 4, True, 1, False, False),
     (128, 16, 8, 4, True, 1, False, False),
     (256, 16, 8, 4, True, 1, False, False),
-    # x of the next K step in flight with the weights (session 14; not yet measured)
+    # session 14, not yet timed on a GPU (each candidate costs start-up tuning time: the likeliest few of
+    # benchmarks/quant_gemv_sweep.py's grid): x of the next K step in flight with the weights; a
+    # step's group scales loaded by it in the words' layout (no per-step barriers, benchmarks/gemv_sass.py);
+    # 8-row tiles that need no K split at 4096 outputs (no partials to combine)
     (128, 16, 4, 4, True, 1, True, False),
-    (128, 16, 8, 4, True, 1, True, False),
-    (64, 32, 4, 4, True, 2, True, False),
-    (32, 64, 4, 4, True, 1, True, False),
-    (16, 64, 4, 4, True, 2, True, False),
-    (8, 64, 4, 4, True, 2, True, False),  # 4096 outputs: 512 tiles, no K split (no partials to combine)
-    # a step's group scales loaded by the step in the words' layout (no per-step barriers; session 14)
     (128, 16, 4, 4, True, 1, False, True),
     (128, 16, 4, 4, True, 1, True, True),
-    (64, 32, 4, 4, True, 2, True, True),
+    (8, 64, 4, 4, True, 2, True, False),
 ]
 # (BLOCK_N, BLOCK_KW, num_warps, WAVES) of the tl.dot form (16 rows of x per program)
 DOT_TILES = [(64, 16, 4, 4), (32, 16, 4, 4), (64, 16, 8, 4), (64, 32, 4, 4), (64, 16, 4, 2), (32, 16, 4, 2)]

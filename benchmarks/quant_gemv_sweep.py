@@ -1,0 +1,121 @@
+"""Every split-K GEMV tile on the decode shapes (issue #7): int4-g128 and int8 per channel at M = 1, on a GPU.
+
+``benchmarks/quant_gemm.py`` reports the kernel the tuner picks from its short list (``GEMV_TILES`` in
+``kiln.backends.triton.quant_gemm_tune``); this script times a wider grid of GEMV candidates (tile, waves,
+K steps in flight, ``XPRE``, ``STEP_SCALES``, warps) on Llama-3-8B's projection shapes, each checked against
+the plain-torch reference first (relative error <= 2e-2 of the largest output), each timed as the tuner
+times it (``gpu_time_ms``: GPU time from a cold L2, every call queued ahead), beside cuBLAS's bf16 GEMV.
+It prints the ten fastest per shape and the best with each option on and off: what to put in the list.
+
+    python benchmarks/quant_gemv_sweep.py               # H100: int4 on three shapes, int8 on two (~3 minutes)
+    python benchmarks/quant_gemv_sweep.py --int4-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+
+def candidates(tiles: list[tuple[int, int]], waves: tuple[int, ...], step_scales: tuple[bool, ...]) -> list:
+    from kiln.backends.triton.quant_gemm_tune import Candidate
+
+    out = []
+    for (bn, bkw), wv, depth, xpre, ss in itertools.product(tiles, waves, (1, 2), (False, True), step_scales):
+        for warps in (4, 8) if bn * bkw >= 2048 else (4,):
+            out.append(Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps, WAVES=wv, PRMT=True,
+                                              DEPTH=depth, XPRE=xpre, STEP_SCALES=ss)))  # fmt: skip
+    return out
+
+
+def bf16_us(x, n: int) -> float:  # type: ignore[no-untyped-def]
+    """cuBLAS's bf16 GEMV of ``x`` by a random (n, K) weight, GPU microseconds."""
+    import torch
+
+    from kiln.backends.triton.timing import gpu_time_ms
+
+    wb = torch.randn(n, x.shape[1], device="cuda", dtype=torch.bfloat16)
+    return gpu_time_ms(lambda: x @ wb.t(), reps=50) * 1e3
+
+
+def int4_case(k: int, n: int, tiles: list[tuple[int, int]]) -> None:
+    import torch
+
+    from kiln.backends.triton import quant_gemm as qg
+    from kiln.quantize import ops as ref
+
+    g = 128
+    w = ref.pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"))
+    s = torch.rand(n, k // g, device="cuda") * 0.05 + 0.01
+    z = torch.randint(0, 16, (n, k // g), dtype=torch.uint8, device="cuda")
+    sweep("int4-g128", k, n, lambda x, c: qg.qlinear_w4a16(x, w, s, z, g, None, candidate=c),
+          lambda x: ref.qlinear_w4a16_reference(x.float(), w, s, z, g, None), candidates(tiles, (2, 4), (False, True)))  # fmt: skip
+
+
+def int8_case(k: int, n: int, tiles: list[tuple[int, int]]) -> None:
+    import torch
+
+    from kiln.backends.triton import quant_gemm as qg
+    from kiln.quantize import ops as ref
+
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    s = torch.rand(n, device="cuda") * 0.01 + 1e-3
+    sweep("int8 per channel", k, n, lambda x, c: qg.qlinear_w8a16(x, w, s, None, None, None, candidate=c),
+          lambda x: ref.qlinear_w8a16_reference(x.float(), w, s, None, None, None), candidates(tiles, (4, 8), (False,)))  # fmt: skip
+
+
+def sweep(label: str, k: int, n: int, run, reference, cands: list) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from kiln.backends.triton.timing import gpu_time_ms
+
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    base = bf16_us(x, n)
+    want = reference(x)
+    scale = want.abs().max().item()
+    res = []
+    for c in cands:
+        err = (run(x, c).float() - want).abs().max().item() / scale
+        if err > 2e-2:
+            print(f"  WRONG {c}: relative error {err:.2e}")
+            continue
+        res.append((gpu_time_ms(lambda c=c: run(x, c), reps=30) * 1e3, c))
+    res.sort(key=lambda r: r[0])
+    print(f"\n{label} ({k} x {n}), M = 1: cuBLAS bf16 {base:.1f} us; best GEMV {res[0][0]:.1f} us = "
+          f"{base / res[0][0]:.2f}x ({len(res)} candidates)", flush=True)  # fmt: skip
+    print("| us | vs bf16 | BLOCK_N | BLOCK_KW | warps | waves | depth | XPRE | STEP_SCALES |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for t, c in res[:10]:
+        p = c.params
+        print(f"| {t:.1f} | {base / t:.2f}x | {p['BLOCK_N']} | {p['BLOCK_KW']} | {p['num_warps']} | {p['WAVES']} | "
+              f"{p['DEPTH']} | {p['XPRE']} | {p['STEP_SCALES']} |")  # fmt: skip
+    for key in ("XPRE", "STEP_SCALES"):
+        for flag in (False, True):
+            sel = [r for r in res if r[1].params[key] == flag]
+            if sel:
+                print(f"best with {key}={flag}: {sel[0][0]:.1f} us ({sel[0][1]})")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--int4-only", action="store_true")
+    args = p.parse_args()
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("this sweep times GPU kernels: it needs a CUDA device", file=sys.stderr)
+        return 2
+    print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
+    torch.manual_seed(0)
+    for k, n in [(4096, 4096), (4096, 14336), (14336, 4096)]:
+        int4_case(k, n, [(8, 64), (16, 64), (32, 32), (32, 64), (64, 16), (64, 32), (128, 16)])
+    if not args.int4_only:
+        for k, n in [(4096, 4096), (4096, 14336)]:
+            int8_case(k, n, [(16, 32), (16, 64), (32, 32), (32, 64), (64, 32)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
