@@ -245,7 +245,7 @@ def bench_shape(args: argparse.Namespace, b: int, ctx: int, copy_bw: float) -> d
     row: dict = {
         "B": b,
         "ctx": ctx,
-        "splits": decode_num_splits(b, args.kv_heads, ctx, sms),
+        "splits": decode_num_splits(b, args.kv_heads, ctx, sms, args.head_dim),
         "copies": copies,
     }
     check = b * ctx <= args.check_limit  # the per-sequence reference is slow: small shapes only

@@ -15,7 +15,9 @@ MAX_HEAD_DIM = 256
 DECODE_MAX_SPLITS = 64
 """Most splits of one sequence's keys (the combine kernel holds (splits, D) fp32 in registers)."""
 DECODE_AUTO_MAX_SPLITS = 64
-"""Most splits the heuristic chooses (an explicit ``num_splits`` may go up to ``DECODE_MAX_SPLITS``).
+"""Most splits the heuristic chooses (an explicit ``num_splits`` may go up to ``DECODE_MAX_SPLITS``), and
+at most ``DECODE_COMBINE_MAX_ELEMS // head_dim`` (the combine kernel's (splits, D) fp32 tile in registers:
+head dim 256 takes at most 32).
 
 H100, 8 KV heads, D 128, bf16, batch 1: 64 splits 14.1-14.3 us at 4k keys against 32 splits' 15.4-15.7, and
 32.2 us at 16k against 33.9 (session 13, two sweeps; sessions 10-11 had 64 within the spread of 32 at 16k)."""
@@ -27,6 +29,8 @@ H100, batch 1 at 1k keys: 8 splits (128 keys) 8.7-9.1 us against 4 splits' 10.6-
 13); batch 4: 8 splits 15.6 us, 4 splits 16.1 (session 13). 64 keys (16 splits) measured the same as 128
 at 1k, but would put a 272-key CUDA-graph step (the batch-1 decode benchmarks) on 5 splits and the
 combine kernel where 128 keys keep 3 splits merged in the kernel."""
+DECODE_COMBINE_MAX_ELEMS = 64 * 128
+"""The largest (splits x head dim) the heuristic gives the combine kernel (64 splits of D 128 measured)."""
 DECODE_LONG_CONTEXT_KEYS = 4096
 """From this many keys (the launch's ``max_seq_len``) on, the few-groups regime takes splits of
 ``DECODE_LONG_MIN_SPLIT_KEYS``: a long context's 64 splits need 64-key splits at 4k keys."""
@@ -197,16 +201,20 @@ def decode_fills_half_the_sms(num_seqs: int, num_kv_heads: int, num_sms: int) ->
 def decode_min_split_keys(
     num_seqs: int, num_kv_heads: int, num_sms: int, few: int | None = None, wave: int | None = None
 ) -> int:
-    """Fewest keys per split of a decode launch: ``few`` (``DECODE_MIN_SPLIT_KEYS``) while the groups fill
+    """The in-kernel minimum of keys per split: ``few`` (``DECODE_MIN_SPLIT_KEYS``) while the groups fill
     less than half the SMs, else ``wave`` (``DECODE_WAVE_MIN_SPLIT_KEYS``). A launch that merges its splits in
     the kernel lets a sequence use only ``cdiv(length, this)`` of them (a CUDA graph sizes the splits for the
-    cache's capacity)."""
+    cache's capacity). :func:`decode_num_splits` goes below it for long contexts
+    (``DECODE_LONG_MIN_SPLIT_KEYS``); those launches have more splits than ``DECODE_FUSED_MAX_SPLITS`` and
+    use the combine kernel, where this minimum does not apply."""
     if decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms):
         return DECODE_WAVE_MIN_SPLIT_KEYS if wave is None else wave
     return DECODE_MIN_SPLIT_KEYS if few is None else few
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+def decode_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, head_dim: int = 128
+) -> int:
     """How many splits of each sequence's keys the decode kernel uses (flash-decoding's heuristic).
 
     Fewer (sequence, KV head) groups than half the SMs: enough splits for about
@@ -224,7 +232,8 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     if not wave and max_seq_len >= DECODE_LONG_CONTEXT_KEYS:
         min_keys = min(min_keys, DECODE_LONG_MIN_SPLIT_KEYS)
     by_length = triton.cdiv(max(1, max_seq_len), min_keys)
-    splits = max(1, min(by_occupancy, by_length, DECODE_AUTO_MAX_SPLITS))
+    most = min(DECODE_AUTO_MAX_SPLITS, max(1, DECODE_COMBINE_MAX_ELEMS // max(1, head_dim)))
+    splits = max(1, min(by_occupancy, by_length, most))
     return 1 << (splits.bit_length() - 1) if wave else splits
 
 

@@ -255,7 +255,7 @@ def paged_decode_attention(
         max_seq_len = block_tables.shape[1] * page_size
     _check_count(name, "max_seq_len", max_seq_len, 0)
     if num_splits is None:
-        num_splits = decode_num_splits(num_seqs, hkv, max_seq_len, _num_sms(q.device))
+        num_splits = decode_num_splits(num_seqs, hkv, max_seq_len, _num_sms(q.device), d)
     _check_count(name, "num_splits", num_splits, 1, DECODE_MAX_SPLITS)
     if num_seqs == 0 or out.numel() == 0:
         return out

@@ -210,6 +210,7 @@ def launch_splitk(
     zp = op.zp if op.zp is not None else op.scale
     xs, xz = x_codes if x_codes is not None else (op.scale, None)
     gw = op.group_words or 1
+    group_per_step = op.smode == 2 and gw % p["BLOCK_KW"] == 0
     if dot:
         kernel = K2.wo_dot_kernel
         extra = dict(BLOCK_M=p["BLOCK_M"], DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -224,14 +225,14 @@ def launch_splitk(
         prmt = p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4)
         extra = dict(XP=xp, PRMT=prmt, EVEN_K=even, USE_ASM=not _INTERPRET, DEPTH=p.get("DEPTH", 1),
                      XPRE=bool(p.get("XPRE", False)) and xp > 0,  # x's prefetch takes 16-bit pairs
-                     STEP_SCALES=bool(p.get("STEP_SCALES", False)))
+                     STEP_SCALES=bool(p.get("STEP_SCALES", False)) and group_per_step)  # else: nothing to move
     pdl = _utils.QUANT_PDL and pdl_enabled(x.device, _INTERPRET)
     compiled = kernel[(tiles, split)](
         x, xs, xz if xz is not None else xs, op.words, op.scale, zp, bias if bias is not None else op.scale, y, ws, cnt,
         m, op.n, op.k_words, steps, split,
         x.stride(0), op.words.stride(0), *op.s_strides, *op.z_strides, y.stride(0),
         WKIND=op.kind, SMODE=op.smode, HAS_ZP=op.zp is not None, ZP_DEFAULT=op.zp_default,
-        HAS_BIAS=bias is not None, GW=gw, GROUP_PER_STEP=op.smode == 2 and gw % p["BLOCK_KW"] == 0,
+        HAS_BIAS=bias is not None, GW=gw, GROUP_PER_STEP=group_per_step,
         X_CODES=x_codes is not None, XS_PER_ROW=xs.numel() > 1, HAS_XZP=xz is not None, IS_SPLIT=split > 1,
         BLOCK_N=p["BLOCK_N"], BLOCK_KW=p["BLOCK_KW"], USE_PDL=pdl, RELEASE_LATE=PDL_RELEASE_LATE,
         num_warps=p["num_warps"], num_stages=1,

@@ -283,6 +283,7 @@ def test_decode_num_splits_heuristic() -> None:
     assert decode_num_splits(1, 8, 4096, 132) == 64  # 64-key splits for a long context
     assert decode_num_splits(1, 8, 4095, 132) == 32  # below DECODE_LONG_CONTEXT_KEYS: 128-key splits
     assert decode_num_splits(1, 8, 2048, 132) == 16
+    assert decode_num_splits(1, 8, 4096, 132, head_dim=256) == 32  # the combine's (splits, D) tile capped
     assert decode_num_splits(1, 8, 1024, 132) == 8  # no split under DECODE_MIN_SPLIT_KEYS keys
     assert decode_num_splits(1, 8, 272, 132) == 3  # a short CUDA-graph capacity stays merged in the kernel
     assert decode_num_splits(1, 8, 0, 132) == 1

@@ -93,9 +93,10 @@ INT4_CASES = [
     (1, 20, 80, 16, True, False, torch.float32, gemv(8, 2, 3)),  # a group per K step; splits of 2, 2, 1 steps
     (2, 20, 80, 16, False, True, torch.bfloat16, gemv(8, 2, 2, prmt=True, depth=2)),  # 2 steps in flight
     (2, 20, 80, 16, True, True, torch.bfloat16, gemv(8, 2, 2, prmt=True, xpre=True)),  # x of the next step ahead
-    (1, 20, 96, 32, True, False, torch.float16, gemv(8, 4, 2, depth=2, xpre=True)),  # ragged: 3-step K, 2 + 1
+    (1, 20, 96, 32, True, False, torch.float16, gemv(8, 4, 2, depth=2, xpre=True)),  # 3 K steps split 2 + 1
     (2, 20, 96, 32, True, True, torch.bfloat16, gemv(8, 4, 2, prmt=True, step_scales=True)),  # step's scales
-    (1, 20, 128, 64, False, False, torch.float32, gemv(8, 4, 3, depth=2, step_scales=True)),  # no zero point
+    (1, 20, 128, 64, False, False, torch.float32, gemv(8, 4, 4, depth=2, step_scales=True)),  # no zero point
+    (2, 20, 128, 64, True, True, torch.bfloat16, gemv(8, 4, 3, depth=2, xpre=True, step_scales=True)),  # both
     (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2, step_scales=True)),  # 3-word groups: per word
     (2, 20, 128, 64, False, True, torch.float16, gemv(8, 4, 2)),  # a group is 2 steps; no zero point (8)
     (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2)),  # 3-word groups: a scale per word
@@ -137,6 +138,7 @@ INT8_CASES = [
     (3, 20, 96, "group48", True, torch.bfloat16, gemv(8, 4, 2, prmt=True)),  # codes by prmt (GPU) / its twin
     (1, 20, 72, "channel", False, torch.float16, gemv(8, 4, 2, depth=2)),  # 2 steps in flight, ragged K
     (2, 20, 72, "channel", True, torch.bfloat16, gemv(8, 4, 2, prmt=True, xpre=True)),  # x ahead, ragged K
+    (1, 20, 72, "channel", False, torch.float16, gemv(8, 4, 2, xpre=True)),  # fp16 pairs ahead, ragged K
     (6, 20, 64, "channel", False, torch.bfloat16, dot(16, 4, 2)),
     (6, 20, 64, "channel", True, torch.bfloat16, None),  # per-channel zero points: no tl.dot form, the GEMM
     (2, 20, 66, "channel", True, torch.float32, None),  # K % 4 != 0: no split-K words, the GEMM runs
@@ -159,6 +161,42 @@ def test_w8a16_matches_reference(m, n, k, kind, zp, dtype, cand) -> None:  # typ
     b = torch.randn(n, generator=gen).to(dtype)
     want = ref.qlinear_w8a16_reference(x.float(), w, s, z, g, b.float())
     _close(qg.qlinear_w8a16(*_dev(x, w, s, z), g, *_dev(b), candidate=cand), want, dtype)
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches the real one."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel = kernel
+        self.calls: list[dict] = []
+
+    def __getitem__(self, grid: tuple):  # type: ignore[no-untyped-def]
+        launch = self.kernel[grid]  # type: ignore[index]
+
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize(
+    ("g", "dtype", "xpre", "step_scales"),
+    [
+        (32, torch.bfloat16, True, True),  # 4-word groups, 4-word steps: both apply
+        (32, torch.float32, False, True),  # fp32 x: no 16-bit pairs to load ahead
+        (24, torch.float16, True, False),  # 3-word groups: scales per word, nothing for STEP_SCALES to move
+    ],
+)
+def test_gemv_options_reach_the_kernel_where_they_apply(g, dtype, xpre, step_scales, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    spy = _LaunchSpy(qg.K2.wo_gemv_kernel)
+    monkeypatch.setattr(qg.K2, "wo_gemv_kernel", spy)
+    gen = torch.Generator().manual_seed(g)
+    w, s, z = _int4_weight(16, 96, g, True, gen)
+    x = torch.randn(1, 96, generator=gen).to(dtype)
+    got = qg.qlinear_w4a16(*_dev(x, w, s, z), g, None, candidate=gemv(8, 4, 2, xpre=True, step_scales=True))
+    _close(got, ref.qlinear_w4a16_reference(x.float(), w, s, z, g, None), dtype)
+    assert spy.calls and spy.calls[-1]["XPRE"] is xpre and spy.calls[-1]["STEP_SCALES"] is step_scales
 
 
 @pytest.mark.parametrize("cand", [gemv(8, 2, 3), dot(16, 4, 2), mm(bk=32)])
