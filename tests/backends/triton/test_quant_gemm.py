@@ -14,10 +14,10 @@ import re
 import pytest
 import torch
 
+from kiln.backends.triton import _quant_codes as qs
 from kiln.backends.triton import _utils as triton_utils
 from kiln.backends.triton import quant_gemm as qg
 from kiln.backends.triton import quant_gemm_kernels as qk
-from kiln.backends.triton import quant_splitk_kernels as qs
 from kiln.backends.triton.quant_gemm_tune import (
     DECODE_M,
     GEMV_MAX_M,
