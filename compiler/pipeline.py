@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 #: Step-graph passes to leave out when inductor compiles the graph (``kiln.LLM(torch_compile=True)``): it fuses
 #: these ops with their neighbours itself, and an opaque kiln kernel would stop it.
-INDUCTOR_FUSES = ("lower-rms-norm", "fuse-add-rms-norm", "lower-rotary", "fuse-rotary-pairs", "fuse-silu-mul")
+INDUCTOR_FUSES = (
+    "lower-rms-norm", "fuse-add-rms-norm", "lower-rotary", "fuse-rotary-pairs", "fuse-rotary-table", "fuse-silu-mul",
+)
 
 
 def build_pipeline(config: CompileConfig) -> list[Pass]:
@@ -100,6 +102,10 @@ def build_pipeline(config: CompileConfig) -> list[Pass]:
         from kiln.passes.fuse_rotary_pairs import FuseRotaryPairs
 
         passes += [FuseRotaryPairs()]
+        # the rotary cos / sin tables from the position ids on CUDA -> kiln.rotary_table: one kernel instead of seven
+        from kiln.passes.fuse_rotary_table import FuseRotaryTable
+
+        passes += [FuseRotaryTable()]
         # the gated MLP's silu(gate) * up on CUDA -> kiln.silu_mul: one kernel instead of two
         from kiln.passes.fuse_silu_mul import FuseSiluMul
 

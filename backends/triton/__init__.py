@@ -85,6 +85,14 @@ def register_cuda_kernels() -> None:
     def _rotary_pair_cuda(x, y, cos, sin):  # type: ignore[no-untyped-def]
         return rotary_pair(x, y, cos, sin)
 
+    import kiln.rotary_table  # noqa: F401  (defines kiln::rotary_table)
+    from kiln.backends.triton.rotary_table import rotary_table
+
+    @torch.library.register_kernel("kiln::rotary_table", "cuda")
+    def _rotary_table_cuda(positions, inv_freq, scale, dtype):  # type: ignore[no-untyped-def]
+        return rotary_table(positions, inv_freq, scale, dtype)
+
+    KERNELS.add("kiln.rotary_table")
     KERNELS.add("kiln.rms_norm")
     KERNELS.add("kiln.add_rms_norm")
     KERNELS.add("kiln.rotary")
