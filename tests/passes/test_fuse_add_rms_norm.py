@@ -70,15 +70,16 @@ def test_runs_after_the_norms_are_lowered_and_leaves_them_to_inductor() -> None:
     names = pass_names(kiln.CompileConfig(kv_cache=True))
     assert names.index("lower-rms-norm") < names.index("fuse-add-rms-norm")
     assert "fuse-add-rms-norm" not in pass_names(kiln.CompileConfig())
-    assert {"lower-rms-norm", "fuse-add-rms-norm", "lower-rotary", "fuse-rotary-pairs", "fuse-silu-mul"} == set(
-        INDUCTOR_FUSES
-    )
+    assert {
+        "lower-rms-norm", "fuse-add-rms-norm", "lower-rotary", "fuse-rotary-pairs", "fuse-rotary-table", "fuse-silu-mul"
+    } == set(INDUCTOR_FUSES)  # fmt: skip
 
 
 def test_engine_generates_the_same_tokens_with_every_cuda_fusion() -> None:
-    # the kernels the CUDA step graph gets (norms, fused adds, rotary embeddings in pairs, SwiGLU), run here by
+    # the kernels the CUDA step graph gets (norms, fused adds, rotary embeddings in pairs and their table, SwiGLU), run here by
     # their references: generation is unchanged
     from kiln.passes.fuse_rotary_pairs import FuseRotaryPairs
+    from kiln.passes.fuse_rotary_table import FuseRotaryTable
     from kiln.passes.fuse_silu_mul import FuseSiluMul
     from kiln.passes.lower_rotary import LowerRotary
 
@@ -90,9 +91,10 @@ def test_engine_generates_the_same_tokens_with_every_cuda_fusion() -> None:
     cpu = ("cpu",)
     fused = kiln.LLM(model, num_blocks=32, enable_prefix_caching=False, compile_config=kiln.CompileConfig(
         kv_cache=True, extra_passes=[LowerRMSNorm(devices=cpu), FuseAddRMSNorm(), LowerRotary(devices=cpu),
-                                     FuseRotaryPairs(), FuseSiluMul(devices=cpu)]))  # fmt: skip
+                                     FuseRotaryPairs(), FuseRotaryTable(devices=cpu), FuseSiluMul(devices=cpu)]))  # fmt: skip
     ir = print_ir(fused.runner.compiled.graph_module)
     assert count_op(ir, "kiln.add_rms_norm") == 2 * layers and count_op(ir, "kiln.rms_norm") == 1
     assert count_op(ir, "kiln.rotary_pair") == layers and count_op(ir, "kiln.silu_mul") == layers
+    assert count_op(ir, "kiln.rotary_table") == 1
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     assert [o.outputs[0].token_ids for o in fused.generate(prompts, params, use_tqdm=False)] == want
