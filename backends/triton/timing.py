@@ -13,6 +13,13 @@ quantized-GEMM tuner picked a 2x slower kernel in one run of three; benchmarks/R
 all: each rep is *flush L2, event, fn, event*, back to back on the device, and the events
 measure the function's GPU time alone, from a cold L2 - as it runs inside a decode step's CUDA
 graph, where the next kernel is already queued.
+
+The flush *reads* ``FLUSH_BYTES`` (``FLUSH_BY = "read"``): the L2 is left holding clean lines, as in a
+decode step whose previous kernels read other weights. Flushing by *writing* them (``"write"``, the
+method until session 15) leaves ~50 MB of dirty lines, which the timed kernel's misses must write back to
+DRAM before they can fill: a memory-bound kernel is timed moving up to twice its bytes (a cuBLAS bf16
+4096 x 4096 GEMV read 33.6 MB in 22.8 us, 1.5 TB/s). ``benchmarks/l2_state.py`` times both flushes and a
+rotation over distinct weights (no flush at all) side by side.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from collections.abc import Callable
 
 import torch
 
-#: Bytes written between reps to evict the previous rep's data from the L2 cache (H100: 50 MB).
+#: Bytes read (or written) between reps to evict the previous rep's data from the L2 cache (H100: 50 MB).
 FLUSH_BYTES = 256 * 2**20
+#: How the L2 is flushed between reps: "read" (clean lines left) or "write" (dirty lines; module docstring).
+FLUSH_BY = "read"
 
 _CYCLES_PER_MS: dict[int, float] = {}
 _FLUSH: dict[int, torch.Tensor] = {}
@@ -46,24 +55,32 @@ def _cycles_per_ms(device: int) -> float:
     return got
 
 
-def gpu_times_ms(fn: Callable[[], object], reps: int = 25, flush: bool = True) -> list[float]:
+def gpu_times_ms(
+    fn: Callable[[], object], reps: int = 25, flush: bool = True, flush_by: str | None = None
+) -> list[float]:
     """GPU milliseconds of each of ``reps`` calls of ``fn()`` on the current CUDA device, the L2
-    flushed before each (``flush``), every call queued before the first runs (module docstring).
+    flushed before each (``flush``; by reading or writing ``FLUSH_BYTES``, ``flush_by``, default
+    ``FLUSH_BY``), every call queued before the first runs (module docstring).
 
     ``fn`` is called once first, untimed (compilation, autotuning, lazy allocation).
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
+    by = FLUSH_BY if flush_by is None else flush_by
+    if by not in ("read", "write"):
+        raise ValueError(f"flush_by must be 'read' or 'write', got {by!r}")
     device = torch.cuda.current_device()
     buf = _FLUSH.get(device)
     if flush and buf is None:
-        buf = _FLUSH[device] = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+        buf = _FLUSH[device] = torch.zeros(FLUSH_BYTES // 8, dtype=torch.int64, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
 
     def one(i: int) -> None:
-        if flush:
+        if flush and by == "write":
             buf.zero_()
+        elif flush:
+            buf.max()  # a reduction over the whole buffer: reads only
         starts[i].record()
         fn()
         ends[i].record()
@@ -90,9 +107,9 @@ def gpu_times_ms(fn: Callable[[], object], reps: int = 25, flush: bool = True) -
     return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
 
-def gpu_time_ms(fn: Callable[[], object], reps: int = 25, flush: bool = True) -> float:
+def gpu_time_ms(fn: Callable[[], object], reps: int = 25, flush: bool = True, flush_by: str | None = None) -> float:
     """Median of :func:`gpu_times_ms`."""
-    return statistics.median(gpu_times_ms(fn, reps, flush))
+    return statistics.median(gpu_times_ms(fn, reps, flush, flush_by))
 
 
 def autotune_bench(kernel_call: Callable[[], object], quantiles: tuple[float, ...]) -> list[float]:
@@ -101,4 +118,4 @@ def autotune_bench(kernel_call: Callable[[], object], quantiles: tuple[float, ..
     return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
 
 
-__all__ = ["FLUSH_BYTES", "autotune_bench", "gpu_time_ms", "gpu_times_ms"]
+__all__ = ["FLUSH_BY", "FLUSH_BYTES", "autotune_bench", "gpu_time_ms", "gpu_times_ms"]

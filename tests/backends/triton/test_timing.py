@@ -31,6 +31,20 @@ def test_reps_must_be_positive() -> None:
         timing.gpu_times_ms(lambda: None, reps=0)
 
 
+def test_flush_by_must_be_read_or_write() -> None:
+    with pytest.raises(ValueError, match="flush_by"):
+        timing.gpu_times_ms(lambda: None, flush_by="evict")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_a_read_flush_leaves_no_dirty_lines_to_write_back() -> None:
+    # copying 32 MB reads 32 MB and writes 32 MB; after a write flush its misses also write back the flush's dirty lines
+    a, b = torch.empty(2**25, dtype=torch.int8, device="cuda"), torch.empty(2**25, dtype=torch.int8, device="cuda")
+    read = timing.gpu_time_ms(lambda: b.copy_(a), reps=20, flush_by="read")
+    write = timing.gpu_time_ms(lambda: b.copy_(a), reps=20, flush_by="write")
+    assert read < write
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_a_short_kernel_is_timed_without_the_launch_gap() -> None:
     import triton.testing
