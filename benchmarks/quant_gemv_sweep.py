@@ -2,7 +2,7 @@
 
 ``benchmarks/quant_gemm.py`` reports the kernel the tuner picks from its short list (``GEMV_TILES`` in
 ``kiln.backends.triton.quant_gemm_tune``); this script times a wider grid of GEMV candidates (tile, waves,
-K steps in flight, ``XPRE``, ``STEP_SCALES``, warps) on Llama-3-8B's projection shapes, each checked against
+K steps in flight, ``XPRE``, warps) on Llama-3-8B's projection shapes, each checked against
 the plain-torch reference first (relative error <= 2e-2 of the largest output), each timed as the tuner
 times it (``gpu_time_ms``: GPU time from a cold L2, every call queued ahead), beside cuBLAS's bf16 GEMV.
 It prints the ten fastest per shape and the best with each option on and off: what to put in the list.
@@ -20,17 +20,15 @@ import itertools
 import sys
 
 
-def candidates(tiles: list[tuple[int, int]], waves: tuple[int, ...], group_words: int | None) -> list:
-    """GEMV candidates: every tile x waves x depth x ``XPRE``, 8 warps too on the larger tiles, and
-    ``STEP_SCALES`` where it changes the kernel (a K step inside one group of ``group_words`` words)."""
+def candidates(tiles: list[tuple[int, int]], waves: tuple[int, ...]) -> list:
+    """GEMV candidates: every tile x waves x depth x ``XPRE``, 8 warps too on the larger tiles."""
     from kiln.backends.triton.quant_gemm_tune import Candidate
 
     out = []
     for (bn, bkw), wv, depth, xpre in itertools.product(tiles, waves, (1, 2), (False, True)):
-        for ss in (False, True) if group_words and group_words % bkw == 0 else (False,):
-            for warps in (4, 8) if bn * bkw >= 2048 else (4,):
-                out.append(Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps, WAVES=wv, PRMT=True,
-                                                  DEPTH=depth, XPRE=xpre, STEP_SCALES=ss)))  # fmt: skip
+        for warps in (4, 8) if bn * bkw >= 2048 else (4,):
+            out.append(Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps, WAVES=wv, PRMT=True,
+                                              DEPTH=depth, XPRE=xpre)))  # fmt: skip
     return out
 
 
@@ -55,7 +53,7 @@ def int4_case(k: int, n: int, tiles: list[tuple[int, int]]) -> None:
     s = torch.rand(n, k // g, device="cuda") * 0.05 + 0.01
     z = torch.randint(0, 16, (n, k // g), dtype=torch.uint8, device="cuda")
     sweep("int4-g128", k, n, lambda x, c: qg.qlinear_w4a16(x, w, s, z, g, None, candidate=c),
-          lambda x: ref.qlinear_w4a16_reference(x.float(), w, s, z, g, None), candidates(tiles, (2, 4), g // 8))  # fmt: skip
+          lambda x: ref.qlinear_w4a16_reference(x.float(), w, s, z, g, None), candidates(tiles, (2, 4)))  # fmt: skip
 
 
 def int8_case(k: int, n: int, tiles: list[tuple[int, int]]) -> None:
@@ -67,7 +65,7 @@ def int8_case(k: int, n: int, tiles: list[tuple[int, int]]) -> None:
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
     s = torch.rand(n, device="cuda") * 0.01 + 1e-3
     sweep("int8 per channel", k, n, lambda x, c: qg.qlinear_w8a16(x, w, s, None, None, None, candidate=c),
-          lambda x: ref.qlinear_w8a16_reference(x.float(), w, s, None, None, None), candidates(tiles, (4, 8), None))  # fmt: skip
+          lambda x: ref.qlinear_w8a16_reference(x.float(), w, s, None, None, None), candidates(tiles, (4, 8)))  # fmt: skip
 
 
 def sweep(label: str, k: int, n: int, run, reference, cands: list) -> None:  # type: ignore[no-untyped-def]
@@ -100,13 +98,13 @@ def sweep(label: str, k: int, n: int, run, reference, cands: list) -> None:  # t
     res.sort(key=lambda r: r[0])
     print(f"\n{label} ({k} x {n}), M = 1: cuBLAS bf16 {base:.1f} us; best GEMV {res[0][0]:.1f} us = "
           f"{base / res[0][0]:.2f}x ({len(res)} candidates)", flush=True)  # fmt: skip
-    print("| us | vs bf16 | BLOCK_N | BLOCK_KW | warps | waves | depth | XPRE | STEP_SCALES |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| us | vs bf16 | BLOCK_N | BLOCK_KW | warps | waves | depth | XPRE |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for t, c in res[:10]:
         p = c.params
         print(f"| {t:.1f} | {base / t:.2f}x | {p['BLOCK_N']} | {p['BLOCK_KW']} | {p['num_warps']} | {p['WAVES']} | "
-              f"{p['DEPTH']} | {p['XPRE']} | {p['STEP_SCALES']} |")  # fmt: skip
-    for key in ("XPRE", "STEP_SCALES"):
+              f"{p['DEPTH']} | {p['XPRE']} |")  # fmt: skip
+    for key in ("XPRE",):
         for flag in (False, True):
             sel = [r for r in res if r[1].params[key] == flag]
             if sel:

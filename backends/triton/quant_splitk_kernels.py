@@ -46,14 +46,13 @@ def _wsz_loads(
     kw0, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
     stride_sn, stride_sg, stride_zn, stride_zg,
     SMODE: tl.constexpr, HAS_ZP: tl.constexpr, GW: tl.constexpr, GROUP_PER_STEP: tl.constexpr,
-    EVEN_K: tl.constexpr, SZ: tl.constexpr = True,
+    EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """Weight words (BN, BKW) of the K step at word ``kw0`` and its group scales / zero points.
 
     Words from ``kw_end`` on (the split's end) are masked: a prefetch past the last step moves no bytes.
     ``EVEN_K`` (whole K steps everywhere): one mask per step, so each thread's words load as one vector.
-    Scales / zero points: (BN,) with ``GROUP_PER_STEP``, else (BN, BKW); (BN,) zeros without groups, or
-    with ``GROUP_PER_STEP`` and ``SZ`` false (the caller loads them with :func:`_step_sz`).
+    Scales / zero points: (BN,) with ``GROUP_PER_STEP``, else (BN, BKW); (BN,) zeros without groups.
     """
     kw = kw0 + offs_w
     if EVEN_K:
@@ -62,10 +61,7 @@ def _wsz_loads(
         k_ok = kw < kw_end
     wd = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & k_ok[None, :], other=0)
     if SMODE == 2:
-        if GROUP_PER_STEP and not SZ:
-            s = tl.zeros((offs_n.shape[0],), dtype=tl.float32)
-            z = s
-        elif GROUP_PER_STEP:
+        if GROUP_PER_STEP:
             g = kw0 // GW
             sm = n_mask & (tl.zeros_like(offs_n) + kw0 < kw_end)
             s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=sm, other=0.0)
@@ -119,26 +115,6 @@ def _pick(p: tl.constexpr, a, b, c, d):
     else:
         v = d
     return v
-
-
-@triton.jit
-def _step_sz(kw0, kw_end, s_ptr, z_ptr, offs_n, n_mask, offs_w, stride_sn, stride_sg, stride_zn, stride_zg,
-             HAS_ZP: tl.constexpr, GW: tl.constexpr):  # fmt: skip
-    """The group scales and zero points (fp32) of the K step at word ``kw0`` (``GROUP_PER_STEP``), (BN, BKW).
-
-    Each row's value repeated over the words (stride 0): loaded in the words' layout. A (BN,) load
-    broadcast over the words would take a layout of its own and a shared-memory round trip with two
-    barriers per step to convert (the GEMV's SASS had four ``BAR.SYNC`` a step for its scales and zeros).
-    """
-    g = kw0 // GW
-    sm = n_mask[:, None] & (tl.zeros_like(offs_w) + kw0 < kw_end)[None, :]
-    z0 = offs_w[None, :] * 0
-    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g * stride_sg + z0, mask=sm, other=0.0)
-    if HAS_ZP:
-        z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g * stride_zg + z0, mask=sm, other=0).to(tl.float32)
-    else:
-        z = s
-    return s, z
 
 
 @triton.jit
@@ -238,7 +214,6 @@ def wo_gemv_kernel(
     USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
     RELEASE_LATE: tl.constexpr = True,  # PDL: let the next kernel launch after the K loop, not at the start
     XPRE: tl.constexpr = False,  # XP > 0: the next K step's x pairs are loaded with this step's, not after
-    STEP_SCALES: tl.constexpr = False,  # GROUP_PER_STEP: scales / zeros loaded by their step, in the words' layout
 ):  # fmt: skip
     """``y[m, n] = sum_k x[m, k] (q[n, k] - z) s (+ b[n])`` for one ``m``, ``BLOCK_N`` channels, split ``pid_k``.
 
@@ -265,12 +240,12 @@ def wo_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     # the first K steps' weights (constants) are requested before the wait for the previous kernel's x
     wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
-                          stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP, EVEN_K,
-                          not STEP_SCALES)  # fmt: skip
+                          stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP,
+                          EVEN_K)  # fmt: skip
     if DEPTH == 2:
         wd2, s2, z2 = _wsz_loads(kw_lo + BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
                                  stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP,
-                                 EVEN_K, not STEP_SCALES)  # fmt: skip
+                                 EVEN_K)  # fmt: skip
     pdl_wait(USE_PDL)
     if X_CODES:
         if HAS_XZP:
@@ -287,13 +262,9 @@ def wo_gemv_kernel(
         # the bytes of step i + DEPTH are requested before this step is computed
         nwd, ns, nz = _wsz_loads(kw0 + DEPTH * BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
                                  stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW,
-                                 GROUP_PER_STEP, EVEN_K, not STEP_SCALES)  # fmt: skip
+                                 GROUP_PER_STEP, EVEN_K)  # fmt: skip
         if XPRE:  # and x of step i + 1 (an L2 round trip that would otherwise stall every step)
             nx0, nx1, nx2, nx3 = _x_pairs(x_row, kw0 + BLOCK_KW, kw_end, offs_w, CPW)
-        if SMODE == 2 and GROUP_PER_STEP and STEP_SCALES:  # this step's (BN, BKW) scales, used at its end: a
-            # (BN,) value carried by the loop keeps a layout of its own, converted per step through shared memory
-            s, z = _step_sz(kw0, kw_end, s_ptr, z_ptr, offs_n, n_mask, offs_w, stride_sn, stride_sg, stride_zn,
-                            stride_zg, HAS_ZP, GW)  # fmt: skip
         wu = wd.to(tl.uint32, bitcast=True)
         if PRMT and USE_ASM:
             codes = _codes_prmt(wu, WKIND)
@@ -333,14 +304,13 @@ def wo_gemv_kernel(
                 part += _gemv_code(wu, codes, 2 * p + 1, WKIND, PRMT, USE_ASM) * xhi[None, :]
                 xsum += xlo + xhi
         if WKIND != 2:  # sum (q - z) x = 2**F sum v x - (2**F + offset + z) sum x, per word
-            zb = code_bias(_step_zero(z, z_row, SMODE, HAS_ZP, ZP_DEFAULT, GROUP_PER_STEP and not STEP_SCALES),
-                           WKIND, PRMT)  # fmt: skip
+            zb = code_bias(_step_zero(z, z_row, SMODE, HAS_ZP, ZP_DEFAULT, GROUP_PER_STEP), WKIND, PRMT)
             part = part * code_shift(WKIND, PRMT) - zb * xsum[None, :]
         if SMODE == 2:
-            if GROUP_PER_STEP and not STEP_SCALES:
+            if GROUP_PER_STEP:
                 acc += part * s[:, None]
             else:
-                acc += part * s  # (BN, BKW): per step (_step_sz) or per word
+                acc += part * s  # (BN, BKW): per word
         else:
             acc += part
         if DEPTH == 2:

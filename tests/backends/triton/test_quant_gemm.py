@@ -54,12 +54,11 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs scale {scale:.3g} ({dtype})"
 
 
-def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1, xpre: bool = False,
-         step_scales: bool = False) -> Candidate:  # fmt: skip
+def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1, xpre: bool = False) -> Candidate:
     """The split-K GEMV: ``BLOCK_N`` rows, K steps of ``bkw`` words, K cut into ``split`` slices (``xpre``:
-    the next step's x loaded ahead; ``step_scales``: a step's group scales loaded by it, in the words' layout)."""
+    the next step's x loaded ahead)."""
     return Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split, PRMT=prmt, DEPTH=depth,
-                                  XPRE=xpre, STEP_SCALES=step_scales))
+                                  XPRE=xpre))
 
 
 def dot(bn: int, bkw: int, split: int) -> Candidate:
@@ -94,10 +93,9 @@ INT4_CASES = [
     (2, 20, 80, 16, False, True, torch.bfloat16, gemv(8, 2, 2, prmt=True, depth=2)),  # 2 steps in flight
     (2, 20, 80, 16, True, True, torch.bfloat16, gemv(8, 2, 2, prmt=True, xpre=True)),  # x of the next step ahead
     (1, 20, 96, 32, True, False, torch.float16, gemv(8, 4, 2, depth=2, xpre=True)),  # 3 K steps split 2 + 1
-    (2, 20, 96, 32, True, True, torch.bfloat16, gemv(8, 4, 2, prmt=True, step_scales=True)),  # step's scales
-    (1, 20, 128, 64, False, False, torch.float32, gemv(8, 4, 4, depth=2, step_scales=True)),  # no zero point
-    (2, 20, 128, 64, True, True, torch.bfloat16, gemv(8, 4, 3, depth=2, xpre=True, step_scales=True)),  # both
-    (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2, step_scales=True)),  # 3-word groups: per word
+    (2, 20, 96, 32, True, True, torch.bfloat16, gemv(8, 4, 2, prmt=True)),  # a group per 4-word step
+    (1, 20, 128, 64, False, False, torch.float32, gemv(8, 4, 4, depth=2)),  # a group is 2 steps, 2 in flight
+    (2, 20, 128, 64, True, True, torch.bfloat16, gemv(8, 4, 3, depth=2, xpre=True)),  # both, over a 2-step group
     (2, 20, 128, 64, False, True, torch.float16, gemv(8, 4, 2)),  # a group is 2 steps; no zero point (8)
     (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2)),  # 3-word groups: a scale per word
     (1, 20, 64, 64, True, True, torch.float32, gemv(8, 2, 1)),  # g = K: per-channel scales, one split
@@ -181,22 +179,22 @@ class _LaunchSpy:
 
 
 @pytest.mark.parametrize(
-    ("g", "dtype", "xpre", "step_scales"),
+    ("g", "dtype", "xpre"),
     [
-        (32, torch.bfloat16, True, True),  # 4-word groups, 4-word steps: both apply
-        (32, torch.float32, False, True),  # fp32 x: no 16-bit pairs to load ahead
-        (24, torch.float16, True, False),  # 3-word groups: scales per word, nothing for STEP_SCALES to move
+        (32, torch.bfloat16, True),  # 16-bit x: its pairs loaded a step ahead
+        (32, torch.float32, False),  # fp32 x: no 16-bit pairs to load ahead
+        (24, torch.float16, True),
     ],
 )
-def test_gemv_options_reach_the_kernel_where_they_apply(g, dtype, xpre, step_scales, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_gemv_options_reach_the_kernel_where_they_apply(g, dtype, xpre, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     spy = _LaunchSpy(qg.K2.wo_gemv_kernel)
     monkeypatch.setattr(qg.K2, "wo_gemv_kernel", spy)
     gen = torch.Generator().manual_seed(g)
     w, s, z = _int4_weight(16, 96, g, True, gen)
     x = torch.randn(1, 96, generator=gen).to(dtype)
-    got = qg.qlinear_w4a16(*_dev(x, w, s, z), g, None, candidate=gemv(8, 4, 2, xpre=True, step_scales=True))
+    got = qg.qlinear_w4a16(*_dev(x, w, s, z), g, None, candidate=gemv(8, 4, 2, xpre=True))
     _close(got, ref.qlinear_w4a16_reference(x.float(), w, s, z, g, None), dtype)
-    assert spy.calls and spy.calls[-1]["XPRE"] is xpre and spy.calls[-1]["STEP_SCALES"] is step_scales
+    assert spy.calls and spy.calls[-1]["XPRE"] is xpre
 
 
 @pytest.mark.parametrize("cand", [gemv(8, 2, 3), dot(16, 4, 2), mm(bk=32)])
