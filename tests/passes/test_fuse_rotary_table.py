@@ -41,35 +41,63 @@ def test_the_model_table_becomes_one_op_with_equal_outputs(which: str) -> None:
 
 
 class _Tables(nn.Module):
-    """Tables spelled as the models do, with a scale (``attention_scaling``) and a cast to ``dtype``."""
+    """Tables spelled as the models do, with a scale (``attention_scaling``) and a cast to a dtype; ``keep``:
+    the frequencies are also an output (used outside the pattern)."""
 
-    def __init__(self, cos_scale: float, sin_scale: float, dtype: torch.dtype) -> None:
+    def __init__(self, cos_scale: float, sin_scale: float, dtype: torch.dtype, sin_dtype: torch.dtype | None = None,
+                 keep: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))
-        self.cos_scale, self.sin_scale, self.dtype = cos_scale, sin_scale, dtype
+        self.cos_scale, self.sin_scale, self.dtype, self.keep = cos_scale, sin_scale, dtype, keep
+        self.sin_dtype = sin_dtype or dtype
 
-    def forward(self, pos: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pos: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = pos[..., None].float() * self.inv_freq
         e = torch.cat((f, f), -1)
-        return x + (e.cos() * self.cos_scale).to(self.dtype), x + (e.sin() * self.sin_scale).to(self.dtype)
+        cos = x + (e.cos() * self.cos_scale).to(self.dtype)
+        sin = x.to(self.sin_dtype) + (e.sin() * self.sin_scale).to(self.sin_dtype)
+        return (cos, sin, f * 2) if self.keep else (cos, sin)
 
 
-@pytest.mark.parametrize(("cos_scale", "sin_scale", "dtype", "ops_left"), [
-    (0.5, 0.5, torch.float16, 0),  # scale and cast both absorbed
-    (0.5, 0.25, torch.float16, 2),  # different scales: the products stay, so do the casts after them
-    (1.5, 1.5, torch.float32, 0),
+@pytest.mark.parametrize(("cos_scale", "sin_scale", "dtype", "sin_dtype", "ops_left", "casts_gone"), [
+    (0.5, 0.5, torch.float16, None, 0, 3),  # scale and cast both absorbed (and the positions' cast)
+    (0.5, 0.25, torch.float16, None, 2, 1),  # different scales: the products stay, so do the casts after them
+    (0.5, 0.5, torch.float16, torch.bfloat16, 0, 1),  # one scale, two casts: the scale absorbed, the casts stay
+    (1.5, 1.5, torch.float32, None, 0, 1),  # no casts to fp32 in the canonical graph
 ])  # fmt: skip
-def test_scale_and_cast_are_absorbed_only_when_both_tables_agree(cos_scale: float, sin_scale: float,
-                                                                  dtype: torch.dtype, ops_left: int) -> None:  # fmt: skip
+def test_scale_and_cast_are_absorbed_only_when_both_tables_agree(
+    cos_scale: float, sin_scale: float, dtype: torch.dtype, sin_dtype: torch.dtype | None, ops_left: int,
+    casts_gone: int,
+) -> None:  # fmt: skip
     pos = torch.randint(0, 100000, (1, 7), generator=torch.Generator().manual_seed(1))
     x = torch.randn(1, 7, 16).to(dtype)
-    module = _Tables(cos_scale, sin_scale, dtype)
+    module = _Tables(cos_scale, sin_scale, dtype, sin_dtype)
     gm = canonical_graph(module, pos, x)
+    casts_before = count_op(print_ir(gm), "aten.to.dtype")
     result = FuseRotaryTable(devices=("cpu",))(gm)
     verify(result.gm)
     ir = print_ir(result.gm)
     assert result.stats["tables_fused"] == 1
     assert count_op(ir, "aten.mul.Tensor") == ops_left and count_op(ir, "aten.cos.default") == 0
+    assert count_op(ir, "aten.to.dtype") == casts_before - casts_gone
+    for got, want in zip(result.gm(pos=pos, x=x), module(pos, x), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    for n in result.gm.graph.nodes:  # the op's fake gives every table the shape and dtype it replaced
+        if n.op == "call_function" and n.target is torch.ops.kiln.rotary_table.default:
+            for item in n.users:
+                assert item.meta["val"].shape == (1, 7, 16) and item.meta["val"].dtype == n.args[3]
+
+
+def test_nodes_used_outside_the_pattern_stay() -> None:
+    pos = torch.randint(0, 100000, (1, 5), generator=torch.Generator().manual_seed(2))
+    x = torch.randn(1, 5, 16)
+    module = _Tables(1.0, 1.0, torch.float32, keep=True)
+    gm = canonical_graph(module, pos, x)
+    result = FuseRotaryTable(devices=("cpu",))(gm)
+    verify(result.gm)
+    ir = print_ir(result.gm)
+    assert result.stats == {"tables_fused": 1, "nodes_removed": 3}  # cos, sin, cat; the frequencies stay
+    assert count_op(ir, "kiln.rotary_table") == 1 and count_op(ir, "aten.cat.default") == 0
     for got, want in zip(result.gm(pos=pos, x=x), module(pos, x), strict=True):
         assert torch.equal(got, want)
 

@@ -43,6 +43,11 @@ def test_tables_equal_the_reference_to_the_last_place(
     ].float().std() > 0.1  # not constant
 
 
+def test_the_op_schema_and_fake_agree_with_the_reference() -> None:
+    pos = torch.randint(0, 4096, (1, 9, 1))
+    torch.library.opcheck(torch.ops.kiln.rotary_table.default, (pos, _inv_freq(8), 0.5, torch.bfloat16))
+
+
 def test_strided_int32_positions_as_the_step_graph_gives_them() -> None:
     ids = torch.randint(0, 4096, (2, 50), dtype=torch.int32).to(DEVICE)
     pos = ids[1].unsqueeze(0).unsqueeze(-1)[:, ::3]  # (1, 17, 1), stride 3
