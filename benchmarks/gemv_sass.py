@@ -41,7 +41,7 @@ def compile_gemv(args: argparse.Namespace) -> bytes:
         GW=args.group // 8 if int4 else 1, GROUP_PER_STEP=int4 and (args.group // 8) % args.block_kw == 0,
         X_CODES=False, XS_PER_ROW=False, HAS_XZP=False, IS_SPLIT=True, EVEN_K=True, XP=1, PRMT=True,
         DEPTH=args.depth, BLOCK_N=args.block_n, BLOCK_KW=args.block_kw, USE_ASM=True, USE_PDL=False,
-        RELEASE_LATE=True, XPRE=args.xpre,
+        RELEASE_LATE=True, XPRE=args.xpre, STAGES=args.stages,
     )  # fmt: skip
     types = {"x_ptr": "*i32", "xs_ptr": "*fp32", "xz_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp32",
              "z_ptr": "*u8", "b_ptr": "*fp32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}  # fmt: skip
@@ -83,6 +83,9 @@ def main() -> int:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--xpre", action="store_true")
+    p.add_argument(
+        "--stages", type=int, default=1, help="the K loop's num_stages (Triton's pipeliner; with --depth 0)"
+    )
     args = p.parse_args()
     try:
         import triton

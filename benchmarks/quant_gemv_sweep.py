@@ -8,7 +8,7 @@ times it (``gpu_time_ms``: GPU time from a cold L2, every call queued ahead), be
 It prints the ten fastest per shape and the best with each option on and off: what to put in the list.
 
     python benchmarks/quant_gemv_sweep.py --int4-only --shapes 4096x4096 --tiles 128x16,64x16   # about a minute
-    python benchmarks/quant_gemv_sweep.py     # the default grid: ~60 compiled variants, several minutes
+    python benchmarks/quant_gemv_sweep.py     # the default grid: ~130 compiled variants, several minutes
 
 Compiling dominates (each variant ~1-3 s, shared by the shapes); run a larger grid in parts (``--tiles``).
 """
@@ -21,14 +21,16 @@ import sys
 
 
 def candidates(tiles: list[tuple[int, int]], waves: tuple[int, ...]) -> list:
-    """GEMV candidates: every tile x waves x depth x ``XPRE``, 8 warps too on the larger tiles."""
+    """GEMV candidates: every tile x waves x ``XPRE`` x steps in flight (1 or 2 in registers, or 2 / 3 by
+    Triton's cp.async pipeliner: ``DEPTH`` 0 with ``STAGES`` 3 / 4), 8 warps too on the larger tiles."""
     from kiln.backends.triton.quant_gemm_tune import Candidate
 
     out = []
-    for (bn, bkw), wv, depth, xpre in itertools.product(tiles, waves, (1, 2), (False, True)):
+    for (bn, bkw), wv, (depth, stages), xpre in itertools.product(tiles, waves, ((1, 1), (2, 1), (0, 3), (0, 4)),
+                                                                  (False, True)):  # fmt: skip
         for warps in (4, 8) if bn * bkw >= 2048 else (4,):
             out.append(Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps, WAVES=wv, PRMT=True,
-                                              DEPTH=depth, XPRE=xpre)))  # fmt: skip
+                                              DEPTH=depth, XPRE=xpre, STAGES=stages)))  # fmt: skip
     return out
 
 
@@ -98,14 +100,14 @@ def sweep(label: str, k: int, n: int, run, reference, cands: list) -> None:  # t
     res.sort(key=lambda r: r[0])
     print(f"\n{label} ({k} x {n}), M = 1: cuBLAS bf16 {base:.1f} us; best GEMV {res[0][0]:.1f} us = "
           f"{base / res[0][0]:.2f}x ({len(res)} candidates)", flush=True)  # fmt: skip
-    print("| us | vs bf16 | BLOCK_N | BLOCK_KW | warps | waves | depth | XPRE |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| us | vs bf16 | BLOCK_N | BLOCK_KW | warps | waves | depth | stages | XPRE |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for t, c in res[:10]:
         p = c.params
         print(f"| {t:.1f} | {base / t:.2f}x | {p['BLOCK_N']} | {p['BLOCK_KW']} | {p['num_warps']} | {p['WAVES']} | "
-              f"{p['DEPTH']} | {p['XPRE']} |")  # fmt: skip
-    for key in ("XPRE",):
-        for flag in (False, True):
+              f"{p['DEPTH']} | {p['STAGES']} | {p['XPRE']} |")  # fmt: skip
+    for key in ("XPRE", "DEPTH"):
+        for flag in sorted({r[1].params[key] for r in res}):
             sel = [r for r in res if r[1].params[key] == flag]
             if sel:
                 print(f"best with {key}={flag}: {sel[0][0]:.1f} us ({sel[0][1]})")
@@ -120,7 +122,7 @@ def main() -> int:
     p.add_argument(
         "--tiles",
         default="8x64,16x64,32x32,64x16,64x32,128x16",
-        help="int4 BLOCK_NxBLOCK_KW tiles (each tile: 8-32 compiled variants, ~1-3 s each)",
+        help="int4 BLOCK_NxBLOCK_KW tiles (each tile: 16-64 compiled variants, ~1-3 s each)",
     )
     args = p.parse_args()
     import torch

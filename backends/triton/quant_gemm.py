@@ -224,7 +224,8 @@ def launch_splitk(
         # prmt decodes int8 codes to within ~2e-5 of the fp32 sums (16-bit x only: far below their rounding)
         prmt = p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4)
         extra = dict(XP=xp, PRMT=prmt, EVEN_K=even, USE_ASM=not _INTERPRET, DEPTH=p.get("DEPTH", 1),
-                     XPRE=bool(p.get("XPRE", False)) and xp > 0)  # x's prefetch takes 16-bit pairs
+                     XPRE=bool(p.get("XPRE", False)) and xp > 0,  # x's prefetch takes 16-bit pairs
+                     STAGES=int(p.get("STAGES", 1)))
     pdl = _utils.QUANT_PDL and pdl_enabled(x.device, _INTERPRET)
     compiled = kernel[(tiles, split)](
         x, xs, xz if xz is not None else xs, op.words, op.scale, zp, bias if bias is not None else op.scale, y, ws, cnt,

@@ -48,34 +48,41 @@ def m_bucket(m: int) -> int:
 # Decode (M <= 16): the split-K kernels of ``quant_splitk_kernels``. A K step is BLOCK_KW 32-bit words
 # (8 int4 or 4 int8 codes each) of BLOCK_N rows; K is split so that a launch makes up to WAVES
 # programs per SM (K splits x output tiles), enough weight bytes in flight, one wave.
-# (BLOCK_N, BLOCK_KW, num_warps, WAVES, PRMT, DEPTH, XPRE) of the GEMV (a row of x per program,
+# (BLOCK_N, BLOCK_KW, num_warps, WAVES, PRMT, DEPTH, XPRE, STAGES) of the GEMV (a row of x per program,
 # CUDA-core FMAs; PRMT: int4 / int8 codes decoded with inline PTX, about 30% fewer instructions; DEPTH: K
-# steps in flight ahead of the one computed; XPRE: the next step's x loaded with this step's weights). Measured on an
+# steps in flight ahead of the one computed, in registers; XPRE: the next step's x loaded with this step's
+# weights; STAGES, with DEPTH 0: Triton's pipeliner keeps STAGES - 1 steps in flight by cp.async). Measured on an
 # H100 (benchmarks/RESULTS.md): 128 x 16 words suits int4 with groups of 128, 32-64 x 32 words int8 per
 # channel. WAVES caps the programs per SM; the launcher also caps them at what the compiled kernel's
 # registers let one SM hold.
 GEMV_TILES = [
-    (128, 16, 4, 4, True, 1, False),
-    (128, 16, 4, 2, True, 1, False),
-    (64, 32, 4, 4, True, 1, False),
-    (32, 32, 4, 4, True, 1, False),
-    (32, 32, 4, 2, True, 1, False),
-    (32, 32, 4, 8, True, 1, False),
-    (64, 16, 4, 4, True, 2, False),
-    (64, 32, 4, 4, True, 2, False),
-    (128, 16, 4, 4, False, 1, False),
+    (128, 16, 4, 4, True, 1, False, 1),
+    (128, 16, 4, 2, True, 1, False, 1),
+    (64, 32, 4, 4, True, 1, False, 1),
+    (32, 32, 4, 4, True, 1, False, 1),
+    (32, 32, 4, 2, True, 1, False, 1),
+    (32, 32, 4, 8, True, 1, False, 1),
+    (64, 16, 4, 4, True, 2, False, 1),
+    (64, 32, 4, 4, True, 2, False, 1),
+    (128, 16, 4, 4, False, 1, False, 1),
     # from the wider H100 sweep (.gpu-style gemv_sweep, 2026-12-07): int8 per channel prefers 64-word K
     # steps (3-8% over 32), int4 on the largest shapes 8 warps
-    (32, 64, 4, 4, True, 1, False),
-    (16, 64, 4, 4, True, 1, False),
-    (128, 16, 8, 4, True, 1, False),
-    (256, 16, 8, 4, True, 1, False),
+    (32, 64, 4, 4, True, 1, False, 1),
+    (16, 64, 4, 4, True, 1, False, 1),
+    (128, 16, 8, 4, True, 1, False, 1),
+    (256, 16, 8, 4, True, 1, False, 1),
     # session 14's options, timed by benchmarks/quant_gemv_sweep.py on an H100 (session 15): XPRE (x of the
     # next K step in flight with the weights) is the fastest candidate on both 8B-sized shapes (26.3 / 27.1 us
     # against 26.9 / 27.6 without it, 4096 x 4096 tied at 12.2). STEP_SCALES (group scales loaded per word,
     # no per-step barriers; an option of the kernel until then) was 2-3x slower on every shape (23-71 us) and
     # is gone; 8-row tiles are not in the top ten
-    (128, 16, 4, 4, True, 1, True),
+    (128, 16, 4, 4, True, 1, True, 1),
+    # session 15, not yet timed on a GPU: the K loop software-pipelined by Triton (cp.async into shared memory,
+    # 2-3 steps in flight without holding them in registers; benchmarks/gemv_sass.py --depth 0 --stages 3:
+    # 519 instructions a step, 2 barriers, against 503 and 4)
+    (128, 16, 4, 4, True, 0, False, 3),
+    (128, 16, 4, 4, True, 0, False, 4),
+    (32, 64, 4, 4, True, 0, False, 3),
 ]
 # (BLOCK_N, BLOCK_KW, num_warps, WAVES) of the tl.dot form (16 rows of x per program)
 DOT_TILES = [(64, 16, 4, 4), (32, 16, 4, 4), (64, 16, 8, 4), (64, 32, 4, 4), (64, 16, 4, 2), (32, 16, 4, 2)]
@@ -109,8 +116,9 @@ def decode_candidates(m: int, k_words: int, interpret: bool, gemv: bool = True, 
         return out
     few = gemv and m <= GEMV_MAX_M
     if few:
-        out += [Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, WAVES=wv, PRMT=asm, DEPTH=d, XPRE=xpre))
-                for bn, bkw, w, wv, asm, d, xpre in GEMV_TILES]  # fmt: skip
+        out += [Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, WAVES=wv, PRMT=asm, DEPTH=d, XPRE=xpre,
+                                       STAGES=st))
+                for bn, bkw, w, wv, asm, d, xpre, st in GEMV_TILES]  # fmt: skip
     if dot:
         out += [Candidate("dot", dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, WAVES=wv))
                 for bn, bkw, w, wv in (DOT_TILES[:DOT_FOR_GEMV] if few else DOT_TILES) if k_words % bkw == 0]  # fmt: skip

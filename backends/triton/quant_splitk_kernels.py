@@ -207,13 +207,15 @@ def wo_gemv_kernel(
     EVEN_K: tl.constexpr,  # KW % BLOCK_KW == 0
     XP: tl.constexpr,  # x read as: 0 its own dtype, one load per code; 1 / 2 bf16 / fp16 pairs in int32 words
     PRMT: tl.constexpr,  # int4 / int8 codes with the ``prmt`` PTX of :data:`PRMT_INT4` / :data:`PRMT_INT8`
-    DEPTH: tl.constexpr,  # K steps whose loads are in flight while one is computed (1 or 2)
+    DEPTH: tl.constexpr,  # K steps whose loads are in flight while one is computed (1 or 2); 0: each step
+    # loads its own words at its start, left to Triton's software pipeliner (the launch's num_stages)
     BLOCK_N: tl.constexpr,
     BLOCK_KW: tl.constexpr,  # words per row per K step
     USE_ASM: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # programmatic dependent launch (``kiln.backends.triton._utils.PDL``)
     RELEASE_LATE: tl.constexpr = True,  # PDL: let the next kernel launch after the K loop, not at the start
     XPRE: tl.constexpr = False,  # XP > 0: the next K step's x pairs are loaded with this step's, not after
+    STAGES: tl.constexpr = 1,  # the K loop's software-pipelining depth (DEPTH 0: cp.async into shared memory)
 ):  # fmt: skip
     """``y[m, n] = sum_k x[m, k] (q[n, k] - z) s (+ b[n])`` for one ``m``, ``BLOCK_N`` channels, split ``pid_k``.
 
@@ -239,9 +241,10 @@ def wo_gemv_kernel(
         z_row = _row_zero(z_ptr, offs_n, n_mask, stride_zn, HAS_ZP, ZP_DEFAULT)
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     # the first K steps' weights (constants) are requested before the wait for the previous kernel's x
-    wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
-                          stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP,
-                          EVEN_K)  # fmt: skip
+    if DEPTH > 0:
+        wd, s, z = _wsz_loads(kw_lo, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                              stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP,
+                              EVEN_K)  # fmt: skip
     if DEPTH == 2:
         wd2, s2, z2 = _wsz_loads(kw_lo + BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
                                  stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW, GROUP_PER_STEP,
@@ -257,12 +260,16 @@ def wo_gemv_kernel(
             xz = 0.0
     if XPRE:
         xq0, xq1, xq2, xq3 = _x_pairs(x_row, kw_lo, kw_end, offs_w, CPW)
-    for i in range(n_steps):
+    for i in tl.range(n_steps, num_stages=STAGES):
         kw0 = kw_lo + i * BLOCK_KW
-        # the bytes of step i + DEPTH are requested before this step is computed
-        nwd, ns, nz = _wsz_loads(kw0 + DEPTH * BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
-                                 stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW,
-                                 GROUP_PER_STEP, EVEN_K)  # fmt: skip
+        if DEPTH == 0:  # this step's bytes, requested here (Triton's pipeliner may issue them stages ahead)
+            wd, s, z = _wsz_loads(kw0, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                                  stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW,
+                                  GROUP_PER_STEP, EVEN_K)  # fmt: skip
+        else:  # the bytes of step i + DEPTH are requested before this step is computed
+            nwd, ns, nz = _wsz_loads(kw0 + DEPTH * BLOCK_KW, kw_end, w_rows, s_ptr, z_ptr, offs_n, n_mask, offs_w,
+                                     stride_sn, stride_sg, stride_zn, stride_zg, SMODE, HAS_ZP, GW,
+                                     GROUP_PER_STEP, EVEN_K)  # fmt: skip
         if XPRE:  # and x of step i + 1 (an L2 round trip that would otherwise stall every step)
             nx0, nx1, nx2, nx3 = _x_pairs(x_row, kw0 + BLOCK_KW, kw_end, offs_w, CPW)
         wu = wd.to(tl.uint32, bitcast=True)
@@ -316,7 +323,7 @@ def wo_gemv_kernel(
         if DEPTH == 2:
             wd, s, z = wd2, s2, z2
             wd2, s2, z2 = nwd, ns, nz
-        else:
+        elif DEPTH == 1:
             wd, s, z = nwd, ns, nz
         if XPRE:
             xq0, xq1, xq2, xq3 = nx0, nx1, nx2, nx3

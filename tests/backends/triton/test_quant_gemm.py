@@ -54,11 +54,12 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs scale {scale:.3g} ({dtype})"
 
 
-def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1, xpre: bool = False) -> Candidate:
+def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1, xpre: bool = False,
+         stages: int = 1) -> Candidate:  # fmt: skip
     """The split-K GEMV: ``BLOCK_N`` rows, K steps of ``bkw`` words, K cut into ``split`` slices (``xpre``:
-    the next step's x loaded ahead)."""
+    the next step's x loaded ahead; ``depth`` 0 with ``stages``: each step loads its own words, pipelined by Triton)."""
     return Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split, PRMT=prmt, DEPTH=depth,
-                                  XPRE=xpre))
+                                  XPRE=xpre, STAGES=stages))
 
 
 def dot(bn: int, bkw: int, split: int) -> Candidate:
@@ -96,6 +97,8 @@ INT4_CASES = [
     (2, 20, 96, 32, True, True, torch.bfloat16, gemv(8, 4, 2, prmt=True)),  # a group per 4-word step
     (1, 20, 128, 64, False, False, torch.float32, gemv(8, 4, 4, depth=2)),  # a group is 2 steps, 2 in flight
     (2, 20, 128, 64, True, True, torch.bfloat16, gemv(8, 4, 3, depth=2, xpre=True)),  # both, over a 2-step group
+    (2, 20, 96, 32, True, True, torch.bfloat16, gemv(8, 4, 2, prmt=True, depth=0, stages=3)),  # loads in the step
+    (1, 24, 48, 24, False, False, torch.float32, gemv(16, 4, 2, depth=0, stages=2, xpre=True)),  # per-word scales
     (2, 20, 128, 64, False, True, torch.float16, gemv(8, 4, 2)),  # a group is 2 steps; no zero point (8)
     (1, 24, 48, 24, True, False, torch.float32, gemv(16, 4, 2)),  # 3-word groups: a scale per word
     (1, 20, 64, 64, True, True, torch.float32, gemv(8, 2, 1)),  # g = K: per-channel scales, one split
@@ -137,6 +140,7 @@ INT8_CASES = [
     (1, 20, 72, "channel", False, torch.float16, gemv(8, 4, 2, depth=2)),  # 2 steps in flight, ragged K
     (2, 20, 72, "channel", True, torch.bfloat16, gemv(8, 4, 2, prmt=True, xpre=True)),  # x ahead, ragged K
     (1, 20, 72, "channel", False, torch.float16, gemv(8, 4, 2, xpre=True)),  # fp16 pairs ahead, ragged K
+    (2, 20, 72, "channel", True, torch.bfloat16, gemv(8, 4, 2, prmt=True, depth=0, stages=3)),  # pipelined, ragged K
     (6, 20, 64, "channel", False, torch.bfloat16, dot(16, 4, 2)),
     (6, 20, 64, "channel", True, torch.bfloat16, None),  # per-channel zero points: no tl.dot form, the GEMM
     (2, 20, 66, "channel", True, torch.float32, None),  # K % 4 != 0: no split-K words, the GEMM runs
