@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 
-def compile_gemv(args: argparse.Namespace) -> bytes:
-    """The cubin of one GEMV configuration for sm_90."""
+def compile_gemv(args: argparse.Namespace) -> tuple[bytes, int]:
+    """The cubin of one GEMV configuration for sm_90, and the bytes of shared memory a program takes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -55,7 +55,7 @@ def compile_gemv(args: argparse.Namespace) -> bytes:
     compiled = triton.compile(
         src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=args.warps, num_stages=1)
     )
-    return compiled.asm["cubin"]
+    return compiled.asm["cubin"], int(compiled.metadata.shared)
 
 
 def loop_opcodes(sass: str) -> list[str]:
@@ -91,7 +91,7 @@ def main() -> int:
         import triton
 
         nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-        cubin = compile_gemv(args)
+        cubin, shared = compile_gemv(args)
     except Exception as e:  # noqa: BLE001 - an offline compile needs Triton's NVIDIA backend and its tools
         print(f"cannot compile for sm_90 here: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -100,6 +100,9 @@ def main() -> int:
         f.flush()
         sass = subprocess.run(
             [str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        usage = subprocess.run(
+            [str(nvdisasm.parent / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True
         ).stdout
     ops = loop_opcodes(sass)
     words = args.block_n * args.block_kw / (32 * args.warps)  # weight words one thread decodes a step
@@ -110,7 +113,14 @@ def main() -> int:
     print(f"K loop: {len(ops)} instructions a step per thread, {words:.0f} words / {codes:.0f} codes: "
           f"{len(ops) / words:.1f} per word, {len(ops) / codes:.2f} per code")  # fmt: skip
     print(f"barriers a step: {counts['BAR']}, shared loads / stores: {counts['LDS']} / {counts['STS']}, "
-          f"global loads: {counts['LDG']}")  # fmt: skip
+          f"global loads: {counts['LDG']}, async copies (LDGSTS): {counts['LDGSTS']}")  # fmt: skip
+    if m := re.search(r"REG:(\d+)", usage):
+        regs = int(m.group(1))
+        # H100 SM: 65536 registers (allocated per warp in units of 256), 228 KB shared memory, 64 warps
+        by_regs = 65536 // (args.warps * 32 * -(-regs // 8) * 8)
+        by_smem = (228 * 1024) // max(1, shared + 1024)  # 1 KB reserved per block
+        print(f"registers a thread: {regs}, shared memory a program: {shared} B; programs an SM can hold: "
+              f"{min(by_regs, by_smem, 64 // args.warps)} (registers {by_regs}, shared memory {by_smem})")  # fmt: skip
     print("| opcode | count | per code |\n| --- | --- | --- |")
     for op, n in counts.most_common(14):
         print(f"| {op} | {n} | {n / codes:.2f} |")
