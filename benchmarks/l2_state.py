@@ -82,7 +82,8 @@ def shape_lines(k: int, n: int, gen: object) -> list[str]:
     }
     lines, base = [], {}
     for variant, (kind, fns) in variants.items():
-        fns[0]()  # the tuner picks its kernel here (default flush), then every method times that one
+        # the first (untimed) call of gpu_time_ms is where the tuner picks its kernel (default flush); every
+        # method then times that one
         times = {
             "write": gpu_time_ms(fns[0], reps=50, flush_by="write") * 1e3,
             "read": gpu_time_ms(fns[0], reps=50, flush_by="read") * 1e3,

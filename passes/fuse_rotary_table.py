@@ -87,12 +87,10 @@ class FuseRotaryTable(Pass):
             if not is_call(cast, aten.to.dtype) or cast.args[1:] != (torch.float32,) or cast.kwargs:
                 continue
             p = cast.args[0]
-            pv, iv, fv = meta_val(p), meta_val(inv), meta_val(f)
-            if pv is None or iv is None or fv is None or table_problem(pv, iv, torch.float32) is not None:
+            pv, iv = meta_val(p), meta_val(inv)  # their product is (..., H): table_problem fixes both shapes
+            if pv is None or iv is None or table_problem(pv, iv, torch.float32) is not None:
                 continue
             if pv.device.type not in self.devices or iv.device != pv.device:
-                continue
-            if [str(s) for s in fv.shape] != [*(str(s) for s in pv.shape[:-1]), str(iv.shape[-1])]:
                 continue
             return cast, p, inv  # type: ignore[return-value]
         return None

@@ -208,7 +208,7 @@ def wo_gemv_kernel(
     XP: tl.constexpr,  # x read as: 0 its own dtype, one load per code; 1 / 2 bf16 / fp16 pairs in int32 words
     PRMT: tl.constexpr,  # int4 / int8 codes with the ``prmt`` PTX of :data:`PRMT_INT4` / :data:`PRMT_INT8`
     DEPTH: tl.constexpr,  # K steps whose loads are in flight while one is computed (1 or 2); 0: each step
-    # loads its own words at its start, left to Triton's software pipeliner (the launch's num_stages)
+    # loads its own words at its start, left to Triton's software pipeliner (STAGES)
     BLOCK_N: tl.constexpr,
     BLOCK_KW: tl.constexpr,  # words per row per K step
     USE_ASM: tl.constexpr,
