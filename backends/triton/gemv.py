@@ -51,6 +51,17 @@ FLOATS = (torch.float16, torch.bfloat16)
 #: tuner times each kernel alone, so it cannot see what programmatic dependent launch (``_utils.PDL``) gains
 #: the Triton kernel inside a step (an A/B switch until measured there).
 TRITON_ONLY = os.environ.get("KILN_GEMV", "").strip().lower() == "triton"
+#: The most rows :func:`gemv` offers the tensor-core split-K kernel (:func:`launch_skinny`), timed against cuBLAS
+#: per M bucket; 0 sends every shape past :data:`DISPATCH_M` to cuBLAS. Off (0) until measured on a GPU:
+#: ``KILN_SKINNY_GEMM=128`` turns it on up to 128 rows (``benchmarks/skinny_gemm.py`` times both).
+SKINNY_MAX_M = int(os.environ.get("KILN_SKINNY_GEMM", "0") or 0)
+#: The most bytes of shared memory a skinny tile's pipelined x and W buffers may take (H100: 227 KB a block).
+SKINNY_SMEM = 200 * 1024
+#: The most rows the skinny kernel takes (its row tile holds every row of x).
+SKINNY_ROWS = 128
+#: (BLOCK_N, BLOCK_K, num_warps, num_stages) of the skinny kernel's candidates, before the shared-memory check.
+#: Unmeasured starting points: memory-bound tiles that keep 2-3 weight tiles in flight per program.
+SKINNY_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -109,6 +120,51 @@ def gemv_kernel(
 
 
 @triton.jit
+def skinny_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """Program (n, s): ``y[:, n*BLOCK_N : +BLOCK_N]`` over K range ``[s*K_PER_SPLIT, +K_PER_SPLIT)`` with ``tl.dot``.
+
+    Every row of x (at most BLOCK_M) in one program, so each weight tile is read from memory once; the
+    loop is software-pipelined by Triton (the launch's ``num_stages``).
+    """
+    pdl_release(USE_PDL)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    pdl_wait(USE_PDL)  # x is the previous kernel's output
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # (BLOCK_M, BLOCK_K)  # fmt: skip
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # (BLOCK_N, BLOCK_K)  # fmt: skip
+        if UPCAST_DOT:  # the interpreter's tl.dot multiplies bfloat16 bit patterns (triton-lang/triton#11584)
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
 def gemv_combine_kernel(
     part_ptr, b_ptr, y_ptr, M, N, stride_ym,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
@@ -151,11 +207,51 @@ def launch(
         USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if split_k > 1:
-        block = 1024 if not _INTERPRET else 64
-        gemv_combine_kernel[(triton.cdiv(m * n, block),)](
-            part, bias, y, m, n, y.stride(0), HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK=block, USE_PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
-        )  # fmt: skip
+        _combine(part, bias, y, b is not None, split_k, pdl)
+    return y
+
+
+def _combine(part: torch.Tensor, bias: torch.Tensor, y: torch.Tensor, has_bias: bool, split_k: int, pdl: bool) -> None:
+    """Sum the ``split_k`` fp32 partials of ``part`` (split, M, N) into ``y`` (+ bias), in split order."""
+    m, n = y.shape
+    block = 1024 if not _INTERPRET else 64
+    gemv_combine_kernel[(triton.cdiv(m * n, block),)](
+        part, bias, y, m, n, y.stride(0), HAS_BIAS=has_bias, SPLIT_K=split_k, BLOCK=block, USE_PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
+    )  # fmt: skip
+
+
+def skinny_block_m(m: int) -> int:
+    """The skinny kernel's row tile for ``m`` rows: a power of two, at least 16 (the MMA's rows)."""
+    return max(16, next_power_of_2(m))
+
+
+def launch_skinny(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, block_n: int, block_k: int, split_k: int,
+    num_warps: int = 4, num_stages: int = 3,
+) -> torch.Tensor:  # fmt: skip
+    """Run :func:`skinny_gemm_kernel` with one tiling on ``x`` (M, K) and ``w`` (N, K); returns y (M, N) in x's
+    dtype. M is at most 128 (the row tile holds every row)."""
+    check_triton_device("skinny_gemm", _INTERPRET, x, w, *([b] if b is not None else []))
+    m, k = x.shape
+    n = w.shape[0]
+    if not 0 < m <= SKINNY_ROWS or x.stride(1) != 1 or w.stride(1) != 1 or w.shape[1] != k:
+        raise ValueError(f"skinny_gemm takes 1 to {SKINNY_ROWS} rows of x (M, K) and w (N, K), K contiguous; got x "
+                         f"{tuple(x.shape)} strides {x.stride()}, w {tuple(w.shape)} strides {w.stride()}")  # fmt: skip
+    y = new_output((m, n), x.dtype, x.device)
+    k_per_split = -(-k // (split_k * block_k)) * block_k  # a whole number of K steps per split
+    split_k = -(-k // k_per_split)
+    part = new_output((split_k, m, n), torch.float32, x.device) if split_k > 1 else y
+    bias = b if b is not None else w  # any pointer: not read
+    pdl = pdl_enabled(x.device, _INTERPRET)
+    skinny_gemm_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, w, bias, y, part, m, n, k, k_per_split, x.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK_M=skinny_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 or _INTERPRET else "tf32",
+        UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+    )  # fmt: skip
+    if split_k > 1:
+        _combine(part, bias, y, b is not None, split_k, pdl)
     return y
 
 
@@ -190,28 +286,53 @@ def candidates(m: int, n: int, k: int) -> list[Candidate]:
     return out[:5]  # cuBLAS + 4 tilings: each costs a compile and a timing at start-up
 
 
+def skinny_candidates(m: int, n: int, k: int) -> list[Candidate]:
+    """cuBLAS first, then each of :data:`SKINNY_TILES` that fits shared memory for ``m`` rows, split over K
+    until the grid has a program for each of the 132 SMs of an H100 (at least two K steps a split)."""
+    if _INTERPRET:  # small tiles, K steps shorter than the test shapes; no timing in the interpreter
+        return [Candidate("skinny", {"block_n": 16, "block_k": 16, "split_k": 2, "num_warps": 1, "num_stages": 1})]
+    out = [Candidate("cublas")]
+    bm = skinny_block_m(m)
+    for block_n, block_k, warps, stages in SKINNY_TILES:
+        if stages * (bm + block_n) * block_k * 2 > SKINNY_SMEM or block_k > next_power_of_2(k):
+            continue
+        tiles, split = triton.cdiv(n, block_n), 1
+        while tiles * split < 132 and 2 * split * 2 * block_k <= k:
+            split *= 2
+        out.append(Candidate("skinny", {"block_n": block_n, "block_k": block_k, "split_k": split,
+                                        "num_warps": warps, "num_stages": stages}))  # fmt: skip
+    return out
+
+
 def run(c: Candidate, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     if c.kernel == "cublas":
         return torch.nn.functional.linear(x, w, b)
+    if c.kernel == "skinny":
+        return launch_skinny(x, w, b, **c.params)
     return launch(x, w, b, **c.params)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``kiln::gemv`` on CUDA: x (..., K) @ weight (N, K)ᵀ + bias, the fastest of cuBLAS and the split-K kernel.
+    """``kiln::gemv`` on CUDA: x (..., K) @ weight (N, K)ᵀ + bias, the fastest of cuBLAS and the split-K kernels.
 
-    Rows beyond :data:`DISPATCH_M`, other dtypes and non-contiguous operands are a GEMM, not a GEMV:
-    they run on cuBLAS (``torch.nn.functional.linear``), which computes the same function.
+    Up to :data:`DISPATCH_M` rows: cuBLAS or the GEMV; up to :data:`SKINNY_MAX_M` rows: cuBLAS or the
+    tensor-core skinny kernel, each timed once per M bucket and shape. More rows, other dtypes and
+    non-contiguous operands run on cuBLAS (``torch.nn.functional.linear``), which computes the same function.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, K)
     m = x2.shape[0]
-    fits = (0 < m <= DISPATCH_M and x.dtype in FLOATS and weight.dtype == x.dtype and weight.is_contiguous()
-            and x2.stride(1) == 1 and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))  # fmt: skip
-    if not fits:
-        return torch.nn.functional.linear(x, weight, bias)
+    ours = (x.dtype in FLOATS and weight.dtype == x.dtype and weight.is_contiguous() and x2.stride(1) == 1
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))  # fmt: skip
     n = weight.shape[0]
-    key = ("gemv", next_power_of_2(m), n, k, x.dtype, bias is not None)
-    best = TUNER.choose(key, candidates(m, n, k), lambda c: run(c, x2, weight, bias), x.device)
+    if ours and 0 < m <= DISPATCH_M:
+        kind, cands = "gemv", candidates(m, n, k)
+    elif ours and DISPATCH_M < m <= min(SKINNY_MAX_M, SKINNY_ROWS):
+        kind, cands = "skinny", skinny_candidates(m, n, k)
+    else:
+        return torch.nn.functional.linear(x, weight, bias)
+    key = (kind, next_power_of_2(m), n, k, x.dtype, bias is not None)
+    best = TUNER.choose(key, cands, lambda c: run(c, x2, weight, bias), x.device)
     return run(best, x2, weight, bias).reshape(*lead, n)
 
 
@@ -252,4 +373,16 @@ def bench(shapes: list[tuple[int, int, int]] | None = None, dtype: torch.dtype =
 if __name__ == "__main__":
     bench()
 
-__all__ = ["DISPATCH_M", "MAX_M", "TUNER", "bench", "candidates", "gemv", "launch"]
+__all__ = [
+    "DISPATCH_M",
+    "MAX_M",
+    "SKINNY_MAX_M",
+    "SKINNY_ROWS",
+    "TUNER",
+    "bench",
+    "candidates",
+    "gemv",
+    "launch",
+    "launch_skinny",
+    "skinny_candidates",
+]

@@ -76,3 +76,62 @@ def test_candidates_start_with_cublas_and_fill_the_gpu(monkeypatch: pytest.Monke
     for c in cands[1:]:
         p = c.params
         assert 132 <= -(-2048 // p["block_n"]) * p["split_k"] <= 132 * 8
+
+
+# ---------------------------------------------------------------------------- the skinny (tensor-core) kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("m", "n", "k"), [(2, 40, 100), (5, 7, 33), (16, 16, 16), (33, 24, 64), (128, 9, 48)])
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_skinny_kernel_matches_the_reference(m: int, n: int, k: int, dtype: torch.dtype, split_k: int) -> None:
+    for bias in (False, True):
+        x, w, b = _operands(m, n, k, dtype, bias, seed=m * 1000 + n * 10 + k + split_k)
+        got = gv.launch_skinny(x, w, b, block_n=16, block_k=16, split_k=split_k, num_warps=1, num_stages=1)
+        _close(got, gemv_reference(x.float(), w.float(), b.float() if bias else None).to(dtype), dtype)
+
+
+def test_skinny_kernel_refuses_too_many_rows_and_strided_operands() -> None:
+    x, w, _ = _operands(gv.SKINNY_ROWS + 1, 8, 16, torch.float16, False, seed=1)
+    with pytest.raises(ValueError, match=f"1 to {gv.SKINNY_ROWS} rows"):
+        gv.launch_skinny(x, w, None, block_n=16, block_k=16, split_k=1)
+    x, w, _ = _operands(4, 8, 16, torch.float16, False, seed=2)
+    with pytest.raises(ValueError, match="K contiguous"):
+        gv.launch_skinny(x.t().contiguous().t(), w, None, block_n=16, block_k=16, split_k=1)
+
+
+def test_gemv_sends_a_few_dozen_rows_to_the_skinny_kernel_when_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    real = gv.run
+
+    def spy(c, x, w, b):  # type: ignore[no-untyped-def]
+        ran.append(c.kernel)
+        return real(c, x, w, b)
+
+    monkeypatch.setattr(gv, "run", spy)
+    monkeypatch.setattr(gv, "TUNER", gv.KernelTuner())
+    x, w, b = _operands(24, 12, 32, torch.bfloat16, True, seed=7)
+    monkeypatch.setattr(gv, "SKINNY_MAX_M", 0)  # off: cuBLAS (the matmul), no tuner key
+    _close(gv.gemv(x, w, b), gemv_reference(x, w, b), torch.bfloat16)
+    assert ran == [] and gv.TUNER.last is None
+    monkeypatch.setattr(gv, "SKINNY_MAX_M", 32)
+    x3 = x.reshape(2, 12, 32)  # leading dims kept
+    _close(gv.gemv(x3, w, b), gemv_reference(x3, w, b), torch.bfloat16)
+    assert ran and set(ran) <= {"skinny", "cublas"}
+    assert gv.TUNER.last is not None and gv.TUNER.last.kernel in ("skinny", "cublas")
+    ran.clear()
+    big = torch.randn(33, 32).to(DEVICE, torch.bfloat16)  # past SKINNY_MAX_M: cuBLAS
+    _close(gv.gemv(big, w, b), gemv_reference(big, w, b), torch.bfloat16)
+    assert ran == []
+
+
+def test_skinny_candidates_fit_shared_memory_and_fill_the_gpu() -> None:
+    if gv._INTERPRET:
+        pytest.skip("the interpreter has one small tiling; GPU candidates are checked on CUDA")
+    for m, n, k in ((64, 3072, 4096), (128, 2048, 2048), (16, 28672, 4096)):
+        cands = gv.skinny_candidates(m, n, k)
+        assert cands[0].kernel == "cublas" and len(cands) > 2
+        for c in cands[1:]:
+            p = c.params
+            assert p["num_stages"] * (gv.skinny_block_m(m) + p["block_n"]) * p["block_k"] * 2 <= gv.SKINNY_SMEM
+            assert -(-n // p["block_n"]) * p["split_k"] >= 132 or 4 * p["split_k"] * p["block_k"] > k
