@@ -288,7 +288,7 @@ def candidates(m: int, n: int, k: int) -> list[Candidate]:
 
 def skinny_candidates(m: int, n: int, k: int) -> list[Candidate]:
     """cuBLAS first, then each of :data:`SKINNY_TILES` that fits shared memory for ``m`` rows, split over K
-    until the grid has a program for each of the 132 SMs of an H100 (at least two K steps a split)."""
+    as :func:`skinny_split` estimates best for the 132 SMs of an H100."""
     if _INTERPRET:  # small tiles, K steps shorter than the test shapes; no timing in the interpreter
         return [Candidate("skinny", {"block_n": 16, "block_k": 16, "split_k": 2, "num_warps": 1, "num_stages": 1})]
     out = [Candidate("cublas")]
@@ -296,12 +296,31 @@ def skinny_candidates(m: int, n: int, k: int) -> list[Candidate]:
     for block_n, block_k, warps, stages in SKINNY_TILES:
         if stages * (bm + block_n) * block_k * 2 > SKINNY_SMEM or block_k > next_power_of_2(k):
             continue
-        tiles, split = triton.cdiv(n, block_n), 1
-        while tiles * split < 132 and 2 * split * 2 * block_k <= k:
-            split *= 2
+        split = skinny_split(triton.cdiv(n, block_n), triton.cdiv(k, block_k), m, k)
         out.append(Candidate("skinny", {"block_n": block_n, "block_k": block_k, "split_k": split,
                                         "num_warps": warps, "num_stages": stages}))  # fmt: skip
     return out
+
+
+def skinny_split(tiles: int, k_steps: int, rows: int, k: int, sms: int = 132) -> int:
+    """K splits for ``tiles`` output tiles of ``k_steps`` K steps each and ``rows`` rows of x (K = ``k``).
+
+    The split count (at most 16, at least 2 K steps a split) with the least estimated time: the K steps the
+    busiest SM runs (its share of the programs times their steps: weight bytes, the kernel's bound),
+    each split adding its fp32 partials (``8 * rows`` bytes written and read per output column, against
+    ``2 * K`` weight bytes; counted at half, as they mostly stay in the L2). The fewest splits among equals.
+    """
+    best, best_cost = 1, float("inf")
+    for split in range(1, 17):
+        if split > 1 and k_steps < 2 * split:
+            break
+        per_sm = -(-tiles * split // sms)  # programs the busiest SM runs
+        partials = 0.5 * split * 8 * rows / (2 * k) if split > 1 else 0.0
+        cost = per_sm * -(-k_steps // split) * (1 + partials)
+        if cost < best_cost - 1e-9:
+            best, best_cost = split, cost
+    return best
+
 
 
 def run(c: Candidate, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -385,4 +404,5 @@ __all__ = [
     "launch",
     "launch_skinny",
     "skinny_candidates",
+    "skinny_split",
 ]

@@ -125,7 +125,7 @@ def test_gemv_sends_a_few_dozen_rows_to_the_skinny_kernel_when_on(monkeypatch: p
     assert ran == []
 
 
-def test_skinny_candidates_fit_shared_memory_and_fill_the_gpu() -> None:
+def test_skinny_candidates_fit_shared_memory() -> None:
     if gv._INTERPRET:
         pytest.skip("the interpreter has one small tiling; GPU candidates are checked on CUDA")
     for m, n, k in ((64, 3072, 4096), (128, 2048, 2048), (16, 28672, 4096)):
@@ -134,4 +134,15 @@ def test_skinny_candidates_fit_shared_memory_and_fill_the_gpu() -> None:
         for c in cands[1:]:
             p = c.params
             assert p["num_stages"] * (gv.skinny_block_m(m) + p["block_n"]) * p["block_k"] * 2 <= gv.SKINNY_SMEM
-            assert -(-n // p["block_n"]) * p["split_k"] >= 132 or 4 * p["split_k"] * p["block_k"] > k
+            assert p["split_k"] == gv.skinny_split(-(-n // p["block_n"]), -(-k // p["block_k"]), m, k)
+
+
+def test_skinny_split_fills_the_sms_without_needless_partials() -> None:
+    assert gv.skinny_split(132 * 4, 32, 64, 4096) == 1  # whole waves already: splitting only adds partials
+    assert gv.skinny_split(8, 64, 1, 8192) == 16  # 8 programs on 132 SMs: as many splits as allowed
+    assert gv.skinny_split(2, 6, 1, 768) == 3  # at least two K steps a split
+    # 48 tiles of 32 K steps: one split leaves 84 SMs idle; 8 splits (384 programs, 3 a busiest SM x 4 steps)
+    # beat 2 (96 programs x 16 steps)
+    assert gv.skinny_split(48, 32, 64, 4096) == 8
+    # with 128 rows over K = 2048 each split's partials weigh as much as an eighth of the weights: fewer splits
+    assert gv.skinny_split(48, 16, 128, 2048) < gv.skinny_split(48, 16, 1, 2048)
