@@ -54,7 +54,10 @@ TRITON_ONLY = os.environ.get("KILN_GEMV", "").strip().lower() == "triton"
 #: The most rows :func:`gemv` offers the tensor-core split-K kernel (:func:`launch_skinny`), timed against cuBLAS
 #: per M bucket; 0 sends every shape past :data:`DISPATCH_M` to cuBLAS. Off (0) until measured on a GPU:
 #: ``KILN_SKINNY_GEMM=128`` turns it on up to 128 rows (``benchmarks/skinny_gemm.py`` times both).
-SKINNY_MAX_M = int(os.environ.get("KILN_SKINNY_GEMM", "0") or 0)
+_SKINNY_ENV = os.environ.get("KILN_SKINNY_GEMM", "").strip()
+if _SKINNY_ENV and not _SKINNY_ENV.isdigit():
+    raise ValueError(f"KILN_SKINNY_GEMM must be a number of rows (for example 128) or 0, got {_SKINNY_ENV!r}")
+SKINNY_MAX_M = int(_SKINNY_ENV or 0)
 #: The most bytes of shared memory a skinny tile's pipelined x and W buffers may take (H100: 227 KB a block).
 SKINNY_SMEM = 200 * 1024
 #: The most rows the skinny kernel takes (its row tile holds every row of x).
