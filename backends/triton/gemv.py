@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kiln.backends.triton._utils import (
+    arrival_counters,
     check_triton_device,
     interpret_mode,
     next_power_of_2,
@@ -124,17 +125,20 @@ def gemv_kernel(
 
 @triton.jit
 def skinny_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counters_ptr,
     M, N, K, K_PER_SPLIT,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FUSED: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (n, s): ``y[:, n*BLOCK_N : +BLOCK_N]`` over K range ``[s*K_PER_SPLIT, +K_PER_SPLIT)`` with ``tl.dot``.
 
     Every row of x (at most BLOCK_M) in one program, so each weight tile is read from memory once; the
-    loop is software-pipelined by Triton (the launch's ``num_stages``).
+    loop is software-pipelined by Triton (the launch's ``num_stages``). With several splits each writes
+    fp32 partials; ``FUSED``: the split of a tile that arrives last (its arrival counter, as the quantized
+    GEMVs and paged attention merge theirs) sums them in split order, adds the bias, writes y and resets
+    the counter, so no combine kernel runs. The sum is the combine kernel's, in the same order.
     """
     pdl_release(USE_PDL)
     pid_n = tl.program_id(0)
@@ -159,12 +163,25 @@ def skinny_gemm_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     mask = m_mask[:, None] & n_mask[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+        parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # split 0's partials of this tile
+        tl.store(parts + pid_k * M * N, acc, mask=mask)
+        if FUSED:
+            tl.debug_barrier()  # every thread's partials stored before one thread counts the program in
+            arrived = tl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):  # unrolled: the L2 round trips overlap
+                    total += tl.load(parts + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(counters_ptr + pid_n, 0)  # ready for the next launch (launches on a stream run in turn)
 
 
 @triton.jit
@@ -231,10 +248,11 @@ def skinny_block_m(m: int) -> int:
 
 def launch_skinny(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, block_n: int, block_k: int, split_k: int,
-    num_warps: int = 4, num_stages: int = 3,
+    num_warps: int = 4, num_stages: int = 3, fused: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """Run :func:`skinny_gemm_kernel` with one tiling on ``x`` (M, K) and ``w`` (N, K); returns y (M, N) in x's
-    dtype. M is at most 128 (the row tile holds every row)."""
+    dtype. M is at most 128 (the row tile holds every row). ``fused``: several splits are summed by the last
+    one to arrive (else by :func:`gemv_combine_kernel`)."""
     check_triton_device("skinny_gemm", _INTERPRET, x, w, *([b] if b is not None else []))
     m, k = x.shape
     n = w.shape[0]
@@ -247,13 +265,16 @@ def launch_skinny(
     part = new_output((split_k, m, n), torch.float32, x.device) if split_k > 1 else y
     bias = b if b is not None else w  # any pointer: not read
     pdl = pdl_enabled(x.device, _INTERPRET)
-    skinny_gemm_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, w, bias, y, part, m, n, k, k_per_split, x.stride(0), w.stride(0), y.stride(0),
+    fused = fused and split_k > 1
+    tiles = triton.cdiv(n, block_n)
+    counters = arrival_counters(x.device, tiles) if fused else y  # any pointer when not fused: not read
+    skinny_gemm_kernel[(tiles, split_k)](
+        x, w, bias, y, part, counters, m, n, k, k_per_split, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK_M=skinny_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or _INTERPRET else "tf32",
-        UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, FUSED=fused, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
-    if split_k > 1:
+    if split_k > 1 and not fused:
         _combine(part, bias, y, b is not None, split_k, pdl)
     return y
 
@@ -293,7 +314,8 @@ def skinny_candidates(m: int, n: int, k: int) -> list[Candidate]:
     """cuBLAS first, then each of :data:`SKINNY_TILES` that fits shared memory for ``m`` rows, split over K
     as :func:`skinny_split` estimates best for the 132 SMs of an H100."""
     if _INTERPRET:  # small tiles, K steps shorter than the test shapes; no timing in the interpreter
-        return [Candidate("skinny", {"block_n": 16, "block_k": 16, "split_k": 2, "num_warps": 1, "num_stages": 1})]
+        return [Candidate("skinny", {"block_n": 16, "block_k": 16, "split_k": 2, "num_warps": 1, "num_stages": 1,
+                                     "fused": True})]  # fmt: skip
     out = [Candidate("cublas")]
     bm = skinny_block_m(m)
     for block_n, block_k, warps, stages in SKINNY_TILES:
@@ -301,7 +323,10 @@ def skinny_candidates(m: int, n: int, k: int) -> list[Candidate]:
             continue
         split = skinny_split(triton.cdiv(n, block_n), triton.cdiv(k, block_k), m, k)
         out.append(Candidate("skinny", {"block_n": block_n, "block_k": block_k, "split_k": split,
-                                        "num_warps": warps, "num_stages": stages}))  # fmt: skip
+                                        "num_warps": warps, "num_stages": stages, "fused": True}))  # fmt: skip
+    split = next((c for c in out[1:] if c.params["split_k"] > 1), None)
+    if split is not None:  # the first split tiling once more with the separate combine kernel (an A/B in the tuner)
+        out.append(Candidate("skinny", {**split.params, "fused": False}))
     return out
 
 

@@ -84,11 +84,25 @@ def test_candidates_start_with_cublas_and_fill_the_gpu(monkeypatch: pytest.Monke
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("m", "n", "k"), [(2, 40, 100), (5, 7, 33), (16, 16, 16), (33, 24, 64), (128, 9, 48)])
 @pytest.mark.parametrize("split_k", [1, 2, 3])
-def test_skinny_kernel_matches_the_reference(m: int, n: int, k: int, dtype: torch.dtype, split_k: int) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_skinny_kernel_matches_the_reference(m: int, n: int, k: int, dtype: torch.dtype, split_k: int,
+                                             fused: bool) -> None:  # fmt: skip
     for bias in (False, True):
         x, w, b = _operands(m, n, k, dtype, bias, seed=m * 1000 + n * 10 + k + split_k)
-        got = gv.launch_skinny(x, w, b, block_n=16, block_k=16, split_k=split_k, num_warps=1, num_stages=1)
+        got = gv.launch_skinny(x, w, b, block_n=16, block_k=16, split_k=split_k, num_warps=1, num_stages=1,
+                               fused=fused)  # fmt: skip
         _close(got, gemv_reference(x.float(), w.float(), b.float() if bias else None).to(dtype), dtype)
+
+
+def test_skinny_in_kernel_sum_equals_the_combine_kernel_and_resets_its_counters() -> None:
+    from kiln.backends.triton._utils import arrival_counters
+
+    x, w, b = _operands(20, 40, 96, torch.bfloat16, True, seed=11)
+    apart = gv.launch_skinny(x, w, b, block_n=16, block_k=16, split_k=3, num_warps=1, num_stages=1, fused=False)
+    for _ in range(2):  # the second launch finds the counters the first one left: zero
+        fused = gv.launch_skinny(x, w, b, block_n=16, block_k=16, split_k=3, num_warps=1, num_stages=1)
+        assert torch.equal(fused, apart)  # the same sum in the same order
+        assert not arrival_counters(x.device, 3)[:3].any()
 
 
 def test_skinny_kernel_refuses_too_many_rows_and_strided_operands() -> None:
