@@ -272,7 +272,8 @@ def launch_skinny(
         x, w, bias, y, part, counters, m, n, k, k_per_split, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK_M=skinny_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or _INTERPRET else "tf32",
-        UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, FUSED=fused, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, FUSED=fused, USE_PDL=pdl, num_warps=num_warps,
+        num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if split_k > 1 and not fused:
         _combine(part, bias, y, b is not None, split_k, pdl)
@@ -348,7 +349,6 @@ def skinny_split(tiles: int, k_steps: int, rows: int, k: int, sms: int = 132) ->
         if cost < best_cost - 1e-9:
             best, best_cost = split, cost
     return best
-
 
 
 def run(c: Candidate, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
