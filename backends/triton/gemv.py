@@ -150,8 +150,18 @@ def skinny_gemm_kernel(
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    pdl_wait(USE_PDL)  # x is the previous kernel's output
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    k_start = k_lo
+    if USE_PDL:  # the first weight tile (a constant) is requested before the wait for x, the previous kernel's output
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # fmt: skip
+        pdl_wait(USE_PDL)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # fmt: skip
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # (no interpreter here: no UPCAST_DOT)
+        k_start = k_lo + BLOCK_K
+    for k0 in range(k_start, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
