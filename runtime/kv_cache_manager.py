@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NewType
@@ -48,6 +49,9 @@ BlockHash = NewType("BlockHash", bytes)
 ExtraKeys = tuple[str | bytes | int, ...]
 
 _ROOT_PARENT = hashlib.sha256(b"kiln.block_hash.v1").digest()  # parent of a sequence's first block
+#: Token sequences whose block hashes the manager keeps to hand to later requests that start with the same
+#: tokens (see :meth:`KVCacheManager.update_block_hashes`); least recently used dropped first.
+HASH_MEMO_ENTRIES = 64
 
 
 def hash_block_tokens(
@@ -145,6 +149,8 @@ class KVCacheManager:
         self._pins: dict[int, _Pin] = {}
         self._pending: dict[BlockHash, list[tuple[int, int]]] = {}  # hash -> [(pin id, block index)]
         self._pin_ids = itertools.count()
+        # (salt, first block's tokens) -> (tokens, their full blocks' hashes) of the latest request hashed
+        self._hash_memo: OrderedDict[tuple, tuple[list[int], list[BlockHash]]] = OrderedDict()
 
     # -- the request's path -----------------------------------------------------------------
 
@@ -239,6 +245,8 @@ class KVCacheManager:
         num_full = request.num_tokens // self.block_size
         if upto is not None:
             num_full = min(num_full, upto)
+        if len(hashes) < num_full and self.enable_prefix_caching:
+            self._hashes_from_memo(request, num_full)
         if len(hashes) < num_full:
             start = len(hashes)
             tokens = request.token_slice(start * self.block_size, num_full * self.block_size)
@@ -248,7 +256,49 @@ class KVCacheManager:
                     tokens, self.block_size, salt=request.cache_salt, first_block=start, parent_hash=parent
                 )
             )
+            if self.enable_prefix_caching:
+                self._remember_hashes(request)
         return hashes
+
+    def _memo_key(self, request: Request) -> tuple:
+        return (request.cache_salt, tuple(request.token_slice(0, self.block_size)))
+
+    def _hashes_from_memo(self, request: Request, num_full: int) -> None:
+        """Extend ``request.block_hashes`` toward ``num_full`` with a remembered sequence's hashes, as far as its
+        tokens equal the request's: the same tokens and salt have the same hashes, so no digest is computed
+        for them. Many requests after one document (a shared prefix) hash it once, not once each."""
+        bs, hashes = self.block_size, request.block_hashes
+        entry = self._hash_memo.get(self._memo_key(request))
+        if entry is None:
+            return
+        tokens, known = entry
+        start, end = len(hashes), min(num_full, len(known))
+        if start >= end or (start and hashes[start - 1] != known[start - 1]):  # the chains parted before start
+            return
+        self._hash_memo.move_to_end(self._memo_key(request))
+        if request.token_slice(start * bs, end * bs) != tokens[start * bs : end * bs]:
+            # the sequences part in this range: the blocks before the first unequal one
+            ahead = start
+            while ahead < end:
+                lo, hi = ahead * bs, (ahead + 1) * bs
+                if request.token_slice(lo, hi) != tokens[lo:hi]:
+                    break
+                ahead += 1
+            end = ahead
+        hashes.extend(known[start:end])
+
+    def _remember_hashes(self, request: Request) -> None:
+        """Keep ``request``'s tokens and block hashes for later requests that start with the same tokens."""
+        key = self._memo_key(request)
+        hashes = request.block_hashes
+        entry = self._hash_memo.get(key)
+        if entry is not None and len(entry[1]) >= len(hashes) and entry[1][len(hashes) - 1] == hashes[-1]:
+            self._hash_memo.move_to_end(key)  # already known: this request is a prefix of the remembered one
+            return
+        self._hash_memo[key] = (request.token_slice(0, len(hashes) * self.block_size), list(hashes))
+        self._hash_memo.move_to_end(key)
+        while len(self._hash_memo) > HASH_MEMO_ENTRIES:
+            self._hash_memo.popitem(last=False)
 
     # -- pins -------------------------------------------------------------------------------
 

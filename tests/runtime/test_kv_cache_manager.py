@@ -219,3 +219,61 @@ def test_lookup_hashes_only_up_to_the_first_miss_and_caching_completes_the_chain
     assert hit == 25 * BS and [b.block_id for b in blocks] == kv.get_block_ids("cold")[:25]
     assert 26 <= len(warm.block_hashes) < 45
     assert warm.block_hashes == hash_block_sequence(warm.all_token_ids, BS, salt=salt)[: len(warm.block_hashes)]
+
+
+def _count_hashed_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch the manager's hashing to count the blocks it digests (one list entry per call)."""
+    import kiln.runtime.kv_cache_manager as km
+
+    counts: list[int] = []
+    real = km.hash_block_sequence
+
+    def counting(token_ids, block_size, **kw):  # type: ignore[no-untyped-def]
+        counts.append(len(token_ids) // block_size)
+        return real(token_ids, block_size, **kw)
+
+    monkeypatch.setattr(km, "hash_block_sequence", counting)
+    return counts
+
+
+@pytest.mark.parametrize("salt", [None, "s"])
+def test_requests_after_one_document_reuse_its_hashes_and_get_the_same_chain(monkeypatch, salt) -> None:  # type: ignore[no-untyped-def]
+    counts = _count_hashed_blocks(monkeypatch)
+    kv = KVCacheManager(num_blocks=400, block_size=BS)
+    doc = tokens(30 * BS, seed=1)
+    computed(kv, "first", doc + tokens(3 * BS, seed=2), salt)
+    for i, cut in enumerate((30 * BS, 17 * BS + 2, 5)):  # the whole document, part of it, less than a block
+        counts.clear()
+        r = Request(request_id=f"q{i}", prompt_token_ids=doc[:cut] + tokens(3 * BS + 1, seed=10 + i), cache_salt=salt)
+        blocks, hit = kv.get_computed_blocks(r)
+        assert hit == (cut // BS) * BS and len(blocks) == cut // BS
+        # only the blocks past the shared tokens are digested (at most the question's 3 full blocks before the
+        # step; without the remembered hashes the lookup digests the document's blocks too)
+        assert sum(counts) <= 3, counts
+        assert kv.allocate_slots(r, r.num_tokens - hit, hit, blocks) is not None
+        r.num_computed_tokens = r.num_tokens
+        kv.cache_blocks(r, r.num_computed_tokens)
+        assert r.block_hashes == hash_block_sequence(r.all_token_ids, BS, salt=salt)  # equal to a fresh chain
+        kv.free(r)
+
+
+def test_remembered_hashes_are_keyed_by_salt_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kiln.runtime.kv_cache_manager as km
+
+    counts = _count_hashed_blocks(monkeypatch)
+    kv = KVCacheManager(num_blocks=400, block_size=BS)
+    doc = tokens(12 * BS, seed=3)
+    computed(kv, "a", doc + [7], salt="a")
+    counts.clear()
+    other = Request(request_id="b", prompt_token_ids=doc + [7], cache_salt="b")  # same tokens, another salt
+    assert kv.get_computed_blocks(other) == ([], 0)
+    assert sum(counts) >= 1 and other.block_hashes[0] == hash_block_sequence(doc[:BS], BS, salt="b")[0]
+    monkeypatch.setattr(km, "HASH_MEMO_ENTRIES", 3)
+    for i in range(6):
+        computed(kv, f"n{i}", tokens(4 * BS + 1, seed=100 + i))
+    assert len(kv._hash_memo) == 3
+    # with prefix caching off nothing is hashed or remembered
+    off = KVCacheManager(num_blocks=50, block_size=BS, enable_prefix_caching=False)
+    counts.clear()
+    computed(off, "x", doc + [7])
+    assert counts == [] and not off._hash_memo
