@@ -123,12 +123,12 @@ def gemv_kernel(
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], y, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_k"])
 def skinny_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counters_ptr,
-    M, N, K, K_PER_SPLIT,
+    M, N, K, K_PER_SPLIT, split_k,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,  # split_k > 1 (one compiled variant for every count)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, FUSED: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
@@ -174,7 +174,7 @@ def skinny_gemm_kernel(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     mask = m_mask[:, None] & n_mask[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -184,10 +184,14 @@ def skinny_gemm_kernel(
         if FUSED:
             tl.debug_barrier()  # every thread's partials stored before one thread counts the program in
             arrived = tl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
+            if arrived == split_k - 1:
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in tl.static_range(SPLIT_K):  # unrolled: the L2 round trips overlap
-                    total += tl.load(parts + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                for s0 in range(0, split_k, 4):
+                    for j in tl.static_range(4):  # four splits' loads at once: their L2 round trips overlap
+                        s = s0 + j  # in split order; past the last split: the last one again, counted as 0
+                        part = tl.load(parts + tl.minimum(s, split_k - 1) * M * N, mask=mask, other=0.0,
+                                       cache_modifier=".cg")  # fmt: skip
+                        total += tl.where(s < split_k, part, 0.0)
                 if HAS_BIAS:
                     total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
@@ -279,8 +283,8 @@ def launch_skinny(
     tiles = triton.cdiv(n, block_n)
     counters = arrival_counters(x.device, tiles) if fused else y  # any pointer when not fused: not read
     skinny_gemm_kernel[(tiles, split_k)](
-        x, w, bias, y, part, counters, m, n, k, k_per_split, x.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=b is not None, SPLIT_K=split_k, BLOCK_M=skinny_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k,
+        x, w, bias, y, part, counters, m, n, k, k_per_split, split_k, x.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=b is not None, SPLIT=split_k > 1, BLOCK_M=skinny_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or _INTERPRET else "tf32",
         UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, FUSED=fused, USE_PDL=pdl, num_warps=num_warps,
         num_stages=num_stages, launch_pdl=pdl,

@@ -94,13 +94,16 @@ def test_skinny_kernel_matches_the_reference(m: int, n: int, k: int, dtype: torc
         _close(got, gemv_reference(x.float(), w.float(), b.float() if bias else None).to(dtype), dtype)
 
 
-def test_skinny_in_kernel_sum_equals_the_combine_kernel_and_resets_its_counters() -> None:
+@pytest.mark.parametrize("split_k", [3, 6])  # 6: two rounds of the in-kernel sum's four loads
+def test_skinny_in_kernel_sum_equals_the_combine_kernel_and_resets_its_counters(split_k: int) -> None:
     from kiln.backends.triton._utils import arrival_counters
 
     x, w, b = _operands(20, 40, 96, torch.bfloat16, True, seed=11)
-    apart = gv.launch_skinny(x, w, b, block_n=16, block_k=16, split_k=3, num_warps=1, num_stages=1, fused=False)
+    kw = dict(block_n=16, block_k=16, split_k=split_k, num_warps=1, num_stages=1)
+    apart = gv.launch_skinny(x, w, b, **kw, fused=False)
+    _close(apart, gemv_reference(x.float(), w.float(), b.float()).to(torch.bfloat16), torch.bfloat16)
     for _ in range(2):  # the second launch finds the counters the first one left: zero
-        fused = gv.launch_skinny(x, w, b, block_n=16, block_k=16, split_k=3, num_warps=1, num_stages=1)
+        fused = gv.launch_skinny(x, w, b, **kw)
         assert torch.equal(fused, apart)  # the same sum in the same order
         assert not arrival_counters(x.device, 3)[:3].any()
 
