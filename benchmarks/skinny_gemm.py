@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode_attention  # noqa: E402
 from decode_attention import time_calls  # noqa: E402
 
 # (K, N): Llama-3.2-1B's merged Q/K/V, o, merged gate/up, down; Llama-3.1-8B's, then one of its TP-2 ranks'
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.backends.triton import gemv as gv
     from kiln.ops import gemv_reference
 
+    decode_attention.CUDA, decode_attention.DEVICE = True, "cuda"  # time_calls: CUDA graphs, not the host loop
+
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     if args.shapes:
         cases = [("-", tuple(int(v) for v in s.split("x"))) for s in args.shapes.split(",")]
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[repr(c)] = time_calls([lambda w=w, c=c, x=x: gv.run(c, x, w, None) for w in ws], 20) * 1e3
                 except Exception as e:  # noqa: BLE001 - a tiling this device cannot build is reported, not fatal
                     print(f"  {name} M={m} K={k} N={n} {c}: {type(e).__name__}: {str(e)[:100]}", flush=True)
-            cub = times.pop("cublas", float("nan"))
+            cub = times.pop(repr(gv.Candidate("cublas")), float("nan"))
             best = min(times, key=times.get) if times else "-"
             us = times.get(best, float("nan"))
             gb = (n * k + m * k + m * n) * x.element_size() / 1e3  # bytes moved / 1e3: GB/s from us

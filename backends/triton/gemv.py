@@ -59,13 +59,14 @@ _SKINNY_ENV = os.environ.get("KILN_SKINNY_GEMM", "").strip()
 if _SKINNY_ENV and not _SKINNY_ENV.isdigit():
     raise ValueError(f"KILN_SKINNY_GEMM must be a number of rows (for example 128) or 0, got {_SKINNY_ENV!r}")
 SKINNY_MAX_M = int(_SKINNY_ENV or 0)
-#: The most bytes of shared memory a skinny tile's pipelined x and W buffers may take (H100: 227 KB a block).
-SKINNY_SMEM = 200 * 1024
+#: The most bytes of shared memory a skinny tile's x and W buffers may take (H100: 227 KB a block). Triton
+#: allocates num_stages + 1 of them (H100, triton 3.6: 64 x 256 tiles of 64 rows at 3 stages asked 256 KB).
+SKINNY_SMEM = 227 * 1024
 #: The most rows the skinny kernel takes (its row tile holds every row of x).
 SKINNY_ROWS = 128
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) of the skinny kernel's candidates, before the shared-memory check.
 #: Unmeasured starting points: memory-bound tiles that keep 2-3 weight tiles in flight per program.
-SKINNY_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
+SKINNY_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3)]
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -334,7 +335,7 @@ def skinny_candidates(m: int, n: int, k: int) -> list[Candidate]:
     out = [Candidate("cublas")]
     bm = skinny_block_m(m)
     for block_n, block_k, warps, stages in SKINNY_TILES:
-        if stages * (bm + block_n) * block_k * 2 > SKINNY_SMEM or block_k > next_power_of_2(k):
+        if (stages + 1) * (bm + block_n) * block_k * 2 > SKINNY_SMEM or block_k > next_power_of_2(k):
             continue
         split = skinny_split(triton.cdiv(n, block_n), triton.cdiv(k, block_k), m, k)
         out.append(Candidate("skinny", {"block_n": block_n, "block_k": block_k, "split_k": split,
