@@ -6,6 +6,7 @@ Kwon et al. 2023; Flash-Decoding; FlashAttention-2).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -21,24 +22,32 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------- autotuning
 
 
-def _decode_configs() -> list[triton.Config]:
-    """Key tiles for decode. Memory-bound: the tile size and pipelining depth set the bytes in flight.
+#: (BLOCK_N, num_warps, num_stages) of the decode kernel, timed by its autotuner per key bucket.
+DECODE_TILES = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 4), (64, 8, 4), (32, 4, 2)]
+#: The tiles a 16-bit float cache is timed with. On an H100 (benchmarks/RESULTS.md, session 16: each tile alone
+#: on four shapes, batch 64 x 1k keys with 4 and 8 KV heads, batch 4 x 4k, batch 1 x 16k) one of these three was
+#: the fastest of the seven on every shape; the other four were 4-30% slower. The autotuner, timing all seven, lost
+#: up to 10% to a noisy pick (34.9 against 31.6 us at batch 4 x 4k). Quantized caches keep every tile (not swept).
+DECODE_FLOAT_TILES = [(64, 4, 2), (128, 4, 2), (32, 4, 4)]
 
-    Unmeasured starting points (no GPU sweep yet): ``benchmarks/decode_attention.py`` times them.
-    """
+
+def _decode_configs() -> list[triton.Config]:
+    """Key tiles for decode. Memory-bound: the tile size and pipelining depth set the bytes in flight."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    tiles = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 4), (64, 8, 4), (32, 4, 2)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in tiles]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in DECODE_TILES]
 
 
 def _prune_decode_configs(
     configs: list[triton.Config], named_args: dict, **kwargs: object
 ) -> list[triton.Config]:
-    """Drop tiles whose pipelined K/V buffers (stages x 2 x BLOCK_N x D) overflow ~200 KB of shared memory."""
+    """A float cache's tiles: :data:`DECODE_FLOAT_TILES`; then drop tiles whose pipelined K/V buffers
+    (stages x 2 x BLOCK_N x D) overflow ~200 KB of shared memory."""
     if len(configs) <= 1:
         return configs
     args = {**named_args, **kwargs}
+    if args["Cache"].dtype in (torch.bfloat16, torch.float16):
+        configs = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in DECODE_FLOAT_TILES]
     row_bytes = 2 * int(args["HEAD_DIM_PAD"]) * args["Cache"].element_size()  # one key + one value
     fits = [c for c in configs if c.num_stages * c.kwargs["BLOCK_N"] * row_bytes <= 200 * 1024]
     return fits or [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_N"])]
