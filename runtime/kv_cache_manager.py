@@ -151,7 +151,7 @@ class KVCacheManager:
         self._pins: dict[int, _Pin] = {}
         self._pending: dict[BlockHash, list[tuple[int, int]]] = {}  # hash -> [(pin id, block index)]
         self._pin_ids = itertools.count()
-        # (salt, first block's tokens) -> (tokens, their full blocks' hashes) of the latest request hashed
+        # (salt, first block's tokens) -> (a prompt, its full blocks' hashes) of the latest request hashed
         self._hash_memo: OrderedDict[tuple, tuple[list[int], list[BlockHash]]] = OrderedDict()
 
     # -- the request's path -----------------------------------------------------------------
@@ -270,14 +270,15 @@ class KVCacheManager:
         tokens equal the request's: the same tokens and salt have the same hashes, so no digest is computed
         for them. Many requests after one document (a shared prefix) hash it once, not once each."""
         bs, hashes = self.block_size, request.block_hashes
-        entry = self._hash_memo.get(self._memo_key(request))
+        key = self._memo_key(request)
+        entry = self._hash_memo.get(key)
         if entry is None:
             return
         tokens, known = entry
         start, end = len(hashes), min(num_full, len(known))
         if start >= end or (start and hashes[start - 1] != known[start - 1]):  # the chains parted before start
             return
-        self._hash_memo.move_to_end(self._memo_key(request))
+        self._hash_memo.move_to_end(key)
         if request.token_slice(start * bs, end * bs) != tokens[start * bs : end * bs]:
             # the sequences part in this range: the blocks before the first unequal one
             ahead = start
@@ -290,14 +291,21 @@ class KVCacheManager:
         hashes.extend(known[start:end])
 
     def _remember_hashes(self, request: Request) -> None:
-        """Keep ``request``'s tokens and block hashes for later requests that start with the same tokens."""
+        """Keep the hashes of ``request``'s prompt blocks for later requests that start with the same tokens.
+
+        Prompts only: the entry holds the prompt list itself (never changed after arrival), not a copy, and a
+        decoding request's new blocks leave it alone, so remembering costs O(1) a block once the prompt is hashed.
+        """
+        n = min(len(request.block_hashes), request.num_prompt_tokens // self.block_size)
+        if n == 0:
+            return
         key = self._memo_key(request)
         hashes = request.block_hashes
         entry = self._hash_memo.get(key)
-        if entry is not None and len(entry[1]) >= len(hashes) and entry[1][len(hashes) - 1] == hashes[-1]:
-            self._hash_memo.move_to_end(key)  # already known: this request is a prefix of the remembered one
+        if entry is not None and len(entry[1]) >= n and entry[1][n - 1] == hashes[n - 1]:
+            self._hash_memo.move_to_end(key)  # already known: this prompt's blocks are a prefix of the remembered
             return
-        self._hash_memo[key] = (request.token_slice(0, len(hashes) * self.block_size), list(hashes))
+        self._hash_memo[key] = (request.prompt_token_ids, hashes[:n])
         self._hash_memo.move_to_end(key)
         while len(self._hash_memo) > HASH_MEMO_ENTRIES:
             self._hash_memo.popitem(last=False)

@@ -160,7 +160,10 @@ def skinny_gemm_kernel(
         pdl_wait(USE_PDL)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)  # fmt: skip
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # (no interpreter here: no UPCAST_DOT)
+        if UPCAST_DOT:  # (a test forces this branch under the interpreter)
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         k_start = k_lo + BLOCK_K
     for k0 in range(k_start, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)

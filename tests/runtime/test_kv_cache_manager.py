@@ -277,3 +277,32 @@ def test_remembered_hashes_are_keyed_by_salt_and_bounded(monkeypatch: pytest.Mon
     counts.clear()
     computed(off, "x", doc + [7])
     assert counts == [] and not off._hash_memo
+
+
+def test_remembered_hashes_continue_only_the_chain_they_belong_to() -> None:
+    # r is hashed to block 2 (as a chunked lookup leaves it); a starts like r, parts at block 1 and rejoins r's
+    # tokens at blocks 2-3; the memo now holds a's chain, whose blocks 2-3 have r's tokens but another parent
+    kv = KVCacheManager(num_blocks=32, block_size=2)
+    r = Request(request_id="r", prompt_token_ids=[1, 1, 9, 9, 3, 3, 4, 4])
+    kv.update_block_hashes(r, upto=2)
+    a = Request(request_id="a", prompt_token_ids=[1, 1, 2, 2, 3, 3, 4, 4])
+    kv.update_block_hashes(a)
+    kv.update_block_hashes(r)
+    assert r.block_hashes == hash_block_sequence(r.all_token_ids, 2)
+    assert a.block_hashes == hash_block_sequence(a.all_token_ids, 2)
+
+
+def test_a_decoding_request_leaves_the_remembered_prompt_alone() -> None:
+    kv = KVCacheManager(num_blocks=64, block_size=BS)
+    prompt = tokens(5 * BS + 2, seed=4)
+    r = computed(kv, "r", prompt)
+    ((kept_tokens, kept_hashes),) = kv._hash_memo.values()
+    assert kept_tokens is r.prompt_token_ids and len(kept_hashes) == 5  # the prompt itself, not a copy
+    for t in range(3 * BS):  # decode across three block boundaries
+        r.output_token_ids.append(t)
+        assert kv.allocate_slots(r, 1) is not None
+        r.num_computed_tokens += 1
+        kv.cache_blocks(r, r.num_computed_tokens)
+    ((kept_tokens, kept_hashes),) = kv._hash_memo.values()
+    assert kept_tokens is r.prompt_token_ids and len(kept_hashes) == 5
+    assert r.block_hashes == hash_block_sequence(r.all_token_ids, BS)  # the request's own chain is whole

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kiln.backends.triton import gemv as gv
 from kiln.ops import gemv_reference
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton.jit
+def _no_pdl(USE_PDL: tl.constexpr):
+    """Stands in for ``pdl_wait`` / ``pdl_release`` where the interpreter cannot run them."""
+    pass
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +171,18 @@ def test_skinny_split_fills_the_sms_without_needless_partials() -> None:
     assert gv.skinny_split(48, 32, 64, 4096) == 8
     # with 128 rows over K = 2048 each split's partials weigh as much as an eighth of the weights: fewer splits
     assert gv.skinny_split(48, 16, 128, 2048) < gv.skinny_split(48, 16, 1, 2048)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_skinny_kernel_under_pdl_counts_the_early_weight_tile_once(monkeypatch: pytest.MonkeyPatch,
+                                                                   dtype: torch.dtype, split_k: int) -> None:  # fmt: skip
+    """The PDL branch (first weight tile loaded before the wait) run in the interpreter, the wait and release no-ops."""
+    if not gv._INTERPRET:
+        pytest.skip("on a GPU the PDL branch runs in every CUDA test of the kernel")
+    monkeypatch.setattr(gv, "pdl_enabled", lambda device, interpreted: True)
+    monkeypatch.setattr(gv, "pdl_wait", _no_pdl)
+    monkeypatch.setattr(gv, "pdl_release", _no_pdl)
+    x, w, b = _operands(20, 24, 80, dtype, True, seed=21)
+    got = gv.launch_skinny(x, w, b, block_n=16, block_k=16, split_k=split_k, num_warps=1, num_stages=1)
+    _close(got, gemv_reference(x.float(), w.float(), b.float()).to(dtype), dtype)
