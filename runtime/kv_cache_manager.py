@@ -7,9 +7,9 @@ a hash stands for the whole prefix up to the end of its block; equal hashes mean
 prefixes, which is what lets a new request reuse another's blocks (the hash-chain
 equivalent of SGLang's radix tree, Zheng et al. 2024, RadixAttention). Hashes are SHA-256
 over a fixed byte serialization, never Python's ``hash()``, so they are stable across
-processes and runs. The manager remembers the hashes of the last ``HASH_MEMO_ENTRIES`` token
-sequences it hashed (keyed by salt and first block) and hands them to a request whose tokens
-start the same way, so the questions after one document do not digest it again each time.
+processes and runs. The manager remembers the hashes of the last ``HASH_MEMO_ENTRIES`` prompts it
+hashed (keyed by salt and first block) and hands them to a request whose tokens start the same
+way, so the questions after one document do not digest it again each time.
 
 Life of a request's blocks, driven by the scheduler:
 
