@@ -51,7 +51,7 @@ BlockHash = NewType("BlockHash", bytes)
 ExtraKeys = tuple[str | bytes | int, ...]
 
 _ROOT_PARENT = hashlib.sha256(b"kiln.block_hash.v1").digest()  # parent of a sequence's first block
-#: Token sequences whose block hashes the manager keeps to hand to later requests that start with the same
+#: Prompts whose block hashes the manager keeps to hand to later requests that start with the same
 #: tokens (see :meth:`KVCacheManager.update_block_hashes`); least recently used dropped first.
 HASH_MEMO_ENTRIES = 64
 
