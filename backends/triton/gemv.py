@@ -54,9 +54,10 @@ FLOATS = (torch.float16, torch.bfloat16)
 TRITON_ONLY = os.environ.get("KILN_GEMV", "").strip().lower() == "triton"
 #: The most rows :func:`gemv` offers the tensor-core split-K kernel (:func:`launch_skinny`), timed against cuBLAS
 #: per M bucket; 0 sends every shape past :data:`DISPATCH_M` to cuBLAS. Off (0) by default: on an H100 it beat
-#: cuBLAS by 4-12% only where K is long and N short (row-parallel down / output projections), took up to 1.5x its time elsewhere,
-#: and in a TP-2 batch-64 decode step the tuner took it for the LM head alone (~2% of the step; benchmarks/RESULTS.md,
-#: session 16), against tuning time at start-up for every (M bucket, shape). ``KILN_SKINNY_GEMM=128`` turns it on.
+#: cuBLAS by 4-12% only where K is long and N short (row-parallel down / output projections), took up to 1.5x
+#: cuBLAS's time elsewhere, and in a TP-2 batch-64 decode step the tuner took it for the LM head alone (~2% of the
+#: step; benchmarks/RESULTS.md, session 16), against tuning time at start-up for every (M bucket, shape).
+#: ``KILN_SKINNY_GEMM=128`` turns it on.
 _SKINNY_ENV = os.environ.get("KILN_SKINNY_GEMM", "").strip()
 if _SKINNY_ENV and not _SKINNY_ENV.isdigit():
     raise ValueError(f"KILN_SKINNY_GEMM must be a number of rows (for example 128) or 0, got {_SKINNY_ENV!r}")
