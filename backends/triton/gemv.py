@@ -78,6 +78,28 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 @triton.jit
+def _rows_tile(ptr, offs_r, r_mask, stride_r, offs_k, k_mask):
+    """The (rows, BLOCK_K) tile of a matrix whose rows are contiguous along K; zeros outside the masks."""
+    mask = r_mask[:, None] & k_mask[None, :]
+    return tl.load(ptr + offs_r[:, None] * stride_r + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _mma(acc, x, w, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``acc + x @ wᵀ`` on the tensor cores (fp32 accumulation)."""
+    if UPCAST_DOT:  # the interpreter's tl.dot multiplies bfloat16 bit patterns (triton-lang/triton#11584)
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _bias_row(b_ptr, offs_n, n_mask):
+    """The bias of columns ``offs_n`` as a (1, BLOCK_N) fp32 row."""
+    return tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, K_PER_SPLIT,
@@ -102,26 +124,22 @@ def gemv_kernel(
     if USE_PDL:  # the first weight tile (a constant) is requested before the wait for x
         offs_k = k_lo + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # fmt: skip
+        w = _rows_tile(w_ptr, offs_n, n_mask, stride_wn, offs_k, k_mask)
         pdl_wait(USE_PDL)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # fmt: skip
+        x = _rows_tile(x_ptr, offs_m, m_mask, stride_xm, offs_k, k_mask)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         k_start = k_lo + BLOCK_K
     for k0 in range(k_start, k_lo + K_PER_SPLIT, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # (BLOCK_N, BLOCK_K)  # fmt: skip
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # (BLOCK_M, BLOCK_K)  # fmt: skip
+        w = _rows_tile(w_ptr, offs_n, n_mask, stride_wn, offs_k, k_mask)  # (BLOCK_N, BLOCK_K)
+        x = _rows_tile(x_ptr, offs_m, m_mask, stride_xm, offs_k, k_mask)  # (BLOCK_M, BLOCK_K)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            y += _bias_row(b_ptr, offs_n, n_mask)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], y, mask=mask)
@@ -158,32 +176,22 @@ def skinny_gemm_kernel(
     if USE_PDL:  # the first weight tile (a constant) is requested before the wait for x, the previous kernel's output
         offs_k = k_lo + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # fmt: skip
+        w = _rows_tile(w_ptr, offs_n, n_mask, stride_wn, offs_k, k_mask)
         pdl_wait(USE_PDL)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # fmt: skip
-        if UPCAST_DOT:  # (a test forces this branch under the interpreter)
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        x = _rows_tile(x_ptr, offs_m, m_mask, stride_xm, offs_k, k_mask)
+        acc = _mma(acc, x, w, DOT_PRECISION, UPCAST_DOT)
         k_start = k_lo + BLOCK_K
     for k0 in range(k_start, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # (BLOCK_M, BLOCK_K)  # fmt: skip
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # (BLOCK_N, BLOCK_K)  # fmt: skip
-        if UPCAST_DOT:  # the interpreter's tl.dot multiplies bfloat16 bit patterns (triton-lang/triton#11584)
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        x = _rows_tile(x_ptr, offs_m, m_mask, stride_xm, offs_k, k_mask)  # (BLOCK_M, BLOCK_K)
+        w = _rows_tile(w_ptr, offs_n, n_mask, stride_wn, offs_k, k_mask)  # (BLOCK_N, BLOCK_K)
+        acc = _mma(acc, x, w, DOT_PRECISION, UPCAST_DOT)
     mask = m_mask[:, None] & n_mask[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if not SPLIT:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc += _bias_row(b_ptr, offs_n, n_mask)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # split 0's partials of this tile
@@ -200,7 +208,7 @@ def skinny_gemm_kernel(
                                        cache_modifier=".cg")  # fmt: skip
                         total += tl.where(s < split_k, part, 0.0)
                 if HAS_BIAS:
-                    total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                    total += _bias_row(b_ptr, offs_n, n_mask)
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.store(counters_ptr + pid_n, 0)  # ready for the next launch (launches on a stream run in turn)
 
