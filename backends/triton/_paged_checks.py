@@ -201,15 +201,30 @@ def decode_fills_half_the_sms(num_seqs: int, num_kv_heads: int, num_sms: int) ->
 def decode_min_split_keys(
     num_seqs: int, num_kv_heads: int, num_sms: int, few: int | None = None, wave: int | None = None
 ) -> int:
-    """The in-kernel minimum of keys per split: ``few`` (``DECODE_MIN_SPLIT_KEYS``) while the groups fill
-    less than half the SMs, else ``wave`` (``DECODE_WAVE_MIN_SPLIT_KEYS``). A launch that merges its splits in
-    the kernel lets a sequence use only ``cdiv(length, this)`` of them (a CUDA graph sizes the splits for the
-    cache's capacity). :func:`decode_num_splits` goes below it for long contexts
-    (``DECODE_LONG_MIN_SPLIT_KEYS``); those launches have more splits than ``DECODE_FUSED_MAX_SPLITS`` and
-    use the combine kernel, where this minimum does not apply."""
+    """The in-kernel key count of a split: ``few`` (``DECODE_MIN_SPLIT_KEYS``) while the groups fill less than
+    half the SMs, else ``wave`` (``DECODE_WAVE_MIN_SPLIT_KEYS``). A launch that merges its splits in the kernel
+    lets a sequence use only some of them (a CUDA graph sizes the splits for the cache's capacity): with few
+    groups, enough splits that none holds more than this many keys (``cdiv(length, this)``); once the groups
+    fill half the SMs, only splits of at least this many (``length // this``, see :func:`decode_split_slack`).
+    :func:`decode_num_splits` goes below it for long contexts (``DECODE_LONG_MIN_SPLIT_KEYS``); those
+    launches have more splits than ``DECODE_FUSED_MAX_SPLITS`` and use the combine kernel, where this does not
+    apply."""
     if decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms):
         return DECODE_WAVE_MIN_SPLIT_KEYS if wave is None else wave
     return DECODE_MIN_SPLIT_KEYS if few is None else few
+
+
+def decode_split_slack(num_seqs: int, num_kv_heads: int, num_sms: int, min_keys: int) -> int:
+    """The keys a sequence may hold past a multiple of ``min_keys`` before it takes one more split, in a launch
+    that merges its splits in the kernel: it uses ``(length + this) // min_keys`` of them (at least 1).
+
+    Few groups: ``min_keys - 1`` (a ceiling: more, shorter splits keep more programs in flight). Groups filling
+    half the SMs: 0 (a floor: every split holds at least ``min_keys`` keys). H100, the TP-2 decode shard (batch
+    64, 4 KV heads, 256 groups, 1025 keys): its two splits of 576 + 449 keys took 55.8 us at their best tile
+    (session 16) where one split of 1024 keys took 48.9-49.2 us (session 15); one key past 1024 doubled the
+    partial outputs to merge and halved each program's stream.
+    """
+    return 0 if decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms) else max(0, min_keys - 1)
 
 
 def decode_num_splits(
@@ -222,8 +237,8 @@ def decode_num_splits(
     (``DECODE_LONG_MIN_SPLIT_KEYS`` from ``DECODE_LONG_CONTEXT_KEYS`` keys on), at most
     ``DECODE_AUTO_MAX_SPLITS`` (one sequence on an H100, 132 SMs and 8 KV heads: 3 splits at 272 keys,
     8 at 1k, 16 at 2k, 64 from 4k up). More groups: about ``DECODE_WAVE_PROGRAMS_PER_SM`` per SM, none shorter than
-    ``DECODE_WAVE_MIN_SPLIT_KEYS``, rounded down to a power of two (batch 16: 1 split at 1k keys, 2 from 2k
-    up; batch 64: 1).
+    ``DECODE_WAVE_MIN_SPLIT_KEYS`` (whole multiples of it: :func:`decode_split_slack`), rounded down to a power
+    of two (batch 16: 1 split under 2k keys, 2 from 2k up; batch 64: 1).
     """
     wave = decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms)
     per_sm = DECODE_WAVE_PROGRAMS_PER_SM if wave else DECODE_PROGRAMS_PER_SM
@@ -231,7 +246,7 @@ def decode_num_splits(
     min_keys = decode_min_split_keys(num_seqs, num_kv_heads, num_sms)
     if not wave and max_seq_len >= DECODE_LONG_CONTEXT_KEYS:
         min_keys = min(min_keys, DECODE_LONG_MIN_SPLIT_KEYS)
-    by_length = triton.cdiv(max(1, max_seq_len), min_keys)
+    by_length = (max(1, max_seq_len) + decode_split_slack(num_seqs, num_kv_heads, num_sms, min_keys)) // min_keys
     most = min(DECODE_AUTO_MAX_SPLITS, max(1, DECODE_COMBINE_MAX_ELEMS // max(1, head_dim)))
     splits = max(1, min(by_occupancy, by_length, most))
     return 1 << (splits.bit_length() - 1) if wave else splits

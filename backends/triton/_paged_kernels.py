@@ -220,11 +220,11 @@ def _static_scales(Scales, stride_sc, qk_scale, SCALE_MODE: tl.constexpr):
 
 @triton.autotune(
     configs=_decode_configs(),
-    key=["KEYS_BUCKET", "HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "WRITE_LSE"],
+    key=["KEYS_BUCKET", "GROUPS_BUCKET", "HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "WRITE_LSE"],
     prune_configs_by={"early_config_prune": _prune_decode_configs},
     do_bench=autotune_bench,
 )
-@triton.jit(do_not_specialize=["num_splits", "KEYS_BUCKET", "min_split_keys"])
+@triton.jit(do_not_specialize=["num_splits", "KEYS_BUCKET", "GROUPS_BUCKET", "min_split_keys", "split_slack"])
 def _paged_decode_kernel(
     Q, Cache, BlockTables, SeqLens, QueryStart, Out, Lse, Scales,
     stride_qh, stride_qt, stride_qd,
@@ -235,8 +235,10 @@ def _paged_decode_kernel(
     stride_lt, stride_lh, stride_ls,
     Final, stride_fh, stride_ft, stride_fd, Counters,  # FUSED: the (1, Hq, T, D) output and arrival counters
     group_size, num_splits, qk_scale,
-    min_split_keys,  # FUSED: a sequence uses at most cdiv(its length, this) of the num_splits splits
+    min_split_keys,  # FUSED: a sequence uses (its length + split_slack) // this of the num_splits splits
+    split_slack,  # min_split_keys - 1: splits of at most min_split_keys keys; 0: of at least that many
     KEYS_BUCKET,  # autotune key: next power of two of the keys per split
+    GROUPS_BUCKET,  # autotune key: next power of two of the (sequence, KV head) groups (programs per split)
     HAS_QUERY_START: tl.constexpr,
     WRITE_LSE: tl.constexpr,  # several splits: write partial outputs and log-sum-exps
     FUSED: tl.constexpr,  # ... and the last split of each (sequence, KV head) combines them into Final
@@ -272,9 +274,9 @@ def _paged_decode_kernel(
         return
     seq_len = tl.load(SeqLens + seq)
     n_splits = num_splits
-    if FUSED:  # splits of this sequence that hold keys: at least min_split_keys each (a graph's
-        # num_splits is sized for the cache's capacity, a short context uses a few); the rest stop here
-        n_splits = tl.maximum(1, tl.minimum(num_splits, tl.cdiv(seq_len, min_split_keys)))
+    if FUSED:  # splits of this sequence that hold keys (a graph's num_splits is sized for the cache's
+        # capacity, a short context uses a few); the rest stop here
+        n_splits = tl.maximum(1, tl.minimum(num_splits, (seq_len + split_slack) // min_split_keys))
         if split >= n_splits:
             return
     per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), n_splits) * BLOCK_N  # whole tiles per split

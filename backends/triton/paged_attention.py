@@ -87,6 +87,7 @@ from kiln.backends.triton._paged_checks import (
     decode_combines_in_kernel,
     decode_min_split_keys,
     decode_num_splits,
+    decode_split_slack,
     prefill_num_splits,
 )
 from kiln.backends.triton._paged_combine import _paged_decode_combine_kernel
@@ -107,6 +108,7 @@ __all__ = [
     "decode_combines_in_kernel",
     "decode_min_split_keys",
     "decode_num_splits",
+    "decode_split_slack",
     "paged_attention",
     "paged_attention_reference",
     "paged_decode_attention",
@@ -278,7 +280,9 @@ def paged_decode_attention(
     else:
         fused = num_splits > 1 and DECODE_FUSED_COMBINE
     cnt = arrival_counters(q.device, num_seqs * hkv) if fused else seq_lens  # unused pointer when not fused
-    min_keys = decode_min_split_keys(num_seqs, hkv, _num_sms(q.device), DECODE_MIN_SPLIT_KEYS, DECODE_WAVE_MIN_SPLIT_KEYS)
+    sms = _num_sms(q.device)
+    min_keys = decode_min_split_keys(num_seqs, hkv, sms, DECODE_MIN_SPLIT_KEYS, DECODE_WAVE_MIN_SPLIT_KEYS)
+    slack = decode_split_slack(num_seqs, hkv, sms, min_keys)
     pdl = pdl_enabled(q.device, _paged_checks._INTERPRET)
     write: dict = {}
     if new_kv is not None:
@@ -299,7 +303,7 @@ def paged_decode_attention(
         q.stride(1), q.stride(2), q.stride(3), *_cache_strides(kv_cache), *scale_strides, block_tables.stride(0),
         *part.stride(), *lse_strides,
         out, out.stride(1), out.stride(2), out.stride(3), cnt,
-        group, num_splits, scale * _LOG2E, min_keys, keys_bucket,
+        group, num_splits, scale * _LOG2E, min_keys, slack, keys_bucket, next_power_of_2(num_seqs * hkv),
         HAS_QUERY_START=query_start_loc is not None, WRITE_LSE=num_splits > 1, FUSED=fused, PAGE_SIZE=page_size,
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, next_power_of_2(group)),
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOT=_upcast_dot(q.dtype),

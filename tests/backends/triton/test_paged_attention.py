@@ -201,17 +201,32 @@ def test_decode_many_and_empty_splits_and_scale() -> None:
         _assert_close(out, paged_decode_attention_reference(*args))
 
 
+@pytest.mark.parametrize("sms", [4, 64])  # 8 groups: filling half the SMs (floor), or few (ceiling)
 @pytest.mark.parametrize("min_keys", [8, 16, 256])
-def test_decode_uses_the_splits_a_context_fills(min_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Combined in the kernel, a sequence takes at most cdiv(length, DECODE_MIN_SPLIT_KEYS) of the launch's
-    # splits (a CUDA graph sizes num_splits for the cache's capacity); one split writes the output itself.
+def test_decode_uses_the_splits_a_context_fills(min_keys: int, sms: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Combined in the kernel, a sequence takes (length + decode_split_slack) // DECODE_MIN_SPLIT_KEYS of the
+    # launch's splits (a CUDA graph sizes num_splits for the cache's capacity); one split writes the output itself.
+    # Lengths just past a multiple of min_keys (17, 40 with 8 and 16) split differently in the two regimes.
+    import kiln.backends.triton.paged_attention as pa
 
+    monkeypatch.setattr(pa, "_num_sms", lambda _device: sms)
+    monkeypatch.setattr(pa, "DECODE_FUSED_COMBINE", True)
     _min_split_keys(monkeypatch, min_keys)
     b = _batch([0, 16, 39, 70], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=min_keys)  # 1, 17, 40, 71 keys
     args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
     for splits in (1, 3, 8):
         out = paged_decode_attention(*args, num_splits=splits, out=_poisoned_like(b.q))
         _assert_close(out, paged_decode_attention_reference(*args))
+
+
+def test_decode_split_slack() -> None:
+    # few groups: as many splits as keep each within min_keys; groups filling half the SMs: splits of >= min_keys
+    from kiln.backends.triton.paged_attention import decode_split_slack
+
+    assert decode_split_slack(1, 8, 132, 128) == 127
+    assert decode_split_slack(64, 4, 132, 1024) == 0
+    assert (1025 + decode_split_slack(64, 4, 132, 1024)) // 1024 == 1  # the TP-2 shard: one split, not 576 + 449
+    assert (272 + decode_split_slack(1, 8, 132, 128)) // 128 == 3
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4])
@@ -274,9 +289,11 @@ def test_decode_num_splits_heuristic() -> None:
     assert decode_num_splits(16, 8, 32768, 132) == 2  # cdiv(264, 128) = 3, rounded down
     assert decode_num_splits(16, 8, 4096, 132) == 2
     assert decode_num_splits(16, 8, 1024, 132) == 1  # no split under DECODE_WAVE_MIN_SPLIT_KEYS keys
+    assert decode_num_splits(16, 8, 2047, 132) == 1  # ... nor of fewer keys than that
     assert decode_num_splits(9, 8, 65536, 132) == 4  # 72 groups: cdiv(264, 72) = 4
     assert decode_num_splits(12, 8, 65536, 132) == 2  # 96 groups: cdiv(264, 96) = 3, rounded down
-    assert decode_num_splits(64, 4, 1040, 132) == 2  # a TP-2 shard of batch 64: 256 groups, cdiv(264, 256) = 2
+    assert decode_num_splits(64, 4, 1040, 132) == 1  # a TP-2 shard of batch 64: 256 groups, 1040 // 1024 = 1
+    assert decode_num_splits(64, 4, 4096, 132) == 2  # cdiv(264, 256) = 2
     # fewer groups: >= 128 keys a split (64 from 4k keys on), at most DECODE_AUTO_MAX_SPLITS
     assert decode_num_splits(4, 8, 4096, 132) == 17
     assert decode_num_splits(1, 8, 16384, 132) == 64
