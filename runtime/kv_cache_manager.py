@@ -165,19 +165,26 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size  # keep the last token to compute
+        hashes = request.block_hashes
+        if len(hashes) < max_blocks:  # a remembered prompt's hashes first, as far as the tokens agree
+            self._hashes_from_memo(request, max_blocks)
         blocks: list[KVCacheBlock] = []
-        # Hashes are made as the lookup goes, in doubling chunks: a miss stops it, and the blocks past the miss
-        # are hashed when they are cached (after the step, off the time to first token).
+        # Hashes not remembered are made as the lookup goes, in doubling chunks: a miss stops it, and the blocks
+        # past the miss are hashed when they are cached (after the step, off the time to first token).
         chunk = 8
         lookup = self.block_pool.cached_block_hash_to_block.get  # get_cached_block, without a call per block
         while len(blocks) < max_blocks:
-            hashes = self.update_block_hashes(request, upto=min(max_blocks, len(blocks) + chunk))
-            chunk *= 2
-            for h in hashes[len(blocks) : max_blocks]:
-                block = lookup(h)
-                if block is None:
-                    return blocks, len(blocks) * self.block_size
-                blocks.append(block)
+            if len(hashes) <= len(blocks):
+                self.update_block_hashes(request, upto=min(max_blocks, len(blocks) + chunk))
+                chunk *= 2
+            found = list(map(lookup, hashes[len(blocks) : max_blocks]))
+            try:
+                found = found[: found.index(None)]  # (a block has no __eq__: index compares identity, in C)
+            except ValueError:
+                blocks.extend(found)
+                continue
+            blocks.extend(found)
+            break
         return blocks, len(blocks) * self.block_size
 
     def allocate_slots(
@@ -280,14 +287,16 @@ class KVCacheManager:
             return
         self._hash_memo.move_to_end(key)
         if request.token_slice(start * bs, end * bs) != tokens[start * bs : end * bs]:
-            # the sequences part in this range: the blocks before the first unequal one
-            ahead = start
-            while ahead < end:
-                lo, hi = ahead * bs, (ahead + 1) * bs
-                if request.token_slice(lo, hi) != tokens[lo:hi]:
-                    break
-                ahead += 1
-            end = ahead
+            # the sequences part in this range: bisect for the first unequal block, comparing each stretch once
+            # (blocks [start, lo) are equal, [lo, hi) hold a difference)
+            lo, hi = start, end
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if request.token_slice(lo * bs, mid * bs) == tokens[lo * bs : mid * bs]:
+                    lo = mid
+                else:
+                    hi = mid
+            end = lo
         hashes.extend(known[start:end])
 
     def _remember_hashes(self, request: Request) -> None:

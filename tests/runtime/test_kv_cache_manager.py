@@ -242,7 +242,9 @@ def test_requests_after_one_document_reuse_its_hashes_and_get_the_same_chain(mon
     kv = KVCacheManager(num_blocks=400, block_size=BS)
     doc = tokens(30 * BS, seed=1)
     computed(kv, "first", doc + tokens(3 * BS, seed=2), salt)
-    for i, cut in enumerate((30 * BS, 17 * BS + 2, 5)):  # the whole document, part of it, less than a block
+    # the whole document, parts of it (the bisection for the first unequal block ends near either side), less than a
+    # block; longest first (the memo keeps the latest prompt: a shorter share leaves only its part remembered)
+    for i, cut in enumerate((30 * BS, 29 * BS + BS - 1, 17 * BS + 2, 2 * BS + 1, 1 * BS, 5)):
         counts.clear()
         r = Request(request_id=f"q{i}", prompt_token_ids=doc[:cut] + tokens(3 * BS + 1, seed=10 + i), cache_salt=salt)
         blocks, hit = kv.get_computed_blocks(r)
