@@ -11,6 +11,7 @@ this says why.
 
     python benchmarks/gemv_sass.py                                  # int4-g128, 128 x 16 words, 4 warps
     python benchmarks/gemv_sass.py --xpre                           # the next step's x loaded ahead
+    python benchmarks/gemv_sass.py --packed                         # int4 words summed in bf16x2 arithmetic
     python benchmarks/gemv_sass.py --kind int8 --block-n 32 --block-kw 64
 """
 
@@ -41,7 +42,7 @@ def compile_gemv(args: argparse.Namespace) -> tuple[bytes, int]:
         GW=args.group // 8 if int4 else 1, GROUP_PER_STEP=int4 and (args.group // 8) % args.block_kw == 0,
         X_CODES=False, XS_PER_ROW=False, HAS_XZP=False, IS_SPLIT=True, EVEN_K=True, XP=1, PRMT=True,
         DEPTH=args.depth, BLOCK_N=args.block_n, BLOCK_KW=args.block_kw, USE_ASM=True, USE_PDL=False,
-        RELEASE_LATE=True, XPRE=args.xpre, STAGES=args.stages,
+        RELEASE_LATE=True, XPRE=args.xpre, STAGES=args.stages, PACKED=args.packed and int4,
     )  # fmt: skip
     types = {"x_ptr": "*i32", "xs_ptr": "*fp32", "xz_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp32",
              "z_ptr": "*u8", "b_ptr": "*fp32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}  # fmt: skip
@@ -83,6 +84,7 @@ def main() -> int:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--xpre", action="store_true")
+    p.add_argument("--packed", action="store_true", help="int4: each word summed in bf16x2 arithmetic (PACKED)")
     p.add_argument(
         "--stages", type=int, default=1, help="the K loop's num_stages (Triton's pipeliner; with --depth 0)"
     )
@@ -109,7 +111,7 @@ def main() -> int:
     codes = words * (8 if args.kind == "int4" else 4)
     counts = collections.Counter(ops)
     print(f"{args.kind} GEMV, {args.block_n} x {args.block_kw} words, {args.warps} warps, depth {args.depth}, "
-          f"xpre {args.xpre}; triton {triton.__version__}, sm_90")  # fmt: skip
+          f"xpre {args.xpre}, packed {args.packed}; triton {triton.__version__}, sm_90")  # fmt: skip
     print(f"K loop: {len(ops)} instructions a step per thread, {words:.0f} words / {codes:.0f} codes: "
           f"{len(ops) / words:.1f} per word, {len(ops) / codes:.2f} per code")  # fmt: skip
     print(f"barriers a step: {counts['BAR']}, shared loads / stores: {counts['LDS']} / {counts['STS']}, "

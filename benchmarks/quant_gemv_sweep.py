@@ -20,17 +20,19 @@ import itertools
 import sys
 
 
-def candidates(tiles: list[tuple[int, int]], waves: tuple[int, ...]) -> list:
+def candidates(tiles: list[tuple[int, int]], waves: tuple[int, ...], packed: tuple[bool, ...] = (False,)) -> list:
     """GEMV candidates: every tile x waves x ``XPRE`` x steps in flight (1 or 2 in registers, or 2 / 3 by
-    Triton's cp.async pipeliner: ``DEPTH`` 0 with ``STAGES`` 3 / 4), 8 warps too on the larger tiles."""
+    Triton's cp.async pipeliner: ``DEPTH`` 0 with ``STAGES`` 3 / 4) x ``packed`` (int4 words summed in bf16x2),
+    8 warps too on the larger tiles."""
     from kiln.backends.triton.quant_gemm_tune import Candidate
 
     out = []
-    for (bn, bkw), wv, (depth, stages), xpre in itertools.product(tiles, waves, ((1, 1), (2, 1), (0, 3), (0, 4)),
-                                                                  (False, True)):  # fmt: skip
+    for (bn, bkw), wv, (depth, stages), xpre, pk in itertools.product(
+        tiles, waves, ((1, 1), (2, 1), (0, 3), (0, 4)), (False, True), packed
+    ):
         for warps in (4, 8) if bn * bkw >= 2048 else (4,):
             out.append(Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps, WAVES=wv, PRMT=True,
-                                              DEPTH=depth, XPRE=xpre, STAGES=stages)))  # fmt: skip
+                                              DEPTH=depth, XPRE=xpre, STAGES=stages, PACKED=pk)))  # fmt: skip
     return out
 
 
@@ -44,7 +46,7 @@ def bf16_us(x, n: int) -> float:  # type: ignore[no-untyped-def]
     return gpu_time_ms(lambda: x @ wb.t(), reps=50) * 1e3
 
 
-def int4_case(k: int, n: int, tiles: list[tuple[int, int]]) -> None:
+def int4_case(k: int, n: int, tiles: list[tuple[int, int]], packed: tuple[bool, ...] = (False,)) -> None:
     import torch
 
     from kiln.backends.triton import quant_gemm as qg
@@ -55,7 +57,7 @@ def int4_case(k: int, n: int, tiles: list[tuple[int, int]]) -> None:
     s = torch.rand(n, k // g, device="cuda") * 0.05 + 0.01
     z = torch.randint(0, 16, (n, k // g), dtype=torch.uint8, device="cuda")
     sweep("int4-g128", k, n, lambda x, c: qg.qlinear_w4a16(x, w, s, z, g, None, candidate=c),
-          lambda x: ref.qlinear_w4a16_reference(x.float(), w, s, z, g, None), candidates(tiles, (2, 4)))  # fmt: skip
+          lambda x: ref.qlinear_w4a16_reference(x.float(), w, s, z, g, None), candidates(tiles, (2, 4), packed))  # fmt: skip
 
 
 def int8_case(k: int, n: int, tiles: list[tuple[int, int]]) -> None:
@@ -93,22 +95,22 @@ def sweep(label: str, k: int, n: int, run, reference, cands: list) -> None:  # t
         if err > 2e-2:
             print(f"  WRONG {c}: relative error {err:.2e}")
             continue
-        res.append((gpu_time_ms(lambda c=c: run(x, c), reps=30) * 1e3, c))
+        res.append((gpu_time_ms(lambda c=c: run(x, c), reps=30) * 1e3, c, err))
     if not res:
         print(f"\n{label} ({k} x {n}): no candidate ran correctly")
         return
     res.sort(key=lambda r: r[0])
     print(f"\n{label} ({k} x {n}), M = 1: cuBLAS bf16 {base:.1f} us; best GEMV {res[0][0]:.1f} us = "
           f"{base / res[0][0]:.2f}x ({len(res)} candidates)", flush=True)  # fmt: skip
-    print("| us | vs bf16 | BLOCK_N | BLOCK_KW | warps | waves | depth | stages | XPRE |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for t, c in res[:10]:
+    print("| us | vs bf16 | BLOCK_N | BLOCK_KW | warps | waves | depth | stages | XPRE | PACKED | rel err |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for t, c, err in res[:10]:
         p = c.params
         print(f"| {t:.1f} | {base / t:.2f}x | {p['BLOCK_N']} | {p['BLOCK_KW']} | {p['num_warps']} | {p['WAVES']} | "
-              f"{p['DEPTH']} | {p['STAGES']} | {p['XPRE']} |")  # fmt: skip
-    for key in ("XPRE", "DEPTH"):
-        for flag in sorted({r[1].params[key] for r in res}):
-            sel = [r for r in res if r[1].params[key] == flag]
+              f"{p['DEPTH']} | {p['STAGES']} | {p['XPRE']} | {p.get('PACKED', False)} | {err:.1e} |")  # fmt: skip
+    for key in ("XPRE", "DEPTH", "PACKED"):
+        for flag in sorted({r[1].params.get(key, False) for r in res}):
+            sel = [r for r in res if r[1].params.get(key, False) == flag]
             if sel:
                 print(f"best with {key}={flag}: {sel[0][0]:.1f} us ({sel[0][1]})")
 
@@ -116,6 +118,7 @@ def sweep(label: str, k: int, n: int, run, reference, cands: list) -> None:  # t
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--int4-only", action="store_true")
+    p.add_argument("--packed", action="store_true", help="int4: every candidate also in the packed (bf16x2) form")
     p.add_argument(
         "--shapes", default="4096x4096,4096x14336,14336x4096", help="KxN,... (int8: the first two)"
     )
@@ -136,7 +139,7 @@ def main() -> int:
     shapes = [tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")]
     tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")]
     for k, n in shapes:  # the compiled variants are shared by the shapes: the first shape pays the compiles
-        int4_case(k, n, tiles)
+        int4_case(k, n, tiles, (False, True) if args.packed else (False,))
     if not args.int4_only:
         for k, n in shapes[:2]:
             int8_case(k, n, [(16, 64), (32, 32), (32, 64)])

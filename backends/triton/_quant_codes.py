@@ -171,3 +171,84 @@ def _exact(wd, c: tl.constexpr, zb, WKIND: tl.constexpr):
     if WKIND != 2:
         v = v * code_shift(WKIND, False) - zb
     return v
+
+
+# The GEMV's packed form (``PACKED``, int4 codes and bf16 x only): a word's eight codes become four bf16x2 pairs in
+# x's pair order (codes 2p, 2p + 1). The nibbles are masked into bytes, and ``prmt`` puts two of them under the byte
+# 0xC3 taken from the zero-point pair itself (bf16 -(128 + z) is 0xC3zz): 0xC3q is -(128 + q). One ``fma`` by -1 with
+# that pair leaves the exact q - z, four more multiply them by the x pairs and sum them in bf16x2: about 20
+# instructions a word where the fp32 form takes about 31 (benchmarks/gemv_sass.py), at the price of bf16 rounding
+# inside each word's sum of eight products (the word sums add up in fp32). No constant needs a register: an ``or``
+# with a second immediate (the first form) had ptxas materialize it again for every word. $1: the word; $2..$5: x
+# pairs 0..3 (bf16x2); $6: the pair of -(128 + z); $0: the word's sum as fp32.
+PACKED_INT4_BF16 = tl.constexpr("""{
+.reg .b32 v, h, u, d, acc, z, m1;
+.reg .f32 flo, fhi, fs;
+mov.b32 z, 0;
+mov.b32 m1, 0xBF80BF80;
+and.b32 v, $1, 0x0F0F0F0F;
+shr.u32 h, $1, 4;
+and.b32 h, h, 0x0F0F0F0F;
+prmt.b32 u, v, $6, 0x5150;
+fma.rn.bf16x2 d, u, m1, $6;
+fma.rn.bf16x2 acc, d, $2, z;
+prmt.b32 u, h, $6, 0x5150;
+fma.rn.bf16x2 d, u, m1, $6;
+fma.rn.bf16x2 acc, d, $4, acc;
+prmt.b32 u, v, $6, 0x5352;
+fma.rn.bf16x2 d, u, m1, $6;
+fma.rn.bf16x2 acc, d, $3, acc;
+prmt.b32 u, h, $6, 0x5352;
+fma.rn.bf16x2 d, u, m1, $6;
+fma.rn.bf16x2 acc, d, $5, acc;
+shl.b32 u, acc, 16;
+and.b32 v, acc, 0xFFFF0000;
+mov.b32 flo, u;
+mov.b32 fhi, v;
+add.f32 fs, flo, fhi;
+mov.b32 $0, fs;
+}""")
+
+
+@triton.jit
+def _round_bf16(f):
+    """fp32 ``f`` rounded to the nearest bf16 (ties to even), as fp32 (finite values)."""
+    b = f.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def packed_word_sums(wu, x0, x1, x2, x3, zs, USE_ASM: tl.constexpr):
+    """Each word's ``sum_c (q_c - z) x_c`` of its eight int4 codes in bf16x2 arithmetic (:data:`PACKED_INT4_BF16`),
+    as fp32 (BN, BKW). ``wu``: the words (uint32); ``x0..x3``: the bf16 x pairs of codes (0, 1) .. (6, 7) as int32;
+    ``zs``: the zero points (fp32, broadcast over the words). Without PTX (the interpreter): the same operations
+    in the same order with each bf16 rounding done on the fp32 bits."""
+    if USE_ASM:
+        nz = ((-(zs + 128.0)).to(tl.uint32, bitcast=True) >> 16).to(tl.int32)  # bf16 -(128 + z): exact
+        nz = tl.broadcast_to(nz | (nz << 16), wu.shape)
+        out = tl.inline_asm_elementwise(
+            PACKED_INT4_BF16, "=r,r,r,r,r,r,r",
+            [wu, tl.broadcast_to(x0[None, :], wu.shape), tl.broadcast_to(x1[None, :], wu.shape),
+             tl.broadcast_to(x2[None, :], wu.shape), tl.broadcast_to(x3[None, :], wu.shape), nz],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        acc_lo = tl.zeros(wu.shape, dtype=tl.float32)
+        acc_hi = tl.zeros(wu.shape, dtype=tl.float32)
+        acc_lo, acc_hi = _packed_pair_twin(wu, x0, 0, zs, acc_lo, acc_hi)  # the asm's order: codes 0-1, 4-5,
+        acc_lo, acc_hi = _packed_pair_twin(wu, x2, 2, zs, acc_lo, acc_hi)  # 2-3, 6-7
+        acc_lo, acc_hi = _packed_pair_twin(wu, x1, 1, zs, acc_lo, acc_hi)
+        acc_lo, acc_hi = _packed_pair_twin(wu, x3, 3, zs, acc_lo, acc_hi)
+        out = acc_lo + acc_hi
+    return out
+
+
+@triton.jit
+def _packed_pair_twin(wu, xp, p: tl.constexpr, zs, acc_lo, acc_hi):
+    """One ``fma.rn.bf16x2`` of :data:`PACKED_INT4_BF16` on codes ``2p``, ``2p + 1`` and their x pair, in fp32 bits."""
+    xlo = (xp << 16).to(tl.float32, bitcast=True)
+    xhi = (xp & -65536).to(tl.float32, bitcast=True)
+    qlo = ((wu >> (((2 * p) % 4) * 8 + ((2 * p) // 4) * 4)) & 0xF).to(tl.float32)
+    qhi = ((wu >> (((2 * p + 1) % 4) * 8 + ((2 * p + 1) // 4) * 4)) & 0xF).to(tl.float32)
+    return _round_bf16((qlo - zs) * xlo + acc_lo), _round_bf16((qhi - zs) * xhi + acc_hi)

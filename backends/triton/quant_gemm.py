@@ -223,9 +223,11 @@ def launch_splitk(
             x = x.view(torch.int32)
         # prmt decodes int8 codes to within ~2e-5 of the fp32 sums (16-bit x only: far below their rounding)
         prmt = p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4)
+        # the packed form takes int4 codes and bf16 x pairs; elsewhere a PACKED candidate is its fp32 twin
+        packed = bool(p.get("PACKED", False)) and op.kind == INT4 and xp == 1 and x_codes is None
         extra = dict(XP=xp, PRMT=prmt, EVEN_K=even, USE_ASM=not _INTERPRET, DEPTH=p.get("DEPTH", 1),
                      XPRE=bool(p.get("XPRE", False)) and xp > 0,  # x's prefetch takes 16-bit pairs
-                     STAGES=int(p.get("STAGES", 1)))
+                     STAGES=int(p.get("STAGES", 1)), PACKED=packed)
     pdl = _utils.QUANT_PDL and pdl_enabled(x.device, _INTERPRET)
     compiled = kernel[(tiles, split)](
         x, xs, xz if xz is not None else xs, op.words, op.scale, zp, bias if bias is not None else op.scale, y, ws, cnt,
@@ -323,7 +325,8 @@ def weight_only_linear(
     if m == 0 or op.n == 0:
         return y.reshape(*lead, op.n)
     if candidate is None:
-        cands = weight_only_candidates(m, op.k_words if op.splitk_ok else None, _INTERPRET, dot=op.dot_ok)
+        cands = weight_only_candidates(m, op.k_words if op.splitk_ok else None, _INTERPRET, dot=op.dot_ok,
+                                       packed=op.kind == INT4 and x.dtype == torch.bfloat16)  # fmt: skip
         key = ("wo", m_bucket(m), x.dtype, bias is not None, *op.key())
         candidate = TUNER.choose(key, cands, lambda c: _WO_LAUNCH[c.kernel](x2, op, bias, y, c), x.device)
     _WO_LAUNCH[candidate.kernel](x2, op, bias, y, candidate)

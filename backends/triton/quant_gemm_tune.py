@@ -15,6 +15,7 @@ every shape before capturing). ``TUNE = False`` turns timing off everywhere.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,17 @@ GEMV_TILES = [
     (128, 16, 4, 4, True, 0, False, 4),
     (32, 64, 4, 4, True, 0, False, 3),
 ]
+#: ``KILN_INT4_PACKED=1``: the int4 GEMV's tuner also times these tiles (the fields of :data:`GEMV_TILES`) in the
+#: packed form (``PACKED``: each 32-bit word's eight products summed in bf16x2 arithmetic, ~20 instructions a word
+#: against ~31; bf16 x only). Off by default: it rounds inside each word's sum to bf16, where the other tiles sum
+#: exactly in fp32, and it has not been timed on a GPU.
+INT4_PACKED = os.environ.get("KILN_INT4_PACKED", "0").strip() not in ("", "0")
+GEMV_PACKED_TILES = [
+    (128, 16, 4, 4, True, 1, False, 1),
+    (128, 16, 4, 4, True, 1, True, 1),
+    (128, 16, 8, 4, True, 1, False, 1),
+    (128, 16, 4, 4, True, 0, False, 3),
+]
 # (BLOCK_N, BLOCK_KW, num_warps, WAVES) of the tl.dot form (16 rows of x per program)
 DOT_TILES = [(64, 16, 4, 4), (32, 16, 4, 4), (64, 16, 8, 4), (64, 32, 4, 4), (64, 16, 4, 2), (32, 16, 4, 2)]
 DOT_FOR_GEMV = 1  # tl.dot candidates tried where the GEMV is (a few rows)
@@ -102,10 +114,13 @@ INTERPRET_MM = (16, 16, 32, 1, 1)
 DECODE_M = 16  # rows of x up to which the split-K kernels run
 
 
-def decode_candidates(m: int, k_words: int, interpret: bool, gemv: bool = True, dot: bool = True) -> list[Candidate]:
+def decode_candidates(
+    m: int, k_words: int, interpret: bool, gemv: bool = True, dot: bool = True, packed: bool = False
+) -> list[Candidate]:
     """The split-K candidates for ``m`` rows (``m <= DECODE_M``) and K of ``k_words`` 32-bit words.
 
-    The GEMV for a few rows, ``tl.dot`` forms (whole K steps only: ``k_words % BLOCK_KW == 0``).
+    The GEMV for a few rows, ``tl.dot`` forms (whole K steps only: ``k_words % BLOCK_KW == 0``); ``packed`` (int4
+    weights, bf16 x) adds :data:`GEMV_PACKED_TILES` when :data:`INT4_PACKED` is on.
     """
     out: list[Candidate] = []
     if interpret:
@@ -119,16 +134,24 @@ def decode_candidates(m: int, k_words: int, interpret: bool, gemv: bool = True, 
         out += [Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, WAVES=wv, PRMT=asm, DEPTH=d, XPRE=xpre,
                                        STAGES=st))
                 for bn, bkw, w, wv, asm, d, xpre, st in GEMV_TILES]  # fmt: skip
+        if INT4_PACKED and packed:
+            out += [Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, WAVES=wv, PRMT=asm, DEPTH=d,
+                                           XPRE=xpre, STAGES=st, PACKED=True))
+                    for bn, bkw, w, wv, asm, d, xpre, st in GEMV_PACKED_TILES]  # fmt: skip
     if dot:
         out += [Candidate("dot", dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, WAVES=wv))
                 for bn, bkw, w, wv in (DOT_TILES[:DOT_FOR_GEMV] if few else DOT_TILES) if k_words % bkw == 0]  # fmt: skip
     return out
 
 
-def weight_only_candidates(m: int, k_words: int | None, interpret: bool, dot: bool = True) -> list[Candidate]:
+def weight_only_candidates(
+    m: int, k_words: int | None, interpret: bool, dot: bool = True, packed: bool = False
+) -> list[Candidate]:
     """Candidate kernels of a weight-only linear with ``m`` rows (``k_words``: K in 32-bit words, None if
-    the weights do not suit the split-K kernels; ``dot``: the tl.dot split-K form takes them)."""
-    cands = decode_candidates(m, k_words, interpret, dot=dot) if m <= DECODE_M and k_words is not None else []
+    the weights do not suit the split-K kernels; ``dot``: the tl.dot split-K form takes them; ``packed``: see
+    :func:`decode_candidates`)."""
+    cands = (decode_candidates(m, k_words, interpret, dot=dot, packed=packed)
+             if m <= DECODE_M and k_words is not None else [])  # fmt: skip
     if cands:
         return cands
     if interpret:

@@ -37,7 +37,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.backends.triton._quant_codes import _codes_prmt, _gemv_code, _k_order, code_bias, code_shift
+from kiln.backends.triton._quant_codes import (
+    _codes_prmt,
+    _gemv_code,
+    _k_order,
+    code_bias,
+    code_shift,
+    packed_word_sums,
+)
 from kiln.backends.triton._utils import pdl_release, pdl_wait
 
 
@@ -216,6 +223,7 @@ def wo_gemv_kernel(
     RELEASE_LATE: tl.constexpr = True,  # PDL: let the next kernel launch after the K loop, not at the start
     XPRE: tl.constexpr = False,  # XP > 0: the next K step's x pairs are loaded with this step's, not after
     STAGES: tl.constexpr = 1,  # the K loop's software-pipelining depth (DEPTH 0: cp.async into shared memory)
+    PACKED: tl.constexpr = False,  # int4 codes, bf16 x pairs (XP 1): each word summed in bf16x2 (packed_word_sums)
 ):  # fmt: skip
     """``y[m, n] = sum_k x[m, k] (q[n, k] - z) s (+ b[n])`` for one ``m``, ``BLOCK_N`` channels, split ``pid_k``.
 
@@ -273,46 +281,54 @@ def wo_gemv_kernel(
         if XPRE:  # and x of step i + 1 (an L2 round trip that would otherwise stall every step)
             nx0, nx1, nx2, nx3 = _x_pairs(x_row, kw0 + BLOCK_KW, kw_end, offs_w, CPW)
         wu = wd.to(tl.uint32, bitcast=True)
-        if PRMT and USE_ASM:
-            codes = _codes_prmt(wu, WKIND)
+        if PACKED:  # each word's eight products summed in bf16x2 arithmetic, q - z exact (no bias to undo)
+            if XPRE:
+                px0, px1, px2, px3 = xq0, xq1, xq2, xq3
+            else:
+                px0, px1, px2, px3 = _x_pairs(x_row, kw0, kw_end, offs_w, CPW)
+            part = packed_word_sums(wu, px0, px1, px2, px3,
+                                    _step_zero(z, z_row, SMODE, HAS_ZP, ZP_DEFAULT, GROUP_PER_STEP), USE_ASM)  # fmt: skip
         else:
-            codes = (wu,)
-        x_ok = kw0 + offs_w < kw_end
-        part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)  # sum v x over each word's codes
-        xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)  # sum x over each word's codes (shared by the rows)
-        # every op stays in the words' layout (no shuffles, no shared memory); x of code c of each word:
-        if XP == 0:  # one load per code
-            x_words = x_row + (kw0 + offs_w) * CPW
-            for c in tl.static_range(CPW):
-                if EVEN_K:
-                    xc = tl.load(x_words + c).to(tl.float32)
-                else:
-                    xc = tl.load(x_words + c, mask=x_ok, other=0.0).to(tl.float32)
-                if X_CODES:
-                    xc = xc - xz
-                part += _gemv_code(wu, codes, c, WKIND, PRMT, USE_ASM) * xc[None, :]
-                xsum += xc
-        else:  # 16-bit x read as int32 pairs: codes 2p and 2p + 1 of each word
-            x_words = x_row + (kw0 + offs_w) * (CPW // 2)
-            for p in tl.static_range(CPW // 2):
-                if XPRE:
-                    xp = _pick(p, xq0, xq1, xq2, xq3)
-                elif EVEN_K:
-                    xp = tl.load(x_words + p)
-                else:
-                    xp = tl.load(x_words + p, mask=x_ok, other=0)
-                if XP == 1:  # bf16: the upper half of an fp32
-                    xlo = (xp << 16).to(tl.float32, bitcast=True)
-                    xhi = (xp & -65536).to(tl.float32, bitcast=True)
-                else:  # fp16
-                    xlo = xp.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    xhi = (xp >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                part += _gemv_code(wu, codes, 2 * p, WKIND, PRMT, USE_ASM) * xlo[None, :]
-                part += _gemv_code(wu, codes, 2 * p + 1, WKIND, PRMT, USE_ASM) * xhi[None, :]
-                xsum += xlo + xhi
-        if WKIND != 2:  # sum (q - z) x = 2**F sum v x - (2**F + offset + z) sum x, per word
-            zb = code_bias(_step_zero(z, z_row, SMODE, HAS_ZP, ZP_DEFAULT, GROUP_PER_STEP), WKIND, PRMT)
-            part = part * code_shift(WKIND, PRMT) - zb * xsum[None, :]
+            if PRMT and USE_ASM:
+                codes = _codes_prmt(wu, WKIND)
+            else:
+                codes = (wu,)
+            x_ok = kw0 + offs_w < kw_end
+            part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)  # sum v x over each word's codes
+            xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)  # sum x over each word's codes (shared by the rows)
+            # every op stays in the words' layout (no shuffles, no shared memory); x of code c of each word:
+            if XP == 0:  # one load per code
+                x_words = x_row + (kw0 + offs_w) * CPW
+                for c in tl.static_range(CPW):
+                    if EVEN_K:
+                        xc = tl.load(x_words + c).to(tl.float32)
+                    else:
+                        xc = tl.load(x_words + c, mask=x_ok, other=0.0).to(tl.float32)
+                    if X_CODES:
+                        xc = xc - xz
+                    part += _gemv_code(wu, codes, c, WKIND, PRMT, USE_ASM) * xc[None, :]
+                    xsum += xc
+            else:  # 16-bit x read as int32 pairs: codes 2p and 2p + 1 of each word
+                x_words = x_row + (kw0 + offs_w) * (CPW // 2)
+                for p in tl.static_range(CPW // 2):
+                    if XPRE:
+                        xp = _pick(p, xq0, xq1, xq2, xq3)
+                    elif EVEN_K:
+                        xp = tl.load(x_words + p)
+                    else:
+                        xp = tl.load(x_words + p, mask=x_ok, other=0)
+                    if XP == 1:  # bf16: the upper half of an fp32
+                        xlo = (xp << 16).to(tl.float32, bitcast=True)
+                        xhi = (xp & -65536).to(tl.float32, bitcast=True)
+                    else:  # fp16
+                        xlo = xp.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                        xhi = (xp >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    part += _gemv_code(wu, codes, 2 * p, WKIND, PRMT, USE_ASM) * xlo[None, :]
+                    part += _gemv_code(wu, codes, 2 * p + 1, WKIND, PRMT, USE_ASM) * xhi[None, :]
+                    xsum += xlo + xhi
+            if WKIND != 2:  # sum (q - z) x = 2**F sum v x - (2**F + offset + z) sum x, per word
+                zb = code_bias(_step_zero(z, z_row, SMODE, HAS_ZP, ZP_DEFAULT, GROUP_PER_STEP), WKIND, PRMT)
+                part = part * code_shift(WKIND, PRMT) - zb * xsum[None, :]
         if SMODE == 2:
             if GROUP_PER_STEP:
                 acc += part * s[:, None]

@@ -55,11 +55,12 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 def gemv(bn: int, bkw: int, split: int, prmt: bool = False, depth: int = 1, xpre: bool = False,
-         stages: int = 1) -> Candidate:  # fmt: skip
+         stages: int = 1, packed: bool = False) -> Candidate:  # fmt: skip
     """The split-K GEMV: ``BLOCK_N`` rows, K steps of ``bkw`` words, K cut into ``split`` slices (``xpre``:
-    the next step's x loaded ahead; ``depth`` 0 with ``stages``: each step loads its own words, pipelined by Triton)."""
+    the next step's x loaded ahead; ``depth`` 0 with ``stages``: each step loads its own words, pipelined by Triton;
+    ``packed``: int4 words summed in bf16x2 arithmetic)."""
     return Candidate("gemv", dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=1, SPLIT=split, PRMT=prmt, DEPTH=depth,
-                                  XPRE=xpre, STAGES=stages))
+                                  XPRE=xpre, STAGES=stages, PACKED=packed))
 
 
 def dot(bn: int, bkw: int, split: int) -> Candidate:
@@ -104,6 +105,13 @@ INT4_CASES = [
     (1, 20, 64, 64, True, True, torch.float32, gemv(8, 2, 1)),  # g = K: per-channel scales, one split
     (2, 20, 128, 32, True, True, torch.bfloat16, gemv(8, 4, 3, prmt=True)),  # codes by prmt (GPU) / its twin
     (1, 24, 48, 24, False, False, torch.float32, gemv(16, 4, 2, prmt=True)),
+    # packed (bf16x2 word sums): a group per step, groups of 2 steps, per-word scales, no zero point, x ahead,
+    # pipelined, ragged K (a masked last step)
+    (2, 20, 128, 32, True, True, torch.bfloat16, gemv(8, 4, 2, packed=True)),
+    (1, 20, 128, 64, True, False, torch.bfloat16, gemv(8, 4, 3, depth=2, packed=True)),
+    (1, 24, 48, 24, True, True, torch.bfloat16, gemv(16, 4, 2, packed=True, xpre=True)),
+    (2, 20, 96, 32, False, True, torch.bfloat16, gemv(8, 4, 2, packed=True, depth=0, stages=3)),
+    (1, 20, 80, 16, True, False, torch.bfloat16, gemv(8, 4, 2, packed=True)),
     (5, 20, 96, 32, True, True, torch.bfloat16, dot(16, 4, 2)),  # tl.dot, a group per K step
     (3, 24, 96, 24, True, False, torch.float32, dot(16, 4, 1)),  # tl.dot, a scale per word (3-word groups)
     (20, 20, 64, 32, False, True, torch.float16, dot(16, 2, 3)),  # two M tiles of 16
@@ -183,22 +191,34 @@ class _LaunchSpy:
 
 
 @pytest.mark.parametrize(
-    ("g", "dtype", "xpre"),
+    ("g", "dtype", "xpre", "packed"),
     [
-        (32, torch.bfloat16, True),  # 16-bit x: its pairs loaded a step ahead
-        (32, torch.float32, False),  # fp32 x: no 16-bit pairs to load ahead
-        (24, torch.float16, True),
+        (32, torch.bfloat16, True, True),  # 16-bit x: its pairs loaded a step ahead; bf16 pairs: the packed sums
+        (32, torch.float32, False, False),  # fp32 x: no 16-bit pairs to load ahead or to multiply in pairs
+        (24, torch.float16, True, False),  # fp16 pairs: the fp32 form (bf16x2 arithmetic takes bf16 x)
     ],
 )
-def test_gemv_options_reach_the_kernel_where_they_apply(g, dtype, xpre, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_gemv_options_reach_the_kernel_where_they_apply(g, dtype, xpre, packed, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     spy = _LaunchSpy(qg.K2.wo_gemv_kernel)
     monkeypatch.setattr(qg.K2, "wo_gemv_kernel", spy)
     gen = torch.Generator().manual_seed(g)
     w, s, z = _int4_weight(16, 96, g, True, gen)
     x = torch.randn(1, 96, generator=gen).to(dtype)
-    got = qg.qlinear_w4a16(*_dev(x, w, s, z), g, None, candidate=gemv(8, 4, 2, xpre=True))
+    got = qg.qlinear_w4a16(*_dev(x, w, s, z), g, None, candidate=gemv(8, 4, 2, xpre=True, packed=True))
     _close(got, ref.qlinear_w4a16_reference(x.float(), w, s, z, g, None), dtype)
-    assert spy.calls and spy.calls[-1]["XPRE"] is xpre
+    assert spy.calls and spy.calls[-1]["XPRE"] is xpre and spy.calls[-1]["PACKED"] is packed
+
+
+def test_packed_gemv_tiles_are_tuner_candidates_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kiln.backends.triton.quant_gemm_tune as tune
+
+    def packed(**kw: object) -> int:
+        return sum(bool(c.params.get("PACKED")) for c in weight_only_candidates(1, 512, False, **kw))
+
+    monkeypatch.setattr(tune, "INT4_PACKED", False)  # KILN_INT4_PACKED unset: off
+    assert packed(packed=True) == 0
+    monkeypatch.setattr(tune, "INT4_PACKED", True)
+    assert packed(packed=True) == len(tune.GEMV_PACKED_TILES) and packed(packed=False) == 0
 
 
 @pytest.mark.parametrize("cand", [gemv(8, 2, 3), dot(16, 4, 2), mm(bk=32)])
@@ -336,6 +356,10 @@ def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
             r[d] = a[0] & a[1]
         elif op == "xor.b32":
             r[d] = a[0] ^ a[1]
+        elif op == "or.b32":
+            r[d] = a[0] | a[1]
+        elif op == "shl.b32":
+            r[d] = (a[0] << a[1]) & 0xFFFFFFFF
         elif op == "shr.u32":
             r[d] = a[0] >> a[1]
         elif op == "prmt.b32":  # default mode: selector nibble i picks byte i of d from {b, a}
@@ -394,6 +418,33 @@ def test_inline_ptx_int8_dequant_semantics(bf16: bool) -> None:
             out = _run_ptx(asm, regs)
             vals = [_from_f16_bits(out[f"${j}"] >> sh & 0xFFFF, dt) for j in range(2) for sh in (0, 16)]
             assert vals == [float(torch.tensor(float(v - z), dtype=dt)) for v in q]
+
+
+def _bf16(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32).to(torch.bfloat16))
+
+
+def test_inline_ptx_packed_word_sum_semantics() -> None:
+    """The packed GEMV's word: each code pair's exact q - z times its bf16 x pair, summed per half in bf16 in the
+    order codes 0-1, 4-5, 2-3, 6-7 (one rounding an fma), the halves added in fp32; as its twin computes it."""
+    asm = qs.PACKED_INT4_BF16.value
+    gen = torch.Generator().manual_seed(2)
+    for z in (0, 3, 8, 15):
+        nz = _f16_bits(-(128.0 + z), torch.bfloat16)
+        for _ in range(60):
+            word = int(torch.randint(0, 2**32, (1,), dtype=torch.int64, generator=gen))
+            xs = [_bf16(v) for v in (torch.randn(8, generator=gen) * 3).tolist()]
+            pairs = [_f16_bits(xs[2 * p], torch.bfloat16) | _f16_bits(xs[2 * p + 1], torch.bfloat16) << 16
+                     for p in range(4)]  # fmt: skip
+            out = _run_ptx(asm, {"$0": 0, "$1": word, **{f"${2 + p}": pairs[p] for p in range(4)}, "$6": nz * 0x10001})
+            halves = [0.0, 0.0]
+            for p in (0, 2, 1, 3):
+                for h in (0, 1):
+                    c = 2 * p + h
+                    q = (word >> ((c % 4) * 8 + (c // 4) * 4)) & 0xF
+                    halves[h] = _bf16(float(torch.tensor((q - z) * xs[c] + halves[h], dtype=torch.float32)))
+            want = float(torch.tensor(halves[0], dtype=torch.float32) + torch.tensor(halves[1], dtype=torch.float32))
+            assert float(_f32(out["$0"])) == want, (hex(word), z)
 
 
 @pytest.mark.parametrize("int4", [True, False])
