@@ -54,14 +54,11 @@ def main() -> int:
         exact = ((q.view(n, k // g, g).double() - z[..., None].double()) * s[..., None].double()).view(n, k)
         exact = x.double() @ exact.t()
 
-        def run(packed: bool) -> torch.Tensor:
-            c = Candidate("gemv", dict(BLOCK_N=8, BLOCK_KW=16, num_warps=1 if dev == "cpu" else 4, SPLIT=4, PRMT=True,
-                                       DEPTH=1, XPRE=False, STAGES=1, PACKED=packed))  # fmt: skip
-            args_ = [t.to(dev) for t in (x, wp, s, z8)]
-            return qg.qlinear_w4a16(*args_, g, None, candidate=c).double().cpu()
-
+        inputs = [t.to(dev) for t in (x, wp, s, z8)]
+        f32, pk = (qg.qlinear_w4a16(*inputs, g, None, candidate=Candidate("gemv", dict(
+            BLOCK_N=8, BLOCK_KW=16, num_warps=1 if dev == "cpu" else 4, SPLIT=4, PRMT=True, DEPTH=1, XPRE=False,
+            STAGES=1, PACKED=packed))).double().cpu() for packed in (False, True))  # fmt: skip
         rms = exact.pow(2).mean().sqrt()
-        f32, pk = run(False), run(True)
         bf = exact.to(torch.bfloat16).double()
         vals = [(f32 - exact).pow(2).mean().sqrt(), (pk - exact).pow(2).mean().sqrt(), (bf - exact).pow(2).mean().sqrt(),
                 (f32 - exact).abs().max(), (pk - exact).abs().max(), (bf - exact).abs().max()]  # fmt: skip
