@@ -90,11 +90,13 @@ GEMV_TILES = [
 #: against ~31; bf16 x only). Off by default: it rounds inside each word's sum to bf16, where the other tiles sum
 #: exactly in fp32, and it has not been timed on a GPU.
 INT4_PACKED = os.environ.get("KILN_INT4_PACKED", "0").strip() not in ("", "0")
+#: The fewest instructions a code in offline SASS (benchmarks/RESULTS.md, session 17): 128 x 16 words at 4 warps,
+#: 3.29-3.50 (128 registers: 4 programs an SM); the 8-warp and 32-word tiles took 4.05-4.51.
 GEMV_PACKED_TILES = [
     (128, 16, 4, 4, True, 1, False, 1),
     (128, 16, 4, 4, True, 1, True, 1),
-    (128, 16, 8, 4, True, 1, False, 1),
     (128, 16, 4, 4, True, 0, False, 3),
+    (128, 16, 4, 4, True, 0, False, 4),
 ]
 # (BLOCK_N, BLOCK_KW, num_warps, WAVES) of the tl.dot form (16 rows of x per program)
 DOT_TILES = [(64, 16, 4, 4), (32, 16, 4, 4), (64, 16, 8, 4), (64, 32, 4, 4), (64, 16, 4, 2), (32, 16, 4, 2)]
