@@ -286,18 +286,17 @@ class KVCacheManager:
         if start >= end or (start and hashes[start - 1] != known[start - 1]):  # the chains parted before start
             return
         self._hash_memo.move_to_end(key)
-        if request.token_slice(start * bs, end * bs) != tokens[start * bs : end * bs]:
-            # the sequences part in this range: bisect for the first unequal block, comparing each stretch once
-            # (blocks [start, lo) are equal, [lo, hi) hold a difference)
-            lo, hi = start, end
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if request.token_slice(lo * bs, mid * bs) == tokens[lo * bs : mid * bs]:
-                    lo = mid
-                else:
-                    hi = mid
-            end = lo
-        hashes.extend(known[start:end])
+        # The most blocks from start on whose tokens are equal, by bisection: blocks [start, lo) are known equal and
+        # the answer lies in [lo, hi]. Each step compares only the stretch past lo, so a lookup compares about the
+        # range's tokens once in all, whether the sequences part (a question after a document) or not.
+        lo, hi = start, end
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if request.token_slice(lo * bs, mid * bs) == tokens[lo * bs : mid * bs]:
+                lo = mid
+            else:
+                hi = mid - 1
+        hashes.extend(known[start:lo])
 
     def _remember_hashes(self, request: Request) -> None:
         """Keep the hashes of ``request``'s prompt blocks for later requests that start with the same tokens.
