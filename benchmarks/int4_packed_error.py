@@ -3,7 +3,8 @@
 Both forms of ``wo_gemv_kernel`` run the same int4-g128 linear (round-to-nearest codes of random weights with
 zero points, bf16 x, bf16 output) and are compared with the exact fp64 product of the same codes; errors are
 divided by the exact output's RMS. On a machine without a GPU the kernels run in Triton's interpreter (the packed
-form through its plain-op twin, which rounds to bf16 on the fp32 bits as the PTX does); about 10 s a draw. The
+form through its plain-op twin, which rounds each fma once to bf16 on the fp32 bits, as the PTX does); about 10 s
+a draw. The
 interpreter's fp32 -> bf16 store truncates where a GPU rounds to nearest, so there both forms' errors hold up to
 twice the output's rounding; the difference between the two columns is what the packed word sums cost.
 

@@ -204,11 +204,11 @@ def decode_min_split_keys(
     """The in-kernel key count of a split: ``few`` (``DECODE_MIN_SPLIT_KEYS``) while the groups fill less than
     half the SMs, else ``wave`` (``DECODE_WAVE_MIN_SPLIT_KEYS``). A launch that merges its splits in the kernel
     lets a sequence use only some of them (a CUDA graph sizes the splits for the cache's capacity): with few
-    groups, enough splits that none holds more than this many keys (``cdiv(length, this)``); once the groups
-    fill half the SMs, only splits of at least this many (``length // this``, see :func:`decode_split_slack`).
-    :func:`decode_num_splits` goes below it for long contexts (``DECODE_LONG_MIN_SPLIT_KEYS``); those
-    launches have more splits than ``DECODE_FUSED_MAX_SPLITS`` and use the combine kernel, where this does not
-    apply."""
+    groups ``cdiv(length, this)`` of them, about this many keys each; once the groups fill half the SMs
+    ``length // this`` (see :func:`decode_split_slack`), about this many or more each. Splits are cut on whole
+    key tiles, so the last may hold fewer keys (or none). :func:`decode_num_splits` goes below it for long contexts
+    (``DECODE_LONG_MIN_SPLIT_KEYS``); those launches have more splits than ``DECODE_FUSED_MAX_SPLITS`` and use
+    the combine kernel, where this does not apply."""
     if decode_fills_half_the_sms(num_seqs, num_kv_heads, num_sms):
         return DECODE_WAVE_MIN_SPLIT_KEYS if wave is None else wave
     return DECODE_MIN_SPLIT_KEYS if few is None else few
@@ -219,7 +219,7 @@ def decode_split_slack(num_seqs: int, num_kv_heads: int, num_sms: int, min_keys:
     that merges its splits in the kernel: it uses ``(length + this) // min_keys`` of them (at least 1).
 
     Few groups: ``min_keys - 1`` (a ceiling: more, shorter splits keep more programs in flight). Groups filling
-    half the SMs: 0 (a floor: every split holds at least ``min_keys`` keys). H100, the TP-2 decode shard (batch
+    half the SMs: 0 (a floor: splits of about ``min_keys`` keys or more, the last cut short on whole tiles). H100, the TP-2 decode shard (batch
     64, 4 KV heads, 256 groups, 1025 keys): its two splits of 576 + 449 keys took 55.8 us at their best tile
     (session 16) where one split of 1024 keys took 48.9-49.2 us (session 15); one key past 1024 doubled the
     partial outputs to merge and halved each program's stream.

@@ -236,7 +236,7 @@ def _paged_decode_kernel(
     Final, stride_fh, stride_ft, stride_fd, Counters,  # FUSED: the (1, Hq, T, D) output and arrival counters
     group_size, num_splits, qk_scale,
     min_split_keys,  # FUSED: a sequence uses (its length + split_slack) // this of the num_splits splits
-    split_slack,  # min_split_keys - 1: splits of at most min_split_keys keys; 0: of at least that many
+    split_slack,  # min_split_keys - 1: cdiv(length, min_split_keys) splits; 0: length // min_split_keys
     KEYS_BUCKET,  # autotune key: next power of two of the keys per split
     GROUPS_BUCKET,  # autotune key: next power of two of the (sequence, KV head) groups (programs per split)
     HAS_QUERY_START: tl.constexpr,

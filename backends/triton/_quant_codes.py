@@ -180,7 +180,8 @@ def _exact(wd, c: tl.constexpr, zb, WKIND: tl.constexpr):
 # instructions a word where the fp32 form takes about 31 (benchmarks/gemv_sass.py), at the price of bf16 rounding
 # inside each word's sum of eight products (the word sums add up in fp32). No constant needs a register: an ``or``
 # with a second immediate (the first form) had ptxas materialize it again for every word. $1: the word; $2..$5: x
-# pairs 0..3 (bf16x2); $6: the pair of -(128 + z); $0: the word's sum as fp32.
+# pairs 0..3 (bf16x2); $6: the pair of -(128 + z), exact in bf16 for integer z in 0..127 (int4 zero points are
+# 0..15); $0: the word's sum as fp32.
 PACKED_INT4_BF16 = tl.constexpr("""{
 .reg .b32 v, h, u, d, acc, z, m1;
 .reg .f32 flo, fhi, fs;
@@ -219,11 +220,26 @@ def _round_bf16(f):
 
 
 @triton.jit
+def _fma_bf16(a, c):
+    """``a + c`` (fp32 values, ``a`` an exact product) rounded once to bf16, as ``fma.rn.bf16x2`` rounds: the fp32 sum
+    is made round-to-odd (its error, by Knuth's two-sum, nudges an even last bit toward the exact value), which
+    a rounding to 16 fewer bits then turns into the correctly rounded result (no double rounding)."""
+    s = a + c
+    bb = s - a
+    err = (a - (s - bb)) + (c - bb)
+    b = s.to(tl.uint32, bitcast=True)
+    nudge = (err != 0.0) & ((b & 1) == 0)
+    b = tl.where(nudge, tl.where((err > 0.0) == (s > 0.0), b + 1, b - 1), b)
+    return _round_bf16(b.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def packed_word_sums(wu, x0, x1, x2, x3, zs, USE_ASM: tl.constexpr):
     """Each word's ``sum_c (q_c - z) x_c`` of its eight int4 codes in bf16x2 arithmetic (:data:`PACKED_INT4_BF16`),
     as fp32 (BN, BKW). ``wu``: the words (uint32); ``x0..x3``: the bf16 x pairs of codes (0, 1) .. (6, 7) as int32;
-    ``zs``: the zero points (fp32, broadcast over the words). Without PTX (the interpreter): the same operations
-    in the same order with each bf16 rounding done on the fp32 bits."""
+    ``zs``: the zero points (fp32, broadcast over the words; integers 0..127, as int4 zero points are: the PTX
+    takes -(128 + z) as an exact bf16). Without PTX (the interpreter): the same operations in the same order, each
+    ``fma`` rounded once to bf16 on the fp32 bits (:func:`_fma_bf16`)."""
     if USE_ASM:
         nz = ((-(zs + 128.0)).to(tl.uint32, bitcast=True) >> 16).to(tl.int32)  # bf16 -(128 + z): exact
         nz = tl.broadcast_to(nz | (nz << 16), wu.shape)
@@ -251,4 +267,4 @@ def _packed_pair_twin(wu, xp, p: tl.constexpr, zs, acc_lo, acc_hi):
     xhi = (xp & -65536).to(tl.float32, bitcast=True)
     qlo = ((wu >> (((2 * p) % 4) * 8 + ((2 * p) // 4) * 4)) & 0xF).to(tl.float32)
     qhi = ((wu >> (((2 * p + 1) % 4) * 8 + ((2 * p + 1) // 4) * 4)) & 0xF).to(tl.float32)
-    return _round_bf16((qlo - zs) * xlo + acc_lo), _round_bf16((qhi - zs) * xhi + acc_hi)
+    return _fma_bf16((qlo - zs) * xlo, acc_lo), _fma_bf16((qhi - zs) * xhi, acc_hi)

@@ -89,7 +89,10 @@ GEMV_TILES = [
 #: packed form (``PACKED``: each 32-bit word's eight products summed in bf16x2 arithmetic, ~20 instructions a word
 #: against ~31; bf16 x only). Off by default: it rounds inside each word's sum to bf16, where the other tiles sum
 #: exactly in fp32, and it has not been timed on a GPU.
-INT4_PACKED = os.environ.get("KILN_INT4_PACKED", "0").strip() not in ("", "0")
+_PACKED_ENV = os.environ.get("KILN_INT4_PACKED", "").strip().lower()
+if _PACKED_ENV not in ("", "0", "1", "false", "true", "off", "on", "no", "yes"):
+    raise ValueError(f"KILN_INT4_PACKED must be 0 or 1, got {_PACKED_ENV!r}")
+INT4_PACKED = _PACKED_ENV in ("1", "true", "on", "yes")
 #: The fewest instructions a code in offline SASS (benchmarks/RESULTS.md, session 17): 128 x 16 words at 4 warps,
 #: 3.29-3.50 (128 registers: 4 programs an SM); the 8-warp and 32-word tiles took 4.05-4.51.
 GEMV_PACKED_TILES = [

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+
+from paged_testing import _assert_close, _batch, _min_split_keys, _poisoned_like  # noqa: E402
 
 from kiln.backends.triton import _paged_checks  # noqa: E402
 from kiln.backends.triton._paged_checks import PREFILL_MAX_SPLITS, prefill_num_splits  # noqa: E402
@@ -39,85 +40,6 @@ if not CUDA and not _paged_checks._INTERPRET:
     pytest.skip(
         "no CUDA, and the kernel module was imported before TRITON_INTERPRET=1", allow_module_level=True
     )
-
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
-PAGE = 16
-
-
-
-def _min_split_keys(monkeypatch: pytest.MonkeyPatch, keys: int) -> None:
-    """Set the decode kernel's fewest keys per split in both regimes (few groups, and half the SMs filled)."""
-    import kiln.backends.triton.paged_attention as pa
-
-    monkeypatch.setattr(pa, "DECODE_MIN_SPLIT_KEYS", keys)
-    monkeypatch.setattr(pa, "DECODE_WAVE_MIN_SPLIT_KEYS", keys)
-
-def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert not out.isnan().any(), "output holds NaN: some rows were never written"
-    atol, rtol = TOL[out.dtype]
-    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
-
-
-@dataclass
-class Batch:
-    """A scheduled batch: new tokens of every sequence on one axis, a random paged cache."""
-
-    q: torch.Tensor  # (1, Hq, T, D)
-    k: torch.Tensor  # (1, Hkv, T, D)
-    v: torch.Tensor
-    kv_cache: torch.Tensor  # (2, num_blocks, PAGE, Hkv, D), random: stale data must never be read
-    slot_mapping: torch.Tensor  # (T,) int64
-    block_tables: torch.Tensor  # (S, max_blocks) int32, random block ids
-    seq_lens: torch.Tensor  # (S,) int32
-    query_start_loc: torch.Tensor  # (S + 1,) int32
-    max_query_len: int
-
-
-def _batch(
-    cached: list[int],
-    new: list[int],
-    hq: int,
-    hkv: int,
-    d: int,
-    dtype: torch.dtype,
-    cache_dtype: torch.dtype | None = None,
-    page: int = PAGE,
-    seed: int = 0,
-) -> Batch:
-    gen = torch.Generator().manual_seed(seed)
-    lens = [c + n for c, n in zip(cached, new, strict=True)]
-    need = [-(-n // page) for n in lens]
-    width = max(need) + 1  # one spare entry per row, pointing at a real block full of random data
-    num_blocks = sum(need) + 3
-    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    tables = torch.randint(0, num_blocks, (len(lens), width), generator=gen, dtype=torch.int32)
-    slots, used = [], 0
-    for s, (c, n) in enumerate(zip(cached, new, strict=True)):
-        tables[s, : need[s]] = perm[used : used + need[s]]
-        used += need[s]
-        slots += [int(tables[s, p // page]) * page + p % page for p in range(c, c + n)]
-    t = sum(new)
-    cache = torch.randn(2, num_blocks, page, hkv, d, generator=gen).to(cache_dtype or dtype)
-    starts = torch.tensor([0, *new]).cumsum(0).to(torch.int32)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
-
-    return Batch(
-        q=rand(1, hq, t, d),
-        k=rand(1, hkv, t, d),
-        v=rand(1, hkv, t, d),
-        kv_cache=cache.to(DEVICE),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
-        block_tables=tables.to(DEVICE),
-        seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
-        query_start_loc=starts.to(DEVICE),
-        max_query_len=max(new),
-    )
-
-
-def _poisoned_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(x, float("nan"))
 
 
 # ----------------------------------------------------------------------------- cache writes
@@ -199,34 +121,6 @@ def test_decode_many_and_empty_splits_and_scale() -> None:
         _assert_close(out, paged_decode_attention_reference(*args, scale=0.3))
     with pytest.raises(AssertionError):  # the scale is honoured
         _assert_close(out, paged_decode_attention_reference(*args))
-
-
-@pytest.mark.parametrize("sms", [4, 64])  # 8 groups: filling half the SMs (floor), or few (ceiling)
-@pytest.mark.parametrize("min_keys", [8, 16, 256])
-def test_decode_uses_the_splits_a_context_fills(min_keys: int, sms: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Combined in the kernel, a sequence takes (length + decode_split_slack) // DECODE_MIN_SPLIT_KEYS of the
-    # launch's splits (a CUDA graph sizes num_splits for the cache's capacity); one split writes the output itself.
-    # Lengths just past a multiple of min_keys (17, 40 with 8 and 16) split differently in the two regimes.
-    import kiln.backends.triton.paged_attention as pa
-
-    monkeypatch.setattr(pa, "_num_sms", lambda _device: sms)
-    monkeypatch.setattr(pa, "DECODE_FUSED_COMBINE", True)
-    _min_split_keys(monkeypatch, min_keys)
-    b = _batch([0, 16, 39, 70], [1, 1, 1, 1], 4, 2, 16, torch.float32, seed=min_keys)  # 1, 17, 40, 71 keys
-    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens)
-    for splits in (1, 3, 8):
-        out = paged_decode_attention(*args, num_splits=splits, out=_poisoned_like(b.q))
-        _assert_close(out, paged_decode_attention_reference(*args))
-
-
-def test_decode_split_slack() -> None:
-    # few groups: as many splits as keep each within min_keys; groups filling half the SMs: splits of >= min_keys
-    from kiln.backends.triton.paged_attention import decode_split_slack
-
-    assert decode_split_slack(1, 8, 132, 128) == 127
-    assert decode_split_slack(64, 4, 132, 1024) == 0
-    assert (1025 + decode_split_slack(64, 4, 132, 1024)) // 1024 == 1  # the TP-2 shard: one split, not 576 + 449
-    assert (272 + decode_split_slack(1, 8, 132, 128)) // 128 == 3
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4])

@@ -10,9 +10,12 @@ interpreter's plain-op twins is checked by emulating it instruction by instructi
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kiln.backends.triton import _quant_codes as qs
 from kiln.backends.triton import _utils as triton_utils
@@ -335,6 +338,20 @@ def _f32(bits: int) -> torch.Tensor:
     return torch.tensor(bits - (bits >> 31 << 32), dtype=torch.int32).view(torch.float32)
 
 
+def _round_exact(v: Fraction, dt: torch.dtype) -> float:
+    """``v`` rounded to the nearest ``dt`` value (bf16 or fp16, ties to even), from its exact value (finite range)."""
+    bits, min_exp = (8, -126) if dt == torch.bfloat16 else (11, -14)
+    if v == 0:
+        return 0.0
+    a = abs(v)
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    e -= Fraction(2) ** e > a  # 2**e <= a < 2**(e + 1)
+    ulp = Fraction(2) ** (max(e, min_exp) - bits + 1)
+    n, rest = divmod(a / ulp, 1)
+    n += rest > Fraction(1, 2) or (rest == Fraction(1, 2) and n % 2 == 1)
+    return float(n * ulp) if v > 0 else -float(n * ulp)
+
+
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
     """Execute the straight-line PTX of ``quant_gemm_kernels`` (PTX ISA semantics) on 32-bit values."""
     r = dict(regs)
@@ -369,8 +386,8 @@ def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
             dt = torch.bfloat16 if "bf16" in op else torch.float16
             halves = []
             for sh in (0, 16):
-                x, y, z = (_from_f16_bits((v >> sh) & 0xFFFF, dt) for v in a)
-                halves.append(_f16_bits(x * y + z, dt))  # exact here: small integers
+                x, y, z = (Fraction(_from_f16_bits((v >> sh) & 0xFFFF, dt)) for v in a)
+                halves.append(_f16_bits(_round_exact(x * y + z, dt), dt))  # one rounding of the exact value
             r[d] = halves[0] | halves[1] << 16
         elif op == "add.f32":
             r[d] = int((_f32(a[0]) + _f32(a[1])).view(torch.int32).item()) & 0xFFFFFFFF
@@ -420,31 +437,63 @@ def test_inline_ptx_int8_dequant_semantics(bf16: bool) -> None:
             assert vals == [float(torch.tensor(float(v - z), dtype=dt)) for v in q]
 
 
-def _bf16(v: float) -> float:
-    return float(torch.tensor(v, dtype=torch.float32).to(torch.bfloat16))
+def _packed_cases(count: int, seed: int) -> list[tuple[int, list[float], int]]:
+    """(word, the eight bf16 x values of its codes, zero point): x spread over 2**-24 .. 2**24, so that a product
+    at a bf16 tie meets a sum far smaller than its fp32 ulp, where rounding once and rounding twice part."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        word = int(torch.randint(0, 2**32, (1,), dtype=torch.int64, generator=gen))
+        scale = 2.0 ** torch.randint(-24, 25, (8,), generator=gen)
+        xs = (torch.randn(8, generator=gen) * scale).to(torch.bfloat16).float().tolist()
+        out.append((word, xs, (0, 3, 8, 15, 127)[i % 5]))
+    return out
+
+
+def _packed_model(word: int, xs: list[float], z: int) -> float:
+    """The packed word's stated semantics: exact q - z times x, each half summed in bf16 (one rounding an fma) in
+    the order codes 0-1, 4-5, 2-3, 6-7, the halves added in fp32."""
+    halves = [Fraction(0), Fraction(0)]
+    for p in (0, 2, 1, 3):
+        for h in (0, 1):
+            c = 2 * p + h
+            q = (word >> ((c % 4) * 8 + (c // 4) * 4)) & 0xF
+            halves[h] = Fraction(_round_exact((q - z) * Fraction(xs[c]) + halves[h], torch.bfloat16))
+    return float(torch.tensor(float(halves[0]), dtype=torch.float32) + torch.tensor(float(halves[1]), dtype=torch.float32))
+
+
+def _x_pair_bits(xs: list[float]) -> list[int]:
+    return [_f16_bits(xs[2 * p], torch.bfloat16) | _f16_bits(xs[2 * p + 1], torch.bfloat16) << 16 for p in range(4)]
 
 
 def test_inline_ptx_packed_word_sum_semantics() -> None:
-    """The packed GEMV's word: each code pair's exact q - z times its bf16 x pair, summed per half in bf16 in the
-    order codes 0-1, 4-5, 2-3, 6-7 (one rounding an fma), the halves added in fp32; as its twin computes it."""
     asm = qs.PACKED_INT4_BF16.value
-    gen = torch.Generator().manual_seed(2)
-    for z in (0, 3, 8, 15):
+    for word, xs, z in _packed_cases(400, seed=2):
         nz = _f16_bits(-(128.0 + z), torch.bfloat16)
-        for _ in range(60):
-            word = int(torch.randint(0, 2**32, (1,), dtype=torch.int64, generator=gen))
-            xs = [_bf16(v) for v in (torch.randn(8, generator=gen) * 3).tolist()]
-            pairs = [_f16_bits(xs[2 * p], torch.bfloat16) | _f16_bits(xs[2 * p + 1], torch.bfloat16) << 16
-                     for p in range(4)]  # fmt: skip
-            out = _run_ptx(asm, {"$0": 0, "$1": word, **{f"${2 + p}": pairs[p] for p in range(4)}, "$6": nz * 0x10001})
-            halves = [0.0, 0.0]
-            for p in (0, 2, 1, 3):
-                for h in (0, 1):
-                    c = 2 * p + h
-                    q = (word >> ((c % 4) * 8 + (c // 4) * 4)) & 0xF
-                    halves[h] = _bf16(float(torch.tensor((q - z) * xs[c] + halves[h], dtype=torch.float32)))
-            want = float(torch.tensor(halves[0], dtype=torch.float32) + torch.tensor(halves[1], dtype=torch.float32))
-            assert float(_f32(out["$0"])) == want, (hex(word), z)
+        pairs = _x_pair_bits(xs)
+        out = _run_ptx(asm, {"$0": 0, "$1": word, **{f"${2 + p}": pairs[p] for p in range(4)}, "$6": nz * 0x10001})
+        assert float(_f32(out["$0"])) == _packed_model(word, xs, z), (hex(word), xs, z)
+
+
+@triton.jit
+def _packed_twin_probe(W, X, Z, Out, N: tl.constexpr):
+    o = tl.arange(0, N)
+    wu = tl.load(W + o)[None, :].to(tl.uint32, bitcast=True)  # (1, N): one row of N words
+    sums = qs.packed_word_sums(wu, tl.load(X + 4 * o), tl.load(X + 4 * o + 1), tl.load(X + 4 * o + 2),
+                               tl.load(X + 4 * o + 3), tl.load(Z + o)[None, :], False)  # fmt: skip
+    tl.store(Out + o[None, :], sums)
+
+
+def test_packed_twin_equals_the_stated_semantics() -> None:
+    """The plain-op twin the interpreter runs (two-sum round-to-odd, then bf16) rounds each fma once, as the PTX."""
+    cases = _packed_cases(1024, seed=3)
+    as_i32 = lambda v: v - (v >> 31 << 32)  # noqa: E731
+    w = torch.tensor([as_i32(c[0]) for c in cases], dtype=torch.int32, device=DEV)
+    x = torch.tensor([as_i32(b) for c in cases for b in _x_pair_bits(c[1])], dtype=torch.int32, device=DEV)
+    z = torch.tensor([float(c[2]) for c in cases], device=DEV)
+    out = torch.empty(len(cases), device=DEV)
+    _packed_twin_probe[(1,)](w, x, z, out, N=len(cases))
+    assert out.cpu().tolist() == [_packed_model(*c) for c in cases]
 
 
 @pytest.mark.parametrize("int4", [True, False])
