@@ -178,13 +178,10 @@ class KVCacheManager:
                 self.update_block_hashes(request, upto=min(max_blocks, len(blocks) + chunk))
                 chunk *= 2
             found = list(map(lookup, hashes[len(blocks) : max_blocks]))
-            try:
-                found = found[: found.index(None)]  # (a block has no __eq__: index compares identity, in C)
-            except ValueError:
-                blocks.extend(found)
-                continue
-            blocks.extend(found)
-            break
+            if None in found:  # (a block has no __eq__: the test compares identity, in C)
+                blocks += found[: found.index(None)]
+                break
+            blocks += found
         return blocks, len(blocks) * self.block_size
 
     def allocate_slots(

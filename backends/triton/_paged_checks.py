@@ -219,8 +219,8 @@ def decode_split_slack(num_seqs: int, num_kv_heads: int, num_sms: int, min_keys:
     that merges its splits in the kernel: it uses ``(length + this) // min_keys`` of them (at least 1).
 
     Few groups: ``min_keys - 1`` (a ceiling: more, shorter splits keep more programs in flight). Groups filling
-    half the SMs: 0 (a floor: splits of about ``min_keys`` keys or more, the last cut short on whole tiles). H100, the TP-2 decode shard (batch
-    64, 4 KV heads, 256 groups, 1025 keys): its two splits of 576 + 449 keys took 55.8 us at their best tile
+    half the SMs: 0 (a floor: splits of about ``min_keys`` keys or more, the last cut short on whole tiles).
+    H100, the TP-2 decode shard (batch 64, 4 KV heads, 256 groups, 1025 keys): its two splits of 576 + 449 keys took 55.8 us at their best tile
     (session 16) where one split of 1024 keys took 48.9-49.2 us (session 15); one key past 1024 doubled the
     partial outputs to merge and halved each program's stream.
     """

@@ -87,10 +87,16 @@ def _codes_prmt(wu, WKIND: tl.constexpr):
 
 
 @triton.jit
+def _int4_code(wu, c: tl.constexpr):
+    """Code ``c`` (0..15) of every ``pack_int4`` word ``wu`` (uint32): bit ``8 (c % 4) + 4 (c // 4)`` on."""
+    return (wu >> ((c % 4) * 8 + (c // 4) * 4)) & 0xF
+
+
+@triton.jit
 def _code_twin(wu, c: tl.constexpr, WKIND: tl.constexpr):
     """The value :func:`_codes_prmt` gives code ``c``, from plain ops (the interpreter runs no PTX)."""
     if WKIND == 1:
-        u = (wu >> ((c % 4) * 8 + (c // 4) * 4)) & 0xF
+        u = _int4_code(wu, c)
         return ((u << 16) | 0x3F000000).to(tl.float32, bitcast=True)
     else:
         u = ((wu >> (c * 8)) & 0xFF) ^ 0x80
@@ -265,6 +271,6 @@ def _packed_pair_twin(wu, xp, p: tl.constexpr, zs, acc_lo, acc_hi):
     """One ``fma.rn.bf16x2`` of :data:`PACKED_INT4_BF16` on codes ``2p``, ``2p + 1`` and their x pair, in fp32 bits."""
     xlo = (xp << 16).to(tl.float32, bitcast=True)
     xhi = (xp & -65536).to(tl.float32, bitcast=True)
-    qlo = ((wu >> (((2 * p) % 4) * 8 + ((2 * p) // 4) * 4)) & 0xF).to(tl.float32)
-    qhi = ((wu >> (((2 * p + 1) % 4) * 8 + ((2 * p + 1) // 4) * 4)) & 0xF).to(tl.float32)
+    qlo = _int4_code(wu, 2 * p).to(tl.float32)
+    qhi = _int4_code(wu, 2 * p + 1).to(tl.float32)
     return _fma_bf16((qlo - zs) * xlo, acc_lo), _fma_bf16((qhi - zs) * xhi, acc_hi)

@@ -256,8 +256,9 @@ def paged_decode_attention(
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * page_size
     _check_count(name, "max_seq_len", max_seq_len, 0)
+    sms = _num_sms(q.device)
     if num_splits is None:
-        num_splits = decode_num_splits(num_seqs, hkv, max_seq_len, _num_sms(q.device), d)
+        num_splits = decode_num_splits(num_seqs, hkv, max_seq_len, sms, d)
     _check_count(name, "num_splits", num_splits, 1, DECODE_MAX_SPLITS)
     if num_seqs == 0 or out.numel() == 0:
         return out
@@ -276,11 +277,10 @@ def paged_decode_attention(
     keys_bucket = next_power_of_2(max(16, triton.cdiv(max_seq_len, num_splits)))
     scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     if DECODE_FUSED_COMBINE is None:
-        fused = FUSED_COMBINE and decode_combines_in_kernel(num_splits, num_seqs, hkv, _num_sms(q.device))
+        fused = FUSED_COMBINE and decode_combines_in_kernel(num_splits, num_seqs, hkv, sms)
     else:
         fused = num_splits > 1 and DECODE_FUSED_COMBINE
     cnt = arrival_counters(q.device, num_seqs * hkv) if fused else seq_lens  # unused pointer when not fused
-    sms = _num_sms(q.device)
     min_keys = decode_min_split_keys(num_seqs, hkv, sms, DECODE_MIN_SPLIT_KEYS, DECODE_WAVE_MIN_SPLIT_KEYS)
     slack = decode_split_slack(num_seqs, hkv, sms, min_keys)
     pdl = pdl_enabled(q.device, _paged_checks._INTERPRET)

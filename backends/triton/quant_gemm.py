@@ -223,7 +223,7 @@ def launch_splitk(
             x = x.view(torch.int32)
         # prmt decodes int8 codes to within ~2e-5 of the fp32 sums (16-bit x only: far below their rounding)
         prmt = p.get("PRMT", False) and op.kind != FP8 and (xp > 0 or op.kind == INT4)
-        # the packed form takes int4 codes and bf16 x pairs; elsewhere a PACKED candidate is its fp32 twin
+        # the packed form takes int4 codes and bf16 x pairs; elsewhere a PACKED candidate runs the fp32 form
         packed = bool(p.get("PACKED", False)) and op.kind == INT4 and xp == 1 and x_codes is None
         extra = dict(XP=xp, PRMT=prmt, EVEN_K=even, USE_ASM=not _INTERPRET, DEPTH=p.get("DEPTH", 1),
                      XPRE=bool(p.get("XPRE", False)) and xp > 0,  # x's prefetch takes 16-bit pairs
